@@ -1,0 +1,234 @@
+//! The normalized desired state: what every dataplane programs.
+//!
+//! Both dataplanes read the same `DesiredState`, so they cannot disagree about
+//! semantics (which endpoints are eligible for which traffic). Types are
+//! address-family neutral (`IpAddr`) so IPv6 can come later without a redesign.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Transport protocol of a Service port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// Lower-case name as iptables spells it (`-p tcp`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+
+    /// Parses the Kubernetes spelling (`TCP`, `UDP`, `SCTP`); `None` for anything else.
+    pub fn from_k8s(s: &str) -> Option<Protocol> {
+        match s {
+            "TCP" => Some(Protocol::Tcp),
+            "UDP" => Some(Protocol::Udp),
+            "SCTP" => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `namespace/name` of a Service.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ServiceKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ServiceKey {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One port of one Service: the unit every dataplane programs
+/// (kube-proxy's `ServicePortName`). `port` is the Service port's name,
+/// empty for a single unnamed port.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ServicePortName {
+    pub service: ServiceKey,
+    pub port: String,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for ServicePortName {
+    /// `ns/name:port` (kube-proxy's spelling), `ns/name` for an unnamed port.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.port.is_empty() {
+            write!(f, "{}", self.service)
+        } else {
+            write!(f, "{}:{}", self.service, self.port)
+        }
+    }
+}
+
+/// One backend of a Service port, after named target ports are resolved.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    pub port: u16,
+    /// `nodeName` of the endpoint, when the EndpointSlice says.
+    pub node_name: Option<String>,
+    /// Runs on this node (node name equals ours).
+    pub is_local: bool,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.ip {
+            IpAddr::V4(ip) => write!(f, "{ip}:{}", self.port),
+            IpAddr::V6(ip) => write!(f, "[{ip}]:{}", self.port),
+        }
+    }
+}
+
+/// Traffic policy for one direction of traffic (internal or external).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum TrafficPolicy {
+    #[default]
+    Cluster,
+    Local,
+}
+
+/// Everything a dataplane needs to program one Service port, with the
+/// backend decisions already made by the model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServicePort {
+    pub name: ServicePortName,
+    /// ClusterIPs (`spec.clusterIPs`, IPv4 ones used today).
+    pub cluster_ips: Vec<IpAddr>,
+    /// The Service port (`spec.ports[].port`).
+    pub port: u16,
+    /// `spec.ports[].nodePort` for NodePort and LoadBalancer Services.
+    pub node_port: Option<u16>,
+    pub external_ips: Vec<IpAddr>,
+    /// `status.loadBalancer.ingress[].ip`.
+    pub load_balancer_ips: Vec<IpAddr>,
+    /// `spec.loadBalancerSourceRanges`; empty means every source is allowed.
+    pub load_balancer_source_ranges: Vec<IpNet>,
+    pub external_policy: TrafficPolicy,
+    pub internal_policy: TrafficPolicy,
+    /// `Some(timeout seconds)` for sessionAffinity ClientIP.
+    pub session_affinity_seconds: Option<u32>,
+    /// `spec.healthCheckNodePort` (only for externalTrafficPolicy Local LoadBalancers).
+    pub health_check_node_port: Option<u16>,
+    /// Every endpoint of the port (after merging slices and resolving ports),
+    /// whatever its conditions, sorted. For status and metrics.
+    pub all_endpoints: Vec<Endpoint>,
+    /// Endpoints that receive traffic sent to the ClusterIP: ready ones (or
+    /// serving+terminating ones when none is ready), restricted to local ones
+    /// when internalTrafficPolicy is Local. Sorted.
+    pub cluster_endpoints: Vec<Endpoint>,
+    /// Endpoints that receive traffic sent to node ports, externalIPs and
+    /// load-balancer IPs: the same choice, restricted to local ones when
+    /// externalTrafficPolicy is Local. Sorted.
+    pub external_endpoints: Vec<Endpoint>,
+    /// Number of local endpoints that would receive external traffic; what the
+    /// healthCheckNodePort reports.
+    pub local_endpoint_count: usize,
+}
+
+impl ServicePort {
+    /// The Service has external frontends (node port, externalIPs, LB IPs).
+    pub fn has_external_frontends(&self) -> bool {
+        self.node_port.is_some() || !self.external_ips.is_empty() || !self.load_balancer_ips.is_empty()
+    }
+}
+
+/// What was wrong with an object: enough for a user to find and fix it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Rejection {
+    /// `Service`, `EndpointSlice` or `Node`.
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    /// JSON-path-like field, e.g. `spec.ports[1].port`.
+    pub field: String,
+    /// A short machine-friendly reason, used as a metrics label:
+    /// `invalid_ip`, `invalid_port`, `duplicate_port_name`, `unknown_protocol`,
+    /// `invalid_name`, `missing_field`, `invalid_value`.
+    pub reason: String,
+    /// Human-readable explanation.
+    pub message: String,
+    /// Where the object came from, when the source knows: for manifests
+    /// `path/to/file.yaml, document 2`. Filled by sources, not by the model.
+    pub origin: Option<String>,
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Debug-quote names: a rejected name may contain newlines or quotes.
+        if let Some(origin) = &self.origin {
+            write!(f, "{origin}: ")?;
+        }
+        write!(
+            f,
+            "{} {:?}/{:?}: {}: {}",
+            self.kind, self.namespace, self.name, self.field, self.message
+        )
+    }
+}
+
+/// Node facts the model needs.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// This node's name (`--hostname-override` or hostname).
+    pub name: String,
+    /// Addresses from the Node object's status (InternalIP/ExternalIP), if known.
+    pub addresses: Vec<IpAddr>,
+}
+
+/// The whole desired state of the dataplane, derived from objects by
+/// [`crate::model::build`]. Ordered maps so rendering is deterministic.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct DesiredState {
+    pub node: NodeInfo,
+    pub services: BTreeMap<ServicePortName, ServicePort>,
+    /// Objects the model refused, with why. Never blocks other Services.
+    pub rejected: Vec<Rejection>,
+}
+
+/// The difference between two desired states, by Service port.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Changes {
+    pub added: Vec<ServicePortName>,
+    pub updated: Vec<ServicePortName>,
+    pub removed: Vec<ServicePortName>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.updated.is_empty() && self.removed.is_empty()
+    }
+}

@@ -1,0 +1,1 @@
+//! The embedded source: a directory of YAML manifests, watched for changes.

@@ -1,0 +1,1 @@
+//! The network-namespace test harness for kproxy.

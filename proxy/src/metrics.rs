@@ -1,0 +1,572 @@
+//! Prometheus metrics. kube-proxy's metric names, types and buckets where
+//! kube-proxy has them (dashboards and alerts keep working), plus `kproxy_*`
+//! ones of our own. The sync loop feeds them; `/metrics` renders them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus::{
+    exponential_buckets, linear_buckets, Encoder, Gauge, Histogram, HistogramOpts, IntCounter,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::dataplane::ProxyMode;
+use crate::model::{DesiredState, Rejection, ServiceKey, TrafficPolicy};
+
+/// Content type of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = prometheus::TEXT_FORMAT;
+
+/// All kproxy metrics, in their own registry (no global state, so tests can
+/// make as many as they like).
+pub struct Metrics {
+    registry: Registry,
+    sync_duration: Histogram,
+    sync_full_duration: Histogram,
+    sync_partial_duration: Histogram,
+    last_sync_timestamp: Gauge,
+    last_queued_timestamp: Gauge,
+    network_programming: Histogram,
+    service_changes_total: IntCounter,
+    service_changes_pending: IntGauge,
+    endpoint_changes_total: IntCounter,
+    endpoint_changes_pending: IntGauge,
+    iptables_restore_failures: IntCounter,
+    iptables_partial_restore_failures: IntCounter,
+    iptables_rules: IntGaugeVec,
+    no_local_endpoints: IntGaugeVec,
+    programmed_services: IntGauge,
+    programmed_endpoints: IntGauge,
+    rejected_objects: IntGaugeVec,
+    sync_errors: IntCounter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// Registers `metric` and hands it back; names are static and unique, so a
+/// failure is a programming error.
+fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric names are unique and valid");
+    metric
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .expect("valid histogram");
+    register(registry, h)
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> Gauge {
+    register(registry, Gauge::new(name, help).expect("valid gauge"))
+}
+
+fn int_gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    register(registry, IntGauge::new(name, help).expect("valid gauge"))
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    register(
+        registry,
+        IntCounter::new(name, help).expect("valid counter"),
+    )
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    register(
+        registry,
+        IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge vec"),
+    )
+}
+
+/// kube-proxy's sync latency buckets: 1ms doubling to ~16s.
+fn sync_buckets() -> Vec<f64> {
+    exponential_buckets(0.001, 2.0, 15).expect("valid buckets")
+}
+
+/// kube-proxy's network programming buckets: 0, 0.25s, 0.5s, 1s..59s,
+/// 60s..115s by 5s, 2min..5min by 30s.
+fn network_programming_buckets() -> Vec<f64> {
+    let mut b = vec![0.0];
+    for (start, width, count) in [
+        (0.25, 0.25, 2),
+        (1.0, 1.0, 59),
+        (60.0, 5.0, 12),
+        (120.0, 30.0, 7),
+    ] {
+        b.extend(linear_buckets(start, width, count).expect("valid buckets"));
+    }
+    b
+}
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+impl Metrics {
+    pub fn new(mode: ProxyMode) -> Self {
+        let r = Registry::new();
+        let m = Metrics {
+            sync_duration: histogram(
+                &r,
+                "kubeproxy_sync_proxy_rules_duration_seconds",
+                "SyncProxyRules latency in seconds",
+                sync_buckets(),
+            ),
+            sync_full_duration: histogram(
+                &r,
+                "kubeproxy_sync_full_proxy_rules_duration_seconds",
+                "SyncProxyRules latency in seconds for full resyncs",
+                sync_buckets(),
+            ),
+            sync_partial_duration: histogram(
+                &r,
+                "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+                "SyncProxyRules latency in seconds for partial resyncs",
+                sync_buckets(),
+            ),
+            last_sync_timestamp: gauge(
+                &r,
+                "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+                "The last time proxy rules were successfully synced",
+            ),
+            last_queued_timestamp: gauge(
+                &r,
+                "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+                "The last time a sync of proxy rules was queued",
+            ),
+            network_programming: histogram(
+                &r,
+                "kubeproxy_network_programming_duration_seconds",
+                "In Cluster Network Programming Latency in seconds",
+                network_programming_buckets(),
+            ),
+            service_changes_total: counter(
+                &r,
+                "kubeproxy_sync_proxy_rules_service_changes_total",
+                "Cumulative proxy rules Service changes",
+            ),
+            service_changes_pending: int_gauge(
+                &r,
+                "kubeproxy_sync_proxy_rules_service_changes_pending",
+                "Pending proxy rules Service changes",
+            ),
+            endpoint_changes_total: counter(
+                &r,
+                "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+                "Cumulative proxy rules Endpoint changes",
+            ),
+            endpoint_changes_pending: int_gauge(
+                &r,
+                "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+                "Pending proxy rules Endpoint changes",
+            ),
+            iptables_restore_failures: counter(
+                &r,
+                "kubeproxy_sync_proxy_rules_iptables_restore_failures_total",
+                "Cumulative proxy iptables restore failures",
+            ),
+            iptables_partial_restore_failures: counter(
+                &r,
+                "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total",
+                "Cumulative proxy iptables partial restore failures",
+            ),
+            iptables_rules: gauge_vec(
+                &r,
+                "kubeproxy_sync_proxy_rules_iptables_total",
+                "Total number of iptables rules owned by kube-proxy",
+                &["table"],
+            ),
+            no_local_endpoints: gauge_vec(
+                &r,
+                "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+                "Number of services with a Local traffic policy and no endpoints",
+                &["traffic_policy"],
+            ),
+            programmed_services: int_gauge(
+                &r,
+                "kproxy_programmed_services",
+                "Service ports programmed by the last successful sync",
+            ),
+            programmed_endpoints: int_gauge(
+                &r,
+                "kproxy_programmed_endpoints",
+                "Endpoints (per Service port) programmed by the last successful sync",
+            ),
+            rejected_objects: gauge_vec(
+                &r,
+                "kproxy_rejected_objects",
+                "Objects currently rejected as invalid, by kind and reason",
+                &["kind", "reason"],
+            ),
+            sync_errors: counter(&r, "kproxy_sync_errors_total", "Cumulative failed syncs"),
+            registry: r,
+        };
+        // Both label values exist from the start so a 0 is visible.
+        for policy in ["internal", "external"] {
+            m.no_local_endpoints.with_label_values(&[policy]).set(0);
+        }
+        if mode == ProxyMode::Iptables {
+            for table in ["filter", "nat"] {
+                m.iptables_rules.with_label_values(&[table]).set(0);
+            }
+        }
+        let build_info = gauge_vec(
+            &m.registry,
+            "kproxy_build_info",
+            "Always 1; labels say the kproxy version and proxy mode",
+            &["version", "mode"],
+        );
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), &mode.to_string()])
+            .set(1);
+        m
+    }
+
+    /// The registry, to add more collectors.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// One sync attempt took `duration`. Durations are observed whatever the
+    /// outcome (as kube-proxy does); the last-sync timestamp moves only on
+    /// success, failures count in `kproxy_sync_errors_total`.
+    pub fn observe_sync(&self, full: bool, duration: Duration, ok: bool) {
+        let secs = duration.as_secs_f64();
+        self.sync_duration.observe(secs);
+        if full {
+            self.sync_full_duration.observe(secs);
+        } else {
+            self.sync_partial_duration.observe(secs);
+        }
+        if ok {
+            self.last_sync_timestamp
+                .set(unix_seconds(SystemTime::now()));
+        } else {
+            self.sync_errors.inc();
+        }
+    }
+
+    /// A sync was queued at `now`.
+    pub fn observe_queued(&self, now: SystemTime) {
+        self.last_queued_timestamp.set(unix_seconds(now));
+    }
+
+    /// Time from an object change to its programming in the dataplane.
+    pub fn observe_network_programming(&self, duration: Duration) {
+        self.network_programming.observe(duration.as_secs_f64());
+    }
+
+    pub fn add_service_changes(&self, n: u64) {
+        self.service_changes_total.inc_by(n);
+    }
+
+    pub fn add_endpoint_changes(&self, n: u64) {
+        self.endpoint_changes_total.inc_by(n);
+    }
+
+    /// Changes seen but not yet programmed.
+    pub fn set_pending(&self, services: usize, endpoints: usize) {
+        self.service_changes_pending.set(services as i64);
+        self.endpoint_changes_pending.set(endpoints as i64);
+    }
+
+    pub fn inc_iptables_restore_failures(&self) {
+        self.iptables_restore_failures.inc();
+    }
+
+    pub fn inc_iptables_partial_restore_failures(&self) {
+        self.iptables_partial_restore_failures.inc();
+    }
+
+    /// Rules kproxy owns in `table` (`filter`, `nat`) after the last sync.
+    pub fn set_iptables_rules(&self, table: &str, rules: usize) {
+        self.iptables_rules
+            .with_label_values(&[table])
+            .set(rules as i64);
+    }
+
+    /// Service ports with an internal / external Local policy and no local
+    /// endpoint to send that traffic to.
+    pub fn set_no_local_endpoints(&self, internal: usize, external: usize) {
+        self.no_local_endpoints
+            .with_label_values(&["internal"])
+            .set(internal as i64);
+        self.no_local_endpoints
+            .with_label_values(&["external"])
+            .set(external as i64);
+    }
+
+    pub fn set_programmed(&self, services: usize, endpoints: usize) {
+        self.programmed_services.set(services as i64);
+        self.programmed_endpoints.set(endpoints as i64);
+    }
+
+    /// Replaces the rejection gauges with the current rejections (a fixed
+    /// object disappears from the metric).
+    pub fn set_rejected(&self, rejected: &[Rejection]) {
+        let mut counts: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+        for r in rejected {
+            *counts
+                .entry((r.kind.as_str(), r.reason.as_str()))
+                .or_default() += 1;
+        }
+        self.rejected_objects.reset();
+        for ((kind, reason), n) in counts {
+            self.rejected_objects
+                .with_label_values(&[kind, reason])
+                .set(n);
+        }
+    }
+
+    /// After a successful sync of `desired`: programmed counts, rejections
+    /// and no-local-endpoint counts, all derived from the desired state.
+    pub fn observe_desired(&self, desired: &DesiredState) {
+        let counts = DesiredCounts::of(desired);
+        self.set_programmed(counts.service_ports, counts.endpoints);
+        self.set_no_local_endpoints(counts.no_local_internal, counts.no_local_external);
+        self.set_rejected(&desired.rejected);
+    }
+
+    /// Text exposition format, for `/metrics`.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(err) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(%err, "encoding metrics failed");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// Counts derived from a desired state, for [`Metrics::observe_desired`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DesiredCounts {
+    /// Distinct Services.
+    pub services: usize,
+    pub service_ports: usize,
+    /// Sum over Service ports of the distinct endpoints receiving any traffic.
+    pub endpoints: usize,
+    /// Ports with internalTrafficPolicy Local and no endpoint for ClusterIP traffic.
+    pub no_local_internal: usize,
+    /// Ports with external frontends, externalTrafficPolicy Local and no
+    /// endpoint for external traffic.
+    pub no_local_external: usize,
+}
+
+impl DesiredCounts {
+    pub fn of(desired: &DesiredState) -> Self {
+        let mut c = DesiredCounts::default();
+        let mut services: BTreeSet<&ServiceKey> = BTreeSet::new();
+        for sp in desired.services.values() {
+            services.insert(&sp.name.service);
+            c.service_ports += 1;
+            let eps: BTreeSet<_> = sp
+                .cluster_endpoints
+                .iter()
+                .chain(&sp.external_endpoints)
+                .map(|e| (e.ip, e.port))
+                .collect();
+            c.endpoints += eps.len();
+            if sp.internal_policy == TrafficPolicy::Local && sp.cluster_endpoints.is_empty() {
+                c.no_local_internal += 1;
+            }
+            if sp.has_external_frontends()
+                && sp.external_policy == TrafficPolicy::Local
+                && sp.external_endpoints.is_empty()
+            {
+                c.no_local_external += 1;
+            }
+        }
+        c.services = services.len();
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rejection(kind: &str, reason: &str, name: &str) -> Rejection {
+        Rejection {
+            kind: kind.into(),
+            namespace: "default".into(),
+            name: name.into(),
+            field: "spec".into(),
+            reason: reason.into(),
+            message: "bad".into(),
+            origin: None,
+        }
+    }
+
+    #[test]
+    fn renders_every_metric_name_and_type() {
+        let m = Metrics::new(ProxyMode::Iptables);
+        m.observe_sync(true, Duration::from_millis(3), true);
+        m.observe_network_programming(Duration::from_millis(700));
+        m.set_rejected(&[rejection("Service", "invalid_port", "a")]);
+        let text = m.render();
+        for (name, kind) in [
+            ("kubeproxy_sync_proxy_rules_duration_seconds", "histogram"),
+            (
+                "kubeproxy_sync_full_proxy_rules_duration_seconds",
+                "histogram",
+            ),
+            (
+                "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+                "histogram",
+            ),
+            ("kubeproxy_sync_proxy_rules_last_timestamp_seconds", "gauge"),
+            (
+                "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+                "gauge",
+            ),
+            (
+                "kubeproxy_network_programming_duration_seconds",
+                "histogram",
+            ),
+            (
+                "kubeproxy_sync_proxy_rules_service_changes_total",
+                "counter",
+            ),
+            (
+                "kubeproxy_sync_proxy_rules_service_changes_pending",
+                "gauge",
+            ),
+            (
+                "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+                "counter",
+            ),
+            (
+                "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+                "gauge",
+            ),
+            (
+                "kubeproxy_sync_proxy_rules_iptables_restore_failures_total",
+                "counter",
+            ),
+            (
+                "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total",
+                "counter",
+            ),
+            ("kubeproxy_sync_proxy_rules_iptables_total", "gauge"),
+            (
+                "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+                "gauge",
+            ),
+            ("kproxy_programmed_services", "gauge"),
+            ("kproxy_programmed_endpoints", "gauge"),
+            ("kproxy_rejected_objects", "gauge"),
+            ("kproxy_sync_errors_total", "counter"),
+            ("kproxy_build_info", "gauge"),
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {name} {kind}\n")),
+                "{name} ({kind}) missing from:\n{text}"
+            );
+        }
+        assert!(text.contains("kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.004\"} 1"));
+        assert!(
+            text.contains("kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"16.384\"} 1")
+        );
+        assert!(
+            text.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"0.5\"} 0")
+        );
+        assert!(text.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"1\"} 1"));
+        assert!(
+            text.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"300\"} 1")
+        );
+        assert!(text.contains("kubeproxy_sync_proxy_rules_iptables_total{table=\"nat\"} 0"));
+        assert!(text.contains(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"external\"} 0"
+        ));
+        assert!(text.contains(&format!(
+            "kproxy_build_info{{mode=\"iptables\",version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )));
+    }
+
+    #[test]
+    fn ebpf_mode_has_no_iptables_rule_counts() {
+        let text = Metrics::new(ProxyMode::Ebpf).render();
+        assert!(!text.contains("kubeproxy_sync_proxy_rules_iptables_total{"));
+        assert!(text.contains("mode=\"ebpf\""));
+    }
+
+    #[test]
+    fn sync_outcomes() {
+        let m = Metrics::new(ProxyMode::Iptables);
+        m.observe_sync(false, Duration::from_millis(1), false);
+        m.observe_sync(false, Duration::from_millis(1), false);
+        let text = m.render();
+        assert!(text.contains("kproxy_sync_errors_total 2\n"));
+        assert!(text.contains("kubeproxy_sync_partial_proxy_rules_duration_seconds_count 2\n"));
+        assert!(text.contains("kubeproxy_sync_full_proxy_rules_duration_seconds_count 0\n"));
+        assert!(text.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds 0\n"));
+        m.observe_sync(true, Duration::from_millis(1), true);
+        assert!(!m
+            .render()
+            .contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds 0\n"));
+    }
+
+    #[test]
+    fn rejections_are_current_not_cumulative() {
+        let m = Metrics::new(ProxyMode::Iptables);
+        m.set_rejected(&[
+            rejection("Service", "invalid_port", "a"),
+            rejection("Service", "invalid_port", "b"),
+            rejection("EndpointSlice", "invalid_ip", "c"),
+        ]);
+        let text = m.render();
+        assert!(
+            text.contains("kproxy_rejected_objects{kind=\"Service\",reason=\"invalid_port\"} 2")
+        );
+        assert!(text
+            .contains("kproxy_rejected_objects{kind=\"EndpointSlice\",reason=\"invalid_ip\"} 1"));
+        m.set_rejected(&[rejection("Service", "invalid_port", "a")]);
+        let text = m.render();
+        assert!(
+            text.contains("kproxy_rejected_objects{kind=\"Service\",reason=\"invalid_port\"} 1")
+        );
+        assert!(!text.contains("reason=\"invalid_ip\""));
+    }
+
+    #[test]
+    fn counters_and_gauges() {
+        let m = Metrics::new(ProxyMode::Iptables);
+        m.add_service_changes(3);
+        m.add_endpoint_changes(5);
+        m.set_pending(1, 2);
+        m.set_programmed(7, 11);
+        m.set_iptables_rules("nat", 42);
+        m.inc_iptables_restore_failures();
+        m.inc_iptables_partial_restore_failures();
+        m.set_no_local_endpoints(1, 2);
+        m.observe_queued(UNIX_EPOCH + Duration::from_secs(1_000));
+        let text = m.render();
+        for line in [
+            "kubeproxy_sync_proxy_rules_service_changes_total 3",
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total 5",
+            "kubeproxy_sync_proxy_rules_service_changes_pending 1",
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending 2",
+            "kproxy_programmed_services 7",
+            "kproxy_programmed_endpoints 11",
+            "kubeproxy_sync_proxy_rules_iptables_total{table=\"nat\"} 42",
+            "kubeproxy_sync_proxy_rules_iptables_restore_failures_total 1",
+            "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total 1",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"internal\"} 1",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"external\"} 2",
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds 1000",
+        ] {
+            assert!(
+                text.contains(&format!("{line}\n")),
+                "{line} missing from:\n{text}"
+            );
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! HTTP servers: `/healthz` (kube-proxy's health endpoint), the metrics
+//! server (`/metrics`, `/proxyMode`, `/healthz`, `/livez`) and the
+//! per-Service healthCheckNodePort servers ([`HealthCheckServers`]).
+
+mod healthcheck;
+
+pub use healthcheck::HealthCheckServers;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use tokio::net::TcpListener;
+
+use crate::dataplane::ProxyMode;
+use crate::health::{HealthReport, HealthState};
+use crate::metrics::{self, Metrics};
+
+/// A server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: address in use: set {flag} to a free address")]
+    AddrInUse { addr: SocketAddr, flag: String },
+    #[error("cannot listen on {addr}: not an address of this host: set {flag}")]
+    AddrNotAvailable { addr: SocketAddr, flag: String },
+    #[error(
+        "cannot listen on {addr}: permission denied (ports below 1024 need CAP_NET_BIND_SERVICE): set {flag}"
+    )]
+    PermissionDenied { addr: SocketAddr, flag: String },
+    #[error("cannot listen on {addr} ({flag}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        flag: String,
+        source: io::Error,
+    },
+    #[error("server on {addr} failed: {source}")]
+    Serve { addr: SocketAddr, source: io::Error },
+}
+
+impl ServerError {
+    /// Turns a bind error into one that names the flag to change.
+    pub fn from_bind(addr: SocketAddr, flag: &str, err: io::Error) -> Self {
+        let flag = flag.to_string();
+        match err.kind() {
+            io::ErrorKind::AddrInUse => ServerError::AddrInUse { addr, flag },
+            io::ErrorKind::AddrNotAvailable => ServerError::AddrNotAvailable { addr, flag },
+            io::ErrorKind::PermissionDenied => ServerError::PermissionDenied { addr, flag },
+            _ => ServerError::Bind {
+                addr,
+                flag,
+                source: err,
+            },
+        }
+    }
+}
+
+/// Binds `addr`; errors name `flag` (e.g. `--healthz-bind-address`), the
+/// command-line option that chose the address.
+pub async fn bind(addr: SocketAddr, flag: &str) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|err| ServerError::from_bind(addr, flag, err))
+}
+
+/// Serves `router` on an already bound listener until the task is dropped.
+pub async fn serve_on(listener: TcpListener, router: Router) -> Result<(), ServerError> {
+    let addr = listener.local_addr().map_err(|source| ServerError::Serve {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })?;
+    tracing::info!(%addr, "serving HTTP");
+    axum::serve(listener, router)
+        .await
+        .map_err(|source| ServerError::Serve { addr, source })
+}
+
+/// The `/healthz` server on `--healthz-bind-address`.
+pub async fn serve_healthz(addr: SocketAddr, health: Arc<HealthState>) -> anyhow::Result<()> {
+    let listener = bind(addr, "--healthz-bind-address").await?;
+    serve_on(listener, healthz_router(health)).await?;
+    Ok(())
+}
+
+/// The metrics server on `--metrics-bind-address`.
+pub async fn serve_metrics(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    health: Arc<HealthState>,
+    mode: ProxyMode,
+) -> anyhow::Result<()> {
+    let listener = bind(addr, "--metrics-bind-address").await?;
+    serve_on(listener, metrics_router(metrics, health, mode)).await?;
+    Ok(())
+}
+
+/// `/healthz` and `/livez`, as kube-proxy's health server.
+pub fn healthz_router(health: Arc<HealthState>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/livez", get(livez))
+        .with_state(health)
+}
+
+/// `/metrics`, `/proxyMode`, plus the health endpoints.
+pub fn metrics_router(metrics: Arc<Metrics>, health: Arc<HealthState>, mode: ProxyMode) -> Router {
+    let metrics_routes = Router::new()
+        .route("/metrics", get(render_metrics))
+        .with_state(metrics);
+    Router::new()
+        .route("/proxyMode", get(move || async move { mode.to_string() }))
+        .merge(metrics_routes)
+        .merge(healthz_router(health))
+}
+
+async fn render_metrics(State(metrics): State<Arc<Metrics>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        metrics.render(),
+    )
+        .into_response()
+}
+
+async fn healthz(State(health): State<Arc<HealthState>>) -> Response {
+    health_response(health.report(SystemTime::now()))
+}
+
+async fn livez(State(health): State<Arc<HealthState>>) -> Response {
+    health_response(health.live_report(SystemTime::now()))
+}
+
+fn health_response(report: HealthReport) -> Response {
+    let status = if report.is_healthy() {
+        StatusCode::OK
+    } else {
+        if let Some(why) = &report.unhealthy {
+            tracing::debug!(reason = %why, "reporting unhealthy");
+        }
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_response(status, report.to_json(), &[])
+}
+
+/// A JSON response with kube-proxy's headers.
+pub(crate) fn json_response(
+    status: StatusCode,
+    body: String,
+    extra: &[(&'static str, HeaderValue)],
+) -> Response {
+    let mut resp = (status, body).into_response();
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    for (name, value) in extra {
+        headers.insert(*name, value.clone());
+    }
+    resp
+}
+
+#[cfg(test)]
+pub(crate) mod testclient;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,393 @@
+//! Real servers on 127.0.0.1 ephemeral ports, real HTTP requests.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use super::testclient::get;
+use super::*;
+use crate::model::{
+    DesiredState, Endpoint, Protocol, ServiceKey, ServicePort, ServicePortName, TrafficPolicy,
+};
+
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+async fn spawn(router: Router) -> SocketAddr {
+    let listener = bind(SocketAddr::new(LOCALHOST, 0), "--test-address")
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve_on(listener, router));
+    addr
+}
+
+/// A port that was free a moment ago (the kernel hands out ephemeral ports
+/// round-robin, so reuse by someone else right away is unlikely).
+fn free_port() -> u16 {
+    free_ports::<1>()[0]
+}
+
+/// `N` distinct free ports (all held until each is known).
+fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<_> = (0..N)
+        .map(|_| std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap())
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
+}
+
+fn endpoint(ip: [u8; 4], port: u16, is_local: bool, ready: bool) -> Endpoint {
+    Endpoint {
+        ip: IpAddr::from(ip),
+        port,
+        node_name: Some(if is_local { "me" } else { "other" }.into()),
+        is_local,
+        ready,
+        serving: ready,
+        terminating: !ready,
+    }
+}
+
+fn service_port(
+    ns: &str,
+    name: &str,
+    port_name: &str,
+    hcnp: Option<u16>,
+    eps: Vec<Endpoint>,
+) -> ServicePort {
+    let local: Vec<Endpoint> = eps
+        .iter()
+        .filter(|e| e.is_local && e.ready)
+        .cloned()
+        .collect();
+    ServicePort {
+        name: ServicePortName {
+            service: ServiceKey::new(ns, name),
+            port: port_name.into(),
+            protocol: Protocol::Tcp,
+        },
+        cluster_ips: vec![IpAddr::from([10, 96, 0, 10])],
+        port: 80,
+        node_port: Some(30080),
+        external_ips: vec![],
+        load_balancer_ips: vec![IpAddr::from([192, 0, 2, 1])],
+        load_balancer_source_ranges: vec![],
+        external_policy: TrafficPolicy::Local,
+        internal_policy: TrafficPolicy::Cluster,
+        session_affinity_seconds: None,
+        health_check_node_port: hcnp,
+        cluster_endpoints: eps.iter().filter(|e| e.ready).cloned().collect(),
+        local_endpoint_count: local.len(),
+        external_endpoints: local,
+        all_endpoints: eps,
+    }
+}
+
+fn state(ports: Vec<ServicePort>) -> DesiredState {
+    DesiredState {
+        services: ports.into_iter().map(|p| (p.name.clone(), p)).collect(),
+        ..DesiredState::default()
+    }
+}
+
+fn synced_health() -> Arc<HealthState> {
+    let health = Arc::new(HealthState::new(Duration::from_secs(60)));
+    health.updated(SystemTime::now());
+    health
+}
+
+/// Polls until connecting to `addr` is refused; bounded by a deadline.
+async fn assert_refused(addr: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::net::TcpStream::connect(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return,
+            other => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{addr} still accepting: {other:?}"
+                );
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn healthz_503_before_first_sync_then_200() {
+    let health = Arc::new(HealthState::new(Duration::from_secs(60)));
+    let addr = spawn(healthz_router(health.clone())).await;
+
+    let r = get(addr, "/healthz").await.unwrap();
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+    let v = r.json();
+    assert_eq!(v["lastUpdated"], "0001-01-01T00:00:00Z");
+    assert!(v["currentTime"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(v["nodeEligible"], true);
+    assert!(v["reason"]
+        .as_str()
+        .unwrap()
+        .contains("not been programmed"));
+
+    health.queued(SystemTime::now());
+    health.updated(SystemTime::now());
+    let r = get(addr, "/healthz").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["lastUpdated"], v["currentTime"]);
+    assert!(v.get("reason").is_none());
+
+    health.set_node_eligible(false);
+    let r = get(addr, "/healthz").await.unwrap();
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["nodeEligible"], false);
+    assert_eq!(get(addr, "/livez").await.unwrap().status, 200);
+}
+
+#[tokio::test]
+async fn healthz_stalled_sync_is_503() {
+    let health = Arc::new(HealthState::new(Duration::from_secs(30)));
+    let addr = spawn(healthz_router(health.clone())).await;
+    let now = SystemTime::now();
+    health.updated(now - Duration::from_secs(120));
+    health.queued(now - Duration::from_secs(60));
+    health.sync_failed("iptables-restore failed: line 3");
+    let r = get(addr, "/healthz").await.unwrap();
+    assert_eq!(r.status, 503);
+    let reason = r.json()["reason"].as_str().unwrap().to_string();
+    assert!(
+        reason.contains("iptables-restore failed: line 3"),
+        "{reason}"
+    );
+}
+
+#[tokio::test]
+async fn metrics_server_routes() {
+    let health = synced_health();
+    let metrics = Arc::new(Metrics::new(ProxyMode::Iptables));
+    metrics.set_programmed(3, 4);
+    let addr = spawn(metrics_router(metrics, health, ProxyMode::Iptables)).await;
+
+    let r = get(addr, "/proxyMode").await.unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "iptables"));
+
+    let r = get(addr, "/metrics").await.unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.header("content-type").unwrap().starts_with("text/plain"));
+    assert!(r
+        .body
+        .contains("# TYPE kubeproxy_sync_proxy_rules_duration_seconds histogram"));
+    assert!(r.body.contains("kproxy_programmed_services 3\n"));
+
+    let r = get(addr, "/healthz").await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["nodeEligible"], true);
+    assert_eq!(get(addr, "/nope").await.unwrap().status, 404);
+}
+
+#[tokio::test]
+async fn bind_error_names_the_flag() {
+    let first = bind(SocketAddr::new(LOCALHOST, 0), "--healthz-bind-address")
+        .await
+        .unwrap();
+    let addr = first.local_addr().unwrap();
+    let err = serve_healthz(addr, synced_health()).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "cannot listen on {addr}: address in use: set --healthz-bind-address to a free address"
+        )
+    );
+    let other = SocketAddr::from(([192, 0, 2, 1], 10249));
+    let err = bind(other, "--metrics-bind-address").await.unwrap_err();
+    assert!(
+        err.to_string().contains("set --metrics-bind-address"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn health_check_node_port_lifecycle() {
+    let health = synced_health();
+    let mut servers = HealthCheckServers::new(vec![LOCALHOST], health.clone());
+    let port = free_port();
+    let addr = SocketAddr::new(LOCALHOST, port);
+
+    // One local ready endpoint, one remote, one local terminating.
+    let eps = vec![
+        endpoint([10, 244, 1, 5], 8080, true, true),
+        endpoint([10, 244, 2, 5], 8080, false, true),
+        endpoint([10, 244, 1, 6], 8080, true, false),
+    ];
+    servers.sync(&state(vec![service_port(
+        "shop",
+        "web",
+        "",
+        Some(port),
+        eps,
+    )]));
+    assert_eq!(
+        servers.serving().get(&ServiceKey::new("shop", "web")),
+        Some(&vec![addr])
+    );
+
+    let r = get(addr, "/healthz").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.body,
+        "{\n\t\"service\": {\n\t\t\"namespace\": \"shop\",\n\t\t\"name\": \"web\"\n\t},\n\t\"localEndpoints\": 1,\n\t\"serviceProxyHealthy\": true\n}"
+    );
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(r.header("x-load-balancing-endpoint-weight"), Some("1"));
+    // Any path answers, as in kube-proxy.
+    assert_eq!(get(addr, "/whatever").await.unwrap().status, 200);
+
+    // Local endpoints vanish: same listener, now 503.
+    let eps = vec![
+        endpoint([10, 244, 2, 5], 8080, false, true),
+        endpoint([10, 244, 1, 6], 8080, true, false),
+    ];
+    servers.sync(&state(vec![service_port(
+        "shop",
+        "web",
+        "",
+        Some(port),
+        eps,
+    )]));
+    let r = get(addr, "/healthz").await.unwrap();
+    assert_eq!(r.status, 503);
+    let v = r.json();
+    assert_eq!(v["localEndpoints"], 0);
+    assert_eq!(v["serviceProxyHealthy"], true);
+
+    // Service goes away: the port is closed by the time sync returns.
+    servers.sync(&state(vec![]));
+    assert!(servers.serving().is_empty());
+    let err = tokio::net::TcpStream::connect(addr).await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+}
+
+#[tokio::test]
+async fn proxy_unhealthy_makes_service_503() {
+    let health = Arc::new(HealthState::new(Duration::from_secs(60)));
+    let mut servers = HealthCheckServers::new(vec![LOCALHOST], health.clone());
+    let port = free_port();
+    let eps = vec![endpoint([10, 244, 1, 5], 8080, true, true)];
+    servers.sync(&state(vec![service_port(
+        "shop",
+        "web",
+        "",
+        Some(port),
+        eps,
+    )]));
+    let addr = SocketAddr::new(LOCALHOST, port);
+
+    let r = get(addr, "/").await.unwrap();
+    assert_eq!(r.status, 503);
+    let v = r.json();
+    assert_eq!(v["localEndpoints"], 1);
+    assert_eq!(v["serviceProxyHealthy"], false);
+
+    health.updated(SystemTime::now());
+    assert_eq!(get(addr, "/").await.unwrap().status, 200);
+}
+
+#[tokio::test]
+async fn ports_of_one_service_share_one_server() {
+    let health = synced_health();
+    let mut servers = HealthCheckServers::new(vec![LOCALHOST], health);
+    let port = free_port();
+    // The same pod behind two ports counts once; a second local pod on one port.
+    let http = service_port(
+        "shop",
+        "web",
+        "http",
+        Some(port),
+        vec![endpoint([10, 244, 1, 5], 8080, true, true)],
+    );
+    let https = service_port(
+        "shop",
+        "web",
+        "https",
+        Some(port),
+        vec![
+            endpoint([10, 244, 1, 5], 8443, true, true),
+            endpoint([10, 244, 1, 7], 8443, true, true),
+        ],
+    );
+    // A Service without healthCheckNodePort gets no server.
+    let plain = service_port("shop", "db", "", None, vec![]);
+    servers.sync(&state(vec![http, https, plain]));
+    assert_eq!(servers.serving().len(), 1);
+    let r = get(SocketAddr::new(LOCALHOST, port), "/healthz")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["localEndpoints"], 2);
+}
+
+#[tokio::test]
+async fn busy_port_is_retried_at_next_sync() {
+    let health = synced_health();
+    let mut servers = HealthCheckServers::new(vec![LOCALHOST], health);
+    let blocker = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let port = blocker.local_addr().unwrap().port();
+    let desired = state(vec![service_port(
+        "shop",
+        "web",
+        "",
+        Some(port),
+        vec![endpoint([10, 244, 1, 5], 8080, true, true)],
+    )]);
+
+    servers.sync(&desired);
+    assert!(
+        servers.serving().is_empty(),
+        "port is taken, nothing serves"
+    );
+
+    drop(blocker);
+    servers.sync(&desired);
+    assert_eq!(servers.serving().len(), 1);
+    let r = get(SocketAddr::new(LOCALHOST, port), "/healthz")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn changed_port_moves_the_server() {
+    let health = synced_health();
+    let mut servers = HealthCheckServers::new(vec![LOCALHOST], health);
+    let eps = vec![endpoint([10, 244, 1, 5], 8080, true, true)];
+    let [p1, p2] = free_ports::<2>();
+    servers.sync(&state(vec![service_port(
+        "shop",
+        "web",
+        "",
+        Some(p1),
+        eps.clone(),
+    )]));
+    assert_eq!(
+        get(SocketAddr::new(LOCALHOST, p1), "/")
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+
+    servers.sync(&state(vec![service_port("shop", "web", "", Some(p2), eps)]));
+    assert_refused(SocketAddr::new(LOCALHOST, p1)).await;
+    assert_eq!(
+        get(SocketAddr::new(LOCALHOST, p2), "/")
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+
+    // Dropping the servers closes everything.
+    drop(servers);
+    assert_refused(SocketAddr::new(LOCALHOST, p2)).await;
+}

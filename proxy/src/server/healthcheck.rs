@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
 use crate::health::HealthState;
-use crate::model::{DesiredState, ServiceKey};
+use crate::model::{DesiredState, ServiceKey, TrafficPolicy};
 
 /// What one Service's handler reads: updated in place by `sync`.
 #[derive(Debug)]
@@ -279,9 +279,13 @@ fn wanted_servers(desired: &DesiredState) -> BTreeMap<ServiceKey, (u16, usize)> 
     let mut ports: BTreeMap<&ServiceKey, u16> = BTreeMap::new();
     let mut local: BTreeMap<&ServiceKey, BTreeSet<IpAddr>> = BTreeMap::new();
     for sp in desired.services.values() {
+        // kube-proxy serves it only for externalTrafficPolicy Local.
         let Some(port) = sp.health_check_node_port else {
             continue;
         };
+        if sp.external_policy != TrafficPolicy::Local {
+            continue;
+        }
         let key = &sp.name.service;
         let first = *ports.entry(key).or_insert(port);
         if first != port {

@@ -1,6 +1,20 @@
 //! HTTP servers: `/healthz` (kube-proxy's health endpoint), the metrics
 //! server (`/metrics`, `/proxyMode`, `/healthz`, `/livez`) and the
 //! per-Service healthCheckNodePort servers ([`HealthCheckServers`]).
+//!
+//! Wiring, for the sync loop (inside a tokio runtime):
+//!
+//! ```text
+//! let health = Arc::new(HealthState::new(2 * sync_period));
+//! let metrics = Arc::new(Metrics::new(mode));
+//! tokio::spawn(serve_healthz(healthz_addr, health.clone()));         // errors name the flag
+//! tokio::spawn(serve_metrics(metrics_addr, metrics.clone(), health.clone(), mode));
+//! let mut hc = HealthCheckServers::new(nodeport_ips, health.clone()); // empty = 0.0.0.0
+//! // on every change:  health.queued(now); metrics.observe_queued(now);
+//! // after each sync:  metrics.observe_sync(full, elapsed, ok);
+//! //   ok:  health.updated(now); metrics.observe_desired(&desired); hc.sync(&desired);
+//! //   err: health.sync_failed(&err);
+//! ```
 
 mod healthcheck;
 

@@ -318,7 +318,10 @@ async fn ports_of_one_service_share_one_server() {
     );
     // A Service without healthCheckNodePort gets no server.
     let plain = service_port("shop", "db", "", None, vec![]);
-    servers.sync(&state(vec![http, https, plain]));
+    // Nor does one with externalTrafficPolicy Cluster, whatever the field says.
+    let mut cluster = service_port("shop", "cache", "", Some(free_port()), vec![]);
+    cluster.external_policy = TrafficPolicy::Cluster;
+    servers.sync(&state(vec![http, https, plain, cluster]));
     assert_eq!(servers.serving().len(), 1);
     let r = get(SocketAddr::new(LOCALHOST, port), "/healthz")
         .await

@@ -2,6 +2,7 @@
 //! and the [`diff`] between two states. No I/O here.
 
 mod types;
+mod validate;
 
 pub use types::*;
 
@@ -33,20 +34,21 @@ pub fn build(objects: &ClusterObjects, config: &ModelConfig) -> DesiredState {
 
 /// Validates one Service as the model would; an empty list means valid.
 pub fn validate_service(svc: &Service) -> Vec<Rejection> {
-    let _ = svc;
-    todo!("model::validate_service")
+    validate::parse_service(svc).1
 }
 
 /// Validates one EndpointSlice as the model would; an empty list means valid.
+///
+/// Slices kproxy ignores (no `kubernetes.io/service-name` label, IPv6 or FQDN
+/// address type) are valid. A non-empty list does not always drop the whole
+/// slice: a bad endpoint or port is left out and the rest is used.
 pub fn validate_endpoint_slice(slice: &EndpointSlice) -> Vec<Rejection> {
-    let _ = slice;
-    todo!("model::validate_endpoint_slice")
+    validate::parse_slice(slice).1
 }
 
 /// Validates one Node as the model would; an empty list means valid.
 pub fn validate_node(node: &Node) -> Vec<Rejection> {
-    let _ = node;
-    todo!("model::validate_node")
+    validate::parse_node(node).1
 }
 
 /// What changed between the last applied state and the new one, by Service port.

@@ -162,7 +162,9 @@ pub struct ServicePort {
 impl ServicePort {
     /// The Service has external frontends (node port, externalIPs, LB IPs).
     pub fn has_external_frontends(&self) -> bool {
-        self.node_port.is_some() || !self.external_ips.is_empty() || !self.load_balancer_ips.is_empty()
+        self.node_port.is_some()
+            || !self.external_ips.is_empty()
+            || !self.load_balancer_ips.is_empty()
     }
 }
 

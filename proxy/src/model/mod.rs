@@ -1,6 +1,8 @@
 //! The pure core: Kubernetes objects in, a normalized [`DesiredState`] out,
 //! and the [`diff`] between two states. No I/O here.
 
+mod build;
+mod diff;
 mod types;
 mod validate;
 
@@ -28,8 +30,7 @@ pub struct ModelConfig {
 /// Builds the desired state from objects. Invalid objects are left out and
 /// listed in [`DesiredState::rejected`]; they never affect other Services.
 pub fn build(objects: &ClusterObjects, config: &ModelConfig) -> DesiredState {
-    let _ = (objects, config);
-    todo!("model::build")
+    build::build(objects, config)
 }
 
 /// Validates one Service as the model would; an empty list means valid.
@@ -53,6 +54,5 @@ pub fn validate_node(node: &Node) -> Vec<Rejection> {
 
 /// What changed between the last applied state and the new one, by Service port.
 pub fn diff(old: &DesiredState, new: &DesiredState) -> Changes {
-    let _ = (old, new);
-    todo!("model::diff")
+    diff::diff(old, new)
 }

@@ -56,3 +56,6 @@ pub fn validate_node(node: &Node) -> Vec<Rejection> {
 pub fn diff(old: &DesiredState, new: &DesiredState) -> Changes {
     diff::diff(old, new)
 }
+
+#[cfg(test)]
+mod tests;

@@ -58,4 +58,6 @@ pub fn diff(old: &DesiredState, new: &DesiredState) -> Changes {
 }
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;

@@ -1,7 +1,10 @@
 //! The pure core: Kubernetes objects in, a normalized [`DesiredState`] out,
 //! and the [`diff`] between two states. No I/O here.
 
+mod build;
+mod diff;
 mod types;
+mod validate;
 
 pub use types::*;
 
@@ -27,30 +30,34 @@ pub struct ModelConfig {
 /// Builds the desired state from objects. Invalid objects are left out and
 /// listed in [`DesiredState::rejected`]; they never affect other Services.
 pub fn build(objects: &ClusterObjects, config: &ModelConfig) -> DesiredState {
-    let _ = (objects, config);
-    todo!("model::build")
+    build::build(objects, config)
 }
 
 /// Validates one Service as the model would; an empty list means valid.
 pub fn validate_service(svc: &Service) -> Vec<Rejection> {
-    let _ = svc;
-    todo!("model::validate_service")
+    validate::parse_service(svc).1
 }
 
 /// Validates one EndpointSlice as the model would; an empty list means valid.
+///
+/// Slices kproxy ignores (no `kubernetes.io/service-name` label, IPv6 or FQDN
+/// address type) are valid. A non-empty list does not always drop the whole
+/// slice: a bad endpoint or port is left out and the rest is used.
 pub fn validate_endpoint_slice(slice: &EndpointSlice) -> Vec<Rejection> {
-    let _ = slice;
-    todo!("model::validate_endpoint_slice")
+    validate::parse_slice(slice).1
 }
 
 /// Validates one Node as the model would; an empty list means valid.
 pub fn validate_node(node: &Node) -> Vec<Rejection> {
-    let _ = node;
-    todo!("model::validate_node")
+    validate::parse_node(node).1
 }
 
 /// What changed between the last applied state and the new one, by Service port.
 pub fn diff(old: &DesiredState, new: &DesiredState) -> Changes {
-    let _ = (old, new);
-    todo!("model::diff")
+    diff::diff(old, new)
 }
+
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod tests;

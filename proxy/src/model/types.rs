@@ -162,7 +162,9 @@ pub struct ServicePort {
 impl ServicePort {
     /// The Service has external frontends (node port, externalIPs, LB IPs).
     pub fn has_external_frontends(&self) -> bool {
-        self.node_port.is_some() || !self.external_ips.is_empty() || !self.load_balancer_ips.is_empty()
+        self.node_port.is_some()
+            || !self.external_ips.is_empty()
+            || !self.load_balancer_ips.is_empty()
     }
 }
 
@@ -214,6 +216,9 @@ pub struct NodeInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct DesiredState {
     pub node: NodeInfo,
+    /// Serialized as a list of `ServicePort`s (each carries its own name):
+    /// JSON maps need string keys.
+    #[serde(with = "services_as_list")]
     pub services: BTreeMap<ServicePortName, ServicePort>,
     /// Objects the model refused, with why. Never blocks other Services.
     pub rejected: Vec<Rejection>,
@@ -230,5 +235,28 @@ pub struct Changes {
 impl Changes {
     pub fn is_empty(&self) -> bool {
         self.added.is_empty() && self.updated.is_empty() && self.removed.is_empty()
+    }
+}
+
+/// (De)serializes the services map as a list so `DesiredState` is valid JSON.
+mod services_as_list {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::{ServicePort, ServicePortName};
+
+    pub fn serialize<S: Serializer>(
+        map: &BTreeMap<ServicePortName, ServicePort>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(map.values())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<ServicePortName, ServicePort>, D::Error> {
+        let list = Vec::<ServicePort>::deserialize(d)?;
+        Ok(list.into_iter().map(|p| (p.name.clone(), p)).collect())
     }
 }

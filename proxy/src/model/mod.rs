@@ -58,6 +58,8 @@ pub fn diff(old: &DesiredState, new: &DesiredState) -> Changes {
 }
 
 #[cfg(test)]
+mod golden;
+#[cfg(test)]
 mod proptests;
 #[cfg(test)]
 mod tests;

@@ -209,10 +209,12 @@ spec:
   - {name: b, port: 65536}
   - {name: c, port: 1, nodePort: 0}
   - {name: d, port: 2, nodePort: 65536}
-  - {name: e, port: 3, targetPort: 0}
+  - {name: e, port: 3, targetPort: -1}
   - {name: f, port: 4, targetPort: 65536}
   - {name: g, port: 65535, nodePort: 65535, targetPort: 65535}
   - {name: h, port: -1}
+  - {name: i, port: 5, targetPort: 0}
+  - {name: j, port: 6, targetPort: ""}
 "#);
     assert_eq!(
         reasons(&validate_service(&s)),

@@ -12,7 +12,7 @@ mod watch;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -173,38 +173,42 @@ fn process_file(rel: &str, content: Vec<u8>, prev: Option<FileState>) -> FileSta
         }
     }
 
-    // Within one file, a later document redefining an object wins.
-    let mut docs: Vec<Document> = Vec::new();
+    let prev_by_key: HashMap<&ObjectKey, &Document> = prev_effective
+        .iter()
+        .flatten()
+        .map(|d| (&d.key, d))
+        .collect();
+    // Within one file, a later document redefining an object wins (keyed so
+    // files with thousands of objects stay linear).
+    let mut slots: Vec<Option<Document>> = Vec::new();
+    let mut index: HashMap<ObjectKey, usize> = HashMap::new();
     for doc in parsed.documents {
-        if let Some(i) = docs.iter().position(|d| d.key == doc.key) {
-            rejections.push(duplicate(&docs[i], &doc));
-            docs.remove(i);
-        }
-        docs.push(doc);
-    }
-
-    let mut effective = Vec::new();
-    for doc in docs {
         let problems = validate(&doc.object);
-        if problems.is_empty() {
-            effective.push(doc);
-            continue;
-        }
-        let last_good = prev_effective
-            .as_ref()
-            .and_then(|p| p.iter().find(|d| d.key == doc.key));
-        for mut r in problems {
-            r.origin = Some(doc.origin.clone());
-            if last_good.is_some() {
-                r.message
-                    .push_str("; keeping the previous version of this object");
+        let chosen = if problems.is_empty() {
+            Some(doc.clone())
+        } else {
+            let last_good = prev_by_key.get(&doc.key).copied();
+            for mut r in problems {
+                r.origin = Some(doc.origin.clone());
+                if last_good.is_some() {
+                    r.message
+                        .push_str("; keeping the previous version of this object");
+                }
+                rejections.push(r);
             }
-            rejections.push(r);
+            last_good.cloned()
+        };
+        let Some(chosen) = chosen else { continue };
+        if let Some(&i) = index.get(&doc.key) {
+            if let Some(old) = slots[i].take() {
+                rejections.push(duplicate(&old, &doc));
+            }
         }
-        if let Some(good) = last_good {
-            effective.push(good.clone());
-        }
+        index.insert(doc.key.clone(), slots.len());
+        slots.push(Some(chosen));
     }
+    let effective: Vec<Document> = slots.into_iter().flatten().collect();
+    drop(prev_by_key);
 
     let effective = match (broken, prev_effective) {
         // Last good state: a broken file changes nothing that was programmed.

@@ -147,7 +147,7 @@ fn parse_value(
         map.entry("apiVersion")
             .or_insert_with(|| api_version.into());
     }
-    let (namespace, name) = meta_names(map);
+    let (mut namespace, name) = meta_names(map);
     let api_version = map.get("apiVersion").cloned();
     let kind = match map.get("kind") {
         Some(Value::String(k)) => k.clone(),
@@ -181,6 +181,9 @@ fn parse_value(
         debug!(%origin, %kind, "ignoring object of a kind kproxy does not use");
         return;
     };
+    if known.namespaced() && namespace.is_empty() {
+        namespace = "default".to_string();
+    }
     if api_version.as_ref().and_then(Value::as_str) != Some(known.api_version()) {
         let found = match &api_version {
             None => "missing apiVersion".to_string(),
@@ -203,19 +206,13 @@ fn parse_value(
     }
 
     // Missing namespace means `default`, as kubectl would apply it.
-    let namespace = if known.namespaced() {
-        let ns = if namespace.is_empty() {
-            "default".to_string()
-        } else {
-            namespace
-        };
+    if known.namespaced() {
         if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
-            meta.insert("namespace".into(), Value::String(ns.clone()));
+            meta.insert("namespace".into(), Value::String(namespace.clone()));
         }
-        ns
     } else {
-        String::new()
-    };
+        namespace.clear();
+    }
     let key = ObjectKey {
         kind: known,
         namespace,

@@ -280,6 +280,23 @@ fn duplicates_later_file_wins() {
     assert_eq!(r.reason, "duplicate_object");
     assert_eq!(r.origin.as_deref(), Some("b/c.yaml, document 1"));
     assert!(r.message.contains("a.yaml, document 1"), "{}", r.message);
+
+    // Within one file: the later document wins.
+    write(
+        tmp.path(),
+        "b/c.yaml",
+        &format!("{}---\n{}", svc("web", 82), svc("web", 83)),
+    );
+    let snap = load_dir(tmp.path()).unwrap();
+    assert_eq!(service_port(&snap, "web"), Some(83));
+    assert_eq!(snap.objects.services.len(), 1);
+    assert_eq!(snap.rejected.len(), 2, "{:#?}", snap.rejected);
+    assert!(snap.rejected.iter().all(|r| r.reason == "duplicate_object"));
+    assert!(snap
+        .rejected
+        .iter()
+        .any(|r| r.origin.as_deref() == Some("b/c.yaml, document 2")
+            && r.message.contains("b/c.yaml, document 1")));
 }
 
 #[test]

@@ -559,3 +559,45 @@ async fn watch_missing_directory_is_an_error() {
     assert!(matches!(err, SourceError::DirNotFound { .. }), "{err}");
     assert!(err.to_string().contains("absent"));
 }
+
+/// ConfigMap volumes: `a.yaml -> ..data/a.yaml`, `..data -> ..v1`, updated by
+/// renaming a new `..data` symlink over the old one.
+#[tokio::test]
+async fn watch_follows_configmap_style_symlink_swaps() {
+    use std::os::unix::fs::symlink;
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    write(d, "..v1/a.yaml", &svc("web", 80));
+    symlink("..v1", d.join("..data")).unwrap();
+    symlink("..data/a.yaml", d.join("a.yaml")).unwrap();
+    let (mut rx, handle) = start(d);
+    let snap = wait_for(&mut rx, 5 * SECOND, "first snapshot", |s| {
+        service_port(s, "web") == Some(80)
+    })
+    .await;
+    // The hidden real directory is not read a second time.
+    assert!(snap.rejected.is_empty(), "{:#?}", snap.rejected);
+
+    write(d, "..v2/a.yaml", &svc("web", 81));
+    symlink("..v2", d.join("..data_tmp")).unwrap();
+    std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+    wait_for(&mut rx, SECOND, "symlink swap", |s| {
+        service_port(s, "web") == Some(81)
+    })
+    .await;
+    stop(rx, handle).await;
+}
+
+#[test]
+fn large_file_loads_quickly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text: Vec<String> = (0..5000).map(|i| svc(&format!("s{i}"), 80)).collect();
+    write(tmp.path(), "big.yaml", &text.join("---\n"));
+    let start = std::time::Instant::now();
+    let snap = load_dir(tmp.path()).unwrap();
+    let took = start.elapsed();
+    assert_eq!(snap.objects.services.len(), 5000);
+    assert!(snap.rejected.is_empty());
+    println!("5000 services loaded in {took:?}");
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+}

@@ -314,7 +314,7 @@ fn typed<T: DeserializeOwned + Serialize>(
             &key.name,
             &field,
             REASON_UNKNOWN_FIELD,
-            format!("unknown field {last:?} in {kind} (check the spelling; strict validation as kubectl apply does)"),
+            format!("unknown field {last:?}: not a field of {kind} at this place (check the spelling; kproxy validates strictly, like kubectl apply)"),
             origin,
         ));
     }

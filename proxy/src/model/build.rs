@@ -22,11 +22,14 @@ pub(crate) fn build(objects: &ClusterObjects, config: &ModelConfig) -> DesiredSt
         addresses: Vec::new(),
     };
     let mut zone: Option<String> = None;
+    let mut found_node = false;
     for n in &objects.nodes {
         let (parsed, errs) = validate::parse_node(n);
         rejected.extend(errs);
         if let Some(p) = parsed {
-            if p.name == config.node_name && node.addresses.is_empty() {
+            // The first valid Node with our name wins.
+            if p.name == config.node_name && !found_node {
+                found_node = true;
                 node.addresses = p.addresses;
                 zone = p.labels.get(LABEL_ZONE).cloned();
             }

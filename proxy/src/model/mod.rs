@@ -28,12 +28,26 @@ pub struct ModelConfig {
 }
 
 /// Builds the desired state from objects. Invalid objects are left out and
-/// listed in [`DesiredState::rejected`]; they never affect other Services.
+/// listed in [`DesiredState::rejected`] (sorted); they never affect other
+/// Services.
+///
+/// Follows kube-proxy: headless, ExternalName and Services labelled
+/// `service.kubernetes.io/service-proxy-name` are skipped silently, as are
+/// Services without an IPv4 cluster IP. A Service's EndpointSlices (label
+/// `kubernetes.io/service-name`, same namespace) are merged; each Service
+/// port takes the slice port with its name and protocol. Eligible endpoints
+/// are the ready ones, or the serving+terminating ones when none is ready,
+/// restricted to local ones where the traffic policy is Local. The result
+/// does not depend on the order of the slices. If one Service appears twice,
+/// the first copy is used and the second is rejected.
 pub fn build(objects: &ClusterObjects, config: &ModelConfig) -> DesiredState {
     build::build(objects, config)
 }
 
 /// Validates one Service as the model would; an empty list means valid.
+/// Any problem makes [`build`] leave the whole Service out. Services kproxy
+/// never programs (ExternalName, or labelled for another proxy) only get
+/// their name and namespace checked.
 pub fn validate_service(svc: &Service) -> Vec<Rejection> {
     validate::parse_service(svc).1
 }
@@ -48,6 +62,7 @@ pub fn validate_endpoint_slice(slice: &EndpointSlice) -> Vec<Rejection> {
 }
 
 /// Validates one Node as the model would; an empty list means valid.
+/// A bad name drops the Node; a bad address is left out.
 pub fn validate_node(node: &Node) -> Vec<Rejection> {
     validate::parse_node(node).1
 }
@@ -57,6 +72,8 @@ pub fn diff(old: &DesiredState, new: &DesiredState) -> Changes {
     diff::diff(old, new)
 }
 
+#[cfg(test)]
+mod golden;
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]

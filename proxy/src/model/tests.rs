@@ -209,10 +209,12 @@ spec:
   - {name: b, port: 65536}
   - {name: c, port: 1, nodePort: 0}
   - {name: d, port: 2, nodePort: 65536}
-  - {name: e, port: 3, targetPort: 0}
+  - {name: e, port: 3, targetPort: -1}
   - {name: f, port: 4, targetPort: 65536}
   - {name: g, port: 65535, nodePort: 65535, targetPort: 65535}
   - {name: h, port: -1}
+  - {name: i, port: 5, targetPort: 0}
+  - {name: j, port: 6, targetPort: ""}
 "#);
     assert_eq!(
         reasons(&validate_service(&s)),
@@ -1039,4 +1041,66 @@ fn desired_state_round_trips_through_json() {
     let json = serde_json::to_string(&state).unwrap();
     let back: DesiredState = serde_json::from_str(&json).unwrap();
     assert_eq!(back, state);
+}
+
+#[test]
+fn global_is_cluster_and_local_without_health_check_port() {
+    let s = svc(r#"
+metadata: {name: web, namespace: shop}
+spec: {type: NodePort, clusterIP: 10.96.0.10, externalTrafficPolicy: Global, ports: [{port: 80, nodePort: 30080}]}
+"#);
+    let state = build_one(vec![s], vec![mixed_slice()]);
+    assert_eq!(web_port(&state).external_policy, TrafficPolicy::Cluster);
+    assert_eq!(web_port(&state).external_endpoints.len(), 2);
+
+    let s = svc(r#"
+metadata: {name: web, namespace: shop}
+spec: {type: NodePort, clusterIP: 10.96.0.10, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30080}]}
+"#);
+    let state = build_one(vec![s], vec![mixed_slice()]);
+    let p = web_port(&state);
+    assert_eq!(p.external_policy, TrafficPolicy::Local);
+    assert_eq!(p.health_check_node_port, None);
+}
+
+#[test]
+fn sctp_ports_are_programmed() {
+    let s = svc("metadata: {name: sig, namespace: shop}\nspec: {clusterIP: 10.96.0.60, ports: [{port: 3868, protocol: SCTP}]}");
+    let e = slice(
+        r#"
+metadata: {name: sig-1, namespace: shop, labels: {kubernetes.io/service-name: sig}}
+addressType: IPv4
+ports: [{port: 3868, protocol: SCTP}]
+endpoints: [{addresses: [10.0.0.7]}]
+"#,
+    );
+    let state = build_one(vec![s], vec![e]);
+    let p = &state.services[&port_name("shop", "sig", "", Protocol::Sctp)];
+    assert_eq!(ips(&p.cluster_endpoints), ["10.0.0.7:3868"]);
+}
+
+#[test]
+fn node_without_status_has_no_addresses() {
+    let state = build(
+        &ClusterObjects {
+            nodes: vec![node("metadata: {name: node-a}")],
+            ..Default::default()
+        },
+        &cfg(),
+    );
+    assert!(state.node.addresses.is_empty() && state.rejected.is_empty());
+}
+
+#[test]
+fn rejection_display_quotes_names() {
+    let mut s = web_svc();
+    s.metadata.name = Some("a\"b\nc".into());
+    let mut r = validate_service(&s).remove(0);
+    r.origin = Some("svc.yaml, document 2".into());
+    let shown = r.to_string();
+    assert!(
+        shown.starts_with("svc.yaml, document 2: Service \"shop\"/\"a\\\"b\\nc\": metadata.name: "),
+        "{shown}"
+    );
+    assert!(!shown.contains('\n'));
 }

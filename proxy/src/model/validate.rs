@@ -479,7 +479,11 @@ fn check_service_ports(
                 );
             }
         }
+        // The API server defaults targetPort 0 and "" to the port, so they
+        // are accepted; kube-proxy takes endpoint ports from the slices anyway.
         match &p.target_port {
+            Some(IntOrString::Int(0)) => {}
+            Some(IntOrString::String(s)) if s.is_empty() => {}
             Some(IntOrString::Int(t)) if port_in_range(*t).is_none() => r.reject(
                 f("targetPort"),
                 REASON_INVALID_PORT,

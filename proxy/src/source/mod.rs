@@ -3,6 +3,8 @@
 
 pub mod manifest;
 
+pub use manifest::{load_dir, ManifestSource, SourceError};
+
 use std::sync::Arc;
 
 use crate::model::{ClusterObjects, Rejection};

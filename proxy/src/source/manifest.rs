@@ -1,1 +1,0 @@
-//! The embedded source: a directory of YAML manifests, watched for changes.

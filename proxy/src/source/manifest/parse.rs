@@ -1,0 +1,394 @@
+//! One manifest file's text to typed Kubernetes objects, plus everything
+//! wrong with it. No I/O and no model validation here.
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tracing::debug;
+
+use crate::model::Rejection;
+
+pub(crate) const REASON_PARSE_ERROR: &str = "parse_error";
+pub(crate) const REASON_UNKNOWN_FIELD: &str = "unknown_field";
+pub(crate) const REASON_INVALID_API_VERSION: &str = "invalid_api_version";
+pub(crate) const REASON_DUPLICATE_OBJECT: &str = "duplicate_object";
+
+/// The object kinds kproxy reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+impl Kind {
+    fn from_kind(kind: &str) -> Option<Kind> {
+        match kind {
+            "Service" => Some(Kind::Service),
+            "EndpointSlice" => Some(Kind::EndpointSlice),
+            "Node" => Some(Kind::Node),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
+        }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Kind::Service | Kind::Node => "v1",
+            Kind::EndpointSlice => "discovery.k8s.io/v1",
+        }
+    }
+
+    fn namespaced(self) -> bool {
+        !matches!(self, Kind::Node)
+    }
+}
+
+/// Identity of an object: two documents with the same key define the same object.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct ObjectKey {
+    pub kind: Kind,
+    /// Empty for Nodes (cluster-scoped).
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Object {
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
+    Node(Box<Node>),
+}
+
+/// One typed object and where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Document {
+    pub key: ObjectKey,
+    pub object: Object,
+    /// `path, document N` (plus `, items[I]` inside a List).
+    pub origin: String,
+}
+
+/// What parsing one file yields.
+#[derive(Debug, Default)]
+pub(crate) struct ParsedFile {
+    /// Objects that parsed cleanly, in file order (not validated yet).
+    pub documents: Vec<Document>,
+    /// Parse-level problems; any of them makes the file count as broken.
+    pub rejections: Vec<Rejection>,
+}
+
+/// Parses every YAML document of a file (`rel` is its path relative to the
+/// manifest directory, used in origins).
+pub(crate) fn parse_file(rel: &str, text: &str) -> ParsedFile {
+    let mut out = ParsedFile::default();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let origin = format!("{rel}, document {}", i + 1);
+        match Value::deserialize(doc) {
+            Ok(Value::Null) => {} // empty document (`---` twice, comments only)
+            Ok(value) => parse_value(value, &origin, None, &mut out),
+            Err(e) => {
+                let origin = match e.location() {
+                    Some(l) => format!("{origin}, line {}:{}", l.line(), l.column()),
+                    None => origin,
+                };
+                out.rejections.push(rejection(
+                    "",
+                    "",
+                    "",
+                    "",
+                    REASON_PARSE_ERROR,
+                    format!("invalid YAML: {e}"),
+                    &origin,
+                ));
+                // The rest of the stream cannot be trusted after a syntax error.
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// Kind and apiVersion given by a typed list (`ServiceList`) to items that omit them.
+type ListDefault = (&'static str, &'static str);
+
+fn parse_value(
+    mut value: Value,
+    origin: &str,
+    list_default: Option<ListDefault>,
+    out: &mut ParsedFile,
+) {
+    let Some(map) = value.as_object_mut() else {
+        out.rejections.push(rejection(
+            "",
+            "",
+            "",
+            "",
+            REASON_PARSE_ERROR,
+            format!(
+                "expected a Kubernetes object (a mapping with apiVersion and kind), found {}",
+                type_name(&value)
+            ),
+            origin,
+        ));
+        return;
+    };
+    if let Some((kind, api_version)) = list_default {
+        map.entry("kind").or_insert_with(|| kind.into());
+        map.entry("apiVersion")
+            .or_insert_with(|| api_version.into());
+    }
+    let (mut namespace, name) = meta_names(map);
+    let api_version = map.get("apiVersion").cloned();
+    let kind = match map.get("kind") {
+        Some(Value::String(k)) => k.clone(),
+        None if api_version.is_none() => {
+            // Not a Kubernetes manifest at all (a values file, compose file...).
+            debug!(%origin, "ignoring document without apiVersion and kind");
+            return;
+        }
+        other => {
+            out.rejections.push(rejection(
+                "",
+                &namespace,
+                &name,
+                "kind",
+                REASON_PARSE_ERROR,
+                match other {
+                    None => "missing kind: a document with apiVersion must say its kind".into(),
+                    Some(v) => format!("kind must be a string, found {}", type_name(v)),
+                },
+                origin,
+            ));
+            return;
+        }
+    };
+
+    if kind == "List" || kind.ends_with("List") {
+        parse_list(&kind, value, origin, out);
+        return;
+    }
+    let Some(known) = Kind::from_kind(&kind) else {
+        debug!(%origin, %kind, "ignoring object of a kind kproxy does not use");
+        return;
+    };
+    if known.namespaced() && namespace.is_empty() {
+        namespace = "default".to_string();
+    }
+    if api_version.as_ref().and_then(Value::as_str) != Some(known.api_version()) {
+        let found = match &api_version {
+            None => "missing apiVersion".to_string(),
+            Some(v) => format!("apiVersion {v} is not supported"),
+        };
+        out.rejections.push(rejection(
+            known.as_str(),
+            &namespace,
+            &name,
+            "apiVersion",
+            REASON_INVALID_API_VERSION,
+            format!(
+                "{found} for {}: use apiVersion {:?}",
+                known.as_str(),
+                known.api_version()
+            ),
+            origin,
+        ));
+        return;
+    }
+
+    // Missing namespace means `default`, as kubectl would apply it.
+    if known.namespaced() {
+        if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
+            meta.insert("namespace".into(), Value::String(namespace.clone()));
+        }
+    } else {
+        namespace.clear();
+    }
+    let key = ObjectKey {
+        kind: known,
+        namespace,
+        name,
+    };
+    let object = match known {
+        Kind::Service => {
+            typed::<Service>(&key, value, origin, out).map(|o| Object::Service(Box::new(o)))
+        }
+        Kind::EndpointSlice => typed::<EndpointSlice>(&key, value, origin, out)
+            .map(|o| Object::EndpointSlice(Box::new(o))),
+        Kind::Node => typed::<Node>(&key, value, origin, out).map(|o| Object::Node(Box::new(o))),
+    };
+    if let Some(object) = object {
+        out.documents.push(Document {
+            key,
+            object,
+            origin: origin.to_string(),
+        });
+    }
+}
+
+fn parse_list(kind: &str, value: Value, origin: &str, out: &mut ParsedFile) {
+    // `ServiceList` etc. may omit kind/apiVersion on items; `List` may not.
+    let item_default = kind
+        .strip_suffix("List")
+        .and_then(Kind::from_kind)
+        .map(|k| (k.as_str(), k.api_version()));
+    let items = match value.get("items") {
+        None | Some(Value::Null) => return,
+        Some(Value::Array(items)) => items.clone(),
+        Some(other) => {
+            out.rejections.push(rejection(
+                "",
+                "",
+                "",
+                "items",
+                REASON_PARSE_ERROR,
+                format!(
+                    "items of a {kind} must be a list, found {}",
+                    type_name(other)
+                ),
+                origin,
+            ));
+            return;
+        }
+    };
+    for (i, item) in items.into_iter().enumerate() {
+        if item.is_null() {
+            continue;
+        }
+        parse_value(item, &format!("{origin}, items[{i}]"), item_default, out);
+    }
+}
+
+/// Deserializes into the typed object, reporting type errors with their
+/// field path and fields the type does not know (strict validation).
+fn typed<T: DeserializeOwned + Serialize>(
+    key: &ObjectKey,
+    value: Value,
+    origin: &str,
+    out: &mut ParsedFile,
+) -> Option<T> {
+    let kind = key.kind.as_str();
+    let obj: T = match serde_path_to_error::deserialize(value.clone()) {
+        Ok(obj) => obj,
+        Err(e) => {
+            let field = e.path().to_string();
+            let field = if field == "." { String::new() } else { field };
+            out.rejections.push(rejection(
+                kind,
+                &key.namespace,
+                &key.name,
+                &field,
+                REASON_PARSE_ERROR,
+                e.into_inner().to_string(),
+                origin,
+            ));
+            return None;
+        }
+    };
+    // Serde silently drops fields it does not know; a typo like `prot: 80`
+    // must not go unnoticed, so compare with what the typed object keeps.
+    let back = serde_json::to_value(&obj).unwrap_or(Value::Null);
+    let mut unknown = Vec::new();
+    unknown_fields(&value, &back, "", &mut unknown);
+    if unknown.is_empty() {
+        return Some(obj);
+    }
+    for field in unknown {
+        let last = field
+            .rsplit(['.', ']'])
+            .next()
+            .unwrap_or(&field)
+            .to_string();
+        out.rejections.push(rejection(
+            kind,
+            &key.namespace,
+            &key.name,
+            &field,
+            REASON_UNKNOWN_FIELD,
+            format!("unknown field {last:?}: not a field of {kind} at this place (check the spelling; kproxy validates strictly, like kubectl apply)"),
+            origin,
+        ));
+    }
+    None
+}
+
+/// Paths of keys present in `orig` but absent from `typed` (null values are
+/// fine: serde maps them to "not set").
+fn unknown_fields(orig: &Value, typed: &Value, path: &str, out: &mut Vec<String>) {
+    match (orig, typed) {
+        (Value::Object(o), Value::Object(t)) => {
+            for (k, v) in o {
+                if v.is_null() {
+                    continue;
+                }
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                match t.get(k) {
+                    None => out.push(p),
+                    Some(tv) => unknown_fields(v, tv, &p, out),
+                }
+            }
+        }
+        (Value::Array(o), Value::Array(t)) => {
+            for (i, (v, tv)) in o.iter().zip(t).enumerate() {
+                unknown_fields(v, tv, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `metadata.namespace` and `metadata.name` as far as they are strings.
+fn meta_names(map: &Map<String, Value>) -> (String, String) {
+    let meta = map.get("metadata");
+    let get = |k: &str| {
+        meta.and_then(|m| m.get(k))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    (get("namespace"), get("name"))
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a mapping",
+    }
+}
+
+pub(crate) fn rejection(
+    kind: &str,
+    namespace: &str,
+    name: &str,
+    field: &str,
+    reason: &str,
+    message: String,
+    origin: &str,
+) -> Rejection {
+    Rejection {
+        kind: kind.to_string(),
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+        field: field.to_string(),
+        reason: reason.to_string(),
+        message,
+        origin: Some(origin.to_string()),
+    }
+}

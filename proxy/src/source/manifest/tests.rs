@@ -1,0 +1,603 @@
+//! Tests with real files in a temporary directory and real inotify.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::*;
+use crate::model::Rejection;
+
+fn write(dir: &Path, name: &str, text: &str) {
+    let path = dir.join(name);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).unwrap();
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+fn svc(name: &str, port: u32) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  clusterIP: 10.96.0.20\n  ports:\n  - name: http\n    port: {port}\n    protocol: TCP\n"
+    )
+}
+
+fn names(snap: &Snapshot) -> Vec<String> {
+    let o = &snap.objects;
+    let mut v: Vec<String> = o
+        .services
+        .iter()
+        .map(|s| {
+            format!(
+                "Service {}/{}",
+                s.metadata.namespace.as_deref().unwrap_or(""),
+                s.metadata.name.as_deref().unwrap_or("")
+            )
+        })
+        .chain(o.endpoint_slices.iter().map(|s| {
+            format!(
+                "EndpointSlice {}/{}",
+                s.metadata.namespace.as_deref().unwrap_or(""),
+                s.metadata.name.as_deref().unwrap_or("")
+            )
+        }))
+        .chain(
+            o.nodes
+                .iter()
+                .map(|n| format!("Node {}", n.metadata.name.as_deref().unwrap_or(""))),
+        )
+        .collect();
+    v.sort();
+    v
+}
+
+fn service_port(snap: &Snapshot, name: &str) -> Option<i32> {
+    snap.objects
+        .services
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some(name))
+        .and_then(|s| s.spec.as_ref()?.ports.as_ref()?.first().map(|p| p.port))
+}
+
+fn only_rejection(snap: &Snapshot) -> &Rejection {
+    assert_eq!(snap.rejected.len(), 1, "rejections: {:#?}", snap.rejected);
+    &snap.rejected[0]
+}
+
+fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/manifests")
+}
+
+// ------------------------------------------------------------- load_dir
+
+#[test]
+fn examples_load_cleanly_and_build() {
+    let snap = load_dir(&examples_dir()).unwrap();
+    assert!(snap.synced);
+    assert!(snap.rejected.is_empty(), "{:#?}", snap.rejected);
+    assert_eq!(snap.objects.services.len(), 3);
+    assert_eq!(snap.objects.endpoint_slices.len(), 3);
+    assert_eq!(snap.objects.nodes.len(), 2);
+    let state = crate::model::build(
+        &snap.objects,
+        &crate::model::ModelConfig {
+            node_name: "node1".into(),
+        },
+    );
+    assert!(state.rejected.is_empty(), "{:#?}", state.rejected);
+    assert_eq!(state.services.len(), 3);
+    for port in state.services.values() {
+        assert_eq!(port.port, 80);
+        assert_eq!(port.all_endpoints.len(), 2, "{}", port.name);
+        assert!(port.all_endpoints.iter().all(|e| e.port == 8080));
+    }
+}
+
+#[test]
+fn multi_document_files_lists_and_ignored_kinds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    write(
+        d,
+        "a.yaml",
+        &format!(
+            "---\n# only a comment\n---\n{}---\n{}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: x}}\nspec: {{whatever: 1}}\n",
+            svc("one", 80),
+            svc("two", 81)
+        ),
+    );
+    write(
+        d,
+        "sub/list.yml",
+        "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Node\n  metadata: {name: node1}\n- apiVersion: discovery.k8s.io/v1\n  kind: EndpointSlice\n  metadata:\n    name: one-1\n    namespace: prod\n    labels: {kubernetes.io/service-name: one}\n  addressType: IPv4\n  endpoints:\n  - addresses: [10.244.1.5]\n  ports:\n  - port: 8080\n- apiVersion: v1\n  kind: ConfigMap\n  metadata: {name: cm}\n",
+    );
+    write(
+        d,
+        "typed.json",
+        r#"{"apiVersion": "v1", "kind": "ServiceList", "items": [{"metadata": {"name": "three"}, "spec": {"ports": [{"port": 82}]}}]}"#,
+    );
+    // Not manifests: ignored even though they would not parse.
+    write(d, ".hidden.yaml", "{{{");
+    write(d, ".#a.yaml", "{{{");
+    write(d, "a.yaml~", "{{{");
+    write(d, "a.yaml.swp", "{{{");
+    write(d, "notes.txt", "{{{");
+    write(d, "values.yaml", "replicas: 3\nimage: nginx\n");
+
+    let snap = load_dir(d).unwrap();
+    assert!(snap.rejected.is_empty(), "{:#?}", snap.rejected);
+    assert_eq!(
+        names(&snap),
+        [
+            "EndpointSlice prod/one-1",
+            "Node node1",
+            "Service default/one",
+            "Service default/three",
+            "Service default/two",
+        ]
+    );
+    assert_eq!(service_port(&snap, "two"), Some(81));
+    // The Node stays cluster-scoped.
+    assert_eq!(snap.objects.nodes[0].metadata.namespace, None);
+}
+
+#[test]
+fn yaml_syntax_error_names_file_document_and_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    write(
+        tmp.path(),
+        "dir/bad.yaml",
+        &format!("{}---\nkind: Service\n  bad: [\n", svc("one", 80)),
+    );
+    let snap = load_dir(tmp.path()).unwrap();
+    let r = only_rejection(&snap);
+    assert_eq!(r.reason, "parse_error");
+    let origin = r.origin.as_deref().unwrap();
+    assert!(
+        origin.starts_with("dir/bad.yaml, document 2, line "),
+        "{origin}"
+    );
+    // Nothing good before: what parsed is used.
+    assert_eq!(names(&snap), ["Service default/one"]);
+}
+
+#[test]
+fn wrong_api_version_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    write(
+        tmp.path(),
+        "s.yaml",
+        "apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: s1, namespace: ns}\naddressType: IPv4\nendpoints: []\n",
+    );
+    let snap = load_dir(tmp.path()).unwrap();
+    let r = only_rejection(&snap);
+    assert_eq!(
+        (
+            r.kind.as_str(),
+            r.namespace.as_str(),
+            r.name.as_str(),
+            r.field.as_str(),
+            r.reason.as_str()
+        ),
+        (
+            "EndpointSlice",
+            "ns",
+            "s1",
+            "apiVersion",
+            "invalid_api_version"
+        )
+    );
+    assert_eq!(r.origin.as_deref(), Some("s.yaml, document 1"));
+    assert!(r.message.contains("discovery.k8s.io/v1"), "{}", r.message);
+    assert!(snap.objects.endpoint_slices.is_empty());
+}
+
+#[test]
+fn unknown_fields_are_reported_with_their_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    write(
+        tmp.path(),
+        "s.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports:\n  - port: 80\n    prot: 81\n",
+    );
+    write(
+        tmp.path(),
+        "t.yaml",
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints:\n- addresses: [10.0.0.1]\n  nodename: node1\n",
+    );
+    let snap = load_dir(tmp.path()).unwrap();
+    assert_eq!(snap.rejected.len(), 2, "{:#?}", snap.rejected);
+    // Sorted: EndpointSlice before Service.
+    let r = &snap.rejected[1];
+    assert_eq!(
+        (
+            r.kind.as_str(),
+            r.name.as_str(),
+            r.field.as_str(),
+            r.reason.as_str()
+        ),
+        ("Service", "web", "spec.ports[0].prot", "unknown_field")
+    );
+    assert_eq!(r.origin.as_deref(), Some("s.yaml, document 1"));
+    let r = &snap.rejected[0];
+    assert_eq!(
+        (r.kind.as_str(), r.field.as_str(), r.reason.as_str()),
+        ("EndpointSlice", "endpoints[0].nodename", "unknown_field")
+    );
+    assert!(snap.objects.services.is_empty() && snap.objects.endpoint_slices.is_empty());
+}
+
+#[test]
+fn type_errors_name_the_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    write(
+        tmp.path(),
+        "s.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: ns}\nspec:\n  ports:\n  - port: eighty\n",
+    );
+    let snap = load_dir(tmp.path()).unwrap();
+    let r = only_rejection(&snap);
+    assert_eq!(
+        (
+            r.kind.as_str(),
+            r.namespace.as_str(),
+            r.name.as_str(),
+            r.field.as_str(),
+            r.reason.as_str()
+        ),
+        ("Service", "ns", "web", "spec.ports[0].port", "parse_error")
+    );
+}
+
+#[test]
+fn model_validation_errors_carry_origin() {
+    let tmp = tempfile::tempdir().unwrap();
+    write(
+        tmp.path(),
+        "s.yaml",
+        &format!("{}---\n{}", svc("ok", 80), svc("bad", 70000)),
+    );
+    let snap = load_dir(tmp.path()).unwrap();
+    let r = only_rejection(&snap);
+    assert_eq!(
+        (r.kind.as_str(), r.name.as_str(), r.field.as_str()),
+        ("Service", "bad", "spec.ports[0].port")
+    );
+    assert_eq!(r.origin.as_deref(), Some("s.yaml, document 2"));
+    assert_eq!(names(&snap), ["Service default/ok"]);
+}
+
+#[test]
+fn duplicates_later_file_wins() {
+    let tmp = tempfile::tempdir().unwrap();
+    write(tmp.path(), "a.yaml", &svc("web", 80));
+    write(tmp.path(), "b/c.yaml", &svc("web", 81));
+    let snap = load_dir(tmp.path()).unwrap();
+    assert_eq!(service_port(&snap, "web"), Some(81));
+    assert_eq!(snap.objects.services.len(), 1);
+    let r = only_rejection(&snap);
+    assert_eq!(r.reason, "duplicate_object");
+    assert_eq!(r.origin.as_deref(), Some("b/c.yaml, document 1"));
+    assert!(r.message.contains("a.yaml, document 1"), "{}", r.message);
+
+    // Within one file: the later document wins.
+    write(
+        tmp.path(),
+        "b/c.yaml",
+        &format!("{}---\n{}", svc("web", 82), svc("web", 83)),
+    );
+    let snap = load_dir(tmp.path()).unwrap();
+    assert_eq!(service_port(&snap, "web"), Some(83));
+    assert_eq!(snap.objects.services.len(), 1);
+    assert_eq!(snap.rejected.len(), 2, "{:#?}", snap.rejected);
+    assert!(snap.rejected.iter().all(|r| r.reason == "duplicate_object"));
+    assert!(snap
+        .rejected
+        .iter()
+        .any(|r| r.origin.as_deref() == Some("b/c.yaml, document 2")
+            && r.message.contains("b/c.yaml, document 1")));
+}
+
+#[test]
+fn missing_directory_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("nope");
+    let err = load_dir(&missing).unwrap_err();
+    assert!(matches!(err, SourceError::DirNotFound { .. }));
+    assert!(err.to_string().contains("nope"), "{err}");
+    write(tmp.path(), "file.yaml", "");
+    let err = load_dir(&tmp.path().join("file.yaml")).unwrap_err();
+    assert!(matches!(err, SourceError::NotADirectory { .. }), "{err}");
+}
+
+#[test]
+fn last_good_state_across_scans() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    write(
+        d,
+        "a.yaml",
+        &format!("{}---\n{}", svc("one", 80), svc("two", 90)),
+    );
+    write(d, "other.yaml", &svc("other", 70));
+    let mut state = DirState::new(d.to_path_buf());
+    let snap = state.scan().unwrap();
+    assert!(snap.rejected.is_empty());
+
+    // Broken edit: both objects of the file stay as they were.
+    write(
+        d,
+        "a.yaml",
+        &format!("{}---\n{}  oops: [\n", svc("one", 81), svc("two", 91)),
+    );
+    let snap = state.scan().unwrap();
+    assert_eq!(service_port(&snap, "one"), Some(80));
+    assert_eq!(service_port(&snap, "two"), Some(90));
+    assert_eq!(service_port(&snap, "other"), Some(70));
+    let r = only_rejection(&snap);
+    assert_eq!(r.reason, "parse_error");
+    assert!(r
+        .origin
+        .as_deref()
+        .unwrap()
+        .starts_with("a.yaml, document 2"));
+    assert!(r.message.contains("last good"), "{}", r.message);
+
+    // An object that stops validating keeps its previous version; the rest updates.
+    write(
+        d,
+        "a.yaml",
+        &format!("{}---\n{}", svc("one", 82), svc("two", 0)),
+    );
+    let snap = state.scan().unwrap();
+    assert_eq!(service_port(&snap, "one"), Some(82));
+    assert_eq!(service_port(&snap, "two"), Some(90));
+    assert_eq!(only_rejection(&snap).name, "two");
+
+    // Fixed: the new versions, no more rejections.
+    write(
+        d,
+        "a.yaml",
+        &format!("{}---\n{}", svc("one", 83), svc("two", 93)),
+    );
+    let snap = state.scan().unwrap();
+    assert!(snap.rejected.is_empty(), "{:#?}", snap.rejected);
+    assert_eq!(service_port(&snap, "one"), Some(83));
+    assert_eq!(service_port(&snap, "two"), Some(93));
+
+    // Deleted: its objects go, others stay.
+    std::fs::remove_file(d.join("a.yaml")).unwrap();
+    let snap = state.scan().unwrap();
+    assert_eq!(names(&snap), ["Service default/other"]);
+}
+
+// ------------------------------------------------------------- watching
+
+/// Waits until the latest snapshot satisfies `pred`, at most `within`.
+async fn wait_for(
+    rx: &mut watch::Receiver<Snapshot>,
+    within: Duration,
+    what: &str,
+    pred: impl Fn(&Snapshot) -> bool,
+) -> Snapshot {
+    let deadline = Instant::now() + within;
+    loop {
+        {
+            let snap = rx.borrow_and_update();
+            if snap.synced && pred(&snap) {
+                return snap.clone();
+            }
+        }
+        match tokio::time::timeout_at(deadline, rx.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => panic!("source stopped while waiting for {what}"),
+            Err(_) => panic!(
+                "timed out after {within:?} waiting for {what}; last snapshot: {:?} {:#?}",
+                names(&rx.borrow()),
+                rx.borrow().rejected
+            ),
+        }
+    }
+}
+
+fn start(
+    dir: &Path,
+) -> (
+    watch::Receiver<Snapshot>,
+    tokio::task::JoinHandle<Result<(), SourceError>>,
+) {
+    let (tx, rx) = watch::channel(Snapshot::default());
+    let handle = tokio::spawn(ManifestSource::new(dir.to_path_buf()).run(tx));
+    (rx, handle)
+}
+
+async fn stop(
+    rx: watch::Receiver<Snapshot>,
+    handle: tokio::task::JoinHandle<Result<(), SourceError>>,
+) {
+    drop(rx);
+    tokio::time::timeout(Duration::from_secs(5), handle)
+        .await
+        .expect("source did not stop after its receiver was dropped")
+        .unwrap()
+        .unwrap();
+}
+
+const SECOND: Duration = Duration::from_secs(1);
+
+#[tokio::test]
+async fn watch_publishes_changes_within_a_second() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    write(d, "a.yaml", &svc("web", 80));
+    let (mut rx, handle) = start(d);
+    wait_for(&mut rx, 5 * SECOND, "first snapshot", |s| {
+        service_port(s, "web") == Some(80)
+    })
+    .await;
+
+    // In-place write.
+    write(d, "a.yaml", &svc("web", 81));
+    wait_for(&mut rx, SECOND, "in-place edit", |s| {
+        service_port(s, "web") == Some(81)
+    })
+    .await;
+
+    // Atomic save: write a temp file and rename it over.
+    write(d, ".a.yaml.tmp", &svc("web", 82));
+    std::fs::rename(d.join(".a.yaml.tmp"), d.join("a.yaml")).unwrap();
+    wait_for(&mut rx, SECOND, "rename-over save", |s| {
+        service_port(s, "web") == Some(82)
+    })
+    .await;
+
+    // Delete + create, in a new subdirectory.
+    std::fs::remove_file(d.join("a.yaml")).unwrap();
+    write(d, "new/b.yaml", &svc("web", 83));
+    wait_for(&mut rx, SECOND, "new subdirectory", |s| {
+        service_port(s, "web") == Some(83)
+    })
+    .await;
+
+    // Broken edit: reported, last good objects kept.
+    write(d, "new/b.yaml", "kind: [\n");
+    let snap = wait_for(&mut rx, SECOND, "broken edit reported", |s| {
+        !s.rejected.is_empty()
+    })
+    .await;
+    assert_eq!(service_port(&snap, "web"), Some(83));
+    assert!(snap.rejected[0]
+        .origin
+        .as_deref()
+        .unwrap()
+        .starts_with("new/b.yaml, document 1"));
+
+    // Deletion removes the objects and the report.
+    std::fs::remove_file(d.join("new/b.yaml")).unwrap();
+    wait_for(&mut rx, SECOND, "deletion", |s| {
+        s.objects.services.is_empty() && s.rejected.is_empty()
+    })
+    .await;
+    stop(rx, handle).await;
+}
+
+#[tokio::test]
+async fn watch_coalesces_bursts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().to_path_buf();
+    write(&d, "a.yaml", &svc("web", 1000));
+    let (mut rx, handle) = start(&d);
+    wait_for(&mut rx, 5 * SECOND, "first snapshot", |s| {
+        service_port(s, "web") == Some(1000)
+    })
+    .await;
+
+    // Count every snapshot published from here on.
+    let mut counter_rx = rx.clone();
+    counter_rx.borrow_and_update();
+    let counter = tokio::spawn(async move {
+        let mut n = 0u32;
+        while counter_rx.changed().await.is_ok() {
+            n += 1;
+            if service_port(&counter_rx.borrow_and_update(), "web") == Some(1100) {
+                break;
+            }
+        }
+        n
+    });
+    for i in 1..=100 {
+        write(&d, "a.yaml", &svc("web", 1000 + i));
+    }
+    let snap = wait_for(&mut rx, 2 * SECOND, "last write of the burst", |s| {
+        service_port(s, "web") == Some(1100)
+    })
+    .await;
+    assert!(snap.rejected.is_empty());
+    let n = tokio::time::timeout(SECOND, counter)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(n <= 5, "a burst of 100 writes gave {n} snapshots");
+    stop(rx, handle).await;
+}
+
+#[tokio::test]
+async fn watch_survives_directory_removal_and_recreation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("manifests");
+    write(&d, "a.yaml", &svc("web", 80));
+    let (mut rx, handle) = start(&d);
+    wait_for(&mut rx, 5 * SECOND, "first snapshot", |s| {
+        service_port(s, "web") == Some(80)
+    })
+    .await;
+
+    std::fs::remove_dir_all(&d).unwrap();
+    write(&d, "b.yaml", &svc("web2", 90));
+    wait_for(&mut rx, 2 * SECOND, "recreated directory", |s| {
+        names(s) == ["Service default/web2"]
+    })
+    .await;
+    // And the new directory is watched.
+    write(&d, "b.yaml", &svc("web2", 91));
+    wait_for(&mut rx, SECOND, "edit in recreated directory", |s| {
+        service_port(s, "web2") == Some(91)
+    })
+    .await;
+    stop(rx, handle).await;
+}
+
+#[tokio::test]
+async fn watch_missing_directory_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (tx, _rx) = watch::channel(Snapshot::default());
+    let err = ManifestSource::new(tmp.path().join("absent"))
+        .run(tx)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SourceError::DirNotFound { .. }), "{err}");
+    assert!(err.to_string().contains("absent"));
+}
+
+/// ConfigMap volumes: `a.yaml -> ..data/a.yaml`, `..data -> ..v1`, updated by
+/// renaming a new `..data` symlink over the old one.
+#[tokio::test]
+async fn watch_follows_configmap_style_symlink_swaps() {
+    use std::os::unix::fs::symlink;
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    write(d, "..v1/a.yaml", &svc("web", 80));
+    symlink("..v1", d.join("..data")).unwrap();
+    symlink("..data/a.yaml", d.join("a.yaml")).unwrap();
+    let (mut rx, handle) = start(d);
+    let snap = wait_for(&mut rx, 5 * SECOND, "first snapshot", |s| {
+        service_port(s, "web") == Some(80)
+    })
+    .await;
+    // The hidden real directory is not read a second time.
+    assert!(snap.rejected.is_empty(), "{:#?}", snap.rejected);
+
+    write(d, "..v2/a.yaml", &svc("web", 81));
+    symlink("..v2", d.join("..data_tmp")).unwrap();
+    std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+    wait_for(&mut rx, SECOND, "symlink swap", |s| {
+        service_port(s, "web") == Some(81)
+    })
+    .await;
+    stop(rx, handle).await;
+}
+
+#[test]
+fn large_file_loads_quickly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text: Vec<String> = (0..5000).map(|i| svc(&format!("s{i}"), 80)).collect();
+    write(tmp.path(), "big.yaml", &text.join("---\n"));
+    let start = std::time::Instant::now();
+    let snap = load_dir(tmp.path()).unwrap();
+    let took = start.elapsed();
+    assert_eq!(snap.objects.services.len(), 5000);
+    assert!(snap.rejected.is_empty());
+    println!("5000 services loaded in {took:?}");
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+}

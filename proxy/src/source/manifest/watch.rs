@@ -1,0 +1,191 @@
+//! Watching the manifest directory with inotify and publishing snapshots.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::{DirState, SourceError};
+use crate::source::Snapshot;
+
+/// Quiet time that ends a burst of events (an editor's save is several).
+const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(75);
+/// A continuous stream of events still yields a scan this often, so changes
+/// show up within a second even while something keeps writing.
+const MAX_DELAY: Duration = Duration::from_millis(400);
+
+/// Publishes the objects of a manifest directory, and again after every change.
+#[derive(Debug, Clone)]
+pub struct ManifestSource {
+    dir: PathBuf,
+    debounce: Duration,
+}
+
+impl ManifestSource {
+    pub fn new(dir: PathBuf) -> Self {
+        ManifestSource {
+            dir,
+            debounce: DEFAULT_DEBOUNCE,
+        }
+    }
+
+    /// Overrides the quiet time that coalesces bursts of file events.
+    pub fn with_debounce(mut self, debounce: Duration) -> Self {
+        self.debounce = debounce;
+        self
+    }
+
+    /// Reads the directory, publishes a first snapshot (`synced`), then a new
+    /// one after every change, until every receiver of `tx` is dropped.
+    ///
+    /// Errors only if the directory cannot be read or watched at start (or
+    /// the watcher dies); a directory deleted later keeps the last state
+    /// (traffic keeps flowing) until it is recreated.
+    pub async fn run(self, tx: watch::Sender<Snapshot>) -> Result<(), SourceError> {
+        // Absolute, so event paths compare with it and its parent is known.
+        let dir = std::path::absolute(&self.dir).unwrap_or_else(|_| self.dir.clone());
+        let mut state = DirState::new(dir.clone());
+        // Fail early with a clear error if the directory is missing.
+        super::list_files(&dir)?;
+
+        let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+        let mut watcher = notify::recommended_watcher(move |ev| {
+            // The receiver is gone only when run() returned.
+            let _ = ev_tx.send(ev);
+        })
+        .map_err(|source| watch_error(&dir, source))?;
+        // Watch before the first scan, so no change in between is missed.
+        watcher
+            .watch(&dir, RecursiveMode::Recursive)
+            .map_err(|source| watch_error(&dir, source))?;
+        // The parent tells us when the directory itself is removed or recreated.
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if let Err(e) = watcher.watch(parent, RecursiveMode::NonRecursive) {
+                warn!(dir = %parent.display(), error = %e, "cannot watch parent of manifest directory; its recreation will not be noticed");
+            }
+        }
+        let mut watching = true;
+
+        let mut last = state.scan()?;
+        info!(
+            dir = %dir.display(),
+            services = last.objects.services.len(),
+            endpoint_slices = last.objects.endpoint_slices.len(),
+            nodes = last.objects.nodes.len(),
+            rejected = last.rejected.len(),
+            "manifests loaded"
+        );
+        if tx.send(last.clone()).is_err() {
+            return Ok(());
+        }
+
+        loop {
+            // Wait for a relevant event (or for the consumer to go away).
+            let mut rewatch = false;
+            loop {
+                tokio::select! {
+                    _ = tx.closed() => return Ok(()),
+                    ev = ev_rx.recv() => {
+                        let ev = ev.ok_or_else(|| SourceError::WatcherStopped { path: dir.clone() })?;
+                        let (relevant, dir_itself) = classify(&dir, ev);
+                        rewatch |= dir_itself;
+                        if relevant { break; }
+                    }
+                }
+            }
+            // Coalesce the rest of the burst.
+            let start = Instant::now();
+            while start.elapsed() < MAX_DELAY {
+                match tokio::time::timeout(self.debounce, ev_rx.recv()).await {
+                    Ok(Some(ev)) => rewatch |= classify(&dir, ev).1,
+                    Ok(None) => return Err(SourceError::WatcherStopped { path: dir.clone() }),
+                    Err(_) => break, // quiet: the burst is over
+                }
+            }
+
+            if !dir.is_dir() {
+                if watching {
+                    warn!(dir = %dir.display(), "manifest directory disappeared; keeping the last state until it is back");
+                    let _ = watcher.unwatch(&dir);
+                    watching = false;
+                }
+                continue;
+            }
+            if !watching || rewatch {
+                // A recreated or renamed-over directory is a new inode: watch it afresh.
+                let _ = watcher.unwatch(&dir);
+                match watcher.watch(&dir, RecursiveMode::Recursive) {
+                    Ok(()) => {
+                        if !watching {
+                            info!(dir = %dir.display(), "manifest directory is back");
+                        }
+                        watching = true;
+                    }
+                    Err(e) => {
+                        warn!(dir = %dir.display(), error = %e, "cannot watch manifest directory again");
+                        watching = false;
+                    }
+                }
+            }
+            let snap = match state.scan() {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "cannot rescan manifest directory; keeping the last state");
+                    continue;
+                }
+            };
+            if same(&snap, &last) {
+                debug!("manifest event without effect on objects");
+                continue;
+            }
+            debug!(
+                services = snap.objects.services.len(),
+                endpoint_slices = snap.objects.endpoint_slices.len(),
+                nodes = snap.objects.nodes.len(),
+                rejected = snap.rejected.len(),
+                "manifests changed"
+            );
+            last = snap.clone();
+            if tx.send(snap).is_err() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn watch_error(dir: &Path, source: notify::Error) -> SourceError {
+    SourceError::Watch {
+        path: dir.to_path_buf(),
+        source,
+    }
+}
+
+/// (worth a rescan, concerns the directory itself). Events from the parent
+/// watch about siblings are not relevant.
+fn classify(dir: &Path, ev: notify::Result<notify::Event>) -> (bool, bool) {
+    match ev {
+        Ok(ev) => {
+            if ev.paths.is_empty() {
+                // Queue overflow or rescan request: look at everything.
+                return (true, true);
+            }
+            let dir_itself = ev.paths.iter().any(|p| p == dir);
+            let inside = ev.paths.iter().any(|p| p.starts_with(dir));
+            (inside, dir_itself)
+        }
+        Err(e) => {
+            warn!(dir = %dir.display(), error = %e, "file watcher error; rescanning");
+            (true, true)
+        }
+    }
+}
+
+fn same(a: &Snapshot, b: &Snapshot) -> bool {
+    a.rejected == b.rejected
+        && a.objects.services == b.objects.services
+        && a.objects.endpoint_slices == b.objects.endpoint_slices
+        && a.objects.nodes == b.objects.nodes
+}

@@ -4,7 +4,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::model::{Endpoint, ServicePortName};
+use crate::model::{Endpoint, Protocol, ServicePortName};
 
 /// Prefix of every chain kproxy owns.
 pub const PREFIX: &str = "KPROXY-";
@@ -72,13 +72,14 @@ pub fn port_hash(name: &ServicePortName) -> String {
 
 /// `KPROXY-SEP-…` for one endpoint of one Service port.
 pub fn sep_chain(name: &ServicePortName, ep: &Endpoint) -> String {
+    sep_chain_for(&name.to_string(), name.protocol, ep)
+}
+
+/// [`sep_chain`] with the Service port name already formatted.
+pub fn sep_chain_for(port_name: &str, protocol: Protocol, ep: &Endpoint) -> String {
     let mut s = String::with_capacity(27);
     s.push_str(SEP);
-    s.push_str(&hash16(&[
-        &name.to_string(),
-        name.protocol.as_str(),
-        &ep.to_string(),
-    ]));
+    s.push_str(&hash16(&[port_name, protocol.as_str(), &ep.to_string()]));
     s
 }
 
@@ -101,7 +102,7 @@ pub fn sanitize_comment(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Protocol, ServiceKey};
+    use crate::model::ServiceKey;
 
     #[test]
     fn base32_matches_rfc4648_vectors() {

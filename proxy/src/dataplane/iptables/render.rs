@@ -10,7 +10,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use super::names::{self, *};
+use super::names::*;
 use crate::dataplane::DataplaneConfig;
 use crate::model::{Changes, DesiredState, Endpoint, ServicePort, ServicePortName, TrafficPolicy};
 
@@ -425,6 +425,20 @@ fn render_port(
         }
     }
 
+    // Endpoint chain names, hashed once per endpoint (the hot path at scale).
+    let svl_used = write_ext && ext_target == Some(svl.as_str());
+    let port_text = sp.name.to_string();
+    let mut seps: Vec<(&Endpoint, String)> = Vec::new();
+    let used = sp
+        .cluster_endpoints
+        .iter()
+        .chain(sp.external_endpoints.iter().filter(|_| svl_used));
+    for ep in used.filter(|e| e.ip.is_ipv4()) {
+        if !seps.iter().any(|(s, _)| s.ip == ep.ip && s.port == ep.port) {
+            seps.push((ep, sep_chain_for(&port_text, sp.name.protocol, ep)));
+        }
+    }
+
     // The port's own chains.
     if has_cluster {
         chains.push(svc.clone());
@@ -449,8 +463,8 @@ fn render_port(
         endpoint_jumps(
             scratch,
             &svc,
-            &sp.name,
             &sp.cluster_endpoints,
+            &seps,
             sp.session_affinity_seconds,
         );
     }
@@ -487,8 +501,8 @@ fn render_port(
             endpoint_jumps(
                 scratch,
                 &svl,
-                &sp.name,
                 &sp.external_endpoints,
+                &seps,
                 sp.session_affinity_seconds,
             );
         }
@@ -509,33 +523,20 @@ fn render_port(
     }
 
     // Endpoint chains: one per distinct endpoint used by SVC or SVL.
-    let mut seen: Vec<&Endpoint> = Vec::new();
-    let svl_used = chains.iter().any(|c| c == &svl);
-    let used = sp
-        .cluster_endpoints
-        .iter()
-        .chain(sp.external_endpoints.iter().filter(|_| svl_used));
-    for ep in used {
-        if seen.iter().any(|s| s.ip == ep.ip && s.port == ep.port) {
-            continue;
-        }
-        seen.push(ep);
-        let sep = sep_chain(&sp.name, ep);
-        if ep.ip.is_ipv4() {
-            let _ = writeln!(scratch, "-A {sep} -s {}/32 -j {MARK_MASQ}", ep.ip);
-            match sp.session_affinity_seconds {
-                Some(_) => {
-                    let _ = writeln!(
-                        scratch,
-                        "-A {sep} -p {proto} -m recent --name {sep} --set -j DNAT --to-destination {ep}"
-                    );
-                }
-                None => {
-                    let _ = writeln!(scratch, "-A {sep} -p {proto} -j DNAT --to-destination {ep}");
-                }
+    for (ep, sep) in &seps {
+        let _ = writeln!(scratch, "-A {sep} -s {}/32 -j {MARK_MASQ}", ep.ip);
+        match sp.session_affinity_seconds {
+            Some(_) => {
+                let _ = writeln!(
+                    scratch,
+                    "-A {sep} -p {proto} -m recent --name {sep} --set -j DNAT --to-destination {ep}"
+                );
+            }
+            None => {
+                let _ = writeln!(scratch, "-A {sep} -p {proto} -j DNAT --to-destination {ep}");
             }
         }
-        chains.push(sep);
+        chains.push(sep.clone());
     }
 }
 
@@ -544,12 +545,20 @@ fn render_port(
 fn endpoint_jumps(
     out: &mut String,
     chain: &str,
-    name: &ServicePortName,
     endpoints: &[Endpoint],
+    sep_names: &[(&Endpoint, String)],
     affinity: Option<u32>,
 ) {
-    let eps: Vec<&Endpoint> = endpoints.iter().filter(|e| e.ip.is_ipv4()).collect();
-    let seps: Vec<String> = eps.iter().map(|e| names::sep_chain(name, e)).collect();
+    let seps: Vec<&str> = endpoints
+        .iter()
+        .filter(|e| e.ip.is_ipv4())
+        .filter_map(|ep| {
+            sep_names
+                .iter()
+                .find(|(s, _)| s.ip == ep.ip && s.port == ep.port)
+                .map(|(_, n)| n.as_str())
+        })
+        .collect();
     if let Some(secs) = affinity {
         for sep in &seps {
             let _ = writeln!(

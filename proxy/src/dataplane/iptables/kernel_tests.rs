@@ -52,7 +52,12 @@ impl NetNs {
                 let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
                 // SAFETY: plain syscall on a valid fd; only this thread moves.
                 let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns into {path}: {}", std::io::Error::last_os_error());
+                assert_eq!(
+                    rc,
+                    0,
+                    "setns into {path}: {}",
+                    std::io::Error::last_os_error()
+                );
                 f()
             })
             .join()
@@ -63,7 +68,9 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -115,20 +122,66 @@ fn lifecycle(backend: Backend) {
     // Someone else's rules in both tables: must survive everything we do.
     let ipt = tool(backend, "");
     ns.exec(&[&ipt, "-t", "nat", "-N", "OTHER-CHAIN"]);
-    ns.exec(&[&ipt, "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "--dport", "2222", "-j", "OTHER-CHAIN"]);
-    ns.exec(&[&ipt, "-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "22", "-j", "ACCEPT"]);
+    ns.exec(&[
+        &ipt,
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-p",
+        "tcp",
+        "--dport",
+        "2222",
+        "-j",
+        "OTHER-CHAIN",
+    ]);
+    ns.exec(&[
+        &ipt, "-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "22", "-j", "ACCEPT",
+    ]);
     let before = normalized_save(&ns, backend);
 
-    let mut web = svc("default", "web", "http", Protocol::Tcp, "10.96.0.10", 80, vec![ep("10.244.1.5", 8080, true), ep("10.244.2.6", 8080, false)]);
+    let mut web = svc(
+        "default",
+        "web",
+        "http",
+        Protocol::Tcp,
+        "10.96.0.10",
+        80,
+        vec![ep("10.244.1.5", 8080, true), ep("10.244.2.6", 8080, false)],
+    );
     web.node_port = Some(30080);
-    let mut dns = svc("kube-system", "dns", "dns", Protocol::Udp, "10.96.0.53", 53, vec![ep("10.244.1.2", 53, true)]);
+    let mut dns = svc(
+        "kube-system",
+        "dns",
+        "dns",
+        Protocol::Udp,
+        "10.96.0.53",
+        53,
+        vec![ep("10.244.1.2", 53, true)],
+    );
     dns.session_affinity_seconds = Some(60);
-    let mut lb = svc("default", "lb", "", Protocol::Tcp, "10.96.0.20", 443, vec![ep("10.244.2.9", 443, false)]);
+    let mut lb = svc(
+        "default",
+        "lb",
+        "",
+        Protocol::Tcp,
+        "10.96.0.20",
+        443,
+        vec![ep("10.244.2.9", 443, false)],
+    );
     lb.load_balancer_ips = vec!["198.51.100.9".parse().unwrap()];
     lb.load_balancer_source_ranges = vec!["192.0.2.0/24".parse().unwrap()];
     lb.external_policy = TrafficPolicy::Local;
     lb.external_endpoints = vec![];
-    let empty = svc("default", "empty", "", Protocol::Tcp, "10.96.0.40", 80, vec![]);
+    let empty = svc(
+        "default",
+        "empty",
+        "",
+        Protocol::Tcp,
+        "10.96.0.40",
+        80,
+        vec![],
+    );
     let s1 = state(vec![web.clone(), dns.clone(), lb.clone(), empty.clone()]);
 
     // Auto picks the backend that holds rules here.
@@ -144,13 +197,35 @@ fn lifecycle(backend: Backend) {
     });
     let mut want = vec![
         frontend("default/empty", "ClusterIP", "10.96.0.40:80/tcp", &[]),
-        frontend("default/lb", "ClusterIP", "10.96.0.20:443/tcp", &["10.244.2.9:443"]),
+        frontend(
+            "default/lb",
+            "ClusterIP",
+            "10.96.0.20:443/tcp",
+            &["10.244.2.9:443"],
+        ),
         frontend("default/lb", "LoadBalancer", "198.51.100.9:443/tcp", &[]),
-        frontend("default/web:http", "ClusterIP", "10.96.0.10:80/tcp", &["10.244.1.5:8080", "10.244.2.6:8080"]),
-        frontend("default/web:http", "NodePort", "*:30080/tcp", &["10.244.1.5:8080", "10.244.2.6:8080"]),
-        frontend("kube-system/dns:dns", "ClusterIP", "10.96.0.53:53/udp", &["10.244.1.2:53"]),
+        frontend(
+            "default/web:http",
+            "ClusterIP",
+            "10.96.0.10:80/tcp",
+            &["10.244.1.5:8080", "10.244.2.6:8080"],
+        ),
+        frontend(
+            "default/web:http",
+            "NodePort",
+            "*:30080/tcp",
+            &["10.244.1.5:8080", "10.244.2.6:8080"],
+        ),
+        frontend(
+            "kube-system/dns:dns",
+            "ClusterIP",
+            "10.96.0.53:53/udp",
+            &["10.244.1.2:53"],
+        ),
     ];
-    want.sort_by(|a, b| (&a.service, &a.kind, &a.frontend).cmp(&(&b.service, &b.kind, &b.frontend)));
+    want.sort_by(|a, b| {
+        (&a.service, &a.kind, &a.frontend).cmp(&(&b.service, &b.kind, &b.frontend))
+    });
     assert_eq!(programmed1, want);
 
     // Partial sync: web loses an endpoint, dns goes away, empty gets one.
@@ -166,23 +241,50 @@ fn lifecycle(backend: Backend) {
         updated: vec![web.name.clone(), empty.name.clone()],
         removed: vec![dns.name.clone()],
     };
-    let dns_chain_count_before = normalized_save(&ns, backend).matches(":KPROXY-SEP-").count();
+    let dns_chain_count_before = normalized_save(&ns, backend)
+        .matches(":KPROXY-SEP-")
+        .count();
     let (stats, programmed2, mut dp) = ns.enter(move || {
         let mut dp = dp;
         let stats = dp.sync(&s2, &changes, false).unwrap();
         (stats, dp.programmed().unwrap(), dp)
     });
     assert!(!stats.full);
-    assert_eq!(stats.objects_deleted, 3, "web's second SEP, dns's SVC and SEP");
+    assert_eq!(
+        stats.objects_deleted, 3,
+        "web's second SEP, dns's SVC and SEP"
+    );
     let saved = normalized_save(&ns, backend);
-    assert_eq!(saved.matches(":KPROXY-SEP-").count(), dns_chain_count_before - 2 + 1);
+    assert_eq!(
+        saved.matches(":KPROXY-SEP-").count(),
+        dns_chain_count_before - 2 + 1
+    );
     assert!(!saved.contains("10.244.2.6:8080") && !saved.contains("10.244.1.2:53"));
-    assert!(programmed2.contains(&frontend("default/empty", "ClusterIP", "10.96.0.40:80/tcp", &["10.244.1.7:80"])));
-    assert!(!programmed2.iter().any(|f| f.service.starts_with("kube-system")));
+    assert!(programmed2.contains(&frontend(
+        "default/empty",
+        "ClusterIP",
+        "10.96.0.40:80/tcp",
+        &["10.244.1.7:80"]
+    )));
+    assert!(!programmed2
+        .iter()
+        .any(|f| f.service.starts_with("kube-system")));
 
     // Drift: a stray chain and a lost jump rule are repaired by a full sync.
     ns.exec(&[&ipt, "-t", "nat", "-N", "KPROXY-SEP-STRAYSTRAYSTRAY"]);
-    ns.exec(&[&ipt, "-t", "nat", "-D", "PREROUTING", "-m", "comment", "--comment", "kproxy service portals", "-j", "KPROXY-SERVICES"]);
+    ns.exec(&[
+        &ipt,
+        "-t",
+        "nat",
+        "-D",
+        "PREROUTING",
+        "-m",
+        "comment",
+        "--comment",
+        "kproxy service portals",
+        "-j",
+        "KPROXY-SERVICES",
+    ]);
     let s3 = state(vec![web.clone(), lb.clone()]);
     let dp = ns.enter(move || {
         dp.sync(&s3, &Changes::default(), true).unwrap();
@@ -190,8 +292,19 @@ fn lifecycle(backend: Backend) {
     });
     let saved = normalized_save(&ns, backend);
     assert!(!saved.contains("STRAY"));
-    assert_eq!(saved.matches("-A PREROUTING -m comment --comment \"kproxy service portals\" -j KPROXY-SERVICES").count(), 1);
-    assert_eq!(saved.matches("-j KPROXY-FORWARD").count(), 1, "jump rules are not duplicated");
+    assert_eq!(
+        saved
+            .matches(
+                "-A PREROUTING -m comment --comment \"kproxy service portals\" -j KPROXY-SERVICES"
+            )
+            .count(),
+        1
+    );
+    assert_eq!(
+        saved.matches("-j KPROXY-FORWARD").count(),
+        1,
+        "jump rules are not duplicated"
+    );
 
     // A failed partial sync forces the next one to be full: a foreign rule
     // still references the SEP chain the sync wants to delete.
@@ -201,10 +314,16 @@ fn lifecycle(backend: Backend) {
     web4.cluster_endpoints.truncate(1);
     web4.external_endpoints.truncate(1);
     let s4 = state(vec![web4, lb.clone()]);
-    let changes = Changes { added: vec![], updated: vec![web.name.clone()], removed: vec![] };
+    let changes = Changes {
+        added: vec![],
+        updated: vec![web.name.clone()],
+        removed: vec![],
+    };
     let (err, mut dp) = ns.enter(move || {
         let mut dp = dp;
-        let err = dp.sync(&s4, &changes, false).expect_err("deleting a referenced chain fails");
+        let err = dp
+            .sync(&s4, &changes, false)
+            .expect_err("deleting a referenced chain fails");
         (err.to_string(), dp)
     });
     assert!(err.contains("restore"), "error names the tool: {err}");
@@ -215,7 +334,11 @@ fn lifecycle(backend: Backend) {
         assert!(stats.full, "after a failed sync the next one is full");
         dp.cleanup().unwrap();
     });
-    assert_eq!(normalized_save(&ns, backend), before, "cleanup restores the original ruleset");
+    assert_eq!(
+        normalized_save(&ns, backend),
+        before,
+        "cleanup restores the original ruleset"
+    );
 }
 
 #[test]
@@ -240,14 +363,32 @@ fn connect(addr: &str) -> Result<TcpStream, ErrorKind> {
 #[test]
 fn kernel_traffic_cluster_ip() {
     let ns = NetNs::new("traffic");
-    ns.exec(&["ip", "link", "add", "kpx0", "type", "veth", "peer", "name", "kpx1"]);
+    ns.exec(&[
+        "ip", "link", "add", "kpx0", "type", "veth", "peer", "name", "kpx1",
+    ]);
     ns.exec(&["ip", "link", "set", "kpx0", "up"]);
     ns.exec(&["ip", "link", "set", "kpx1", "up"]);
     ns.exec(&["ip", "addr", "add", "10.244.1.5/32", "dev", "kpx0"]);
     // The service range is routed to the veth (no default route).
     ns.exec(&["ip", "route", "add", "10.96.0.0/16", "dev", "kpx0"]);
-    let web = svc("default", "web", "", Protocol::Tcp, "10.96.0.10", 80, vec![ep("10.244.1.5", 8080, true)]);
-    let empty = svc("default", "empty", "", Protocol::Tcp, "10.96.0.40", 80, vec![]);
+    let web = svc(
+        "default",
+        "web",
+        "",
+        Protocol::Tcp,
+        "10.96.0.10",
+        80,
+        vec![ep("10.244.1.5", 8080, true)],
+    );
+    let empty = svc(
+        "default",
+        "empty",
+        "",
+        Protocol::Tcp,
+        "10.96.0.40",
+        80,
+        vec![],
+    );
     let s = state(vec![web, empty]);
     ns.enter(move || {
         let listener = TcpListener::bind("10.244.1.5:8080").unwrap();
@@ -269,8 +410,83 @@ fn kernel_traffic_cluster_ip() {
         server.join().unwrap();
 
         let start = Instant::now();
-        assert_eq!(connect("10.96.0.40:80").unwrap_err(), ErrorKind::ConnectionRefused);
-        assert!(start.elapsed() < Duration::from_secs(1), "refused at once, not hanging");
+        assert_eq!(
+            connect("10.96.0.40:80").unwrap_err(),
+            ErrorKind::ConnectionRefused
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "refused at once, not hanging"
+        );
         dp.cleanup().unwrap();
     });
+}
+
+/// UDP has no teardown: when the endpoint a flow was DNATed to goes away,
+/// the sync deletes the flow's conntrack entry so the next datagram is
+/// balanced again instead of following the stale entry.
+#[test]
+fn kernel_udp_conntrack_cleared_when_endpoint_removed() {
+    let ns = NetNs::new("udp");
+    ns.exec(&[
+        "ip", "link", "add", "kpx0", "type", "veth", "peer", "name", "kpx1",
+    ]);
+    ns.exec(&["ip", "link", "set", "kpx0", "up"]);
+    ns.exec(&["ip", "link", "set", "kpx1", "up"]);
+    ns.exec(&["ip", "addr", "add", "10.244.1.2/32", "dev", "kpx0"]);
+    ns.exec(&["ip", "addr", "add", "10.244.1.3/32", "dev", "kpx0"]);
+    ns.exec(&["ip", "route", "add", "10.96.0.0/16", "dev", "kpx0"]);
+    let a = svc(
+        "kube-system",
+        "dns",
+        "dns",
+        Protocol::Udp,
+        "10.96.0.53",
+        53,
+        vec![ep("10.244.1.2", 5353, true)],
+    );
+    let mut b = a.clone();
+    b.cluster_endpoints = vec![ep("10.244.1.3", 5353, true)];
+    b.external_endpoints = b.cluster_endpoints.clone();
+    let (s1, s2) = (state(vec![a.clone()]), state(vec![b]));
+    let name = a.name.clone();
+    let entries = |ns: &NetNs| -> String {
+        // `conntrack -L` prints entries on stdout and a summary on stderr.
+        ns.exec(&["conntrack", "-L", "-p", "udp", "--orig-dst", "10.96.0.53"])
+    };
+    let dp = ns.enter(move || {
+        let mut dp = IptablesDataplane::new(config(), Backend::Nft).unwrap();
+        dp.sync(&s1, &Changes::default(), true).unwrap();
+        let receiver = std::net::UdpSocket::bind("10.244.1.2:5353").unwrap();
+        receiver
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        sock.send_to(b"q", "10.96.0.53:53").unwrap();
+        let mut buf = [0u8; 8];
+        let (n, _) = receiver
+            .recv_from(&mut buf)
+            .expect("datagram DNATed to the endpoint");
+        assert_eq!(&buf[..n], b"q");
+        dp
+    });
+    assert!(
+        entries(&ns).contains("10.244.1.2"),
+        "a flow to the first endpoint exists"
+    );
+    ns.enter(move || {
+        let mut dp = dp;
+        let changes = Changes {
+            added: vec![],
+            updated: vec![name],
+            removed: vec![],
+        };
+        dp.sync(&s2, &changes, false).unwrap();
+        dp
+    });
+    assert!(
+        !entries(&ns).contains("10.244.1.2"),
+        "stale flow removed: {}",
+        entries(&ns)
+    );
 }

@@ -71,6 +71,7 @@ pub fn port_hash(name: &ServicePortName) -> String {
 }
 
 /// `KPROXY-SEP-…` for one endpoint of one Service port.
+#[cfg(test)]
 pub fn sep_chain(name: &ServicePortName, ep: &Endpoint) -> String {
     sep_chain_for(&name.to_string(), name.protocol, ep)
 }

@@ -64,6 +64,26 @@ impl NetNs {
             .expect("thread in netns panicked")
         })
     }
+
+    /// Like [`NetNs::enter`] but detached, for servers.
+    fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            // SAFETY: plain syscall on a valid fd; only this thread moves.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(
+                rc,
+                0,
+                "setns into {path}: {}",
+                std::io::Error::last_os_error()
+            );
+            f()
+        })
+    }
 }
 
 impl Drop for NetNs {
@@ -489,4 +509,148 @@ fn kernel_udp_conntrack_cleared_when_endpoint_removed() {
         "stale flow removed: {}",
         entries(&ns)
     );
+}
+
+/// A server that answers each connection with the peer address it saw,
+/// for up to `max` connections or until `deadline`.
+fn peer_echo_server(listener: TcpListener, max: usize, deadline: Instant) -> usize {
+    listener.set_nonblocking(true).unwrap();
+    let mut served = 0;
+    while served < max && Instant::now() < deadline {
+        match listener.accept() {
+            Ok((mut conn, peer)) => {
+                conn.set_nonblocking(false).unwrap();
+                let _ = conn.write_all(peer.ip().to_string().as_bytes());
+                served += 1;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+    served
+}
+
+/// The address the backend saw, or the connect error.
+fn seen_peer(addr: &str) -> Result<String, ErrorKind> {
+    let mut c = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(1))
+        .map_err(|e| e.kind())?;
+    c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut s = String::new();
+    c.read_to_string(&mut s).map_err(|e| e.kind())?;
+    Ok(s)
+}
+
+/// NodePort from another namespace through a forwarding node namespace to a
+/// pod namespace: policy Cluster masquerades, policy Local keeps the client
+/// address, Local without a local endpoint drops, no endpoints rejects.
+#[test]
+fn kernel_traffic_node_ports() {
+    let ext = NetNs::new("ext");
+    let node = NetNs::new("node");
+    let pod = NetNs::new("pod");
+    run(
+        "ip",
+        &[
+            "link", "add", "kpxe0", "netns", &ext.name, "type", "veth", "peer", "name", "kpxn0",
+            "netns", &node.name,
+        ],
+    );
+    run(
+        "ip",
+        &[
+            "link", "add", "kpxp0", "netns", &pod.name, "type", "veth", "peer", "name", "kpxn1",
+            "netns", &node.name,
+        ],
+    );
+    ext.exec(&["ip", "addr", "add", "192.168.1.1/24", "dev", "kpxe0"]);
+    ext.exec(&["ip", "link", "set", "kpxe0", "up"]);
+    node.exec(&["ip", "addr", "add", "192.168.1.10/24", "dev", "kpxn0"]);
+    node.exec(&["ip", "link", "set", "kpxn0", "up"]);
+    node.exec(&["ip", "addr", "add", "10.244.1.1/32", "dev", "kpxn1"]);
+    node.exec(&["ip", "link", "set", "kpxn1", "up"]);
+    node.exec(&["ip", "route", "add", "10.244.1.5/32", "dev", "kpxn1"]);
+    node.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    pod.exec(&["ip", "addr", "add", "10.244.1.5/32", "dev", "kpxp0"]);
+    pod.exec(&["ip", "link", "set", "kpxp0", "up"]);
+    pod.exec(&["ip", "route", "add", "10.244.1.1/32", "dev", "kpxp0"]);
+    pod.exec(&["ip", "route", "add", "192.168.1.0/24", "via", "10.244.1.1"]);
+
+    let endpoint = vec![ep("10.244.1.5", 8080, true)];
+    let mut cluster = svc(
+        "default",
+        "cluster",
+        "",
+        Protocol::Tcp,
+        "10.96.0.10",
+        80,
+        endpoint.clone(),
+    );
+    cluster.node_port = Some(30080);
+    let mut local = svc(
+        "default",
+        "local",
+        "",
+        Protocol::Tcp,
+        "10.96.0.11",
+        80,
+        endpoint,
+    );
+    local.node_port = Some(30081);
+    local.external_policy = TrafficPolicy::Local;
+    let mut remote = svc(
+        "default",
+        "remote",
+        "",
+        Protocol::Tcp,
+        "10.96.0.12",
+        80,
+        vec![ep("10.244.2.9", 8080, false)],
+    );
+    remote.node_port = Some(30082);
+    remote.external_policy = TrafficPolicy::Local;
+    remote.external_endpoints = vec![];
+    let mut empty = svc(
+        "default",
+        "empty",
+        "",
+        Protocol::Tcp,
+        "10.96.0.13",
+        80,
+        vec![],
+    );
+    empty.node_port = Some(30083);
+    let s = state(vec![cluster, local, remote, empty]);
+    node.enter(move || {
+        let mut dp = IptablesDataplane::new(config(), Backend::Nft).unwrap();
+        dp.sync(&s, &Changes::default(), true).unwrap();
+    });
+
+    let listener = pod.enter(|| TcpListener::bind("10.244.1.5:8080").unwrap());
+    let server =
+        pod.spawn(move || peer_echo_server(listener, 2, Instant::now() + Duration::from_secs(10)));
+    let results =
+        ext.enter(|| [30080, 30081, 30082, 30083].map(|p| seen_peer(&format!("192.168.1.10:{p}"))));
+    assert_eq!(
+        results[0],
+        Ok("10.244.1.1".to_string()),
+        "Cluster: client masqueraded to the node"
+    );
+    assert_eq!(
+        results[1],
+        Ok("192.168.1.1".to_string()),
+        "Local: client address preserved"
+    );
+    assert!(
+        matches!(results[2], Err(ErrorKind::TimedOut | ErrorKind::WouldBlock)),
+        "Local without local endpoints drops: {:?}",
+        results[2]
+    );
+    assert_eq!(
+        results[3],
+        Err(ErrorKind::ConnectionRefused),
+        "no endpoints: refused"
+    );
+    assert_eq!(server.join().unwrap(), 2);
 }

@@ -350,7 +350,8 @@ fn golden_config_variants() {
 
 #[test]
 fn hostile_names_cannot_inject_rules() {
-    let evil_ns = "ns\" -j ACCEPT\n-A INPUT -j ACCEPT\n#";
+    let evil_ns = format!("ns\" -j ACCEPT\n-A INPUT -j ACCEPT\n#{}", "x".repeat(300));
+    let evil_ns = evil_ns.as_str();
     let evil_name = "x' $(reboot) `id` -j ACCEPT\r\nCOMMIT";
     let evil_port = "p\\\" -j DROP";
     let mut p = svc(
@@ -403,6 +404,8 @@ fn hostile_names_cannot_inject_rules() {
         assert!(quotes == 0 || quotes == 2, "bad quoting: {line}");
         if quotes == 2 {
             let start = line.find('"').unwrap();
+            let len = line[start + 1..].find('"').unwrap();
+            assert!(len <= 255, "comment too long for the kernel: {line}");
             assert!(
                 line[..start].ends_with("--comment "),
                 "quote outside a comment: {line}"

@@ -654,3 +654,42 @@ fn kernel_traffic_node_ports() {
     );
     assert_eq!(server.join().unwrap(), 2);
 }
+
+/// Hostile object names go through a real restore without adding a rule.
+#[test]
+fn kernel_hostile_names_are_inert() {
+    let ns = NetNs::new("evil");
+    let evil = "x\" -j ACCEPT\n-A INPUT -j ACCEPT\nCOMMIT\n*filter\n-A OUTPUT -j DROP";
+    let mut p = svc(
+        evil,
+        evil,
+        evil,
+        Protocol::Tcp,
+        "10.96.0.10",
+        80,
+        vec![ep("10.244.1.5", 80, true)],
+    );
+    p.node_port = Some(30080);
+    let empty = svc(
+        evil,
+        "empty",
+        "-j ACCEPT",
+        Protocol::Udp,
+        "10.96.0.11",
+        53,
+        vec![],
+    );
+    let s = state(vec![p, empty]);
+    ns.enter(move || {
+        let mut dp = IptablesDataplane::new(config(), Backend::Nft).unwrap();
+        dp.sync(&s, &Changes::default(), true).unwrap();
+        assert_eq!(dp.programmed().unwrap().len(), 3);
+    });
+    let saved = normalized_save(&ns, Backend::Nft);
+    for line in saved
+        .lines()
+        .filter(|l| l.starts_with("-A INPUT") || l.starts_with("-A OUTPUT"))
+    {
+        assert!(line.contains("-j KPROXY-"), "foreign rule appeared: {line}");
+    }
+}

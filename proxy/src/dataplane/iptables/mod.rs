@@ -1,14 +1,37 @@
 //! iptables mode: kube-proxy's chain design under the `KPROXY-` prefix,
 //! applied with one `iptables-restore --noflush` per sync.
 //!
-//! - [`render`] turns a desired state into restore input (pure).
-//! - [`exec`] runs the save/restore tools and detects the backend.
-//! - [`readback`] parses save output for `status`, cleanup and drift repair.
+//! - `render` turns a desired state into restore input (pure, snapshot
+//!   tested under `testdata/`; `UPDATE_GOLDEN=1` regenerates).
+//! - `exec` runs the save/restore tools and detects the backend.
+//! - `readback` parses save output for `status`, cleanup and drift repair.
+//! - `conntrack` clears stale UDP flows after endpoint changes.
+//!
+//! Chains (hash = 16 base32 chars of sha256 of the Service port name and
+//! protocol, plus the endpoint for SEP):
+//!
+//! ```text
+//! nat    PREROUTING, OUTPUT -> KPROXY-SERVICES   ClusterIP -> SVC, externalIP/LB -> EXT
+//!                                                (LB with source ranges -> FW -> EXT),
+//!                                                last: local addresses -> KPROXY-NODEPORTS -> EXT
+//!        KPROXY-SVC-h  cluster_endpoints (masquerade ! --cluster-cidr, affinity, statistic)
+//!        KPROXY-EXT-h  Cluster: mark masq, -> SVC (or SVL when the endpoint sets differ)
+//!                      Local: pods -> SVC, node-local sources masq + SVC, rest -> SVL
+//!        KPROXY-SVL-h  external_endpoints when they differ from cluster_endpoints
+//!        KPROXY-SEP-h  hairpin masq, DNAT to the endpoint
+//!        POSTROUTING -> KPROXY-POSTROUTING  MASQUERADE --random-fully for mark 0x4000
+//! filter INPUT/FORWARD/OUTPUT (ctstate NEW) -> KPROXY-FIREWALL (LB source ranges: DROP),
+//!        KPROXY-SERVICES (ClusterIP without endpoints: REJECT),
+//!        KPROXY-EXTERNAL-SERVICES (external frontends without endpoints:
+//!        REJECT, or DROP for policy Local); FORWARD -> KPROXY-FORWARD
+//!        (drop INVALID, accept marked and established traffic).
+//! ```
 //!
 //! Assumptions about the namespace kproxy runs in: forwarding
 //! (`net.ipv4.ip_forward`) is the CNI's job; `route_localnet` stays off, so
 //! node ports are not served on 127.0.0.0/8; IPv4 only (IPv6 addresses in
-//! the desired state are skipped).
+//! the desired state are skipped); the `conntrack` tool is installed for UDP
+//! flow clearing (a warning is logged when it is not).
 
 mod conntrack;
 mod exec;

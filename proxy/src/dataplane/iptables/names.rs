@@ -28,8 +28,10 @@ pub const EXT: &str = "KPROXY-EXT-";
 pub const FW: &str = "KPROXY-FW-";
 pub const SEP: &str = "KPROXY-SEP-";
 
-/// Longest comment text we emit (the kernel allows 255 bytes).
-const MAX_COMMENT: usize = 200;
+/// Longest name text we put in a comment. The kernel allows 255 bytes per
+/// comment and we add up to ~70 characters of our own; valid Kubernetes
+/// names (63 + 63 + 15 + separators) are never cut.
+const MAX_COMMENT: usize = 160;
 
 /// 16 characters of base32(sha256(parts)): short enough for the 28-character
 /// chain name limit, long enough that collisions do not happen in practice.
@@ -98,6 +100,12 @@ pub fn sanitize_comment(text: &str) -> String {
         out.push(if keep { c } else { '_' });
     }
     out
+}
+
+/// An object name as it appears at the start of our comments: sanitised,
+/// and without spaces so `status` can split the name from our own words.
+pub fn name_label(name: &str) -> String {
+    sanitize_comment(name).replace(' ', "_")
 }
 
 #[cfg(test)]

@@ -315,7 +315,8 @@ fn render_port(
     chains: &mut Vec<String>,
 ) {
     let proto = sp.name.protocol.as_str();
-    let label = sanitize_comment(&sp.name.to_string());
+    let port_text = sp.name.to_string();
+    let label = name_label(&port_text);
     let h = port_hash(&sp.name);
     let svc = format!("{SVC}{h}");
     let svl = format!("{SVL}{h}");
@@ -427,7 +428,6 @@ fn render_port(
 
     // Endpoint chain names, hashed once per endpoint (the hot path at scale).
     let svl_used = write_ext && ext_target == Some(svl.as_str());
-    let port_text = sp.name.to_string();
     let mut seps: Vec<(&Endpoint, String)> = Vec::new();
     let used = sp
         .cluster_endpoints

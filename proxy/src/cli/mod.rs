@@ -1,0 +1,191 @@
+//! Command-line interface. `kproxy run` takes kube-proxy's flag names where
+//! kube-proxy has the flag, so a DaemonSet's args can be reused as they are.
+
+mod duration;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+
+use crate::dataplane::iptables::Backend;
+use crate::dataplane::ProxyMode;
+pub use duration::parse_duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kproxy",
+    version,
+    about = "Kubernetes service proxy and port-forwarder"
+)]
+pub struct Cli {
+    /// Log verbosity as kube-proxy's --v (0: info, 2: debug, 4+: trace). RUST_LOG overrides.
+    #[arg(long = "v", short = 'v', global = true, default_value_t = 0)]
+    pub verbosity: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node agent: watch Services and EndpointSlices and program the dataplane.
+    Run(RunArgs),
+    /// Remove everything kproxy programmed on this node, then exit.
+    Cleanup(ModeArgs),
+    /// Print the Services as the kernel has them programmed.
+    Status(StatusArgs),
+    /// Print the iptables-restore input kproxy would apply for a manifest directory.
+    Render(RenderArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ModeArgs {
+    /// Which dataplane: iptables, or ebpf (not available yet: arrives with the eBPF-mode issue).
+    #[arg(long, value_enum, default_value_t = ProxyMode::Iptables)]
+    pub proxy_mode: ProxyMode,
+    /// iptables binaries to use; auto picks the backend the system already uses.
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    pub iptables_backend: Backend,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub mode: ModeArgs,
+    /// Read Services, EndpointSlices and Nodes from this directory of YAML manifests
+    /// (watched for changes) instead of a Kubernetes API server.
+    #[arg(long, value_name = "DIR")]
+    pub manifests: Option<PathBuf>,
+    /// This node's name (decides which endpoints are local). Default: $NODE_NAME, else the hostname.
+    #[arg(long, value_name = "NAME")]
+    pub hostname_override: Option<String>,
+    /// Pod CIDR(s) of the cluster, comma-separated: traffic to a ClusterIP from outside them is masqueraded.
+    #[arg(long, value_delimiter = ',', value_name = "CIDR")]
+    pub cluster_cidr: Vec<IpNet>,
+    /// Node addresses (CIDRs, comma-separated) that accept NodePort traffic. Default: every local address.
+    #[arg(long, value_delimiter = ',', value_name = "CIDR")]
+    pub nodeport_addresses: Vec<IpNet>,
+    /// SNAT all traffic sent through Service addresses.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub masquerade_all: bool,
+    /// Address of the /healthz server (ip:port, or ip for port 10256).
+    #[arg(long, default_value = "0.0.0.0:10256", value_parser = parse_healthz_addr)]
+    pub healthz_bind_address: SocketAddr,
+    /// Address of the /metrics and /proxyMode server (ip:port, or ip for port 10249).
+    #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_metrics_addr)]
+    pub metrics_bind_address: SocketAddr,
+    /// Period of full syncs that repair drift (Go duration, e.g. 30s).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub iptables_sync_period: Duration,
+    /// Minimum time between syncs: changes arriving faster are coalesced.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub iptables_min_sync_period: Duration,
+    /// Remove everything kproxy programmed, then exit (as `kproxy cleanup`).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub cleanup: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub mode: ModeArgs,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct RenderArgs {
+    /// Directory of manifests to render.
+    #[arg(long, value_name = "DIR")]
+    pub manifests: PathBuf,
+    /// Node name used to decide local endpoints. Default: $NODE_NAME, else the hostname.
+    #[arg(long, value_name = "NAME")]
+    pub hostname_override: Option<String>,
+    #[arg(long, value_delimiter = ',', value_name = "CIDR")]
+    pub cluster_cidr: Vec<IpNet>,
+    #[arg(long, value_delimiter = ',', value_name = "CIDR")]
+    pub nodeport_addresses: Vec<IpNet>,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub masquerade_all: bool,
+}
+
+fn parse_bind_addr(s: &str, default_port: u16) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    s.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, default_port))
+        .map_err(|_| format!("{s:?} is not an address: expected ip:port or ip"))
+}
+
+fn parse_healthz_addr(s: &str) -> Result<SocketAddr, String> {
+    parse_bind_addr(s, 10256)
+}
+
+fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
+    parse_bind_addr(s, 10249)
+}
+
+/// The node name: the flag, else `$NODE_NAME` (downward API), else the hostname.
+pub fn node_name(flag: Option<&str>) -> String {
+    if let Some(name) = flag.filter(|n| !n.is_empty()) {
+        return name.trim().to_lowercase();
+    }
+    if let Ok(name) = std::env::var("NODE_NAME") {
+        if !name.is_empty() {
+            return name.trim().to_lowercase();
+        }
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_lowercase())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_kube_proxy_style_args() {
+        let cli = Cli::try_parse_from([
+            "kproxy",
+            "run",
+            "--proxy-mode",
+            "iptables",
+            "--hostname-override",
+            "node1",
+            "--cluster-cidr",
+            "10.244.0.0/16,10.245.0.0/16",
+            "--masquerade-all=true",
+            "--healthz-bind-address",
+            "0.0.0.0",
+            "--iptables-min-sync-period",
+            "0s",
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("expected run")
+        };
+        assert_eq!(run.cluster_cidr.len(), 2);
+        assert!(run.masquerade_all);
+        assert_eq!(run.healthz_bind_address.port(), 10256);
+        assert_eq!(run.iptables_min_sync_period, Duration::ZERO);
+        assert_eq!(run.metrics_bind_address, "127.0.0.1:10249".parse().unwrap());
+    }
+
+    #[test]
+    fn refuses_bad_cidr_with_a_message() {
+        let err =
+            Cli::try_parse_from(["kproxy", "run", "--cluster-cidr", "10.0.0.0/40"]).unwrap_err();
+        assert!(err.to_string().contains("--cluster-cidr"), "{err}");
+    }
+}

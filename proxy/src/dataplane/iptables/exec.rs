@@ -77,6 +77,12 @@ impl Backend {
     }
 }
 
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Rules (`-A` lines) the given save tool shows; 0 when it cannot run.
 fn count_rules(save: &str) -> usize {
     match Command::new(save).output() {

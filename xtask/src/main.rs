@@ -15,9 +15,15 @@ use crate::run::{cargo, workspace_root};
 
 /// Packages linted with clippy by `cargo xtask test`. Never `--workspace`:
 /// `proxy-ebpf` only builds for the BPF target (proxy/build.rs does that).
-const CLIPPY_PACKAGES: &[&str] = &["kproxy", "kproxy-tests", "xtask", "proxy-common"];
+const CLIPPY_PACKAGES: &[&str] = &[
+    "kproxy",
+    "kproxy-tests",
+    "xtask",
+    "proxy-common",
+    "kproxy-bench",
+];
 /// Packages whose tests `cargo xtask test` runs.
-const TEST_PACKAGES: &[&str] = &["kproxy", "proxy-common", "kproxy-tests"];
+const TEST_PACKAGES: &[&str] = &["kproxy", "proxy-common", "kproxy-tests", "kproxy-bench"];
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "kproxy developer tasks")]
@@ -97,7 +103,8 @@ fn test(no_setup: bool) -> Result<()> {
     if nextest {
         // nextest does not run doctests.
         let mut doc = vec!["test", "--doc"];
-        for p in TEST_PACKAGES {
+        // kproxy-bench is a binary only; `--doc` refuses packages without a library.
+        for p in TEST_PACKAGES.iter().filter(|p| **p != "kproxy-bench") {
             doc.extend(["-p", p]);
         }
         cargo(&doc)?;

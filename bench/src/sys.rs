@@ -75,9 +75,12 @@ impl Netns {
         c
     }
 
+    /// Sets a sysctl inside the namespace by writing /proc/sys (the procps
+    /// `sysctl` tool is not on every minimal machine).
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        self.exec("sysctl", &["-qw", &format!("{key}={value}")])
-            .map(|_| ())
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        let script = format!("echo {value} > {path}");
+        self.exec("sh", &["-c", &script]).map(|_| ())
     }
 
     /// Runs `f` on a fresh thread that has joined this namespace, so sockets

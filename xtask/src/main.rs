@@ -23,7 +23,15 @@ const CLIPPY_PACKAGES: &[&str] = &[
     "kproxy-bench",
 ];
 /// Packages whose tests `cargo xtask test` runs.
-const TEST_PACKAGES: &[&str] = &["kproxy", "proxy-common", "kproxy-tests", "kproxy-bench"];
+const TEST_PACKAGES: &[&str] = &[
+    "kproxy",
+    "proxy-common",
+    "kproxy-tests",
+    "kproxy-bench",
+    "xtask",
+];
+/// Binary-only packages: `cargo test --doc` refuses them.
+const NO_LIBRARY: &[&str] = &["kproxy-bench", "xtask"];
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "kproxy developer tasks")]
@@ -103,8 +111,7 @@ fn test(no_setup: bool) -> Result<()> {
     if nextest {
         // nextest does not run doctests.
         let mut doc = vec!["test", "--doc"];
-        // kproxy-bench is a binary only; `--doc` refuses packages without a library.
-        for p in TEST_PACKAGES.iter().filter(|p| **p != "kproxy-bench") {
+        for p in TEST_PACKAGES.iter().filter(|p| !NO_LIBRARY.contains(p)) {
             doc.extend(["-p", p]);
         }
         cargo(&doc)?;
@@ -153,4 +160,22 @@ fn bench(services: &str, out: &std::path::Path) -> Result<()> {
         "--out",
         &out,
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ebpf_crate_is_never_built_for_the_host() {
+        assert!(!CLIPPY_PACKAGES.contains(&"proxy-ebpf"));
+        assert!(!TEST_PACKAGES.contains(&"proxy-ebpf"));
+    }
+
+    #[test]
+    fn cli_parses() {
+        let cli = Cli::try_parse_from(["xtask", "bench", "--services", "10,20"]).unwrap();
+        assert!(matches!(cli.command, Command::Bench { ref services, .. } if services == "10,20"));
+        assert!(Cli::try_parse_from(["xtask", "test", "--no-setup"]).is_ok());
+    }
 }

@@ -37,6 +37,7 @@ pub fn setup() -> Result<()> {
         );
     }
     packages()?;
+    lint_components()?;
     nightly_rust_src()?;
     bpf_linker()?;
     println!("setup: done");
@@ -89,6 +90,22 @@ fn packages() -> Result<()> {
     let mut args = vec!["install", "-y"];
     args.extend(&missing);
     status("apt-get", &args).context("apt-get install failed")?;
+    Ok(())
+}
+
+/// `cargo xtask test` runs rustfmt and clippy on the default toolchain; a
+/// minimal rustup profile has neither.
+fn lint_components() -> Result<()> {
+    let cargo = crate::run::cargo_bin();
+    for (component, probe) in [("rustfmt", "fmt"), ("clippy", "clippy")] {
+        if succeeds(&cargo, &[probe, "--version"]) {
+            println!("setup: {component}: present, skipped");
+            continue;
+        }
+        println!("setup: {component}: installing");
+        status("rustup", &["component", "add", component])
+            .with_context(|| format!("rustup component add {component} failed"))?;
+    }
     Ok(())
 }
 

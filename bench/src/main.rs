@@ -98,8 +98,9 @@ fn bench(args: BenchArgs) -> Result<()> {
         for &b in &backends {
             eprintln!("bench: {n} Services, iptables-{}", b.name());
             let mut row = SyncRow::new(n, b);
+            row.rendered_rules = rendered.as_ref().ok().copied();
             match &rendered {
-                Ok(()) => match measure::restore_floor(&rules, b) {
+                Ok(_) => match measure::restore_floor(&rules, b) {
                     Ok(s) => row.floor_restore_s = Some(s),
                     Err(e) => row.errors.push(format!("floor: {e:#}")),
                 },

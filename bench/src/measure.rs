@@ -50,9 +50,15 @@ impl Backend {
 }
 
 /// Writes `kproxy render` output for `manifests` into `out`.
-pub fn render(kproxy: &Path, manifests: &Path, out: &Path) -> Result<()> {
+/// Runs in a namespace shaped like the measured node (same node address), so
+/// any node-address lookup render does sees what `kproxy run` will see.
+/// Returns the number of `-A` rules rendered.
+pub fn render(kproxy: &Path, manifests: &Path, out: &Path) -> Result<usize> {
+    let ns = Netns::new("render")?;
+    node_address(&ns)?;
     let f = File::create(out).with_context(|| format!("creating {}", out.display()))?;
-    let res = Command::new(kproxy)
+    let res = ns
+        .command(kproxy)
         .args(["render", "--manifests"])
         .arg(manifests)
         .args([
@@ -80,7 +86,8 @@ pub fn render(kproxy: &Path, manifests: &Path, out: &Path) -> Result<()> {
             manifests.display()
         );
     }
-    Ok(())
+    let text = std::fs::read_to_string(out)?;
+    Ok(text.lines().filter(|l| l.starts_with("-A")).count())
 }
 
 /// The floor: one `iptables-<backend>-restore --noflush` of the rendered rules

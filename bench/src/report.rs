@@ -29,6 +29,8 @@ pub struct SyncRow {
     pub backend: Backend,
     /// `iptables-<backend>-restore --noflush` of `kproxy render` output into a fresh namespace.
     pub floor_restore_s: Option<f64>,
+    /// `-A` lines in `kproxy render` output (compare with `kproxy.rules`).
+    pub rendered_rules: Option<usize>,
     pub kproxy: Option<SyncResult>,
     pub errors: Vec<String>,
 }
@@ -39,6 +41,7 @@ impl SyncRow {
             services,
             backend,
             floor_restore_s: None,
+            rendered_rules: None,
             kproxy: None,
             errors: Vec::new(),
         }
@@ -90,12 +93,19 @@ impl Report {
             "## kproxy benchmark ({} endpoints per Service, kernel {}, {} CPUs)\n",
             self.endpoints_per_service, self.kernel, self.cpus
         );
-        m.push_str("| Services | backend | floor: iptables-restore (s) | kproxy full sync (s) | sync / floor | kproxy start to healthy (s) | healthy / floor | rules | kproxy RSS (MiB) |\n");
+        m.push_str("| Services | backend | floor: iptables-restore (s) | kproxy full sync (s) | sync / floor | kproxy start to healthy (s) | healthy / floor | rules rendered / programmed | kproxy RSS (MiB) |\n");
         m.push_str("|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
         for r in &self.sync {
             let k = r.kproxy.as_ref();
             let sync = k.and_then(|k| k.full_sync_s);
             let wall = k.map(|k| k.wall_to_healthy_s);
+            let rules = format!(
+                "{} / {}",
+                r.rendered_rules
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                k.map(|k| k.rules.to_string()).unwrap_or_else(|| "-".into())
+            );
             let _ = writeln!(
                 m,
                 "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -106,7 +116,7 @@ impl Report {
                 ratio(sync, r.floor_restore_s),
                 secs(wall),
                 ratio(wall, r.floor_restore_s),
-                k.map(|k| k.rules.to_string()).unwrap_or_else(|| "-".into()),
+                rules,
                 k.map(|k| format!("{:.1}", k.rss_kib as f64 / 1024.0))
                     .unwrap_or_else(|| "-".into()),
             );

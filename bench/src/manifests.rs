@@ -1,0 +1,124 @@
+//! Synthetic manifests: N Services with 10 endpoints each, written as
+//! Kubernetes YAML the way a user would (Service + discovery.k8s.io/v1
+//! EndpointSlice), split into files of 1000 Services.
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use anyhow::{ensure, Context, Result};
+
+pub const ENDPOINTS_PER_SERVICE: usize = 10;
+pub const NODE_NAME: &str = "node1";
+/// Covers every generated endpoint (10.128.0.0 upwards) and the latency pods (10.244.1.0/24).
+pub const CLUSTER_CIDR: &str = "10.128.0.0/9";
+const SERVICES_PER_FILE: usize = 1000;
+
+/// ClusterIP of generated Service `i`: 10.96.0.0/16, skipping .0.0.
+pub fn cluster_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i as u32 + 1)
+}
+
+/// Address of endpoint `j` of Service `i`: 10.128.0.0 upwards (never reaches 10.244 for N <= 100k).
+fn endpoint_ip(i: usize, j: usize) -> Ipv4Addr {
+    Ipv4Addr::from(
+        u32::from(Ipv4Addr::new(10, 128, 0, 0)) + (i * ENDPOINTS_PER_SERVICE + j) as u32 + 1,
+    )
+}
+
+/// Writes `services` Services into `dir`. Every 10th Service is a NodePort.
+pub fn generate(dir: &Path, services: usize) -> Result<()> {
+    ensure!(
+        services < 65_000,
+        "at most 64999 Services fit in 10.96.0.0/16 (asked for {services})"
+    );
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut file_no = 0;
+    let mut start = 0;
+    while start < services {
+        let end = (start + SERVICES_PER_FILE).min(services);
+        let mut y = String::with_capacity((end - start) * 1600);
+        for i in start..end {
+            service(&mut y, i);
+            let eps: Vec<Ipv4Addr> = (0..ENDPOINTS_PER_SERVICE)
+                .map(|j| endpoint_ip(i, j))
+                .collect();
+            endpoint_slice(&mut y, &format!("svc-{i}"), &eps);
+        }
+        let path = dir.join(format!("services-{file_no:03}.yaml"));
+        std::fs::write(&path, y).with_context(|| format!("writing {}", path.display()))?;
+        file_no += 1;
+        start = end;
+    }
+    Ok(())
+}
+
+fn service(y: &mut String, i: usize) {
+    let nodeport = i.is_multiple_of(10);
+    let _ = write!(
+        y,
+        "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: svc-{i}\n  namespace: bench\nspec:\n  type: {}\n  clusterIP: {}\n  clusterIPs: [\"{}\"]\n  ports:\n  - name: http\n    protocol: TCP\n    port: 80\n    targetPort: 8080\n",
+        if nodeport { "NodePort" } else { "ClusterIP" },
+        cluster_ip(i),
+        cluster_ip(i),
+    );
+    if nodeport {
+        // 30000..32767 holds 2768 ports; NodePort Services are every 10th, so N <= 27680 stays unique.
+        let _ = writeln!(y, "    nodePort: {}", 30000 + (i / 10) % 2768);
+    }
+}
+
+/// One EndpointSlice `<service>-bench` for Service `service` in namespace bench, port http 8080.
+pub fn endpoint_slice(y: &mut String, service: &str, eps: &[Ipv4Addr]) {
+    let _ = write!(
+        y,
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-bench\n  namespace: bench\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n- name: http\n  protocol: TCP\n  port: 8080\nendpoints:\n"
+    );
+    for ip in eps {
+        let _ = write!(
+            y,
+            "- addresses: [\"{ip}\"]\n  conditions: {{ready: true, serving: true, terminating: false}}\n  nodeName: {NODE_NAME}\n"
+        );
+    }
+}
+
+/// The probe Service used by the endpoint-change measurement.
+pub fn probe_service(vip: Ipv4Addr) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: probe\n  namespace: bench\nspec:\n  type: ClusterIP\n  clusterIP: {vip}\n  clusterIPs: [\"{vip}\"]\n  ports:\n  - name: http\n    protocol: TCP\n    port: 80\n    targetPort: 8080\n"
+    )
+}
+
+/// Writes `content` to `dir/name` atomically: a hidden temp file (ignored by
+/// kproxy's source) renamed over the target, as an editor or kubectl would.
+pub fn write_atomic(dir: &Path, name: &str, content: &str) -> Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, content).with_context(|| format!("writing {}", tmp.display()))?;
+    let dst = dir.join(name);
+    std::fs::rename(&tmp, &dst).with_context(|| format!("renaming to {}", dst.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_do_not_collide() {
+        assert_eq!(cluster_ip(0), Ipv4Addr::new(10, 96, 0, 1));
+        assert_eq!(cluster_ip(255), Ipv4Addr::new(10, 96, 1, 0));
+        assert!(endpoint_ip(99_999, 9) < Ipv4Addr::new(10, 244, 0, 0));
+    }
+
+    #[test]
+    fn generates_files() {
+        let dir = std::env::temp_dir().join(format!("kproxy-bench-gen-{}", std::process::id()));
+        generate(&dir, 1500).unwrap();
+        let a = std::fs::read_to_string(dir.join("services-000.yaml")).unwrap();
+        let b = std::fs::read_to_string(dir.join("services-001.yaml")).unwrap();
+        assert_eq!(a.matches("kind: Service\n").count(), 1000);
+        assert_eq!(b.matches("kind: EndpointSlice\n").count(), 500);
+        assert!(a.contains("nodePort: 30000\n"));
+        assert_eq!(a.matches("- addresses:").count(), 10_000);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

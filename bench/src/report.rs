@@ -1,0 +1,162 @@
+//! Results as JSON (one file per run) and a Markdown table with ratios
+//! against the `iptables-restore` floor measured in the same run.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::manifests::ENDPOINTS_PER_SERVICE;
+use crate::measure::{Backend, ChangeResult, SyncResult};
+
+#[derive(Serialize)]
+pub struct Report {
+    pub started_unix: u64,
+    pub kernel: String,
+    pub cpus: usize,
+    pub kproxy: PathBuf,
+    pub endpoints_per_service: usize,
+    pub sync: Vec<SyncRow>,
+    pub endpoint_change: Option<ChangeResult>,
+    pub errors: Vec<String>,
+}
+
+#[derive(Serialize)]
+pub struct SyncRow {
+    pub services: usize,
+    pub backend: Backend,
+    /// `iptables-<backend>-restore --noflush` of `kproxy render` output into a fresh namespace.
+    pub floor_restore_s: Option<f64>,
+    /// `-A` lines in `kproxy render` output (compare with `kproxy.rules`).
+    pub rendered_rules: Option<usize>,
+    pub kproxy: Option<SyncResult>,
+    pub errors: Vec<String>,
+}
+
+impl SyncRow {
+    pub fn new(services: usize, backend: Backend) -> Self {
+        SyncRow {
+            services,
+            backend,
+            floor_restore_s: None,
+            rendered_rules: None,
+            kproxy: None,
+            errors: Vec::new(),
+        }
+    }
+}
+
+fn secs(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into())
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "-".into(),
+    }
+}
+
+impl Report {
+    pub fn new(kproxy: &Path) -> Self {
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        Report {
+            started_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            kernel,
+            cpus: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            kproxy: kproxy.to_path_buf(),
+            endpoints_per_service: ENDPOINTS_PER_SERVICE,
+            sync: Vec::new(),
+            endpoint_change: None,
+            errors: Vec::new(),
+        }
+    }
+
+    pub fn failures(&self) -> usize {
+        self.errors.len() + self.sync.iter().filter(|r| !r.errors.is_empty()).count()
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut m = String::new();
+        let _ = writeln!(
+            m,
+            "## kproxy benchmark ({} endpoints per Service, kernel {}, {} CPUs)\n",
+            self.endpoints_per_service, self.kernel, self.cpus
+        );
+        m.push_str("| Services | backend | floor: iptables-restore (s) | kproxy full sync (s) | sync / floor | kproxy start to healthy (s) | healthy / floor | rules rendered / programmed | kproxy RSS (MiB) |\n");
+        m.push_str("|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
+        for r in &self.sync {
+            let k = r.kproxy.as_ref();
+            let sync = k.and_then(|k| k.full_sync_s);
+            let wall = k.map(|k| k.wall_to_healthy_s);
+            let rules = format!(
+                "{} / {}",
+                r.rendered_rules
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                k.map(|k| k.rules.to_string()).unwrap_or_else(|| "-".into())
+            );
+            let _ = writeln!(
+                m,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                r.services,
+                r.backend.name(),
+                secs(r.floor_restore_s),
+                secs(sync),
+                ratio(sync, r.floor_restore_s),
+                secs(wall),
+                ratio(wall, r.floor_restore_s),
+                rules,
+                k.map(|k| format!("{:.1}", k.rss_kib as f64 / 1024.0))
+                    .unwrap_or_else(|| "-".into()),
+            );
+        }
+        if let Some(c) = &self.endpoint_change {
+            let _ = writeln!(
+                m,
+                "\nEndpoint change at {} Services (EndpointSlice file switched from pod A to pod B, client looping on the ClusterIP from a pod): traffic followed after **{:.3} s** ({} replies still from A, {} failed requests in between); kproxy RSS {:.1} MiB.",
+                c.services,
+                c.latency_s,
+                c.stale_replies,
+                c.failed_requests,
+                c.rss_kib as f64 / 1024.0
+            );
+        }
+        let errors: Vec<&String> = self
+            .sync
+            .iter()
+            .flat_map(|r| &r.errors)
+            .chain(&self.errors)
+            .collect();
+        if !errors.is_empty() {
+            m.push_str("\nErrors:\n");
+            for e in errors {
+                let first = e.lines().next().unwrap_or("");
+                let _ = writeln!(m, "- {first}");
+            }
+        }
+        m
+    }
+
+    /// Writes `bench-<unix time>.json` and `.md` (and `latest.md`) into `out`.
+    pub fn write(&self, out: &Path) -> Result<(PathBuf, PathBuf)> {
+        let json = out.join(format!("bench-{}.json", self.started_unix));
+        let md = out.join(format!("bench-{}.md", self.started_unix));
+        std::fs::write(&json, serde_json::to_string_pretty(self)? + "\n")
+            .with_context(|| format!("writing {}", json.display()))?;
+        let text = self.markdown();
+        std::fs::write(&md, &text).with_context(|| format!("writing {}", md.display()))?;
+        std::fs::write(out.join("latest.md"), &text)?;
+        Ok((json, md))
+    }
+}

@@ -9,16 +9,18 @@ use serde::Deserialize;
 
 use crate::netns::NetNs;
 
-/// The testpod binary (built by cargo with the tests crate).
+/// `$KPROXY_TESTPOD`, else next to the running executable: cargo puts bins
+/// in target/<profile>/ and test executables in target/<profile>/deps/.
 pub fn testpod_binary() -> Result<PathBuf> {
-    if let Some(bin) = option_env!("CARGO_BIN_EXE_kproxy-testpod") {
+    if let Some(bin) = std::env::var_os("KPROXY_TESTPOD") {
         return Ok(PathBuf::from(bin));
     }
-    // Library users outside `cargo test` (the sandbox binary): next to ourselves.
     let me = std::env::current_exe().context("current_exe")?;
-    let bin = me.with_file_name("kproxy-testpod");
-    if bin.is_file() {
-        return Ok(bin);
+    let dir = me.parent().context("exe dir")?;
+    for candidate in [dir.join("kproxy-testpod"), dir.join("../kproxy-testpod")] {
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
     }
     bail!(
         "kproxy-testpod not found next to {}: run `cargo build -p kproxy-tests`",
@@ -30,8 +32,11 @@ pub fn testpod_binary() -> Result<PathBuf> {
 #[derive(Debug, Clone, Deserialize)]
 pub struct Attempt {
     pub i: usize,
+    /// Start of the attempt, ms since the Unix epoch.
+    pub t: f64,
     pub ok: bool,
-    /// `pod-a 10.244.1.30:40000`: who answered, and the client address it saw.
+    /// `pod-a 10.244.1.30:40000 8080`: who answered, the client address it
+    /// saw, and the port it answered on.
     pub reply: Option<String>,
     /// `refused`, `timeout`, `unreachable`, `reset`, `closed`, `other: ...`.
     pub error: Option<String>,
@@ -44,11 +49,24 @@ impl Attempt {
         self.reply.as_deref()?.split(' ').next()
     }
 
+    /// The port the backend answered on.
+    pub fn served_port(&self) -> Option<u16> {
+        self.reply.as_deref()?.split(' ').nth(2)?.parse().ok()
+    }
+
     /// The client IP the backend saw.
     pub fn seen_client_ip(&self) -> Option<&str> {
         let addr = self.reply.as_deref()?.split(' ').nth(1)?;
         addr.rsplit_once(':').map(|(ip, _)| ip)
     }
+}
+
+/// Now, in ms since the Unix epoch (to compare with [`Attempt::t`]).
+pub fn now_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0)
 }
 
 /// What a client run saw.

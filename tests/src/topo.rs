@@ -354,6 +354,50 @@ impl Topology {
         ns.enter(move || http_get(addr, &path))?
     }
 
+    /// Everything a dataplane can leave in node `i`'s namespace, as text:
+    /// the iptables tables (both backends, counters dropped), tc filters on
+    /// every device, and the BPF programs on the node's cgroup.
+    pub fn dataplane_snapshot(&self, i: usize) -> Result<String> {
+        let node = &self.nodes[i];
+        let mut out = String::new();
+        for tool in ["iptables-nft-save", "iptables-legacy-save"] {
+            for table in ["nat", "filter", "mangle", "raw"] {
+                let text = node.ns.exec(tool, &["-t", table]).unwrap_or_default();
+                for line in text.lines().filter(|l| !l.starts_with('#')) {
+                    // `:CHAIN POLICY [packets:bytes]`: counters change with traffic.
+                    let line = match line.rfind(" [") {
+                        Some(i) if line.starts_with(':') => &line[..i],
+                        _ => line,
+                    };
+                    out.push_str(&format!("{tool} {table}: {line}\n"));
+                }
+            }
+        }
+        let links = node.ns.ip(&["-o", "link", "show"])?;
+        for dev in links
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|d| d.split('@').next().unwrap_or(d))
+        {
+            for dir in ["ingress", "egress"] {
+                let text = node
+                    .ns
+                    .exec("tc", &["filter", "show", "dev", dev, dir])
+                    .unwrap_or_default();
+                out.push_str(&format!("tc {dev} {dir}: {text}\n"));
+            }
+        }
+        let cg = node.cgroup.path().display().to_string();
+        let progs = crate::netns::run("bpftool", &["cgroup", "show", &cg]).unwrap_or_default();
+        out.push_str(&format!("cgroup programs: {progs}\n"));
+        Ok(out)
+    }
+
+    /// Node `i`'s whole kproxy log.
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.nodes[i].config.log).unwrap_or_default()
+    }
+
     /// The kproxy logs of every node, for failure messages.
     pub fn logs(&self) -> String {
         let mut out = String::new();

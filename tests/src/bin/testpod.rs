@@ -1,14 +1,16 @@
 //! `kproxy-testpod`: the workload of the namespace tests.
 //!
 //! `serve --name NAME [--tcp PORT]... [--udp PORT]...` answers every TCP line
-//! and every UDP datagram with `NAME CLIENT_IP:CLIENT_PORT`, so a test sees
-//! which pod answered and which client address that pod saw. It prints
+//! and every UDP datagram with `NAME CLIENT_IP:CLIENT_PORT LOCAL_PORT`, so a
+//! test sees which pod answered, on which port, and which client address
+//! that pod saw. It prints
 //! `ready` once every socket is bound.
 //!
 //! `client --target IP:PORT [--udp] [--count N] [--timeout-ms T]
 //! [--interval-ms I] [--hold]` prints one JSON line per attempt:
-//! `{"i":0,"ok":true,"reply":"pod-a 10.244.1.30:40000","ms":0.4}` or
-//! `{"i":1,"ok":false,"error":"refused","ms":0.1}`. With `--hold` all attempts
+//! `{"i":0,"t":1763900000000.0,"ok":true,"reply":"pod-a 10.244.1.30:40000 8080","ms":0.4}`
+//! or `{"i":1,"t":...,"ok":false,"error":"refused","ms":0.1}` (`t`: start of
+//! the attempt, ms since the Unix epoch). With `--hold` all attempts
 //! go over one TCP connection (a long-lived client). Loops are bounded by
 //! `--count` and stop by themselves.
 
@@ -61,10 +63,11 @@ fn serve(args: &[String]) -> Result<(), String> {
         let socket = UdpSocket::bind(format!("0.0.0.0:{port}"))
             .map_err(|e| format!("bind udp {port}: {e}"))?;
         let name = name.clone();
+        let port = port.to_string();
         threads.push(std::thread::spawn(move || {
             let mut buf = [0u8; 1500];
             while let Ok((_, peer)) = socket.recv_from(&mut buf) {
-                let _ = socket.send_to(format!("{name} {peer}").as_bytes(), peer);
+                let _ = socket.send_to(format!("{name} {peer} {port}").as_bytes(), peer);
             }
         }));
     }
@@ -77,13 +80,16 @@ fn serve(args: &[String]) -> Result<(), String> {
 }
 
 fn answer_tcp(conn: TcpStream, name: &str) {
-    let Ok(peer) = conn.peer_addr() else { return };
+    let (Ok(peer), Ok(local)) = (conn.peer_addr(), conn.local_addr()) else {
+        return;
+    };
+    let port = local.port();
     let mut writer = match conn.try_clone() {
         Ok(w) => w,
         Err(_) => return,
     };
     for line in BufReader::new(conn).lines() {
-        if line.is_err() || writeln!(writer, "{name} {peer}").is_err() {
+        if line.is_err() || writeln!(writer, "{name} {peer} {port}").is_err() {
             return;
         }
     }
@@ -118,6 +124,10 @@ fn client(args: &[String]) -> Result<(), String> {
     let out = std::io::stdout();
     for i in 0..count {
         let start = Instant::now();
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64() * 1000.0)
+            .unwrap_or(0.0);
         let result = if udp {
             udp_attempt(target, timeout)
         } else if hold {
@@ -127,8 +137,8 @@ fn client(args: &[String]) -> Result<(), String> {
         };
         let ms = start.elapsed().as_secs_f64() * 1000.0;
         let line = match result {
-            Ok(reply) => serde_json::json!({"i": i, "ok": true, "reply": reply, "ms": ms}),
-            Err(err) => serde_json::json!({"i": i, "ok": false, "error": err, "ms": ms}),
+            Ok(reply) => serde_json::json!({"i": i, "t": t, "ok": true, "reply": reply, "ms": ms}),
+            Err(err) => serde_json::json!({"i": i, "t": t, "ok": false, "error": err, "ms": ms}),
         };
         let mut out = out.lock();
         let _ = writeln!(out, "{line}");

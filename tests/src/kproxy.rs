@@ -172,14 +172,5 @@ pub fn run_command(ns: &NetNs, config: &KproxyConfig, args: &[&str]) -> Result<S
     let bin = binary()?;
     let mut cmd = ns.command(bin.to_str().context("kproxy path is not UTF-8")?, None);
     cmd.args(args).args(config.mode_args());
-    let out = cmd.output().context("running kproxy")?;
-    if !out.status.success() {
-        bail!(
-            "kproxy {} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    crate::netns::output(&mut cmd, &format!("kproxy {}", args.join(" ")))
 }

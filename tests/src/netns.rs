@@ -21,17 +21,22 @@ pub fn unique_id() -> String {
 
 /// Runs a command to completion; a failure names the command and its stderr.
 pub fn run(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    output(&mut cmd, &format!("{program} {}", args.join(" ")))
+        .with_context(|| format!("running {program} (if it is missing, run `cargo xtask setup`)"))
+}
+
+/// Runs a prepared command (stdin closed) and returns its stdout; a failure
+/// names `shown` and the command's stderr.
+pub fn output(cmd: &mut Command, shown: &str) -> Result<String> {
+    let out = cmd
         .stdin(Stdio::null())
         .output()
-        .with_context(|| {
-            format!("could not start {program} (is it installed? run `cargo xtask setup`)")
-        })?;
+        .with_context(|| format!("could not start `{shown}`"))?;
     if !out.status.success() {
         bail!(
-            "`{program} {}` failed ({}): {}",
-            args.join(" "),
+            "`{shown}` failed ({}): {}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );

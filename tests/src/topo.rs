@@ -1,7 +1,7 @@
 //! The test topology, built in namespaces this process creates:
 //!
 //! ```text
-//!            lan (bridge br0, 172.30.0.0/24)
+//!            lan (bridge br0, 172.30.0.1/24)
 //!      ┌──────────────┼────────────────┐
 //!     ext           node1             node2
 //! 172.30.0.100   172.30.0.11       172.30.0.12
@@ -30,6 +30,8 @@ use crate::netns::{unique_id, NetNs};
 use crate::poll;
 
 pub const EXT_IP: &str = "172.30.0.100";
+/// The LAN namespace's own address (where a test API server listens).
+pub const LAN_IP: &str = "172.30.0.1";
 pub const NODE_IPS: [&str; 2] = ["172.30.0.11", "172.30.0.12"];
 pub const NODE_NAMES: [&str; 2] = ["node1", "node2"];
 pub const POD_CIDRS: [&str; 2] = ["10.244.1.0/24", "10.244.2.0/24"];
@@ -99,6 +101,9 @@ impl Topology {
         let lan = NetNs::new(format!("{id}-lan"))?;
         lan.ip(&["link", "add", "br0", "type", "bridge"])?;
         lan.ip(&["link", "set", "br0", "up"])?;
+        // The LAN itself has an address: cluster-mode tests run the API
+        // server here, reachable from both nodes.
+        lan.ip(&["addr", "add", &format!("{LAN_IP}/24"), "dev", "br0"])?;
         let ext = NetNs::new(format!("{id}-ext"))?;
         attach_to_lan(&lan, &ext, "l-ext", EXT_IP)?;
 

@@ -104,29 +104,37 @@ pub struct Device {
     pub ipv4: Option<Ipv4Addr>,
 }
 
-fn ifindex(name: &str) -> Option<u32> {
-    let c = CString::new(name).ok()?;
-    // SAFETY: valid C string.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    (i != 0).then_some(i)
-}
-
 /// Every device with its first IPv4 address, loopback excluded.
 pub fn list_devices() -> std::io::Result<Vec<Device>> {
+    // if_nameindex asks the kernel for the calling thread's network
+    // namespace (/sys/class/net would show the namespace sysfs was mounted in).
     let mut out: Vec<Device> = Vec::new();
-    for entry in std::fs::read_dir("/sys/class/net")? {
-        let name = entry?.file_name().to_string_lossy().into_owned();
-        if name == "lo" {
-            continue;
+    // SAFETY: if_nameindex returns an array ended by a zero entry, freed below.
+    let list = unsafe { libc::if_nameindex() };
+    if list.is_null() {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut i = 0;
+    loop {
+        // SAFETY: within the array up to its zero terminator.
+        let e = unsafe { &*list.add(i) };
+        if e.if_index == 0 || e.if_name.is_null() {
+            break;
         }
-        if let Some(i) = ifindex(&name) {
+        let name = unsafe { std::ffi::CStr::from_ptr(e.if_name) }
+            .to_string_lossy()
+            .into_owned();
+        if name != "lo" {
             out.push(Device {
                 name,
-                ifindex: i,
+                ifindex: e.if_index,
                 ipv4: None,
             });
         }
+        i += 1;
     }
+    // SAFETY: from if_nameindex, freed once.
+    unsafe { libc::if_freenameindex(list) };
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head`; freed below.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {

@@ -133,7 +133,7 @@ pub struct CtValue {
     pub svc_id: u32,
 }
 
-/// Reverse NAT: rewrite a reply's source (and destination, when non-zero).
+/// Reverse NAT: rewrite a reply's source and destination (each when non-zero).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RevNat {

@@ -351,7 +351,9 @@ fn reverse(ctx: &mut TcContext, p: &Pkt) -> Result<bool, i64> {
     let Some(r) = (unsafe { REVNAT.get(&p.tuple()) }).copied() else {
         return Ok(false);
     };
-    rewrite(ctx, p, false, p.src, r.src, p.sport, r.sport)?;
+    if r.src != 0 {
+        rewrite(ctx, p, false, p.src, r.src, p.sport, r.sport)?;
+    }
     if r.dst != 0 {
         rewrite(ctx, p, true, p.dst, r.dst, p.dport, r.dport)?;
     }
@@ -537,10 +539,15 @@ fn tc_egress(ctx: &mut TcContext) -> Result<i32, i64> {
                 proto: p.proto,
                 _pad: [0; 3],
             };
+            // On the way in, only the destination goes back to the client:
+            // a packet arriving with one of this node's addresses as its
+            // source would be dropped as martian. The source becomes the
+            // frontend again on the way out (entry below), as conntrack's
+            // reverse DNAT does in POSTROUTING.
             let rev = RevNat {
-                src: s.orig_dst,
+                src: 0,
                 dst: p.src,
-                sport: s.orig_dport,
+                sport: 0,
                 dport: p.sport,
             };
             if REVNAT.insert(&reply, &rev, BPF_NOEXIST as u64).is_ok() {
@@ -553,6 +560,24 @@ fn tc_egress(ctx: &mut TcContext) -> Result<i32, i64> {
             // No free port: better dropped than sent with a colliding one.
             return Ok(TC_ACT_SHOT as i32);
         }
+        let out = Tuple {
+            src: p.dst,
+            dst: p.src,
+            sport: p.dport,
+            dport: p.sport,
+            proto: p.proto,
+            _pad: [0; 3],
+        };
+        let _ = REVNAT.insert(
+            &out,
+            &RevNat {
+                src: s.orig_dst,
+                dst: 0,
+                sport: s.orig_dport,
+                dport: 0,
+            },
+            0,
+        );
         let _ = SNAT.insert(&post, &s, 0);
     }
     rewrite(ctx, &p, false, p.src, s.ip, p.sport, s.port)?;

@@ -83,7 +83,10 @@ pub fn check_cgroup(root: &Path) -> Result<(), DataplaneError> {
 /// which needs Linux 6.6.
 pub fn check_tcx() -> Result<(), DataplaneError> {
     let rel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut it = rel.trim().split(['.', '-']).map(|s| s.parse::<u32>().unwrap_or(0));
+    let mut it = rel
+        .trim()
+        .split(['.', '-'])
+        .map(|s| s.parse::<u32>().unwrap_or(0));
     let (major, minor) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
     if (major, minor) >= (6, 6) {
         Ok(())
@@ -144,8 +147,7 @@ pub fn list_devices() -> std::io::Result<Vec<Device>> {
     while !cur.is_null() {
         // SAFETY: a node of the list from getifaddrs.
         let ifa = unsafe { &*cur };
-        if !ifa.ifa_addr.is_null() && unsafe { (*ifa.ifa_addr).sa_family } as i32 == libc::AF_INET
-        {
+        if !ifa.ifa_addr.is_null() && unsafe { (*ifa.ifa_addr).sa_family } as i32 == libc::AF_INET {
             // SAFETY: AF_INET means sockaddr_in; ifa_name is a C string.
             let sa = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
             let ip = Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
@@ -251,7 +253,10 @@ mod tests {
         let (lo, hi) = snat_port_range();
         assert!(lo <= hi);
         let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
-        let v: Vec<u32> = text.split_whitespace().map(|s| s.parse().unwrap()).collect();
+        let v: Vec<u32> = text
+            .split_whitespace()
+            .map(|s| s.parse().unwrap())
+            .collect();
         assert!(hi as u32 <= v[0] || lo as u32 > v[1], "{lo}-{hi} vs {v:?}");
     }
 }

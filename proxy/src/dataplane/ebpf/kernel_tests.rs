@@ -199,7 +199,9 @@ struct World {
 }
 
 fn veth(ns_a: &NetNs, a: &str, ns_b: &NetNs, b: &str) {
-    ns_a.ip(&["link", "add", a, "type", "veth", "peer", "name", b, "netns", &ns_b.name]);
+    ns_a.ip(&[
+        "link", "add", a, "type", "veth", "peer", "name", b, "netns", &ns_b.name,
+    ]);
     for (ns, dev) in [(ns_a, a), (ns_b, b)] {
         // Checksums must be computed by the kernel, so a broken rewrite is caught.
         ns.exec(&["ethtool", "-K", dev, "tx", "off", "rx", "off"]);
@@ -260,7 +262,10 @@ impl World {
         }
     }
 
-    fn try_start(&self, cfg: EbpfConfig) -> Result<EbpfDataplane, crate::dataplane::DataplaneError> {
+    fn try_start(
+        &self,
+        cfg: EbpfConfig,
+    ) -> Result<EbpfDataplane, crate::dataplane::DataplaneError> {
         self.node
             .enter(|| EbpfDataplane::start(World::dp_config(), cfg))
     }
@@ -307,7 +312,13 @@ impl World {
 
     /// Runs the Python client in the test cgroup, inside the node namespace
     /// (a process on the node, as a pod or host process would be).
-    fn socket_client(&self, proto: &str, host: &str, port: u16, n: usize) -> Vec<serde_json::Value> {
+    fn socket_client(
+        &self,
+        proto: &str,
+        host: &str,
+        port: u16,
+        n: usize,
+    ) -> Vec<serde_json::Value> {
         let cmd = format!(
             "echo $$ > {}/cgroup.procs && exec ip netns exec {} /usr/bin/python3 -c \"$0\" {proto} {host} {port} {n}",
             self.cgroup.dir.display(),
@@ -323,7 +334,10 @@ impl World {
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!("client output {:?}: {e}", String::from_utf8_lossy(&out.stdout))
+            panic!(
+                "client output {:?}: {e}",
+                String::from_utf8_lossy(&out.stdout)
+            )
         })
     }
 }
@@ -334,6 +348,9 @@ impl Drop for World {
         let _ = super::loader::cleanup(&self.pin);
     }
 }
+
+/// When each request finished and which backend answered (or the error).
+type RequestLog = Vec<(Instant, Result<String, String>)>;
 
 #[derive(Clone, Copy)]
 enum Which {
@@ -380,7 +397,8 @@ impl Server {
         let handle = ns.spawn(move || match proto {
             Protocol::Udp => {
                 let sock = UdpSocket::bind(addr).expect("bind udp");
-                sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+                sock.set_read_timeout(Some(Duration::from_millis(50)))
+                    .unwrap();
                 tx.send(()).unwrap();
                 let mut buf = [0u8; 512];
                 while !flag.load(Ordering::SeqCst) {
@@ -401,7 +419,8 @@ impl Server {
                             std::thread::spawn(move || {
                                 s.set_nonblocking(false).unwrap();
                                 let _ = s.write_all(format!("{name} {}\n", peer.ip()).as_bytes());
-                                s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+                                s.set_read_timeout(Some(Duration::from_millis(100)))
+                                    .unwrap();
                                 let mut r = BufReader::new(s.try_clone().unwrap());
                                 let mut line = String::new();
                                 while !flag.load(Ordering::SeqCst) {
@@ -478,7 +497,15 @@ fn udp_request(addr: SocketAddr) -> std::io::Result<(String, String)> {
 }
 
 fn web(eps: Vec<crate::model::Endpoint>) -> ServicePort {
-    svc("default", "web", "http", Protocol::Tcp, "10.96.0.10", 80, eps)
+    svc(
+        "default",
+        "web",
+        "http",
+        Protocol::Tcp,
+        "10.96.0.10",
+        80,
+        eps,
+    )
 }
 
 fn csum_errors(ns: &NetNs) -> u64 {
@@ -519,7 +546,10 @@ fn cluster_ip_via_socket_hooks_tcp_and_udp() {
         *seen.entry(parse_reply(reply).0).or_insert(0) += 1;
     }
     assert_eq!(seen.len(), 2, "both backends should answer: {seen:?}");
-    assert!(seen.values().all(|n| *n >= 5), "spread too uneven: {seen:?}");
+    assert!(
+        seen.values().all(|n| *n >= 5),
+        "spread too uneven: {seen:?}"
+    );
 
     // UDP: sendmsg4 translates, recvmsg4 makes the reply come from the VIP.
     let results = w.socket_client("udp", "10.96.0.53", 53, 5);
@@ -579,12 +609,16 @@ fn node_port_cluster_policy_snats_to_the_node_for_a_remote_backend() {
     udp.node_port = Some(30053);
     w.sync(&state(vec![tcp, udp]));
     for _ in 0..10 {
-        let (name, peer) = w.tcp_from_client(NODE_IP, 30080).expect("node port answers");
+        let (name, peer) = w
+            .tcp_from_client(NODE_IP, 30080)
+            .expect("node port answers");
         assert_eq!(name, "remote");
         assert_eq!(peer, NODE_UNDERLAY_IP, "backend must see the node address");
     }
     for _ in 0..5 {
-        let (name, peer) = w.udp_from_client(NODE_IP, 30053).expect("UDP node port answers");
+        let (name, peer) = w
+            .udp_from_client(NODE_IP, 30053)
+            .expect("UDP node port answers");
         assert_eq!(name, "remote-udp");
         assert_eq!(peer, NODE_UNDERLAY_IP);
     }
@@ -628,8 +662,13 @@ fn node_port_local_policy_keeps_client_address_and_drops_without_local_endpoint(
     none.external_endpoints = vec![];
     w.sync(&state(vec![local, udp, none]));
     for _ in 0..10 {
-        let (name, peer) = w.tcp_from_client(NODE_IP, 30080).expect("node port answers");
-        assert_eq!(name, "pod", "only the local endpoint takes external traffic");
+        let (name, peer) = w
+            .tcp_from_client(NODE_IP, 30080)
+            .expect("node port answers");
+        assert_eq!(
+            name, "pod",
+            "only the local endpoint takes external traffic"
+        );
         assert_eq!(peer, CLIENT_IP, "policy Local keeps the client address");
     }
     let (name, peer) = w.udp_from_client(NODE_IP, 30053).expect("UDP node port");
@@ -656,11 +695,14 @@ fn endpoint_change_under_load_never_reaches_a_removed_backend() {
         sp.node_port = Some(30080);
         sp
     };
-    w.sync(&state(vec![mk(vec![ep(POD_IP, 8080, true), ep(REMOTE_IP, 8080, false)])]));
+    w.sync(&state(vec![mk(vec![
+        ep(POD_IP, 8080, true),
+        ep(REMOTE_IP, 8080, false),
+    ])]));
 
     // Hammer the node port from the client namespace while endpoints change.
     let stop = Arc::new(AtomicBool::new(false));
-    let log: Arc<Mutex<Vec<(Instant, Result<String, String>)>>> = Arc::default();
+    let log: Arc<Mutex<RequestLog>> = Arc::default();
     let mut workers = Vec::new();
     for _ in 0..4 {
         let (stop, log) = (stop.clone(), log.clone());
@@ -669,7 +711,9 @@ fn endpoint_change_under_load_never_reaches_a_removed_backend() {
             let mut n = 0;
             while !stop.load(Ordering::SeqCst) && n < 5000 {
                 n += 1;
-                let r = tcp_request(addr).map(|(name, _)| name).map_err(|e| e.to_string());
+                let r = tcp_request(addr)
+                    .map(|(name, _)| name)
+                    .map_err(|e| e.to_string());
                 log.lock().unwrap().push((Instant::now(), r));
             }
         }));
@@ -683,7 +727,10 @@ fn endpoint_change_under_load_never_reaches_a_removed_backend() {
     };
     wait_for(100);
     // a leaves, c joins.
-    w.sync(&state(vec![mk(vec![ep(REMOTE_IP, 8080, false), ep(REMOTE_IP, 8081, false)])]));
+    w.sync(&state(vec![mk(vec![
+        ep(REMOTE_IP, 8080, false),
+        ep(REMOTE_IP, 8081, false),
+    ])]));
     let switched = Instant::now();
     let before = log.lock().unwrap().len();
     wait_for(before + 300);
@@ -693,7 +740,11 @@ fn endpoint_change_under_load_never_reaches_a_removed_backend() {
     }
     let log = log.lock().unwrap();
     let failures: Vec<_> = log.iter().filter(|(_, r)| r.is_err()).collect();
-    assert!(failures.is_empty(), "requests failed: {:?}", &failures[..failures.len().min(5)]);
+    assert!(
+        failures.is_empty(),
+        "requests failed: {:?}",
+        &failures[..failures.len().min(5)]
+    );
     // A request that started after the switch returned never reaches a;
     // give in-flight ones the time of one request.
     let after: Vec<&String> = log
@@ -701,7 +752,11 @@ fn endpoint_change_under_load_never_reaches_a_removed_backend() {
         .filter(|(t, _)| *t > switched + Duration::from_millis(50))
         .filter_map(|(_, r)| r.as_ref().ok())
         .collect();
-    assert!(after.len() >= 200, "too few requests after the change: {}", after.len());
+    assert!(
+        after.len() >= 200,
+        "too few requests after the change: {}",
+        after.len()
+    );
     assert!(
         !after.iter().any(|n| n.as_str() == "a"),
         "a removed backend got traffic"
@@ -763,11 +818,17 @@ fn restart_adopts_pinned_state_and_keeps_connections() {
     held.write_all(b"still there\n").unwrap();
     let mut echo = String::new();
     reader.read_line(&mut echo).unwrap();
-    assert_eq!(echo, "still there\n", "established connection must survive the restart");
+    assert_eq!(
+        echo, "still there\n",
+        "established connection must survive the restart"
+    );
 
     let results = results.lock().unwrap();
     let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
-    assert!(failed.is_empty(), "connections failed during restart: {failed:?}");
+    assert!(
+        failed.is_empty(),
+        "connections failed during restart: {failed:?}"
+    );
     let names: BTreeSet<&str> = results.iter().filter_map(|r| r.as_deref().ok()).collect();
     assert_eq!(names, BTreeSet::from(["a", "b"]), "still balanced");
 
@@ -820,12 +881,18 @@ fn bad_device_and_missing_cgroup_are_clear_errors() {
     let mut cfg = w.ebpf_config(MapSizes::default());
     cfg.devices = vec!["nosuchdev0".into()];
     let err = w.try_start(cfg).err().expect("must fail").to_string();
-    assert!(err.contains("nosuchdev0") && err.contains("--devices"), "{err}");
+    assert!(
+        err.contains("nosuchdev0") && err.contains("--devices"),
+        "{err}"
+    );
 
     let mut cfg = w.ebpf_config(MapSizes::default());
     cfg.cgroup_root = Some(w.cgroup.dir.join("missing"));
     let err = w.try_start(cfg).err().expect("must fail").to_string();
-    assert!(err.contains("--cgroup-root") && err.contains("missing"), "{err}");
+    assert!(
+        err.contains("--cgroup-root") && err.contains("missing"),
+        "{err}"
+    );
     // Nothing was pinned by the failed starts.
     assert!(!w.pin.join("links").exists());
 }
@@ -857,12 +924,18 @@ fn source_ranges_and_affinity_on_the_tc_path() {
     denied.load_balancer_source_ranges = vec!["172.16.0.0/12".parse().unwrap()];
     w.sync(&state(vec![sticky, lb, denied]));
     // The LB IPs are not local: route them to the node.
-    w.client.ip(&["route", "add", "10.0.0.100/32", "via", NODE_IP]);
-    w.client.ip(&["route", "add", "10.0.0.101/32", "via", NODE_IP]);
+    w.client
+        .ip(&["route", "add", "10.0.0.100/32", "via", NODE_IP]);
+    w.client
+        .ip(&["route", "add", "10.0.0.101/32", "via", NODE_IP]);
 
     let first = w.tcp_from_client(NODE_IP, 30080).unwrap().0;
     for _ in 0..10 {
-        assert_eq!(w.tcp_from_client(NODE_IP, 30080).unwrap().0, first, "affinity");
+        assert_eq!(
+            w.tcp_from_client(NODE_IP, 30080).unwrap().0,
+            first,
+            "affinity"
+        );
     }
     let (name, _) = w.tcp_from_client("10.0.0.100", 80).expect("allowed source");
     assert_eq!(name, "a");

@@ -112,7 +112,11 @@ pub fn plan(sp: &ServicePort, config: &DataplaneConfig) -> PortPlan {
 
     let cluster_flags = if config.masquerade_all {
         FE_SNAT
-    } else if config.cluster_cidrs.iter().any(|c| matches!(c, IpNet::V4(_))) {
+    } else if config
+        .cluster_cidrs
+        .iter()
+        .any(|c| matches!(c, IpNet::V4(_)))
+    {
         FE_SNAT_NONCLUSTER
     } else {
         0
@@ -140,11 +144,23 @@ pub fn plan(sp: &ServicePort, config: &DataplaneConfig) -> PortPlan {
         });
     };
     for vip in v4(&sp.cluster_ips) {
-        add(ip_key(vip), sp.port, Set::Cluster, cluster_flags, KIND_CLUSTER_IP);
+        add(
+            ip_key(vip),
+            sp.port,
+            Set::Cluster,
+            cluster_flags,
+            KIND_CLUSTER_IP,
+        );
     }
     for ip in v4(&sp.external_ips) {
         add(ip_key(ip), sp.port, Set::Cluster, 0, KIND_EXTERNAL_IP);
-        add(ip_key(ip), sp.port, Set::External, ext_flags, KIND_EXTERNAL_IP);
+        add(
+            ip_key(ip),
+            sp.port,
+            Set::External,
+            ext_flags,
+            KIND_EXTERNAL_IP,
+        );
     }
     let ranges: Vec<Ipv4Net> = sp
         .load_balancer_source_ranges
@@ -201,8 +217,8 @@ pub fn svc_info_name(info: &SvcInfo) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use super::super::test_support::{config, ep, svc};
+    use super::*;
 
     #[test]
     fn cluster_ip_uses_cluster_endpoints_and_masquerades_outside_sources() {
@@ -249,7 +265,9 @@ mod tests {
         assert_eq!(p.external.as_ref().unwrap().len(), 1);
         let np: Vec<_> = p.frontends.iter().filter(|f| f.key.ip == 0).collect();
         assert_eq!(np.len(), 2);
-        assert!(np.iter().any(|f| f.set == Set::External && f.flags == FE_LOCAL));
+        assert!(np
+            .iter()
+            .any(|f| f.set == Set::External && f.flags == FE_LOCAL));
         assert!(np.iter().any(|f| f.set == Set::Cluster && f.flags == 0));
         let lb_ext = p
             .frontends
@@ -257,7 +275,10 @@ mod tests {
             .find(|f| f.kind == KIND_LOAD_BALANCER && f.set == Set::External)
             .unwrap();
         assert_eq!(lb_ext.flags, FE_LOCAL | FE_SRC_RANGES);
-        assert_eq!(p.src_ranges, vec!["192.0.2.0/24".parse::<Ipv4Net>().unwrap()]);
+        assert_eq!(
+            p.src_ranges,
+            vec!["192.0.2.0/24".parse::<Ipv4Net>().unwrap()]
+        );
         assert_eq!(p.frontends[0].key.proto, PROTO_UDP);
     }
 

@@ -84,8 +84,6 @@ pub fn programmed(pin: &Path) -> Result<Vec<ProgrammedFrontend>, DataplaneError>
             backends,
         });
     }
-    out.sort_by(|a, b| {
-        (&a.service, &a.kind, &a.frontend).cmp(&(&b.service, &b.kind, &b.frontend))
-    });
+    out.sort_by(|a, b| (&a.service, &a.kind, &a.frontend).cmp(&(&b.service, &b.kind, &b.frontend)));
     Ok(out)
 }

@@ -167,7 +167,9 @@ impl Writer {
             }
         }
         self.recount();
-        self.next_group = self.next_group.max(self.groups.keys().max().map_or(1, |m| m + 1));
+        self.next_group = self
+            .next_group
+            .max(self.groups.keys().max().map_or(1, |m| m + 1));
         self.next_backend = self
             .next_backend
             .max(self.backends.keys().max().map_or(1, |m| m + 1));
@@ -292,9 +294,8 @@ impl Writer {
             for (_, p) in &plans {
                 let hint = p.frontends.iter().find_map(|f| {
                     let v = self.frontends.get(&f.key)?;
-                    (self.svc_names.get(&v.svc_id) == Some(&p.display)
-                        && claimed.insert(v.svc_id))
-                    .then_some(v.svc_id)
+                    (self.svc_names.get(&v.svc_id) == Some(&p.display) && claimed.insert(v.svc_id))
+                        .then_some(v.svc_id)
                 });
                 hints.push(hint);
             }
@@ -349,7 +350,8 @@ impl Writer {
             for name in &changes.removed {
                 self.remove_port(name)?;
             }
-            let retry: Vec<ServicePortName> = std::mem::take(&mut self.failed).into_iter().collect();
+            let retry: Vec<ServicePortName> =
+                std::mem::take(&mut self.failed).into_iter().collect();
             let todo: BTreeSet<&ServicePortName> = changes
                 .added
                 .iter()
@@ -471,9 +473,7 @@ impl Writer {
     ) -> Result<(), WriteError> {
         let mut touched_groups = Vec::new();
         let result = self.apply_port_inner(name, p, svc_id, &mut touched_groups);
-        let gc = self
-            .gc_groups(&touched_groups)
-            .map_err(WriteError::Other);
+        let gc = self.gc_groups(&touched_groups).map_err(WriteError::Other);
         result.and(gc)
     }
 
@@ -522,7 +522,11 @@ impl Writer {
         }
         // 2. Status name and source ranges.
         if self.svc_names.get(&svc_id) != Some(&p.display) {
-            match self.maps.svc_info.insert(svc_id, plan::svc_info(&p.display), 0) {
+            match self
+                .maps
+                .svc_info
+                .insert(svc_id, plan::svc_info(&p.display), 0)
+            {
                 Ok(()) => {}
                 Err(e) if is_full(&e) => return Err(WriteError::Full(names::SVC_INFO)),
                 Err(e) => return Err(WriteError::Other(map_err(names::SVC_INFO, e))),

@@ -344,20 +344,95 @@ fn rewrite(
     Ok(())
 }
 
-/// Reverse NAT of a reply; true when the packet was one.
+/// Reverse NAT of a reply; true when the packet was one. On ingress only
+/// destinations are restored (back to the client), on egress only sources
+/// (back to the frontend): a packet arriving with one of this node's
+/// addresses as its source would be dropped as martian, so the source is
+/// restored on the way out, as conntrack's reverse DNAT does in POSTROUTING.
 #[inline(always)]
-fn reverse(ctx: &mut TcContext, p: &Pkt) -> Result<bool, i64> {
+fn reverse(ctx: &mut TcContext, p: &Pkt, ingress: bool) -> Result<bool, i64> {
     // SAFETY: copied out at once.
     let Some(r) = (unsafe { REVNAT.get(&p.tuple()) }).copied() else {
         return Ok(false);
     };
-    if r.src != 0 {
-        rewrite(ctx, p, false, p.src, r.src, p.sport, r.sport)?;
-    }
-    if r.dst != 0 {
+    if ingress && r.dst != 0 {
         rewrite(ctx, p, true, p.dst, r.dst, p.dport, r.dport)?;
+        return Ok(true);
     }
-    Ok(true)
+    if !ingress && r.src != 0 {
+        rewrite(ctx, p, false, p.src, r.src, p.sport, r.sport)?;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+/// Takes a SNAT port on `addr` for the DNATed flow `post` (client ->
+/// backend) and records both reverse entries: replies to addr:port get the
+/// client as destination (ingress), replies to the client get the frontend
+/// as source (egress).
+#[inline(always)]
+fn snat_allocate(post: &Tuple, addr: u32, orig_dst: u32, orig_dport: u16) -> Option<SnatValue> {
+    let cfg = CONFIG.get(0).copied()?;
+    if cfg.snat_port_max < cfg.snat_port_min || cfg.snat_port_min == 0 {
+        return None;
+    }
+    let span = (cfg.snat_port_max - cfg.snat_port_min) as u32 + 1;
+    let mut i = 0;
+    let mut got = 0u16;
+    while i < 16 {
+        i += 1;
+        // SAFETY: helper without arguments.
+        let port = cfg.snat_port_min + (unsafe { bpf_get_prandom_u32() } % span) as u16;
+        let port_be = port.to_be();
+        let reply = Tuple {
+            src: post.dst,
+            dst: addr,
+            sport: post.dport,
+            dport: port_be,
+            proto: post.proto,
+            _pad: [0; 3],
+        };
+        let rev = RevNat {
+            src: 0,
+            dst: post.src,
+            sport: 0,
+            dport: post.sport,
+        };
+        // NOEXIST: a port in use towards this backend is never shared.
+        if REVNAT.insert(&reply, &rev, BPF_NOEXIST as u64).is_ok() {
+            got = port_be;
+            break;
+        }
+    }
+    if got == 0 {
+        return None;
+    }
+    let out = Tuple {
+        src: post.dst,
+        dst: post.src,
+        sport: post.dport,
+        dport: post.sport,
+        proto: post.proto,
+        _pad: [0; 3],
+    };
+    let _ = REVNAT.insert(
+        &out,
+        &RevNat {
+            src: orig_dst,
+            dst: 0,
+            sport: orig_dport,
+            dport: 0,
+        },
+        0,
+    );
+    let s = SnatValue {
+        ip: addr,
+        port: got,
+        orig_dport,
+        orig_dst,
+    };
+    let _ = SNAT.insert(post, &s, 0);
+    Some(s)
 }
 
 #[inline(always)]
@@ -389,7 +464,7 @@ fn tc_ingress(ctx: &mut TcContext) -> Result<i32, i64> {
     let Some(p) = parse(ctx) else {
         return Ok(TC_ACT_OK as i32);
     };
-    if reverse(ctx, &p)? {
+    if reverse(ctx, &p, true)? {
         return Ok(TC_ACT_OK as i32);
     }
     let Some(fe) = tc_frontend(&p) else {
@@ -452,29 +527,18 @@ fn tc_ingress(ctx: &mut TcContext) -> Result<i32, i64> {
             0,
         );
     }
-    let snat = b.flags & BE_LOCAL == 0
-        && (fe.flags & FE_SNAT != 0
-            || (fe.flags & FE_SNAT_NONCLUSTER != 0
-                && CLUSTER_CIDRS.get(&Key::new(32, p.src)).is_none()));
+    let snat = fe.flags & FE_SNAT != 0
+        || (fe.flags & FE_SNAT_NONCLUSTER != 0
+            && CLUSTER_CIDRS.get(&Key::new(32, p.src)).is_none());
     rewrite(ctx, &p, true, p.dst, b.ip, p.dport, b.port)?;
-    if new_flow {
-        let post = Tuple {
-            dst: b.ip,
-            dport: b.port,
-            ..orig
-        };
-        if snat {
-            let _ = SNAT.insert(
-                &post,
-                &SnatValue {
-                    ip: 0,
-                    port: 0,
-                    orig_dport: p.dport,
-                    orig_dst: p.dst,
-                },
-                BPF_NOEXIST as u64,
-            );
-        } else {
+    let post = Tuple {
+        dst: b.ip,
+        dport: b.port,
+        ..orig
+    };
+    if !snat {
+        if new_flow {
+            // Replies get the frontend back as their source on egress.
             let reply = Tuple {
                 src: b.ip,
                 dst: p.src,
@@ -494,6 +558,22 @@ fn tc_ingress(ctx: &mut TcContext) -> Result<i32, i64> {
                 0,
             );
         }
+        return Ok(TC_ACT_OK as i32);
+    }
+    // SNAT on egress, where the device (and so the address the backend can
+    // answer) is known; doing it here would give the packet one of this
+    // node's addresses as its source on ingress, which the stack drops.
+    if new_flow {
+        let _ = SNAT.insert(
+            &post,
+            &SnatValue {
+                ip: 0,
+                port: 0,
+                orig_dport: p.dport,
+                orig_dst: p.dst,
+            },
+            BPF_NOEXIST as u64,
+        );
     }
     Ok(TC_ACT_OK as i32)
 }
@@ -503,7 +583,7 @@ fn tc_egress(ctx: &mut TcContext) -> Result<i32, i64> {
     let Some(p) = parse(ctx) else {
         return Ok(TC_ACT_OK as i32);
     };
-    if reverse(ctx, &p)? {
+    if reverse(ctx, &p, false)? {
         return Ok(TC_ACT_OK as i32);
     }
     let post = p.tuple();
@@ -512,73 +592,20 @@ fn tc_egress(ctx: &mut TcContext) -> Result<i32, i64> {
         return Ok(TC_ACT_OK as i32);
     };
     if s.ip == 0 {
-        // First packet of the flow on its way out: take this device's
-        // address and a free port from the SNAT range.
+        // First packet of the flow on its way out: this device's address
+        // (as MASQUERADE picks it), or for a device without one (a pod's)
+        // the node address the client reached; and a free SNAT port.
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-        let Some(addr) = (unsafe { IF_ADDRS.get(&ifindex) }).copied() else {
-            return Ok(TC_ACT_OK as i32);
+        let addr = match unsafe { IF_ADDRS.get(&ifindex) } {
+            Some(a) => *a,
+            None if unsafe { NODE_IPS.get(&s.orig_dst) }.is_some() => s.orig_dst,
+            None => return Ok(TC_ACT_OK as i32),
         };
-        let Some(cfg) = CONFIG.get(0).copied() else {
-            return Ok(TC_ACT_OK as i32);
-        };
-        if cfg.snat_port_max < cfg.snat_port_min || cfg.snat_port_min == 0 {
-            return Ok(TC_ACT_OK as i32);
-        }
-        let span = (cfg.snat_port_max - cfg.snat_port_min) as u32 + 1;
-        let mut i = 0;
-        while i < 16 {
-            i += 1;
-            // SAFETY: helper without arguments.
-            let port = cfg.snat_port_min + (unsafe { bpf_get_prandom_u32() } % span) as u16;
-            let port_be = port.to_be();
-            let reply = Tuple {
-                src: p.dst,
-                dst: addr,
-                sport: p.dport,
-                dport: port_be,
-                proto: p.proto,
-                _pad: [0; 3],
-            };
-            // On the way in, only the destination goes back to the client:
-            // a packet arriving with one of this node's addresses as its
-            // source would be dropped as martian. The source becomes the
-            // frontend again on the way out (entry below), as conntrack's
-            // reverse DNAT does in POSTROUTING.
-            let rev = RevNat {
-                src: 0,
-                dst: p.src,
-                sport: 0,
-                dport: p.sport,
-            };
-            if REVNAT.insert(&reply, &rev, BPF_NOEXIST as u64).is_ok() {
-                s.ip = addr;
-                s.port = port_be;
-                break;
-            }
-        }
-        if s.ip == 0 {
+        s = match snat_allocate(&post, addr, s.orig_dst, s.orig_dport) {
+            Some(s) => s,
             // No free port: better dropped than sent with a colliding one.
-            return Ok(TC_ACT_SHOT as i32);
-        }
-        let out = Tuple {
-            src: p.dst,
-            dst: p.src,
-            sport: p.dport,
-            dport: p.sport,
-            proto: p.proto,
-            _pad: [0; 3],
+            None => return Ok(TC_ACT_SHOT as i32),
         };
-        let _ = REVNAT.insert(
-            &out,
-            &RevNat {
-                src: s.orig_dst,
-                dst: 0,
-                sport: s.orig_dport,
-                dport: 0,
-            },
-            0,
-        );
-        let _ = SNAT.insert(&post, &s, 0);
     }
     rewrite(ctx, &p, false, p.src, s.ip, p.sport, s.port)?;
     Ok(TC_ACT_OK as i32)

@@ -168,17 +168,19 @@ pub fn list_devices() -> std::io::Result<Vec<Device>> {
     Ok(out)
 }
 
-/// `--devices`, or by default the devices that carry the node's addresses.
+/// `--devices`, or by default every device of the node but loopback: the
+/// ones carrying the node's addresses (external traffic, SNAT sources) and
+/// the pods' devices (replies of SNATed flows to local backends come back
+/// through them, and pod packets that no hooked socket made).
 pub fn resolve_devices(wanted: &[String]) -> Result<Vec<Device>, DataplaneError> {
     let all = list_devices()?;
     if wanted.is_empty() {
-        let with_addr: Vec<Device> = all.into_iter().filter(|d| d.ipv4.is_some()).collect();
-        if with_addr.is_empty() {
+        if !all.iter().any(|d| d.ipv4.is_some()) {
             return Err(missing(
                 "devices: no device with an IPv4 address found; pass --devices".into(),
             ));
         }
-        return Ok(with_addr);
+        return Ok(all);
     }
     wanted
         .iter()

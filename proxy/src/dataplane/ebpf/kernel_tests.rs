@@ -9,7 +9,7 @@
 //!                                       pod ns (10.244.1.10: local backend)
 //! ```
 //!
-//! The dataplane attaches TC programs to n0 and n2 (the node's devices)
+//! The dataplane attaches TC programs to n0, n1 and n2 (the node's devices)
 //! inside the node namespace, its socket hooks to a cgroup made for the
 //! test, and pins into a bpffs instance mounted for the test. Checksum
 //! offload is off on every veth, so a wrong checksum is dropped by the
@@ -248,7 +248,7 @@ impl World {
         EbpfConfig {
             pin_path: self.pin.clone(),
             cgroup_root: Some(self.cgroup.dir.clone()),
-            devices: vec!["n0".into(), "n2".into()],
+            devices: vec!["n0".into(), "n1".into(), "n2".into()],
             map_sizes: sizes,
         }
     }
@@ -590,13 +590,24 @@ fn no_endpoints_is_connection_refused_at_once() {
 }
 
 #[test]
-fn node_port_cluster_policy_snats_to_the_node_for_a_remote_backend() {
+fn node_port_cluster_policy_snats_to_the_node_address() {
     let mut w = World::new();
     w.serve(Which::Remote, "remote", REMOTE_IP, 8080, Protocol::Tcp);
     w.serve(Which::Remote, "remote-udp", REMOTE_IP, 5353, Protocol::Udp);
+    w.serve(Which::Pod, "pod", POD_IP, 8080, Protocol::Tcp);
     w.start();
     let mut tcp = web(vec![ep(REMOTE_IP, 8080, false)]);
     tcp.node_port = Some(30080);
+    let mut local = svc(
+        "default",
+        "local",
+        "",
+        Protocol::Tcp,
+        "10.96.0.11",
+        80,
+        vec![ep(POD_IP, 8080, true)],
+    );
+    local.node_port = Some(30081);
     let mut udp = svc(
         "default",
         "dns",
@@ -607,13 +618,22 @@ fn node_port_cluster_policy_snats_to_the_node_for_a_remote_backend() {
         vec![ep(REMOTE_IP, 5353, false)],
     );
     udp.node_port = Some(30053);
-    w.sync(&state(vec![tcp, udp]));
+    w.sync(&state(vec![tcp, udp, local]));
     for _ in 0..10 {
         let (name, peer) = w
             .tcp_from_client(NODE_IP, 30080)
             .expect("node port answers");
         assert_eq!(name, "remote");
         assert_eq!(peer, NODE_UNDERLAY_IP, "backend must see the node address");
+    }
+    // A backend on this node sees the node's address on its device (what
+    // MASQUERADE picks in iptables mode).
+    for _ in 0..10 {
+        let (name, peer) = w
+            .tcp_from_client(NODE_IP, 30081)
+            .expect("node port answers");
+        assert_eq!(name, "pod");
+        assert_eq!(peer, "10.244.1.1", "local backend must see a node address");
     }
     for _ in 0..5 {
         let (name, peer) = w
@@ -623,6 +643,7 @@ fn node_port_cluster_policy_snats_to_the_node_for_a_remote_backend() {
         assert_eq!(peer, NODE_UNDERLAY_IP);
     }
     assert_eq!(csum_errors(&w.remote), 0);
+    assert_eq!(csum_errors(&w.pod), 0);
     assert_eq!(csum_errors(&w.client), 0);
 }
 
@@ -721,7 +742,14 @@ fn endpoint_change_under_load_never_reaches_a_removed_backend() {
     // Polls until `n` requests finished after `since`.
     let wait_for = |n: usize, since: Instant| {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while log.lock().unwrap().iter().filter(|(t, _)| *t > since).count() < n {
+        while log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _)| *t > since)
+            .count()
+            < n
+        {
             assert!(Instant::now() < deadline, "load did not get going");
             std::thread::sleep(Duration::from_millis(5));
         }

@@ -9,9 +9,9 @@
 //! - `writer`: map updates in an order that keeps lookups atomic.
 //! - `readback`: the service table as the kernel holds it (`kproxy status`).
 //!
-//! Known differences from iptables mode: a node-port/external flow to a
-//! backend on *this* node keeps the client address even under policy
-//! Cluster (the reply would not pass a hooked device to be un-SNATed);
+//! Known differences from iptables mode: a flow SNATed to a backend on
+//! *this* node needs the pod's device among `--devices` (the default takes
+//! every device; devices created later are not followed yet);
 //! sessionAffinity from this node's sockets is keyed by network namespace,
 //! not source address; SCTP is only balanced by the socket hooks; IPv4 only.
 
@@ -87,7 +87,7 @@ pub struct EbpfConfig {
     pub pin_path: PathBuf,
     /// cgroup v2 directory for the socket hooks; `None`: the cgroup2 mount.
     pub cgroup_root: Option<PathBuf>,
-    /// Devices for the TC programs; empty: those carrying node addresses.
+    /// Devices for the TC programs; empty: every device but lo.
     pub devices: Vec<String>,
     pub map_sizes: MapSizes,
 }

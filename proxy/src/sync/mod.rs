@@ -141,7 +141,18 @@ impl SyncLoop {
         let mut desired = model::build(&snapshot.objects, &self.model_config);
         desired.rejected.extend(snapshot.rejected.iter().cloned());
         desired.rejected.sort();
-        desired.rejected.dedup();
+        // The source and the model may report the same problem (a slice
+        // passed on with a bad endpoint); keep one, with the source's origin.
+        desired.rejected.dedup_by(|later, kept| {
+            let same = Rejection {
+                origin: kept.origin.clone(),
+                ..later.clone()
+            } == *kept;
+            if same && kept.origin.is_none() {
+                kept.origin = later.origin.take();
+            }
+            same
+        });
         self.report_rejections(&desired.rejected);
 
         let changes = if full {

@@ -182,6 +182,9 @@ pub struct Config {
     /// (host order), a range outside the node's ephemeral ports.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
+    /// SNAT source on a device without an address of its own (a pod's)
+    /// when the client did not dial a node address.
+    pub node_ip: u32,
 }
 
 /// Name of a Service port for status read-back (`ns/name:port`, NUL padded).

@@ -594,12 +594,16 @@ fn tc_egress(ctx: &mut TcContext) -> Result<i32, i64> {
     if s.ip == 0 {
         // First packet of the flow on its way out: this device's address
         // (as MASQUERADE picks it), or for a device without one (a pod's)
-        // the node address the client reached; and a free SNAT port.
+        // the node address the client reached, else the node's first
+        // address; and a free SNAT port.
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
         let addr = match unsafe { IF_ADDRS.get(&ifindex) } {
             Some(a) => *a,
             None if unsafe { NODE_IPS.get(&s.orig_dst) }.is_some() => s.orig_dst,
-            None => return Ok(TC_ACT_OK as i32),
+            None => match CONFIG.get(0) {
+                Some(c) if c.node_ip != 0 => c.node_ip,
+                _ => return Ok(TC_ACT_OK as i32),
+            },
         };
         s = match snat_allocate(&post, addr, s.orig_dst, s.orig_dport) {
             Some(s) => s,

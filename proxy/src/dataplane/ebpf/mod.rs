@@ -153,7 +153,12 @@ impl EbpfDataplane {
                         .any(|n| n.contains(&IpAddr::V4(*ip)))
             })
             .collect();
+        let node_ip = config.node_ips.iter().find_map(|ip| match ip {
+            IpAddr::V4(v4) if !v4.is_loopback() => Some(*v4),
+            _ => None,
+        });
         let node = NodeSettings {
+            node_ip,
             nodeport_ips,
             if_addrs: devices
                 .iter()

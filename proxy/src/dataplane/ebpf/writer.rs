@@ -33,6 +33,8 @@ pub struct NodeSettings {
     /// (ifindex, address) of each attached device: the SNAT source there.
     pub if_addrs: Vec<(u32, std::net::Ipv4Addr)>,
     pub snat_ports: (u16, u16),
+    /// SNAT source on devices without an address.
+    pub node_ip: Option<std::net::Ipv4Addr>,
 }
 
 /// A Service port that could not be programmed, and why.
@@ -261,6 +263,7 @@ impl Writer {
                 Config {
                     snat_port_min: node.snat_ports.0,
                     snat_port_max: node.snat_ports.1,
+                    node_ip: node.node_ip.map_or(0, ip_key),
                 },
                 0,
             )

@@ -100,19 +100,26 @@ impl NetNs {
 
     /// A `Command` that runs `program` inside this namespace (and, when
     /// `cgroup` is given, inside that cgroup: socket hooks apply per cgroup).
+    ///
+    /// The child enters the namespace with setns(2) rather than through
+    /// `ip netns exec`, which also makes a new mount namespace with a fresh
+    /// /sys: the cgroup2 mount under /sys (that ebpf mode attaches to) would
+    /// then be gone for the child.
     pub fn command(&self, program: &str, cgroup: Option<&std::path::Path>) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name, program]);
-        if let Some(dir) = cgroup {
-            let procs = dir.join("cgroup.procs");
-            use std::os::unix::process::CommandExt;
-            // SAFETY: only async-signal-safe work between fork and exec:
-            // open/write/close through std's thin wrappers, no allocation
-            // (the path is prepared before fork).
-            let path = std::ffi::CString::new(procs.as_os_str().as_encoded_bytes())
-                .expect("cgroup path without NUL");
-            unsafe {
-                cmd.pre_exec(move || {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(program);
+        let ns_path = format!("/var/run/netns/{}", self.name);
+        let ns_file = File::open(&ns_path).unwrap_or_else(|e| panic!("opening {ns_path}: {e}"));
+        let procs = cgroup.map(|dir| {
+            std::ffi::CString::new(dir.join("cgroup.procs").as_os_str().as_encoded_bytes())
+                .expect("cgroup path without NUL")
+        });
+        // SAFETY: only async-signal-safe work between fork and exec:
+        // open/write/close/setns through libc, no allocation (the path and
+        // the namespace fd are prepared before fork).
+        unsafe {
+            cmd.pre_exec(move || {
+                if let Some(path) = &procs {
                     let fd = libc::open(path.as_ptr(), libc::O_WRONLY);
                     if fd < 0 {
                         return Err(std::io::Error::last_os_error());
@@ -123,9 +130,12 @@ impl NetNs {
                     if rc != 1 {
                         return Err(std::io::Error::last_os_error());
                     }
-                    Ok(())
-                });
-            }
+                }
+                if libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
         }
         cmd
     }

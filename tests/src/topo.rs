@@ -84,6 +84,19 @@ pub struct Topology {
     pub lan: NetNs,
     manifests: tempfile::TempDir,
     workdir: tempfile::TempDir,
+    /// ebpf mode: a bpffs instance mounted for this test (inside `workdir`)
+    /// holding every node's pin path; unmounted on drop.
+    bpffs: Option<PathBuf>,
+}
+
+/// Mounts a private bpffs instance at `dir` (pins of one test, whatever
+/// the host has at /sys/fs/bpf).
+fn mount_bpffs(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let dir_text = dir.to_str().context("bpffs path is not UTF-8")?;
+    crate::netns::run("mount", &["-t", "bpf", "bpf", dir_text])
+        .map(|_| ())
+        .with_context(|| format!("mounting a bpf filesystem at {dir_text}"))
 }
 
 /// The pods every topology has: (name, ip, node index).
@@ -114,6 +127,13 @@ impl Topology {
             .prefix(&format!("{id}-work"))
             .tempdir()?;
 
+        let bpffs = if mode == Mode::Ebpf {
+            let dir = workdir.path().join("bpffs");
+            mount_bpffs(&dir)?;
+            Some(dir)
+        } else {
+            None
+        };
         let mut nodes = Vec::new();
         for (i, name) in NODE_NAMES.iter().enumerate() {
             let ns = NetNs::new(format!("{id}-{name}"))?;
@@ -133,7 +153,7 @@ impl Topology {
                 manifests: manifests.path().to_path_buf(),
                 cluster_cidr: CLUSTER_CIDR.into(),
                 cgroup: Some(cgroup.path.clone()),
-                pin_path: Some(PathBuf::from(format!("/sys/fs/bpf/{id}-{name}"))),
+                pin_path: bpffs.as_ref().map(|b| b.join(name)),
                 log: workdir.path().join(format!("kproxy-{name}.log")),
                 extra_args: Vec::new(),
             };
@@ -181,6 +201,7 @@ impl Topology {
             lan,
             manifests,
             workdir,
+            bpffs,
         })
     }
 
@@ -446,6 +467,10 @@ impl Drop for Topology {
                     let _ = std::fs::remove_dir_all(pin);
                 }
             }
+        }
+        // Unmounting drops whatever pins are left.
+        if let Some(dir) = &self.bpffs {
+            let _ = std::process::Command::new("umount").arg(dir).status();
         }
     }
 }

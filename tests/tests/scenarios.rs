@@ -672,3 +672,8 @@ mod iptables {
     use super::*;
     all_scenarios!(Mode::Iptables);
 }
+
+mod ebpf {
+    use super::*;
+    all_scenarios!(Mode::Ebpf);
+}

@@ -179,6 +179,10 @@ impl SyncLoop {
                     self.metrics.observe_network_programming(queued.elapsed());
                 }
                 self.metrics.observe_desired(&desired);
+                self.metrics.set_service_errors(&stats.errors);
+                for e in &stats.errors {
+                    tracing::error!(service = %e.service, reason = %e.reason, "{}", e.message);
+                }
                 // Before the health-check servers, which report proxy health.
                 self.health.updated(SystemTime::now());
                 self.health_checks.sync(&desired);

@@ -111,6 +111,12 @@ pub async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response
         ["version"] => return ok(&resources::version_doc()),
         ["healthz"] | ["readyz"] | ["livez"] => return (StatusCode::OK, "ok").into_response(),
         ["api"] => return ok(&resources::api_versions(&shared.server_addr)),
+        ["openapi", "v3"] => return ok(&resources::openapi_v3_index()),
+        ["openapi", "v3", rest @ ..] => {
+            return resources::openapi_v3_group(&rest.join("/"))
+                .map(|d| ok(&d))
+                .unwrap_or_else(|| not_found_path(&path))
+        }
         ["apis"] => return ok(&resources::api_group_list()),
         ["api", v] => {
             return resources::resource_list("", v)

@@ -235,3 +235,73 @@ mod tests {
         assert!(api_group("apps").is_some());
     }
 }
+
+/// Path of a group version in the OpenAPI v3 index (`api/v1`, `apis/apps/v1`).
+fn openapi_gv_path(group: &str, version: &str) -> String {
+    if group.is_empty() {
+        format!("api/{version}")
+    } else {
+        format!("apis/{group}/{version}")
+    }
+}
+
+/// `/openapi/v3`: the index of group versions. kubectl reads it to learn
+/// that the server validates fields itself (`fieldValidation`), which spares
+/// it client-side schema validation.
+pub fn openapi_v3_index() -> Value {
+    let mut paths = serde_json::Map::new();
+    let mut gvs = vec![("", "v1")];
+    gvs.extend(groups());
+    for (g, v) in gvs {
+        let p = openapi_gv_path(g, v);
+        paths.insert(
+            p.clone(),
+            json!({"serverRelativeURL": format!("/openapi/v3/{p}?hash=0")}),
+        );
+    }
+    json!({"paths": paths})
+}
+
+/// `/openapi/v3/{api/v1|apis/G/V}`: the PATCH operation of every resource,
+/// with its group-version-kind and the `fieldValidation` parameter; no schemas.
+pub fn openapi_v3_group(path: &str) -> Option<Value> {
+    let (group, version) = match path.split('/').collect::<Vec<_>>().as_slice() {
+        ["api", v] => ("", v.to_string()),
+        ["apis", g, v] => (*g, v.to_string()),
+        _ => return None,
+    };
+    let mut paths = serde_json::Map::new();
+    for r in RESOURCES
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+    {
+        let prefix = format!("/{}", openapi_gv_path(r.group, r.version));
+        let item = if r.namespaced {
+            format!("{prefix}/namespaces/{{namespace}}/{}/{{name}}", r.plural)
+        } else {
+            format!("{prefix}/{}/{{name}}", r.plural)
+        };
+        let query = |name: &str| json!({"name": name, "in": "query", "schema": {"type": "string"}});
+        paths.insert(
+            item,
+            json!({
+                "patch": {
+                    "operationId": format!("patch{}", r.kind),
+                    "x-kubernetes-action": "patch",
+                    "x-kubernetes-group-version-kind": {"group": r.group, "version": r.version, "kind": r.kind},
+                    "parameters": [query("dryRun"), query("fieldManager"), query("fieldValidation"), query("force")],
+                    "responses": {"200": {"description": "OK"}}
+                }
+            }),
+        );
+    }
+    if paths.is_empty() {
+        return None;
+    }
+    Some(json!({
+        "openapi": "3.0.0",
+        "info": {"title": "Kubernetes", "version": "v1.32.0"},
+        "paths": paths,
+        "components": {"schemas": {}}
+    }))
+}

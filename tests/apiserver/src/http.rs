@@ -25,6 +25,8 @@ pub struct Shared {
     pub bookmark_interval: Duration,
     pub server_addr: String,
     pub requests: AtomicU64,
+    /// Watches refused with 410 Gone (resourceVersion too old).
+    pub expired: AtomicU64,
     /// Hook for `pods/{name}/portforward` (set by the port-forward module).
     pub port_forward: Option<PortForwardHook>,
 }
@@ -100,9 +102,7 @@ pub async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response
     let query: HashMap<String, String> = req
         .uri()
         .query()
-        .map(|q| {
-            url_decode_pairs(q)
-        })
+        .map(|q| url_decode_pairs(q))
         .unwrap_or_default();
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let method = req.method().clone();
@@ -192,15 +192,13 @@ fn url_decode(s: &str) -> String {
     while i < bytes.len() {
         match bytes[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                match u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                    Ok(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
+            b'%' if i + 2 < bytes.len() => match u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                Ok(b) => {
+                    out.push(b);
+                    i += 2;
                 }
-            }
+                Err(_) => out.push(b'%'),
+            },
             b => out.push(b),
         }
         i += 1;
@@ -350,9 +348,10 @@ fn watch_response(
     let filter = filter_of(target, query)?;
     let rv = match query.get("resourceVersion").map(String::as_str) {
         None | Some("") => None,
-        Some(s) => Some(s.parse::<u64>().map_err(|_| {
-            ApiError::bad_request(format!("invalid resourceVersion {s:?}"))
-        })?),
+        Some(s) => Some(
+            s.parse::<u64>()
+                .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {s:?}")))?,
+        ),
     };
     let bookmarks = truthy(query, "allowWatchBookmarks");
     let send_initial = truthy(query, "sendInitialEvents");
@@ -362,9 +361,13 @@ fn watch_response(
         .map(Duration::from_secs)
         .unwrap_or(Duration::from_secs(1800));
     let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(1024);
-    let start = match shared.store.watch(res, &filter, if send_initial { None } else { rv }) {
+    let start = match shared
+        .store
+        .watch(res, &filter, if send_initial { None } else { rv })
+    {
         Ok(start) => start,
         Err(e) if e.code == 410 => {
+            shared.expired.fetch_add(1, Ordering::Relaxed);
             // As the real server: 200, then an ERROR event carrying the 410.
             let line = event_line("ERROR", &e.status());
             return Ok(Response::builder()

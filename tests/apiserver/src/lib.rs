@@ -80,6 +80,7 @@ impl TestApiServer {
             bookmark_interval: opts.bookmark_interval,
             server_addr: addr.to_string(),
             requests: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
             port_forward: opts.port_forward,
         });
         let server = TestApiServer {
@@ -132,6 +133,11 @@ impl TestApiServer {
     /// Requests served so far.
     pub fn requests(&self) -> u64 {
         self.shared.requests.load(Ordering::Relaxed)
+    }
+
+    /// Watches answered with 410 Gone so far.
+    pub fn expired_watches(&self) -> u64 {
+        self.shared.expired.load(Ordering::Relaxed)
     }
 
     /// A kubeconfig for this server (context `kproxy-test`, namespace default).
@@ -223,7 +229,13 @@ impl TestApiServer {
         Ok(())
     }
 
-    pub fn get(&self, api_version: &str, kind: &str, ns: Option<&str>, name: &str) -> Option<Arc<Value>> {
+    pub fn get(
+        &self,
+        api_version: &str,
+        kind: &str,
+        ns: Option<&str>,
+        name: &str,
+    ) -> Option<Arc<Value>> {
         let res = resources::for_kind(api_version, kind)?;
         self.shared.store.get(res, ns, name).ok()
     }

@@ -27,7 +27,11 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
 fn merge_key(field: &str, items: &[Value]) -> Option<&'static str> {
     let has = |key: &str| items.iter().all(|i| i.get(key).is_some());
     match field {
-        "containers" | "initContainers" | "ephemeralContainers" | "env" | "volumes"
+        "containers"
+        | "initContainers"
+        | "ephemeralContainers"
+        | "env"
+        | "volumes"
         | "imagePullSecrets" => Some("name"),
         "volumeMounts" => Some("mountPath"),
         "volumeDevices" => Some("devicePath"),
@@ -149,9 +153,7 @@ fn reorder(list: &mut Vec<Value>, order: &[Value]) {
     let mut out = Vec::with_capacity(list.len());
     for o in order {
         let pos = list.iter().position(|item| match (o, item) {
-            (Value::Object(o), Value::Object(_)) => {
-                o.iter().all(|(k, v)| item.get(k) == Some(v))
-            }
+            (Value::Object(o), Value::Object(_)) => o.iter().all(|(k, v)| item.get(k) == Some(v)),
             (o, item) => o == item,
         });
         if let Some(i) = pos {
@@ -309,11 +311,9 @@ mod tests {
 
     #[test]
     fn strategic_replaces_lists_without_merge_key() {
-        let mut t = json!({"endpoints": [{"addresses": ["10.0.0.1"]}, {"addresses": ["10.0.0.2"]}]});
-        strategic_merge_patch(
-            &mut t,
-            &json!({"endpoints": [{"addresses": ["10.0.0.3"]}]}),
-        );
+        let mut t =
+            json!({"endpoints": [{"addresses": ["10.0.0.1"]}, {"addresses": ["10.0.0.2"]}]});
+        strategic_merge_patch(&mut t, &json!({"endpoints": [{"addresses": ["10.0.0.3"]}]}));
         assert_eq!(t, json!({"endpoints": [{"addresses": ["10.0.0.3"]}]}));
     }
 

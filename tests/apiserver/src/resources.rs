@@ -58,27 +58,227 @@ macro_rules! res {
 
 /// Every resource type served.
 pub static RESOURCES: &[Resource] = &[
-    res!("", "v1", "namespaces", "namespace", "Namespace", false, ["ns"], ["status"], true),
-    res!("", "v1", "services", "service", "Service", true, ["svc"], ["status", "proxy"], true),
-    res!("", "v1", "endpoints", "endpoints", "Endpoints", true, ["ep"], [], false),
-    res!("", "v1", "nodes", "node", "Node", false, ["no"], ["status"], true),
-    res!("", "v1", "pods", "pod", "Pod", true, ["po"], ["status", "portforward"], true),
-    res!("", "v1", "configmaps", "configmap", "ConfigMap", true, ["cm"], [], false),
+    res!(
+        "",
+        "v1",
+        "namespaces",
+        "namespace",
+        "Namespace",
+        false,
+        ["ns"],
+        ["status"],
+        true
+    ),
+    res!(
+        "",
+        "v1",
+        "services",
+        "service",
+        "Service",
+        true,
+        ["svc"],
+        ["status", "proxy"],
+        true
+    ),
+    res!(
+        "",
+        "v1",
+        "endpoints",
+        "endpoints",
+        "Endpoints",
+        true,
+        ["ep"],
+        [],
+        false
+    ),
+    res!(
+        "",
+        "v1",
+        "nodes",
+        "node",
+        "Node",
+        false,
+        ["no"],
+        ["status"],
+        true
+    ),
+    res!(
+        "",
+        "v1",
+        "pods",
+        "pod",
+        "Pod",
+        true,
+        ["po"],
+        ["status", "portforward"],
+        true
+    ),
+    res!(
+        "",
+        "v1",
+        "configmaps",
+        "configmap",
+        "ConfigMap",
+        true,
+        ["cm"],
+        [],
+        false
+    ),
     res!("", "v1", "secrets", "secret", "Secret", true, [], [], false),
-    res!("", "v1", "serviceaccounts", "serviceaccount", "ServiceAccount", true, ["sa"], [], false),
-    res!("", "v1", "events", "event", "Event", true, ["ev"], [], false),
-    res!("discovery.k8s.io", "v1", "endpointslices", "endpointslice", "EndpointSlice", true, [], [], false),
-    res!("apps", "v1", "deployments", "deployment", "Deployment", true, ["deploy"], ["status", "scale"], true),
-    res!("apps", "v1", "daemonsets", "daemonset", "DaemonSet", true, ["ds"], ["status"], true),
-    res!("apps", "v1", "replicasets", "replicaset", "ReplicaSet", true, ["rs"], ["status", "scale"], true),
-    res!("apps", "v1", "statefulsets", "statefulset", "StatefulSet", true, ["sts"], ["status", "scale"], true),
-    res!("rbac.authorization.k8s.io", "v1", "clusterroles", "clusterrole", "ClusterRole", false, [], [], false),
-    res!("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "clusterrolebinding", "ClusterRoleBinding", false, [], [], false),
-    res!("rbac.authorization.k8s.io", "v1", "roles", "role", "Role", true, [], [], false),
-    res!("rbac.authorization.k8s.io", "v1", "rolebindings", "rolebinding", "RoleBinding", true, [], [], false),
-    res!("scheduling.k8s.io", "v1", "priorityclasses", "priorityclass", "PriorityClass", false, ["pc"], [], false),
-    res!("events.k8s.io", "v1", "events", "event", "Event", true, ["ev"], [], false),
-    res!("coordination.k8s.io", "v1", "leases", "lease", "Lease", true, [], [], true),
+    res!(
+        "",
+        "v1",
+        "serviceaccounts",
+        "serviceaccount",
+        "ServiceAccount",
+        true,
+        ["sa"],
+        [],
+        false
+    ),
+    res!(
+        "",
+        "v1",
+        "events",
+        "event",
+        "Event",
+        true,
+        ["ev"],
+        [],
+        false
+    ),
+    res!(
+        "discovery.k8s.io",
+        "v1",
+        "endpointslices",
+        "endpointslice",
+        "EndpointSlice",
+        true,
+        [],
+        [],
+        false
+    ),
+    res!(
+        "apps",
+        "v1",
+        "deployments",
+        "deployment",
+        "Deployment",
+        true,
+        ["deploy"],
+        ["status", "scale"],
+        true
+    ),
+    res!(
+        "apps",
+        "v1",
+        "daemonsets",
+        "daemonset",
+        "DaemonSet",
+        true,
+        ["ds"],
+        ["status"],
+        true
+    ),
+    res!(
+        "apps",
+        "v1",
+        "replicasets",
+        "replicaset",
+        "ReplicaSet",
+        true,
+        ["rs"],
+        ["status", "scale"],
+        true
+    ),
+    res!(
+        "apps",
+        "v1",
+        "statefulsets",
+        "statefulset",
+        "StatefulSet",
+        true,
+        ["sts"],
+        ["status", "scale"],
+        true
+    ),
+    res!(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "clusterroles",
+        "clusterrole",
+        "ClusterRole",
+        false,
+        [],
+        [],
+        false
+    ),
+    res!(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "clusterrolebindings",
+        "clusterrolebinding",
+        "ClusterRoleBinding",
+        false,
+        [],
+        [],
+        false
+    ),
+    res!(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "roles",
+        "role",
+        "Role",
+        true,
+        [],
+        [],
+        false
+    ),
+    res!(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "rolebindings",
+        "rolebinding",
+        "RoleBinding",
+        true,
+        [],
+        [],
+        false
+    ),
+    res!(
+        "scheduling.k8s.io",
+        "v1",
+        "priorityclasses",
+        "priorityclass",
+        "PriorityClass",
+        false,
+        ["pc"],
+        [],
+        false
+    ),
+    res!(
+        "events.k8s.io",
+        "v1",
+        "events",
+        "event",
+        "Event",
+        true,
+        ["ev"],
+        [],
+        false
+    ),
+    res!(
+        "coordination.k8s.io",
+        "v1",
+        "leases",
+        "lease",
+        "Lease",
+        true,
+        [],
+        [],
+        true
+    ),
 ];
 
 pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static Resource> {
@@ -225,7 +425,9 @@ mod tests {
     #[test]
     fn lookups() {
         assert_eq!(
-            for_kind("discovery.k8s.io/v1", "EndpointSlice").unwrap().plural,
+            for_kind("discovery.k8s.io/v1", "EndpointSlice")
+                .unwrap()
+                .plural,
             "endpointslices"
         );
         assert_eq!(for_kind("v1", "Service").unwrap().plural, "services");

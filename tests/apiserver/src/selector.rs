@@ -184,9 +184,11 @@ mod tests {
         assert!(!FieldSelector::parse("metadata.name!=n1")
             .unwrap()
             .matches_object(&obj));
-        assert!(FieldSelector::parse("metadata.name=n1,metadata.namespace=default")
-            .unwrap()
-            .matches_object(&obj));
+        assert!(
+            FieldSelector::parse("metadata.name=n1,metadata.namespace=default")
+                .unwrap()
+                .matches_object(&obj)
+        );
         assert!(FieldSelector::parse("spec.nodeName=")
             .unwrap()
             .matches_object(&obj));

@@ -45,11 +45,7 @@ impl ApiError {
         Self::new(
             422,
             "Invalid",
-            format!(
-                "{} \"{name}\" is invalid: {}",
-                res.kind,
-                message.into()
-            ),
+            format!("{} \"{name}\" is invalid: {}", res.kind, message.into()),
         )
     }
     pub fn gone(message: impl Into<String>) -> Self {
@@ -294,7 +290,12 @@ impl Store {
         let _ = self.events.send(ev);
     }
 
-    pub fn get(&self, res: &'static Resource, ns: Option<&str>, name: &str) -> ApiResult<Arc<Value>> {
+    pub fn get(
+        &self,
+        res: &'static Resource,
+        ns: Option<&str>,
+        name: &str,
+    ) -> ApiResult<Arc<Value>> {
         let inner = self.lock();
         inner
             .objects
@@ -316,7 +317,12 @@ impl Store {
 
     /// Starts a watch. `rv`: None or 0 sends every current object as ADDED
     /// first; otherwise replays the history after `rv` (410 if compacted).
-    pub fn watch(&self, res: &'static Resource, filter: &Filter, rv: Option<u64>) -> ApiResult<WatchStart> {
+    pub fn watch(
+        &self,
+        res: &'static Resource,
+        filter: &Filter,
+        rv: Option<u64>,
+    ) -> ApiResult<WatchStart> {
         let inner = self.lock();
         // Subscribe under the lock: no event can slip between backlog and stream.
         let rx = self.events.subscribe();
@@ -353,7 +359,13 @@ impl Store {
         })
     }
 
-    pub fn create(&self, res: &'static Resource, ns: Option<&str>, mut obj: Value, dry_run: bool) -> ApiResult<Arc<Value>> {
+    pub fn create(
+        &self,
+        res: &'static Resource,
+        ns: Option<&str>,
+        mut obj: Value,
+        dry_run: bool,
+    ) -> ApiResult<Arc<Value>> {
         if !obj.is_object() {
             return Err(ApiError::bad_request("the body must be a JSON object"));
         }
@@ -441,7 +453,12 @@ impl Store {
         Ok(obj)
     }
 
-    fn namespace_for(&self, res: &Resource, path_ns: Option<&str>, obj: &Value) -> ApiResult<String> {
+    fn namespace_for(
+        &self,
+        res: &Resource,
+        path_ns: Option<&str>,
+        obj: &Value,
+    ) -> ApiResult<String> {
         if !res.namespaced {
             return Ok(String::new());
         }
@@ -457,7 +474,15 @@ impl Store {
     }
 
     /// PUT: replaces the object. A resourceVersion in the body must match.
-    pub fn update(&self, res: &'static Resource, ns: Option<&str>, name: &str, obj: Value, subresource: Option<&str>, dry_run: bool) -> ApiResult<Arc<Value>> {
+    pub fn update(
+        &self,
+        res: &'static Resource,
+        ns: Option<&str>,
+        name: &str,
+        obj: Value,
+        subresource: Option<&str>,
+        dry_run: bool,
+    ) -> ApiResult<Arc<Value>> {
         if !obj.is_object() {
             return Err(ApiError::bad_request("the body must be a JSON object"));
         }
@@ -493,7 +518,15 @@ impl Store {
         self.commit_update(&mut inner, res, key, old, new, dry_run)
     }
 
-    fn commit_update(&self, inner: &mut Inner, res: &'static Resource, key: Key, old: Arc<Value>, mut new: Value, dry_run: bool) -> ApiResult<Arc<Value>> {
+    fn commit_update(
+        &self,
+        inner: &mut Inner,
+        res: &'static Resource,
+        key: Key,
+        old: Arc<Value>,
+        mut new: Value,
+        dry_run: bool,
+    ) -> ApiResult<Arc<Value>> {
         // Identity and server-owned fields come from the stored object.
         new["apiVersion"] = json!(res.api_version());
         new["kind"] = json!(res.kind);
@@ -504,7 +537,13 @@ impl Store {
                 .ok_or_else(|| ApiError::bad_request("the body must be a JSON object"))?
                 .entry("metadata")
                 .or_insert_with(|| json!({}));
-            for field in ["name", "namespace", "uid", "creationTimestamp", "generation"] {
+            for field in [
+                "name",
+                "namespace",
+                "uid",
+                "creationTimestamp",
+                "generation",
+            ] {
                 match old["metadata"].get(field) {
                     Some(v) => meta[field] = v.clone(),
                     None => {
@@ -555,7 +594,16 @@ impl Store {
 
     /// PATCH. A server-side apply of a missing object creates it.
     #[allow(clippy::too_many_arguments)]
-    pub fn patch(&self, res: &'static Resource, ns: Option<&str>, name: &str, kind: PatchType, body: &Value, subresource: Option<&str>, dry_run: bool) -> ApiResult<Arc<Value>> {
+    pub fn patch(
+        &self,
+        res: &'static Resource,
+        ns: Option<&str>,
+        name: &str,
+        kind: PatchType,
+        body: &Value,
+        subresource: Option<&str>,
+        dry_run: bool,
+    ) -> ApiResult<Arc<Value>> {
         let key = (
             if res.namespaced {
                 ns.unwrap_or("default").to_string()
@@ -592,7 +640,10 @@ impl Store {
                 .map_err(|e| ApiError::new(422, "Invalid", e))?,
         }
         if let Some(want) = meta_str(&target, "resourceVersion") {
-            if kind != PatchType::Json && body.pointer("/metadata/resourceVersion").is_some() && Some(want) != meta_str(&old, "resourceVersion") {
+            if kind != PatchType::Json
+                && body.pointer("/metadata/resourceVersion").is_some()
+                && Some(want) != meta_str(&old, "resourceVersion")
+            {
                 return Err(ApiError::new(409, "Conflict", format!("Operation cannot be fulfilled on {} \"{name}\": the object has been modified", res.qualified())));
             }
         }
@@ -607,7 +658,13 @@ impl Store {
         self.commit_update(&mut inner, res, key, old, new, dry_run)
     }
 
-    pub fn delete(&self, res: &'static Resource, ns: Option<&str>, name: &str, dry_run: bool) -> ApiResult<Arc<Value>> {
+    pub fn delete(
+        &self,
+        res: &'static Resource,
+        ns: Option<&str>,
+        name: &str,
+        dry_run: bool,
+    ) -> ApiResult<Arc<Value>> {
         let key = (
             if res.namespaced {
                 ns.unwrap_or("default").to_string()
@@ -777,7 +834,9 @@ fn default_object(res: &Resource, obj: &mut Value, inner: &mut Inner) -> ApiResu
                 return Err(ApiError::new(
                     422,
                     "Invalid",
-                    format!("Service \"{name}\" is invalid: spec.ports: each port must be an object"),
+                    format!(
+                        "Service \"{name}\" is invalid: spec.ports: each port must be an object"
+                    ),
                 ));
             }
             if p.get("protocol").is_none() {

@@ -133,15 +133,30 @@ async fn kubectl_apply_get_patch_scale_delete() {
         assert_eq!(slice["endpoints"].as_array().unwrap().len(), 1);
         let svc2 = get_json(kc, &["svc", "web"]);
         assert_eq!(svc2["spec"]["ports"].as_array().unwrap().len(), 1, "{svc2}");
-        let rv1: u64 = svc["metadata"]["resourceVersion"].as_str().unwrap().parse().unwrap();
-        let rv2: u64 = svc2["metadata"]["resourceVersion"].as_str().unwrap().parse().unwrap();
+        let rv1: u64 = svc["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let rv2: u64 = svc2["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
         assert!(rv2 > rv1);
         assert_eq!(svc2["metadata"]["generation"], 2);
 
         // Edit-like patches, then selectors.
         kubectl(
             kc,
-            &["patch", "svc", "web", "--type=merge", "-p", r#"{"metadata":{"labels":{"tier":"fe"}}}"#],
+            &[
+                "patch",
+                "svc",
+                "web",
+                "--type=merge",
+                "-p",
+                r#"{"metadata":{"labels":{"tier":"fe"}}}"#,
+            ],
             None,
         );
         kubectl(

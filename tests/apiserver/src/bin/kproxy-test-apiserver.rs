@@ -8,7 +8,10 @@ use clap::Parser;
 use kproxy_test_apiserver::{Options, TestApiServer};
 
 #[derive(Parser)]
-#[command(name = "kproxy-test-apiserver", about = "A Kubernetes API server for tests (plain HTTP, in memory)")]
+#[command(
+    name = "kproxy-test-apiserver",
+    about = "A Kubernetes API server for tests (plain HTTP, in memory)"
+)]
 struct Args {
     /// Listen address.
     #[arg(long, default_value = "127.0.0.1:6443")]
@@ -45,7 +48,10 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("kubeconfig written to {}", path.display());
     }
     print!("{}", server.kubeconfig());
-    eprintln!("serving the Kubernetes API on {} (Ctrl-C stops)", server.url());
+    eprintln!(
+        "serving the Kubernetes API on {} (Ctrl-C stops)",
+        server.url()
+    );
     tokio::signal::ctrl_c().await?;
     Ok(())
 }

@@ -99,11 +99,8 @@ fn route(group: &str, version: &str, rest: &[&str]) -> Option<Target> {
 pub async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     shared.requests.fetch_add(1, Ordering::Relaxed);
     let path = req.uri().path().to_string();
-    let query: HashMap<String, String> = req
-        .uri()
-        .query()
-        .map(|q| url_decode_pairs(q))
-        .unwrap_or_default();
+    let query: HashMap<String, String> =
+        req.uri().query().map(url_decode_pairs).unwrap_or_default();
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let method = req.method().clone();
     tracing::debug!(%method, uri = %req.uri(), "request");

@@ -418,26 +418,6 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
     }))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lookups() {
-        assert_eq!(
-            for_kind("discovery.k8s.io/v1", "EndpointSlice")
-                .unwrap()
-                .plural,
-            "endpointslices"
-        );
-        assert_eq!(for_kind("v1", "Service").unwrap().plural, "services");
-        assert!(find("apps", "v1", "deployments").unwrap().namespaced);
-        assert!(resource_list("", "v1").is_some());
-        assert!(resource_list("nope", "v1").is_none());
-        assert!(api_group("apps").is_some());
-    }
-}
-
 /// Path of a group version in the OpenAPI v3 index (`api/v1`, `apis/apps/v1`).
 fn openapi_gv_path(group: &str, version: &str) -> String {
     if group.is_empty() {
@@ -506,4 +486,24 @@ pub fn openapi_v3_group(path: &str) -> Option<Value> {
         "paths": paths,
         "components": {"schemas": {}}
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookups() {
+        assert_eq!(
+            for_kind("discovery.k8s.io/v1", "EndpointSlice")
+                .unwrap()
+                .plural,
+            "endpointslices"
+        );
+        assert_eq!(for_kind("v1", "Service").unwrap().plural, "services");
+        assert!(find("apps", "v1", "deployments").unwrap().namespaced);
+        assert!(resource_list("", "v1").is_some());
+        assert!(resource_list("nope", "v1").is_none());
+        assert!(api_group("apps").is_some());
+    }
 }

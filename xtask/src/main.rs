@@ -190,7 +190,8 @@ mod tests {
         let cli = Cli::try_parse_from(["xtask", "bench", "--services", "10,20"]).unwrap();
         assert!(matches!(cli.command, Command::Bench { ref services, .. } if services == "10,20"));
         assert!(Cli::try_parse_from(["xtask", "test", "--no-setup"]).is_ok());
-        let cli = Cli::try_parse_from(["xtask", "apiserver", "--listen", "127.0.0.1:7000"]).unwrap();
+        let cli =
+            Cli::try_parse_from(["xtask", "apiserver", "--listen", "127.0.0.1:7000"]).unwrap();
         assert!(matches!(cli.command, Command::Apiserver { ref args } if args.len() == 2));
     }
 }

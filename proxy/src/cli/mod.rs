@@ -35,6 +35,8 @@ pub enum Command {
     Run(RunArgs),
     /// Remove everything kproxy programmed on this node, then exit.
     Cleanup(ModeArgs),
+    /// Remove kube-proxy's iptables rules (its KUBE-* chains) after migrating to kproxy.
+    CleanupKubeProxy(ModeArgs),
     /// Print the Services as the kernel has them programmed.
     Status(StatusArgs),
     /// Print the iptables-restore input kproxy would apply for a manifest directory.

@@ -12,6 +12,7 @@
 
 pub mod http;
 pub mod patch;
+pub mod portforward;
 pub mod resources;
 pub mod selector;
 pub mod store;
@@ -41,6 +42,8 @@ pub struct Options {
     pub addr: SocketAddr,
     /// How often watches that asked for bookmarks get one.
     pub bookmark_interval: Duration,
+    /// `pods/portforward` handler (default: dial `status.podIP` directly;
+    /// see [`portforward::hook`] to dial from elsewhere). `None`: 404.
     pub port_forward: Option<http::PortForwardHook>,
 }
 
@@ -49,7 +52,7 @@ impl Default for Options {
         Options {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             bookmark_interval: Duration::from_secs(1),
-            port_forward: None,
+            port_forward: Some(portforward::hook(portforward::direct_dialer())),
         }
     }
 }

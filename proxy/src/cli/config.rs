@@ -17,7 +17,7 @@ pub const KIND: &str = "KubeProxyConfiguration";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read --config file {path}: {source}")]
+    #[error("cannot read --config file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,

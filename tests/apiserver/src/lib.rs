@@ -35,6 +35,10 @@ pub use store::{ApiError, Store};
 
 use http::Shared;
 
+/// Creates the listening socket (a test topology can bind inside a network
+/// namespace: the socket keeps the namespace it was created in).
+pub type Binder = Arc<dyn Fn(SocketAddr) -> std::io::Result<std::net::TcpListener> + Send + Sync>;
+
 /// Settings for [`TestApiServer::start_with`].
 #[derive(Clone)]
 pub struct Options {
@@ -45,6 +49,8 @@ pub struct Options {
     /// `pods/portforward` handler (default: dial `status.podIP` directly;
     /// see [`portforward::hook`] to dial from elsewhere). `None`: 404.
     pub port_forward: Option<http::PortForwardHook>,
+    /// How to create the listener (default: bind in this process's namespace).
+    pub bind: Option<Binder>,
 }
 
 impl Default for Options {
@@ -53,6 +59,7 @@ impl Default for Options {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             bookmark_interval: Duration::from_secs(1),
             port_forward: Some(portforward::hook(portforward::direct_dialer())),
+            bind: None,
         }
     }
 }
@@ -63,6 +70,18 @@ pub struct TestApiServer {
     shared: Arc<Shared>,
     /// The accept loop and every connection; aborted to refuse service.
     serving: Mutex<Option<JoinSet<()>>>,
+    bind: Option<Binder>,
+}
+
+async fn bind_with(bind: &Option<Binder>, addr: SocketAddr) -> std::io::Result<TcpListener> {
+    match bind {
+        None => TcpListener::bind(addr).await,
+        Some(b) => {
+            let l = b(addr)?;
+            l.set_nonblocking(true)?;
+            TcpListener::from_std(l)
+        }
+    }
 }
 
 impl TestApiServer {
@@ -72,7 +91,7 @@ impl TestApiServer {
     }
 
     pub async fn start_with(opts: Options) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind(opts.addr)
+        let listener = bind_with(&opts.bind, opts.addr)
             .await
             .with_context(|| format!("binding the test API server to {}", opts.addr))?;
         let addr = listener.local_addr()?;
@@ -90,6 +109,7 @@ impl TestApiServer {
             addr,
             shared,
             serving: Mutex::new(None),
+            bind: opts.bind,
         };
         server.serve(listener);
         Ok(server)
@@ -182,7 +202,7 @@ impl TestApiServer {
         // The aborted accept loop may take a moment to release the port.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         let listener = loop {
-            match TcpListener::bind(self.addr).await {
+            match bind_with(&self.bind, self.addr).await {
                 Ok(l) => break l,
                 Err(e) if tokio::time::Instant::now() < deadline => {
                     tracing::debug!(error = %e, "waiting to rebind the test API server");

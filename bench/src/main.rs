@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::measure::Backend;
-use crate::report::{Report, SyncRow};
+use crate::measure::{Backend, Mode};
+use crate::report::{EbpfRow, Report, SyncRow};
 
 #[derive(Parser)]
 #[command(name = "kproxy-bench", args_conflicts_with_subcommands = true)]
@@ -54,6 +54,9 @@ struct BenchArgs {
     /// Skip the endpoint-change latency run (done at the largest Service count).
     #[arg(long)]
     skip_latency: bool,
+    /// Skip the ebpf-mode runs (measured next to iptables mode by default).
+    #[arg(long)]
+    skip_ebpf: bool,
 }
 
 fn main() -> Result<()> {
@@ -107,7 +110,7 @@ fn bench(args: BenchArgs) -> Result<()> {
                 Err(e) => row.errors.push(format!("render: {e:#}")),
             }
             let log = args.out.join(format!("kproxy-{n}-{}.log", b.name()));
-            match measure::kproxy_sync(&kproxy, &dir, b, &log) {
+            match measure::kproxy_sync(&kproxy, &dir, Mode::Iptables(Some(b)), &log) {
                 Ok(r) => row.kproxy = Some(r),
                 Err(e) => row.errors.push(format!("kproxy: {e:#}")),
             }
@@ -115,6 +118,23 @@ fn bench(args: BenchArgs) -> Result<()> {
                 eprintln!("error: {e}");
             }
             report.sync.push(row);
+        }
+        if !args.skip_ebpf {
+            eprintln!("bench: {n} Services, ebpf");
+            let log = args.out.join(format!("kproxy-{n}-ebpf.log"));
+            let mut row = EbpfRow {
+                services: n,
+                kproxy: None,
+                errors: Vec::new(),
+            };
+            match measure::kproxy_sync(&kproxy, &dir, Mode::Ebpf, &log) {
+                Ok(r) => row.kproxy = Some(r),
+                Err(e) => row.errors.push(format!("kproxy ebpf: {e:#}")),
+            }
+            for e in &row.errors {
+                eprintln!("error: {e}");
+            }
+            report.ebpf_sync.push(row);
         }
     }
 
@@ -124,13 +144,28 @@ fn bench(args: BenchArgs) -> Result<()> {
         let dir = work.0.join(format!("latency-{n}"));
         manifests::generate(&dir, n)?;
         let log = args.out.join(format!("kproxy-latency-{n}.log"));
-        match measure::endpoint_change(&kproxy, &dir, n, &log) {
+        match measure::endpoint_change(&kproxy, &dir, n, Mode::Iptables(None), &log) {
             Ok(r) => report.endpoint_change = Some(r),
             Err(e) => {
                 eprintln!("error: endpoint change: {e:#}");
                 report
                     .errors
                     .push(format!("endpoint change at {n} Services: {e:#}"));
+            }
+        }
+        if !args.skip_ebpf {
+            eprintln!("bench: endpoint change at {n} Services, ebpf");
+            let dir = work.0.join(format!("latency-ebpf-{n}"));
+            manifests::generate(&dir, n)?;
+            let log = args.out.join(format!("kproxy-latency-{n}-ebpf.log"));
+            match measure::endpoint_change(&kproxy, &dir, n, Mode::Ebpf, &log) {
+                Ok(r) => report.ebpf_endpoint_change = Some(r),
+                Err(e) => {
+                    eprintln!("error: ebpf endpoint change: {e:#}");
+                    report
+                        .errors
+                        .push(format!("ebpf endpoint change at {n} Services: {e:#}"));
+                }
             }
         }
     }

@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::manifests::{self, CLUSTER_CIDR, NODE_NAME};
-use crate::sys::{http_get, Netns, Proc};
+use crate::sys::{http_get, EbpfEnv, Netns, Proc};
 
 const NODE_IP: &str = "172.30.0.11";
 const HEALTHZ: &str = "127.0.0.1:10256";
@@ -126,15 +126,39 @@ pub struct SyncResult {
     pub rss_kib: u64,
 }
 
+/// Which dataplane a run measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// iptables mode; `None` lets kproxy pick the backend.
+    Iptables(Option<Backend>),
+    Ebpf,
+}
+
+/// Mode flags for `kproxy run` (ebpf mode needs its pin path, cgroup and devices).
+fn mode_args(mode: Mode, ebpf: Option<(&EbpfEnv, &str)>) -> Vec<String> {
+    match (mode, ebpf) {
+        (Mode::Ebpf, Some((env, devices))) => env.args(devices),
+        (Mode::Iptables(Some(b)), _) => vec![
+            "--proxy-mode".into(),
+            "iptables".into(),
+            "--iptables-backend".into(),
+            b.name().into(),
+        ],
+        _ => vec!["--proxy-mode".into(), "iptables".into()],
+    }
+}
+
 fn start_kproxy(
     ns: &Netns,
     kproxy: &Path,
     manifests: &Path,
-    backend: Option<Backend>,
+    mode: &[String],
     log: &Path,
 ) -> Result<Proc> {
     let mut cmd = ns.command(kproxy);
-    cmd.args(["run", "--proxy-mode", "iptables", "--manifests"])
+    cmd.arg("run")
+        .args(mode)
+        .arg("--manifests")
         .arg(manifests)
         .args([
             "--hostname-override",
@@ -148,9 +172,6 @@ fn start_kproxy(
             "--iptables-min-sync-period",
             "0s",
         ]);
-    if let Some(b) = backend {
-        cmd.args(["--iptables-backend", b.name()]);
-    }
     Proc::spawn(cmd, "kproxy run", Some(log))
 }
 
@@ -181,16 +202,16 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 }
 
 /// Runs kproxy against `manifests` in a fresh namespace and measures its first sync.
-pub fn kproxy_sync(
-    kproxy: &Path,
-    manifests: &Path,
-    backend: Backend,
-    log: &Path,
-) -> Result<SyncResult> {
+pub fn kproxy_sync(kproxy: &Path, manifests: &Path, mode: Mode, log: &Path) -> Result<SyncResult> {
     let ns = Netns::new("sync")?;
     node_address(&ns)?;
+    let env = match mode {
+        Mode::Ebpf => Some(EbpfEnv::new()?),
+        Mode::Iptables(_) => None,
+    };
+    let args = mode_args(mode, env.as_ref().map(|e| (e, "eth0")));
     let start = Instant::now();
-    let mut p = start_kproxy(&ns, kproxy, manifests, Some(backend), log)?;
+    let mut p = start_kproxy(&ns, kproxy, manifests, &args, log)?;
     let wall = wait_healthy(&ns, &mut p, start)?;
     let rss_kib = p.rss_kib()?;
 
@@ -211,9 +232,34 @@ pub fn kproxy_sync(
             None
         }
     };
-    let save = ns.exec(&backend.tool("save"), &[])?;
-    let rules = save.lines().filter(|l| l.starts_with("-A")).count();
+    let rules = match mode {
+        Mode::Iptables(backend) => {
+            let tool = backend.unwrap_or(Backend::Nft).tool("save");
+            let save = ns.exec(&tool, &[])?;
+            save.lines().filter(|l| l.starts_with("-A")).count()
+        }
+        // Frontends in the kernel's maps, as `kproxy status` reads them back.
+        Mode::Ebpf => {
+            let mut status_args = vec!["status".to_string()];
+            status_args.extend(args.iter().take(4).cloned());
+            status_args.extend(["-o".into(), "json".into()]);
+            let out = ns
+                .command(kproxy)
+                .args(&status_args)
+                .output()
+                .context("kproxy status")?;
+            if !out.status.success() {
+                bail!(
+                    "kproxy status failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            v.as_array().map_or(0, Vec::len)
+        }
+    };
     p.stop();
+    drop(env);
     Ok(SyncResult {
         wall_to_healthy_s: wall,
         full_sync_s,
@@ -334,9 +380,17 @@ pub fn endpoint_change(
     kproxy: &Path,
     manifests: &Path,
     services: usize,
+    mode: Mode,
     log: &Path,
 ) -> Result<ChangeResult> {
     let topo = Topology::new()?;
+    // ebpf: the client is a thread of this process (not in a hooked
+    // cgroup), so its ClusterIP packets take the TC path on the pod veths.
+    let env = match mode {
+        Mode::Ebpf => Some(EbpfEnv::new()?),
+        Mode::Iptables(_) => None,
+    };
+    let args = mode_args(mode, env.as_ref().map(|e| (e, "eth0,vpod0,vpod1,vpod2")));
     let exe = std::env::current_exe()?;
     let mut servers = Vec::new();
     for (pod, name) in topo.pods[..2].iter().zip(["A", "B"]) {
@@ -373,7 +427,7 @@ pub fn endpoint_change(
     manifests::write_atomic(manifests, "probe-slice.yaml", &slice(POD_A))?;
 
     let start = Instant::now();
-    let mut p = start_kproxy(&topo.node, kproxy, manifests, None, log)?;
+    let mut p = start_kproxy(&topo.node, kproxy, manifests, &args, log)?;
     let wall = wait_healthy(&topo.node, &mut p, start)?;
 
     // Client loop in pod C: bounded in count and time, stopped by a flag.
@@ -447,6 +501,7 @@ pub fn endpoint_change(
     drop(rx);
     let _ = client.join();
     p.stop();
+    drop(env);
     result
 }
 

@@ -20,6 +20,17 @@ pub struct Report {
     pub endpoints_per_service: usize,
     pub sync: Vec<SyncRow>,
     pub endpoint_change: Option<ChangeResult>,
+    /// ebpf mode, same manifests, same run.
+    pub ebpf_sync: Vec<EbpfRow>,
+    pub ebpf_endpoint_change: Option<ChangeResult>,
+    pub errors: Vec<String>,
+}
+
+#[derive(Serialize)]
+pub struct EbpfRow {
+    pub services: usize,
+    /// `rules` counts frontends read back from the kernel's maps.
+    pub kproxy: Option<SyncResult>,
     pub errors: Vec<String>,
 }
 
@@ -78,12 +89,20 @@ impl Report {
             endpoints_per_service: ENDPOINTS_PER_SERVICE,
             sync: Vec::new(),
             endpoint_change: None,
+            ebpf_sync: Vec::new(),
+            ebpf_endpoint_change: None,
             errors: Vec::new(),
         }
     }
 
     pub fn failures(&self) -> usize {
-        self.errors.len() + self.sync.iter().filter(|r| !r.errors.is_empty()).count()
+        self.errors.len()
+            + self.sync.iter().filter(|r| !r.errors.is_empty()).count()
+            + self
+                .ebpf_sync
+                .iter()
+                .filter(|r| !r.errors.is_empty())
+                .count()
     }
 
     pub fn markdown(&self) -> String {
@@ -132,10 +151,51 @@ impl Report {
                 c.rss_kib as f64 / 1024.0
             );
         }
+        if !self.ebpf_sync.is_empty() {
+            m.push_str("\n### ebpf mode against iptables mode (same manifests, same run)\n\n");
+            m.push_str("| Services | ebpf full sync (s) | iptables full sync (s, backend) | iptables / ebpf | ebpf start to healthy (s) | frontends programmed | ebpf RSS (MiB) |\n");
+            m.push_str("|---:|---:|---:|---:|---:|---:|---:|\n");
+            for r in &self.ebpf_sync {
+                let k = r.kproxy.as_ref();
+                let ebpf = k.and_then(|k| k.full_sync_s);
+                // The fastest iptables backend of the same Service count.
+                let ipt = self
+                    .sync
+                    .iter()
+                    .filter(|s| s.services == r.services)
+                    .filter_map(|s| Some((s.kproxy.as_ref()?.full_sync_s?, s.backend.name())))
+                    .min_by(|a, b| a.0.total_cmp(&b.0));
+                let _ = writeln!(
+                    m,
+                    "| {} | {} | {} | {} | {} | {} | {} |",
+                    r.services,
+                    secs(ebpf),
+                    ipt.map(|(s, b)| format!("{s:.3} ({b})"))
+                        .unwrap_or_else(|| "-".into()),
+                    ratio(ipt.map(|(s, _)| s), ebpf),
+                    secs(k.map(|k| k.wall_to_healthy_s)),
+                    k.map(|k| k.rules.to_string()).unwrap_or_else(|| "-".into()),
+                    k.map(|k| format!("{:.1}", k.rss_kib as f64 / 1024.0))
+                        .unwrap_or_else(|| "-".into()),
+                );
+            }
+        }
+        if let Some(c) = &self.ebpf_endpoint_change {
+            let _ = writeln!(
+                m,
+                "\nebpf mode, endpoint change at {} Services (client pod's packets to the ClusterIP take the TC path on the pod veths): traffic followed after **{:.3} s** ({} replies still from A, {} failed requests in between); kproxy RSS {:.1} MiB.",
+                c.services,
+                c.latency_s,
+                c.stale_replies,
+                c.failed_requests,
+                c.rss_kib as f64 / 1024.0
+            );
+        }
         let errors: Vec<&String> = self
             .sync
             .iter()
             .flat_map(|r| &r.errors)
+            .chain(self.ebpf_sync.iter().flat_map(|r| &r.errors))
             .chain(&self.errors)
             .collect();
         if !errors.is_empty() {

@@ -247,3 +247,54 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16,
         .unwrap_or_default();
     Ok((status, body))
 }
+
+/// What `--proxy-mode ebpf` needs for one run: a bpffs instance mounted for
+/// it (the pin path; unmounting drops every pin, so links detach and maps
+/// go) and a cgroup under the cgroup2 mount for the socket hooks.
+pub struct EbpfEnv {
+    pub bpffs: PathBuf,
+    pub cgroup: PathBuf,
+}
+
+impl EbpfEnv {
+    pub fn new() -> Result<Self> {
+        let bpffs = std::env::temp_dir().join(unique("bpffs"));
+        std::fs::create_dir_all(&bpffs)?;
+        run("mount", &["-t", "bpf", "bpf", &bpffs.to_string_lossy()])?;
+        let mounts = std::fs::read_to_string("/proc/mounts")?;
+        let root = mounts
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+            })
+            .context("no cgroup2 mount in /proc/mounts: ebpf mode needs one")?;
+        let cgroup = root.join(unique("cg"));
+        std::fs::create_dir(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
+        Ok(EbpfEnv { bpffs, cgroup })
+    }
+
+    /// kproxy flags for ebpf mode on `devices` (comma-separated).
+    pub fn args(&self, devices: &str) -> Vec<String> {
+        vec![
+            "--proxy-mode".into(),
+            "ebpf".into(),
+            "--bpf-pin-path".into(),
+            self.bpffs.join("kproxy").to_string_lossy().into_owned(),
+            "--cgroup-root".into(),
+            self.cgroup.to_string_lossy().into_owned(),
+            "--devices".into(),
+            devices.into(),
+        ]
+    }
+}
+
+impl Drop for EbpfEnv {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.bpffs)
+            .status();
+        let _ = std::fs::remove_dir(&self.bpffs);
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
+}

@@ -1,3 +1,254 @@
 //! Map keys, values and constants shared by the kproxy userspace and its eBPF
 //! programs. `no_std` and `#[repr(C)]` so both sides agree on the layout.
+//!
+//! Conventions: IPv4 addresses and ports are stored in network byte order,
+//! exactly as they appear in packets and in `bpf_sock_addr` (an address is
+//! the `u32` whose in-memory bytes are the four octets). Explicit padding
+//! fields keep every byte initialised, so keys hash the same on both sides.
 #![no_std]
+
+/// IP protocol numbers used in keys.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_SCTP: u8 = 132;
+
+/// Frontend scope: which backend set a lookup wants.
+/// Internal: traffic from this node's sockets and to ClusterIPs (cluster endpoints).
+pub const SCOPE_INTERNAL: u8 = 0;
+/// External: node ports, externalIPs and LB IPs reached from outside (external endpoints).
+pub const SCOPE_EXTERNAL: u8 = 1;
+
+/// Frontend kinds (for `kproxy status` and for ClusterIP-only decisions).
+pub const KIND_CLUSTER_IP: u8 = 0;
+pub const KIND_NODE_PORT: u8 = 1;
+pub const KIND_EXTERNAL_IP: u8 = 2;
+pub const KIND_LOAD_BALANCER: u8 = 3;
+
+/// externalTrafficPolicy Local: no backend means drop (not reject), no SNAT.
+pub const FE_LOCAL: u8 = 1;
+/// SNAT to the node address when the backend is on another node.
+pub const FE_SNAT: u8 = 2;
+/// SNAT only when the client is outside the cluster CIDRs (ClusterIP, like
+/// iptables mode's `! -s <cluster-cidr> -j MARK-MASQ`).
+pub const FE_SNAT_NONCLUSTER: u8 = 4;
+/// loadBalancerSourceRanges apply: sources not in `SRC_RANGES` are dropped.
+pub const FE_SRC_RANGES: u8 = 8;
+
+/// Backend runs on this node.
+pub const BE_LOCAL: u8 = 1;
+
+/// Key of the frontend map: the address a client dials. A node port uses
+/// `ip == 0` (any address in `NODE_IPS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKey {
+    pub ip: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub scope: u8,
+}
+
+/// A frontend: which slot group holds its backends. Userspace switches a
+/// frontend to a new backend set by writing a new group first and then this
+/// record, so a lookup sees either the old set or the new one, never a mix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Frontend {
+    /// Slot group id (key of `SLOTS` together with a slot number).
+    pub group: u32,
+    /// Number of backends; 0 means reject (or drop with `FE_LOCAL`).
+    pub count: u32,
+    /// Stable id of the Service port (affinity, source ranges, status).
+    pub svc_id: u32,
+    /// sessionAffinity ClientIP timeout in seconds; 0 = no affinity.
+    pub affinity_secs: u32,
+    pub flags: u8,
+    pub kind: u8,
+    pub _pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    pub group: u32,
+    pub slot: u32,
+}
+
+/// A backend address (value of `BACKENDS`, keyed by backend id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    pub ip: u32,
+    pub port: u16,
+    pub flags: u8,
+    pub _pad: u8,
+}
+
+/// Client of a sessionAffinity entry: an IPv4 address (TC path), or a
+/// network-namespace cookie with the top bit set (socket path).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub svc_id: u32,
+    pub _pad: u32,
+    pub client: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    pub last_ns: u64,
+}
+
+/// Data of a `SRC_RANGES` LPM key: prefix length = 32 + range prefix, so
+/// the Service id always matches in full.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SrcRangeKey {
+    /// Big-endian so the LPM trie compares it byte by byte like an address.
+    pub svc_id_be: u32,
+    pub ip: u32,
+}
+
+/// A 5-tuple as seen in a packet (conntrack, SNAT and reverse-NAT keys).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Tuple {
+    pub src: u32,
+    pub dst: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Conntrack entry of a flow that arrived at a frontend (TC path),
+/// keyed by the original tuple.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtValue {
+    pub backend_id: u32,
+    pub svc_id: u32,
+}
+
+/// Reverse NAT: rewrite a reply's source and destination (each when non-zero).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RevNat {
+    pub src: u32,
+    pub dst: u32,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// SNAT state of a DNATed flow, keyed by the tuple after DNAT. `ip == 0`
+/// means "SNAT wanted, not allocated yet" (done on egress, where the device
+/// and so the node address are known).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SnatValue {
+    pub ip: u32,
+    pub port: u16,
+    /// The frontend the client dialled, for the reverse entry.
+    pub orig_dport: u16,
+    pub orig_dst: u32,
+}
+
+/// Socket reverse-NAT key: a socket and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    pub ip: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevValue {
+    pub ip: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Global settings (index 0 of `CONFIG`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Config {
+    /// SNAT source ports are taken from [snat_port_min, snat_port_max]
+    /// (host order), a range outside the node's ephemeral ports.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    /// SNAT source on a device without an address of its own (a pod's)
+    /// when the client did not dial a node address.
+    pub node_ip: u32,
+}
+
+/// Name of a Service port for status read-back (`ns/name:port`, NUL padded).
+pub const SVC_NAME_LEN: usize = 124;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SvcInfo {
+    pub len: u32,
+    pub name: [u8; SVC_NAME_LEN],
+}
+
+/// Map names, shared so userspace can pin and size them by name.
+pub mod maps {
+    pub const FRONTENDS: &str = "FRONTENDS";
+    pub const SLOTS: &str = "SLOTS";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const AFFINITY: &str = "AFFINITY";
+    pub const SRC_RANGES: &str = "SRC_RANGES";
+    pub const CLUSTER_CIDRS: &str = "CLUSTER_CIDRS";
+    pub const NODE_IPS: &str = "NODE_IPS";
+    pub const IF_ADDRS: &str = "IF_ADDRS";
+    pub const CT: &str = "CT";
+    pub const REVNAT: &str = "REVNAT";
+    pub const SNAT: &str = "SNAT";
+    pub const SOCK_REV: &str = "SOCK_REV";
+    pub const CONFIG: &str = "CONFIG";
+    pub const SVC_INFO: &str = "SVC_INFO";
+    /// Every map, for pinning and cleanup.
+    pub const ALL: &[&str] = &[
+        FRONTENDS,
+        SLOTS,
+        BACKENDS,
+        AFFINITY,
+        SRC_RANGES,
+        CLUSTER_CIDRS,
+        NODE_IPS,
+        IF_ADDRS,
+        CT,
+        REVNAT,
+        SNAT,
+        SOCK_REV,
+        CONFIG,
+        SVC_INFO,
+    ];
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all are #[repr(C)], made only of integers, with explicit padding.
+    unsafe impl aya::Pod for FrontendKey {}
+    unsafe impl aya::Pod for Frontend {}
+    unsafe impl aya::Pod for SlotKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for SrcRangeKey {}
+    unsafe impl aya::Pod for Tuple {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for RevNat {}
+    unsafe impl aya::Pod for SnatValue {}
+    unsafe impl aya::Pod for SockRevKey {}
+    unsafe impl aya::Pod for SockRevValue {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for SvcInfo {}
+}

@@ -38,6 +38,8 @@ pub struct Metrics {
     programmed_endpoints: IntGauge,
     rejected_objects: IntGaugeVec,
     sync_errors: IntCounter,
+    service_program_errors: IntGaugeVec,
+    service_program_failures: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -206,6 +208,17 @@ impl Metrics {
                 &["kind", "reason"],
             ),
             sync_errors: counter(&r, "kproxy_sync_errors_total", "Cumulative failed syncs"),
+            service_program_errors: gauge_vec(
+                &r,
+                "kproxy_service_program_errors",
+                "Service ports the last sync could not program (e.g. a full BPF map), by Service and reason",
+                &["service", "reason"],
+            ),
+            service_program_failures: counter(
+                &r,
+                "kproxy_service_program_failures_total",
+                "Cumulative Service ports a sync could not program",
+            ),
             registry: r,
         };
         // Both label values exist from the start so a 0 is visible.
@@ -323,6 +336,17 @@ impl Metrics {
                 .with_label_values(&[kind, reason])
                 .set(n);
         }
+    }
+
+    /// Service ports the last sync could not program (others stayed programmed).
+    pub fn set_service_errors(&self, errors: &[crate::dataplane::ServiceError]) {
+        self.service_program_errors.reset();
+        for e in errors {
+            self.service_program_errors
+                .with_label_values(&[&e.service, &e.reason])
+                .set(1);
+        }
+        self.service_program_failures.inc_by(errors.len() as u64);
     }
 
     /// After a successful sync of `desired`: programmed counts, rejections

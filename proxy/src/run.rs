@@ -6,6 +6,7 @@ use anyhow::{bail, Context};
 use tokio::sync::watch;
 
 use crate::cli::RunArgs;
+use crate::dataplane::ebpf::EbpfDataplane;
 use crate::dataplane::iptables::IptablesDataplane;
 use crate::dataplane::{Dataplane, DataplaneConfig, ProxyMode};
 use crate::health::HealthState;
@@ -43,9 +44,8 @@ pub fn open_dataplane(
                 .context("setting up iptables mode")?;
             Ok(Box::new(dp))
         }
-        ProxyMode::Ebpf => bail!(
-            "--proxy-mode ebpf is not available in this build yet (it arrives with the eBPF-mode issue); use --proxy-mode iptables"
-        ),
+        // Touches nothing: enough for status and cleanup; `run` starts it.
+        ProxyMode::Ebpf => Ok(Box::new(EbpfDataplane::open(config, mode.ebpf.config()))),
     }
 }
 
@@ -58,7 +58,13 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         &args.nodeport_addresses,
         args.masquerade_all,
     )?;
-    let mut dataplane = open_dataplane(&args.mode, config.clone())?;
+    let mut dataplane = match args.mode.proxy_mode {
+        ProxyMode::Ebpf if !args.cleanup => Box::new(
+            EbpfDataplane::start(config.clone(), args.mode.ebpf.config())
+                .context("setting up ebpf mode")?,
+        ),
+        _ => open_dataplane(&args.mode, config.clone())?,
+    };
     if args.cleanup {
         dataplane.cleanup().context("cleaning up")?;
         tracing::info!("removed everything kproxy programmed");

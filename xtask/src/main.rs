@@ -112,6 +112,20 @@ fn test(no_setup: bool) -> Result<()> {
 
     // nextest when installed (parallel, per-test output), plain cargo test otherwise.
     let nextest = run::succeeds(&run::cargo_bin(), &["nextest", "--version"]);
+    if nextest {
+        // nextest does not run doctests: run them first, so the last summary
+        // printed is the one of the real suite.
+        let mut doc = vec!["test", "--doc"];
+        for p in TEST_PACKAGES.iter().filter(|p| !NO_LIBRARY.contains(p)) {
+            doc.extend(["-p", p]);
+        }
+        cargo(&doc)?;
+    }
+    // The namespace suite runs the kproxy binary: build it once, up front,
+    // instead of from every test process.
+    cargo(&["build", "-p", "kproxy", "--bin", "kproxy"])?;
+    let kproxy_bin = run::target_dir().join("debug").join("kproxy");
+    std::env::set_var("KPROXY_BIN", &kproxy_bin);
     let mut test = if nextest {
         vec!["nextest", "run", "--no-fail-fast"]
     } else {
@@ -121,14 +135,6 @@ fn test(no_setup: bool) -> Result<()> {
         test.extend(["-p", p]);
     }
     cargo(&test)?;
-    if nextest {
-        // nextest does not run doctests.
-        let mut doc = vec!["test", "--doc"];
-        for p in TEST_PACKAGES.iter().filter(|p| !NO_LIBRARY.contains(p)) {
-            doc.extend(["-p", p]);
-        }
-        cargo(&doc)?;
-    }
     println!("xtask test: all checks passed");
     Ok(())
 }

@@ -45,12 +45,56 @@ pub enum Command {
 
 #[derive(Debug, Args, Clone)]
 pub struct ModeArgs {
-    /// Which dataplane: iptables, or ebpf (not available yet: arrives with the eBPF-mode issue).
+    /// Which dataplane: iptables, or ebpf (socket load balancing + TC packet path).
     #[arg(long, value_enum, default_value_t = ProxyMode::Iptables)]
     pub proxy_mode: ProxyMode,
     /// iptables binaries to use; auto picks the backend the system already uses.
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub iptables_backend: Backend,
+    #[command(flatten)]
+    pub ebpf: EbpfArgs,
+}
+
+/// Flags of `--proxy-mode ebpf`.
+#[derive(Debug, Args, Clone)]
+pub struct EbpfArgs {
+    /// bpffs directory where this instance pins its maps and links (a restarted kproxy adopts them).
+    #[arg(long, value_name = "DIR", default_value = crate::dataplane::ebpf::DEFAULT_PIN_PATH)]
+    pub bpf_pin_path: PathBuf,
+    /// cgroup v2 directory for the socket load-balancing hooks. Default: the cgroup2 mount.
+    #[arg(long, value_name = "DIR")]
+    pub cgroup_root: Option<PathBuf>,
+    /// Devices for the TC programs, comma-separated. Default: every device but lo (node addresses and pod devices).
+    #[arg(long, value_delimiter = ',', value_name = "DEV")]
+    pub devices: Vec<String>,
+    /// Entries of the frontend and service maps (about 2 per Service port plus node ports).
+    #[arg(long, value_name = "N", default_value_t = 65_536)]
+    pub bpf_lb_map_max: u32,
+    /// Entries of the backend and backend-slot maps (endpoints, counted per distinct backend set).
+    #[arg(long, value_name = "N", default_value_t = 262_144)]
+    pub bpf_backend_map_max: u32,
+    /// Entries of the conntrack, NAT and socket reverse-NAT maps (LRU).
+    #[arg(long, value_name = "N", default_value_t = 262_144)]
+    pub bpf_ct_map_max: u32,
+    /// Entries of the sessionAffinity map (LRU).
+    #[arg(long, value_name = "N", default_value_t = 65_536)]
+    pub bpf_affinity_map_max: u32,
+}
+
+impl EbpfArgs {
+    pub fn config(&self) -> crate::dataplane::ebpf::EbpfConfig {
+        crate::dataplane::ebpf::EbpfConfig {
+            pin_path: self.bpf_pin_path.clone(),
+            cgroup_root: self.cgroup_root.clone(),
+            devices: self.devices.clone(),
+            map_sizes: crate::dataplane::ebpf::MapSizes {
+                lb: self.bpf_lb_map_max,
+                backend: self.bpf_backend_map_max,
+                ct: self.bpf_ct_map_max,
+                affinity: self.bpf_affinity_map_max,
+            },
+        }
+    }
 }
 
 #[derive(Debug, Args)]

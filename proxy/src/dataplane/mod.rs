@@ -1,6 +1,7 @@
 //! Dataplanes program a [`DesiredState`] into the kernel. Each is a small
 //! adapter behind the [`Dataplane`] trait; the sync loop drives it.
 
+pub mod ebpf;
 pub mod iptables;
 
 use std::fmt;
@@ -50,6 +51,19 @@ pub struct SyncStats {
     pub objects_written: usize,
     /// Chains or map entries deleted.
     pub objects_deleted: usize,
+    /// Service ports that could not be programmed (e.g. a full BPF map);
+    /// every other Service stays programmed.
+    pub errors: Vec<ServiceError>,
+}
+
+/// One Service port a sync could not program, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceError {
+    /// `ns/name:port`.
+    pub service: String,
+    /// Metrics label, e.g. `map_full`.
+    pub reason: String,
+    pub message: String,
 }
 
 /// One frontend as the kernel has it programmed, read back for `kproxy status`.

@@ -141,7 +141,18 @@ impl SyncLoop {
         let mut desired = model::build(&snapshot.objects, &self.model_config);
         desired.rejected.extend(snapshot.rejected.iter().cloned());
         desired.rejected.sort();
-        desired.rejected.dedup();
+        // The source and the model may report the same problem (a slice
+        // passed on with a bad endpoint); keep one, with the source's origin.
+        desired.rejected.dedup_by(|later, kept| {
+            let same = Rejection {
+                origin: kept.origin.clone(),
+                ..later.clone()
+            } == *kept;
+            if same && kept.origin.is_none() {
+                kept.origin = later.origin.take();
+            }
+            same
+        });
         self.report_rejections(&desired.rejected);
 
         let changes = if full {
@@ -168,6 +179,10 @@ impl SyncLoop {
                     self.metrics.observe_network_programming(queued.elapsed());
                 }
                 self.metrics.observe_desired(&desired);
+                self.metrics.set_service_errors(&stats.errors);
+                for e in &stats.errors {
+                    tracing::error!(service = %e.service, reason = %e.reason, "{}", e.message);
+                }
                 // Before the health-check servers, which report proxy health.
                 self.health.updated(SystemTime::now());
                 self.health_checks.sync(&desired);

@@ -140,6 +140,7 @@ impl IptablesDataplane {
             full,
             objects_written: rendered.chains_written,
             objects_deleted: rendered.chains_deleted,
+            ..SyncStats::default()
         })
     }
 }

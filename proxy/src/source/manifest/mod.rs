@@ -22,7 +22,7 @@ use tracing::warn;
 use crate::model::{self, ClusterObjects, Rejection};
 
 use super::Snapshot;
-use parse::{Document, Object, ObjectKey, REASON_DUPLICATE_OBJECT, REASON_PARSE_ERROR};
+use parse::{Document, Kind, Object, ObjectKey, REASON_DUPLICATE_OBJECT, REASON_PARSE_ERROR};
 
 pub use watch::ManifestSource;
 
@@ -196,7 +196,14 @@ fn process_file(rel: &str, content: Vec<u8>, prev: Option<FileState>) -> FileSta
                 }
                 rejections.push(r);
             }
-            last_good.cloned()
+            match last_good {
+                Some(good) => Some(good.clone()),
+                // A new slice with a bad endpoint or port still carries good
+                // ones: the model leaves out only the bad parts (as
+                // kube-proxy does) instead of the whole slice.
+                None if doc.key.kind == Kind::EndpointSlice => Some(doc.clone()),
+                None => None,
+            }
         };
         let Some(chosen) = chosen else { continue };
         if let Some(&i) = index.get(&doc.key) {

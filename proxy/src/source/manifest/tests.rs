@@ -601,3 +601,31 @@ fn large_file_loads_quickly() {
     println!("5000 services loaded in {took:?}");
     assert!(took < Duration::from_secs(20), "took {took:?}");
 }
+
+#[test]
+fn new_slice_with_one_bad_endpoint_keeps_the_good_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    write(tmp.path(), "s.yaml", &svc("web", 80));
+    write(
+        tmp.path(),
+        "t.yaml",
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports:\n- {name: http, port: 8080, protocol: TCP}\nendpoints:\n- addresses: [10.0.0.1]\n- addresses: [10.0.0.300]\n",
+    );
+    let snap = load_dir(tmp.path()).unwrap();
+    let r = snap
+        .rejected
+        .iter()
+        .find(|r| r.kind == "EndpointSlice")
+        .expect("the bad address is reported");
+    assert_eq!(r.origin.as_deref(), Some("t.yaml, document 1"));
+    assert!(r.field.contains("endpoints[1]"), "{r}");
+    let desired = model::build(
+        &snap.objects,
+        &model::ModelConfig {
+            node_name: "node1".into(),
+        },
+    );
+    let port = desired.services.values().next().expect("web is programmed");
+    let eps: Vec<String> = port.all_endpoints.iter().map(|e| e.to_string()).collect();
+    assert_eq!(eps, ["10.0.0.1:8080"]);
+}

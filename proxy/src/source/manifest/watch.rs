@@ -168,6 +168,11 @@ fn watch_error(dir: &Path, source: notify::Error) -> SourceError {
 fn classify(dir: &Path, ev: notify::Result<notify::Event>) -> (bool, bool) {
     match ev {
         Ok(ev) => {
+            // Opening and reading files (our own scans, other readers) is
+            // no change; counting it would make every scan trigger the next.
+            if matches!(ev.kind, notify::EventKind::Access(_)) {
+                return (false, false);
+            }
             if ev.paths.is_empty() {
                 // Queue overflow or rescan request: look at everything.
                 return (true, true);

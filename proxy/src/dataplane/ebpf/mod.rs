@@ -1,0 +1,248 @@
+//! eBPF mode: the same desired state programmed into BPF maps read by
+//! kproxy's programs (proxy-ebpf): socket load balancing on a cgroup and a
+//! TC packet path on the node's devices. No iptables rule for Service traffic.
+//!
+//! - `checks`: start-up checks (BTF, bpffs, cgroup2, TCX) and defaults for
+//!   `--cgroup-root` and `--devices`.
+//! - `loader`: load, attach, pin, adopt, clean up.
+//! - `plan`: one Service port to map entries (pure).
+//! - `writer`: map updates in an order that keeps lookups atomic.
+//! - `readback`: the service table as the kernel holds it (`kproxy status`).
+//!
+//! Known differences from iptables mode: a flow SNATed to a backend on
+//! *this* node needs the pod's device among `--devices` (the default takes
+//! every device; devices created later are not followed yet);
+//! sessionAffinity from this node's sockets is keyed by network namespace,
+//! not source address; SCTP is only balanced by the socket hooks; IPv4 only.
+
+pub mod checks;
+pub mod loader;
+mod maps;
+pub mod plan;
+pub mod readback;
+pub mod writer;
+
+#[cfg(test)]
+mod kernel_tests;
+#[cfg(test)]
+pub(crate) mod test_support;
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use proxy_common::maps as names;
+use tracing::info;
+
+use super::{Dataplane, DataplaneConfig, DataplaneError, ProgrammedFrontend, ProxyMode, SyncStats};
+use crate::model::{Changes, DesiredState};
+use writer::{NodeSettings, PortError, Writer};
+
+/// Entries per map. Defaults hold 10,000 Services (about 20,000
+/// frontends, 100,000 endpoints counted once per distinct backend set)
+/// with room to spare; see docs for the memory they lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapSizes {
+    /// FRONTENDS and SVC_INFO (and SRC_RANGES).
+    pub lb: u32,
+    /// SLOTS and BACKENDS.
+    pub backend: u32,
+    /// CT, REVNAT, SNAT, SOCK_REV.
+    pub ct: u32,
+    /// AFFINITY.
+    pub affinity: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        MapSizes {
+            lb: 65_536,
+            backend: 262_144,
+            ct: 262_144,
+            affinity: 65_536,
+        }
+    }
+}
+
+impl MapSizes {
+    pub fn by_map(&self) -> Vec<(&'static str, u32)> {
+        vec![
+            (names::FRONTENDS, self.lb),
+            (names::SVC_INFO, self.lb),
+            (names::SRC_RANGES, self.lb),
+            (names::SLOTS, self.backend),
+            (names::BACKENDS, self.backend),
+            (names::CT, self.ct),
+            (names::REVNAT, self.ct),
+            (names::SNAT, self.ct),
+            (names::SOCK_REV, self.ct),
+            (names::AFFINITY, self.affinity),
+        ]
+    }
+}
+
+/// Settings of ebpf mode (from the command line).
+#[derive(Debug, Clone)]
+pub struct EbpfConfig {
+    /// bpffs directory of this instance's pinned maps and links.
+    pub pin_path: PathBuf,
+    /// cgroup v2 directory for the socket hooks; `None`: the cgroup2 mount.
+    pub cgroup_root: Option<PathBuf>,
+    /// Devices for the TC programs; empty: every device but lo.
+    pub devices: Vec<String>,
+    pub map_sizes: MapSizes,
+}
+
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/kproxy";
+
+/// The eBPF dataplane. [`EbpfDataplane::open`] touches nothing (for
+/// `status` and `cleanup`); [`EbpfDataplane::start`] checks the kernel,
+/// loads, attaches or adopts.
+pub struct EbpfDataplane {
+    config: DataplaneConfig,
+    ebpf: EbpfConfig,
+    writer: Option<Writer>,
+    node: NodeSettings,
+    needs_full: bool,
+}
+
+impl EbpfDataplane {
+    pub fn open(config: DataplaneConfig, ebpf: EbpfConfig) -> EbpfDataplane {
+        EbpfDataplane {
+            config,
+            ebpf,
+            writer: None,
+            node: NodeSettings::default(),
+            needs_full: true,
+        }
+    }
+
+    /// Checks the kernel, loads the programs (reusing pinned maps), attaches
+    /// them (replacing pinned links) and programs the node settings.
+    pub fn start(config: DataplaneConfig, ebpf: EbpfConfig) -> Result<Self, DataplaneError> {
+        checks::check_btf()?;
+        checks::check_bpffs(&ebpf.pin_path)?;
+        let cgroup = match &ebpf.cgroup_root {
+            Some(c) => c.clone(),
+            None => checks::detect_cgroup2().ok_or_else(|| {
+                DataplaneError::MissingFeature(
+                    "cgroup2: no cgroup2 mount in /proc/mounts; mount one (`mount -t cgroup2 none /sys/fs/cgroup`) or pass --cgroup-root".into(),
+                )
+            })?,
+        };
+        checks::check_cgroup(&cgroup)?;
+        checks::check_tcx()?;
+        let devices = checks::resolve_devices(&ebpf.devices)?;
+        let adopting = ebpf.pin_path.join("maps").exists();
+        let mut obj = loader::load(&ebpf.pin_path, &ebpf.map_sizes)?;
+        loader::attach_cgroup(&mut obj, &ebpf.pin_path, &cgroup)?;
+        loader::attach_tc(&mut obj, &ebpf.pin_path, &devices)?;
+        // Links and maps are pinned: the object can go.
+        drop(obj);
+        let nodeport_ips = config
+            .node_ips
+            .iter()
+            .filter_map(|ip| match ip {
+                IpAddr::V4(v4) if !v4.is_loopback() => Some(*v4),
+                _ => None,
+            })
+            .filter(|ip| {
+                config.nodeport_addresses.is_empty()
+                    || config
+                        .nodeport_addresses
+                        .iter()
+                        .any(|n| n.contains(&IpAddr::V4(*ip)))
+            })
+            .collect();
+        let node_ip = config.node_ips.iter().find_map(|ip| match ip {
+            IpAddr::V4(v4) if !v4.is_loopback() => Some(*v4),
+            _ => None,
+        });
+        let node = NodeSettings {
+            node_ip,
+            nodeport_ips,
+            if_addrs: devices
+                .iter()
+                .filter_map(|d| d.ipv4.map(|ip| (d.ifindex, ip)))
+                .collect(),
+            snat_ports: checks::snat_port_range(),
+        };
+        let mut writer = Writer::open(&ebpf.pin_path)?;
+        writer.sync_node(&node, &config)?;
+        info!(
+            pin = %ebpf.pin_path.display(),
+            adopted = adopting,
+            snat_ports = ?node.snat_ports,
+            "ebpf dataplane ready"
+        );
+        Ok(EbpfDataplane {
+            config,
+            ebpf,
+            writer: Some(writer),
+            node,
+            needs_full: true,
+        })
+    }
+
+    pub fn pin_path(&self) -> &Path {
+        &self.ebpf.pin_path
+    }
+}
+
+fn to_stats(full: bool, c: writer::Counts, errors: Vec<PortError>) -> SyncStats {
+    SyncStats {
+        full,
+        objects_written: c.written,
+        objects_deleted: c.deleted,
+        errors: errors
+            .into_iter()
+            .map(|e| super::ServiceError {
+                service: e.service,
+                reason: e.reason.to_string(),
+                message: e.message,
+            })
+            .collect(),
+    }
+}
+
+impl Dataplane for EbpfDataplane {
+    fn mode(&self) -> ProxyMode {
+        ProxyMode::Ebpf
+    }
+
+    fn sync(
+        &mut self,
+        desired: &DesiredState,
+        changes: &Changes,
+        full: bool,
+    ) -> Result<SyncStats, DataplaneError> {
+        let full = full || self.needs_full;
+        let Some(writer) = self.writer.as_mut() else {
+            return Err(DataplaneError::Other(
+                "ebpf dataplane opened without start()".into(),
+            ));
+        };
+        if full {
+            writer.sync_node(&self.node, &self.config)?;
+        }
+        match writer.sync(desired, changes, full, &self.config) {
+            Ok((counts, errors)) => {
+                self.needs_full = false;
+                Ok(to_stats(full, counts, errors))
+            }
+            Err(e) => {
+                self.needs_full = true;
+                Err(e)
+            }
+        }
+    }
+
+    fn cleanup(&mut self) -> Result<(), DataplaneError> {
+        self.writer = None;
+        self.needs_full = true;
+        loader::cleanup(&self.ebpf.pin_path)
+    }
+
+    fn programmed(&self) -> Result<Vec<ProgrammedFrontend>, DataplaneError> {
+        readback::programmed(&self.ebpf.pin_path)
+    }
+}

@@ -1,0 +1,207 @@
+//! `kproxy-testpod`: the workload of the namespace tests.
+//!
+//! `serve --name NAME [--tcp PORT]... [--udp PORT]...` answers every TCP line
+//! and every UDP datagram with `NAME CLIENT_IP:CLIENT_PORT LOCAL_PORT`, so a
+//! test sees which pod answered, on which port, and which client address
+//! that pod saw. It prints
+//! `ready` once every socket is bound.
+//!
+//! `client --target IP:PORT [--udp] [--count N] [--timeout-ms T]
+//! [--interval-ms I] [--hold]` prints one JSON line per attempt:
+//! `{"i":0,"t":1763900000000.0,"ok":true,"reply":"pod-a 10.244.1.30:40000 8080","ms":0.4}`
+//! or `{"i":1,"t":...,"ok":false,"error":"refused","ms":0.1}` (`t`: start of
+//! the attempt, ms since the Unix epoch). With `--hold` all attempts
+//! go over one TCP connection (a long-lived client). Loops are bounded by
+//! `--count` and stop by themselves.
+
+use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("serve") => serve(&args[1..]),
+        Some("client") => client(&args[1..]),
+        _ => Err("usage: kproxy-testpod serve|client ...".to_string()),
+    };
+    if let Err(err) = result {
+        eprintln!("kproxy-testpod: {err}");
+        std::process::exit(2);
+    }
+}
+
+fn values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+    args.windows(2)
+        .filter(|w| w[0] == flag)
+        .map(|w| w[1].as_str())
+        .collect()
+}
+
+fn value<T: std::str::FromStr>(args: &[String], flag: &str, default: T) -> Result<T, String> {
+    match values(args, flag).last() {
+        Some(v) => v.parse().map_err(|_| format!("bad value for {flag}: {v}")),
+        None => Ok(default),
+    }
+}
+
+fn serve(args: &[String]) -> Result<(), String> {
+    let name: String = value(args, "--name", "pod".to_string())?;
+    let mut threads = Vec::new();
+    for port in values(args, "--tcp") {
+        let listener = TcpListener::bind(format!("0.0.0.0:{port}"))
+            .map_err(|e| format!("bind tcp {port}: {e}"))?;
+        let name = name.clone();
+        threads.push(std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let name = name.clone();
+                std::thread::spawn(move || answer_tcp(conn, &name));
+            }
+        }));
+    }
+    for port in values(args, "--udp") {
+        let socket = UdpSocket::bind(format!("0.0.0.0:{port}"))
+            .map_err(|e| format!("bind udp {port}: {e}"))?;
+        let name = name.clone();
+        let port = port.to_string();
+        threads.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(format!("{name} {peer} {port}").as_bytes(), peer);
+            }
+        }));
+    }
+    println!("ready");
+    std::io::stdout().flush().ok();
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+fn answer_tcp(conn: TcpStream, name: &str) {
+    let (Ok(peer), Ok(local)) = (conn.peer_addr(), conn.local_addr()) else {
+        return;
+    };
+    let port = local.port();
+    let mut writer = match conn.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    for line in BufReader::new(conn).lines() {
+        if line.is_err() || writeln!(writer, "{name} {peer} {port}").is_err() {
+            return;
+        }
+    }
+}
+
+fn classify(err: &std::io::Error) -> String {
+    match err.kind() {
+        ErrorKind::ConnectionRefused => "refused".into(),
+        ErrorKind::TimedOut | ErrorKind::WouldBlock => "timeout".into(),
+        ErrorKind::ConnectionReset => "reset".into(),
+        ErrorKind::UnexpectedEof => "closed".into(),
+        _ => match err.raw_os_error() {
+            // EHOSTUNREACH, ENETUNREACH
+            Some(113) | Some(101) => "unreachable".into(),
+            _ => format!("other: {err}"),
+        },
+    }
+}
+
+fn client(args: &[String]) -> Result<(), String> {
+    let target: SocketAddr = values(args, "--target")
+        .last()
+        .ok_or("--target IP:PORT is required")?
+        .parse()
+        .map_err(|e| format!("--target: {e}"))?;
+    let count: usize = value(args, "--count", 1)?;
+    let timeout = Duration::from_millis(value(args, "--timeout-ms", 1000)?);
+    let interval = Duration::from_millis(value(args, "--interval-ms", 0)?);
+    let udp = args.iter().any(|a| a == "--udp");
+    let hold = args.iter().any(|a| a == "--hold");
+    let mut held: Option<(TcpStream, BufReader<TcpStream>)> = None;
+    let out = std::io::stdout();
+    for i in 0..count {
+        let start = Instant::now();
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64() * 1000.0)
+            .unwrap_or(0.0);
+        let result = if udp {
+            udp_attempt(target, timeout)
+        } else if hold {
+            held_attempt(&mut held, target, timeout)
+        } else {
+            tcp_attempt(target, timeout)
+        };
+        let ms = start.elapsed().as_secs_f64() * 1000.0;
+        let line = match result {
+            Ok(reply) => serde_json::json!({"i": i, "t": t, "ok": true, "reply": reply, "ms": ms}),
+            Err(err) => serde_json::json!({"i": i, "t": t, "ok": false, "error": err, "ms": ms}),
+        };
+        let mut out = out.lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+        if !interval.is_zero() {
+            std::thread::sleep(interval);
+        }
+    }
+    Ok(())
+}
+
+fn tcp_attempt(target: SocketAddr, timeout: Duration) -> Result<String, String> {
+    let conn = TcpStream::connect_timeout(&target, timeout).map_err(|e| classify(&e))?;
+    exchange(
+        &conn,
+        &mut BufReader::new(conn.try_clone().map_err(|e| classify(&e))?),
+        timeout,
+    )
+}
+
+fn held_attempt(
+    held: &mut Option<(TcpStream, BufReader<TcpStream>)>,
+    target: SocketAddr,
+    timeout: Duration,
+) -> Result<String, String> {
+    if held.is_none() {
+        let conn = TcpStream::connect_timeout(&target, timeout).map_err(|e| classify(&e))?;
+        let reader = BufReader::new(conn.try_clone().map_err(|e| classify(&e))?);
+        *held = Some((conn, reader));
+    }
+    let (conn, reader) = held.as_mut().expect("connected above");
+    let result = exchange(conn, reader, timeout);
+    if result.is_err() {
+        // A broken held connection stays broken: report every later attempt.
+        *held = None;
+    }
+    result
+}
+
+fn exchange(
+    conn: &TcpStream,
+    reader: &mut BufReader<TcpStream>,
+    timeout: Duration,
+) -> Result<String, String> {
+    conn.set_read_timeout(Some(timeout))
+        .map_err(|e| classify(&e))?;
+    (&*conn).write_all(b"hello\n").map_err(|e| classify(&e))?;
+    let mut line = String::new();
+    match reader.read_line(&mut line) {
+        Ok(0) => Err("closed".into()),
+        Ok(_) => Ok(line.trim_end().to_string()),
+        Err(e) => Err(classify(&e)),
+    }
+}
+
+fn udp_attempt(target: SocketAddr, timeout: Duration) -> Result<String, String> {
+    let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| classify(&e))?;
+    socket.connect(target).map_err(|e| classify(&e))?;
+    socket
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| classify(&e))?;
+    socket.send(b"hello").map_err(|e| classify(&e))?;
+    let mut buf = [0u8; 1500];
+    let n = socket.recv(&mut buf).map_err(|e| classify(&e))?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}

@@ -1,0 +1,679 @@
+//! The scenario suite: every scenario is written once, as a function of the
+//! dataplane mode, and run once per mode (see the macros at the bottom).
+//! Each builds its own topology of namespaces (tests run in parallel) and
+//! asserts what a user would see: who answered, which client address the
+//! backend saw, connections refused or dropped.
+
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use kproxy_tests::client::{now_ms, ClientSpec};
+use kproxy_tests::manifests::{self as m, ready, service, slice, terminating, Endpoint};
+use kproxy_tests::topo::{EXT_IP, NODE_IPS};
+use kproxy_tests::{poll, Mode, Topology};
+use serde_json::Value;
+
+const A: &str = "10.244.1.10"; // pod-a on node1
+const C: &str = "10.244.1.30"; // pod-c on node1 (usually the client)
+const B: &str = "10.244.2.10"; // pod-b on node2
+const VIP: &str = "10.96.0.10";
+const SVC: &str = "default/web:http";
+
+fn ep(ip: &str) -> String {
+    format!("{ip}:8080")
+}
+
+fn a() -> Endpoint {
+    ready(A, "node1")
+}
+fn b() -> Endpoint {
+    ready(B, "node2")
+}
+fn c() -> Endpoint {
+    ready(C, "node1")
+}
+
+/// Service `web` (port `http` 80 -> 8080, optionally a node port) and one
+/// EndpointSlice with `endpoints`.
+fn web(svc: m::Service, endpoints: &[Endpoint]) -> Vec<Value> {
+    vec![
+        svc.to_json(),
+        slice("web-1", "web", &[("http", "TCP", 8080)], endpoints),
+    ]
+}
+
+fn web_svc() -> m::Service {
+    service("web", VIP, vec![m::tcp("http", 80, 8080)])
+}
+
+fn web_nodeport(np: u16) -> m::Service {
+    service("web", VIP, vec![m::tcp("http", 80, 8080).node_port(np)])
+}
+
+pub fn clusterip_spreads_over_every_endpoint(mode: Mode) -> Result<()> {
+    let topo = Topology::start(mode)?;
+    topo.write("web.yaml", &web(web_svc(), &[a(), b()]))?;
+    topo.wait_backends(SVC, "ClusterIP", &[&ep(A), &ep(B)])?;
+    let out = topo.from_pod("pod-c", &ClientSpec::tcp(format!("{VIP}:80"), 200))?;
+    out.expect_all_ok("ClusterIP from pod-c")?;
+    let by_pod = out.by_pod();
+    for pod in ["pod-a", "pod-b"] {
+        let n = by_pod.get(pod).copied().unwrap_or(0);
+        // Expect 100 each; 50 is far outside random variation (p < 1e-12).
+        ensure!(
+            n >= 50,
+            "{pod} got {n} of 200 connections: {}",
+            out.summary()
+        );
+    }
+    // The backend sees the pod's own address: no SNAT inside the cluster.
+    ensure!(
+        out.attempts.iter().all(|a| a.seen_client_ip() == Some(C)),
+        "backends saw a translated client address: {:?}",
+        out.attempts.first()
+    );
+    Ok(())
+}
+
+pub fn nodeport_through_either_node(mode: Mode) -> Result<()> {
+    let topo = Topology::start(mode)?;
+    topo.write("web.yaml", &web(web_nodeport(30080), &[a(), b()]))?;
+    topo.wait_backends(SVC, "NodePort", &[&ep(A), &ep(B)])?;
+    for node_ip in NODE_IPS {
+        let out = topo.from_ext(&ClientSpec::tcp(format!("{node_ip}:30080"), 60))?;
+        out.expect_all_ok(&format!("NodePort via {node_ip}"))?;
+        ensure!(
+            out.by_pod().len() == 2,
+            "via {node_ip} only {:?} answered",
+            out.by_pod()
+        );
+    }
+    Ok(())
+}
+
+pub fn etp_cluster_backend_sees_node_address(mode: Mode) -> Result<()> {
+    let topo = Topology::start(mode)?;
+    topo.write("web.yaml", &web(web_nodeport(30080), &[a(), b()]))?;
+    topo.wait_backends(SVC, "NodePort", &[&ep(A), &ep(B)])?;
+    for node_ip in NODE_IPS {
+        let out = topo.from_ext(&ClientSpec::tcp(format!("{node_ip}:30080"), 30))?;
+        out.expect_all_ok("NodePort")?;
+        for a in &out.attempts {
+            ensure!(
+                a.seen_client_ip() == Some(node_ip),
+                "externalTrafficPolicy Cluster via {node_ip}: backend saw {:?}, want the node address",
+                a.reply
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn etp_local_preserves_client_and_drops_without_endpoint(mode: Mode) -> Result<()> {
+    let topo = Topology::start(mode)?;
+    topo.write("web.yaml", &web(web_nodeport(30080).etp_local(), &[a()]))?;
+    topo.wait_for("node1 NodePort -> pod-a, node2 none", |i, fs| {
+        let want: Vec<String> = if i == 0 { vec![ep(A)] } else { vec![] };
+        fs.iter()
+            .any(|f| f.service == SVC && f.kind == "NodePort" && f.backends == want)
+    })?;
+    let out = topo.from_ext(&ClientSpec::tcp(format!("{}:30080", NODE_IPS[0]), 20))?;
+    out.expect_all_ok("ETP Local via node1")?;
+    for a in &out.attempts {
+        ensure!(
+            a.pod() == Some("pod-a") && a.seen_client_ip() == Some(EXT_IP),
+            "ETP Local: want pod-a seeing {EXT_IP}, got {:?}",
+            a.reply
+        );
+    }
+    let out =
+        topo.from_ext(&ClientSpec::tcp(format!("{}:30080", NODE_IPS[1]), 3).timeout_ms(500))?;
+    ensure!(
+        out.attempts.iter().all(|a| !a.ok),
+        "node2 has no local endpoint and must not answer: {}",
+        out.summary()
+    );
+    Ok(())
+}
+
+pub fn itp_local_keeps_traffic_on_node(mode: Mode) -> Result<()> {
+    let topo = Topology::start(mode)?;
+    topo.write("web.yaml", &web(web_svc().itp_local(), &[a(), b()]))?;
+    topo.wait_for("ClusterIP -> local endpoint only", |i, fs| {
+        let want = vec![ep(if i == 0 { A } else { B })];
+        fs.iter()
+            .any(|f| f.service == SVC && f.kind == "ClusterIP" && f.backends == want)
+    })?;
+    let out = topo.from_pod("pod-c", &ClientSpec::tcp(format!("{VIP}:80"), 40))?;
+    out.expect_all_ok("ITP Local from pod-c")?;
+    ensure!(
+        out.by_pod().keys().eq(["pod-a"]),
+        "internalTrafficPolicy Local on node1 must only reach pod-a: {}",
+        out.summary()
+    );
+    Ok(())
+}
+
+pub fn session_affinity_sticks_to_one_backend(mode: Mode) -> Result<()> {
+    let topo = Topology::start(mode)?;
+    topo.write("web.yaml", &web(web_svc().affinity(600), &[a(), b()]))?;
+    topo.wait_backends(SVC, "ClusterIP", &[&ep(A), &ep(B)])?;
+    let out = topo.from_pod("pod-c", &ClientSpec::tcp(format!("{VIP}:80"), 40))?;
+    out.expect_all_ok("affinity")?;
+    ensure!(
+        out.by_pod().len() == 1,
+        "sessionAffinity ClientIP: one client must stick to one backend: {}",
+        out.summary()
+    );
+    Ok(())
+}
+
+pub fn no_endpoints_is_refused_at_once(mode: Mode) -> Result<()> {
+    let topo = Topology::start(mode)?;
+    topo.write("web.yaml", &web(web_nodeport(30080), &[]))?;
+    topo.wait_backends(SVC, "ClusterIP", &[])?;
+    topo.wait_backends(SVC, "NodePort", &[])?;
+    let from_pod = topo.from_pod("pod-c", &ClientSpec::tcp(format!("{VIP}:80"), 5))?;
+    let from_ext = topo.from_ext(&ClientSpec::tcp(format!("{}:30080", NODE_IPS[0]), 5))?;
+    for (who, out) in [
+        ("pod-c -> ClusterIP", from_pod),
+        ("ext -> NodePort", from_ext),
+    ] {
+        for a in &out.attempts {
+            ensure!(
+                a.error.as_deref() == Some("refused") && a.ms < 500.0,
+                "{who}: a Service without endpoints must refuse at once, got {:?} after {:.0} ms",
+                a.error.as_deref().or(a.reply.as_deref()),
+                a.ms
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn endpoint_changes_under_load(mode: Mode) -> Result<()> {
+    let topo = Topology::start(mode)?;
+    topo.write("web.yaml", &web(web_svc(), &[a(), b()]))?;
+    topo.wait_backends(SVC, "ClusterIP", &[&ep(A), &ep(B)])?;
+    let client = topo.start_from_pod(
+        "pod-c",
+        &ClientSpec::tcp(format!("{VIP}:80"), 1500).interval_ms(2),
+    )?;
+    // Wait until the client is demonstrably running before changing anything.
+    poll::until(
+        "client traffic to reach pod-b",
+        Duration::from_secs(10),
+        || {
+            topo.from_pod("pod-a", &ClientSpec::tcp(format!("{VIP}:80"), 1))
+                .map(drop)
+        },
+    )?;
+    topo.write("web.yaml", &web(web_svc(), &[a()]))?;
+    topo.wait_backends(SVC, "ClusterIP", &[&ep(A)])?;
+    let removed_at = now_ms();
+    topo.write("web.yaml", &web(web_svc(), &[a(), c()]))?;
+    topo.wait_backends(SVC, "ClusterIP", &[&ep(A), &ep(C)])?;
+    let added_at = now_ms();
+    let out = client.wait()?;
+    out.expect_all_ok("client looping through endpoint changes")?;
+    ensure!(
+        out.attempts.iter().any(|a| a.t < removed_at - 50.0),
+        "the client did not run before the change: {}",
+        out.summary()
+    );
+    for a in out.attempts.iter().filter(|a| a.t > removed_at) {
+        ensure!(
+            a.pod() != Some("pod-b"),
+            "attempt {} started {:.0} ms after pod-b was removed and still reached it",
+            a.i,
+            a.t - removed_at
+        );
+    }
+    let after: Vec<_> = out.attempts.iter().filter(|a| a.t > added_at).collect();
+    ensure!(
+        after.len() >= 20,
+        "too few attempts after the endpoint was added ({}): the client ended too early",
+        after.len()
+    );
+    ensure!(
+        after.iter().any(|a| a.pod() == Some("pod-c")),
+        "the added endpoint pod-c got no traffic in {} attempts",
+        after.len()
+    );
+    Ok(())
+}
+
+pub fn terminating_only_service_still_serves(mode: Mode) -> Result<()> {
+    let topo = Topology::start(mode)?;
+    topo.write("web.yaml", &web(web_svc(), &[terminating(A, "node1")]))?;
+    topo.wait_backends(SVC, "ClusterIP", &[&ep(A)])?;
+    let out = topo.from_pod("pod-c", &ClientSpec::tcp(format!("{VIP}:80"), 10))?;
+    out.expect_all_ok("terminating-only Service")?;
+    ensure!(out.by_pod().keys().eq(["pod-a"]), "{}", out.summary());
+    // A ready endpoint takes over from the terminating one.
+    topo.write("web.yaml", &web(web_svc(), &[terminating(A, "node1"), b()]))?;
+    topo.wait_backends(SVC, "ClusterIP", &[&ep(B)])?;
+    let out = topo.from_pod("pod-c", &ClientSpec::tcp(format!("{VIP}:80"), 10))?;
+    out.expect_all_ok("ready endpoint preferred")?;
+    ensure!(out.by_pod().keys().eq(["pod-b"]), "{}", out.summary());
+    Ok(())
+}
+
+pub fn udp_service(mode: Mode) -> Result<()> {
+    let topo = Topology::start(mode)?;
+    let svc = service(
+        "dns",
+        "10.96.0.53",
+        vec![m::udp("dns", 53, 5353).node_port(30053)],
+    );
+    topo.write(
+        "dns.yaml",
+        &[
+            svc.to_json(),
+            slice("dns-1", "dns", &[("dns", "UDP", 5353)], &[a(), b()]),
+        ],
+    )?;
+    let backends = [format!("{A}:5353"), format!("{B}:5353")];
+    let backends: Vec<&str> = backends.iter().map(String::as_str).collect();
+    topo.wait_backends("default/dns:dns", "ClusterIP", &backends)?;
+    topo.wait_backends("default/dns:dns", "NodePort", &backends)?;
+    let out = topo.from_pod("pod-c", &ClientSpec::udp("10.96.0.53:53", 60))?;
+    out.expect_all_ok("UDP ClusterIP")?;
+    ensure!(out.by_pod().len() == 2, "UDP spread: {}", out.summary());
+    let out = topo.from_ext(&ClientSpec::udp(format!("{}:30053", NODE_IPS[1]), 20))?;
+    out.expect_all_ok("UDP NodePort")?;
+    Ok(())
+}
+
+pub fn multiport_with_named_target_ports(mode: Mode) -> Result<()> {
+    let topo = Topology::start(mode)?;
+    let svc = service(
+        "multi",
+        "10.96.0.20",
+        vec![
+            m::tcp("http", 80, 0).target_name("web"),
+            m::tcp("admin", 81, 0).target_name("admin-port"),
+        ],
+    );
+    topo.write(
+        "multi.yaml",
+        &[
+            svc.to_json(),
+            slice(
+                "multi-1",
+                "multi",
+                // The EndpointSlice controller names slice ports after the
+                // Service port and resolves the container port's name.
+                &[("http", "TCP", 8080), ("admin", "TCP", 9090)],
+                &[a(), b()],
+            ),
+        ],
+    )?;
+    topo.wait_backends(
+        "default/multi:admin",
+        "ClusterIP",
+        &[&format!("{A}:9090"), &format!("{B}:9090")],
+    )?;
+    topo.wait_backends("default/multi:http", "ClusterIP", &[&ep(A), &ep(B)])?;
+    for (port, want) in [(80, 8080), (81, 9090)] {
+        let out = topo.from_pod("pod-c", &ClientSpec::tcp(format!("10.96.0.20:{port}"), 10))?;
+        out.expect_all_ok(&format!("port {port}"))?;
+        ensure!(
+            out.attempts.iter().all(|a| a.served_port() == Some(want)),
+            "Service port {port} must reach the pods' port {want}: {:?}",
+            out.attempts.first().and_then(|a| a.reply.clone())
+        );
+    }
+    Ok(())
+}
+
+pub fn health_check_node_port_and_load_balancer_ip(mode: Mode) -> Result<()> {
+    let topo = Topology::start(mode)?;
+    let svc = web_nodeport(30081)
+        .etp_local()
+        .load_balancer(&["203.0.113.10"], Some(30256));
+    topo.write("web.yaml", &web(svc, &[a()]))?;
+    topo.wait_for("LoadBalancer frontends", |_, fs| {
+        fs.iter()
+            .any(|f| f.service == SVC && f.kind == "LoadBalancer")
+    })?;
+    for (i, (code, count)) in [(200, 1), (503, 0)].into_iter().enumerate() {
+        let addr = format!("{}:30256", NODE_IPS[i]);
+        let node = &topo.nodes[i].ns;
+        poll::until(
+            &format!("{addr}/healthz to say {code}"),
+            Duration::from_secs(10),
+            || {
+                let (got, body) = Topology::http_get(node, &addr, "/healthz")?;
+                let json: Value = serde_json::from_str(&body).context("healthz body")?;
+                if got == code
+                    && json["localEndpoints"] == count
+                    && json["service"]["name"] == "web"
+                {
+                    Ok(())
+                } else {
+                    bail!("{got} {body}")
+                }
+            },
+        )?;
+    }
+    // The load balancer sends traffic to node1, which has the endpoint.
+    topo.route_from_ext("203.0.113.10/32", 0)?;
+    let out = topo.from_ext(&ClientSpec::tcp("203.0.113.10:80", 10))?;
+    out.expect_all_ok("LoadBalancer IP via node1")?;
+    ensure!(
+        out.attempts
+            .iter()
+            .all(|a| a.seen_client_ip() == Some(EXT_IP)),
+        "ETP Local keeps the client address: {:?}",
+        out.attempts.first().and_then(|a| a.reply.clone())
+    );
+    // Through node2 (no local endpoint) it is dropped, as the 503 announces.
+    topo.route_from_ext("203.0.113.10/32", 1)?;
+    let out = topo.from_ext(&ClientSpec::tcp("203.0.113.10:80", 2).timeout_ms(500))?;
+    ensure!(
+        out.failures().len() == 2,
+        "node2 answered: {}",
+        out.summary()
+    );
+    Ok(())
+}
+
+pub fn external_ips_from_outside(mode: Mode) -> Result<()> {
+    let topo = Topology::start(mode)?;
+    topo.write(
+        "web.yaml",
+        &web(web_svc().external_ips(&["198.51.100.10"]), &[a(), b()]),
+    )?;
+    topo.wait_backends(SVC, "ExternalIP", &[&ep(A), &ep(B)])?;
+    topo.route_from_ext("198.51.100.10/32", 1)?;
+    let out = topo.from_ext(&ClientSpec::tcp("198.51.100.10:80", 30))?;
+    out.expect_all_ok("externalIP from outside")?;
+    ensure!(out.by_pod().len() == 2, "{}", out.summary());
+    Ok(())
+}
+
+pub fn load_balancer_source_ranges(mode: Mode) -> Result<()> {
+    let topo = Topology::start(mode)?;
+    let lb = |ranges: &[&str]| {
+        web_nodeport(30082)
+            .load_balancer(&["203.0.113.20"], None)
+            .source_ranges(ranges)
+    };
+    topo.route_from_ext("203.0.113.20/32", 0)?;
+    topo.write("web.yaml", &web(lb(&["10.0.0.0/8"]), &[a(), b()]))?;
+    topo.wait_for("LoadBalancer frontends", |_, fs| {
+        fs.iter()
+            .any(|f| f.service == SVC && f.kind == "LoadBalancer")
+    })?;
+    let out = topo.from_ext(&ClientSpec::tcp("203.0.113.20:80", 2).timeout_ms(500))?;
+    ensure!(
+        out.failures().len() == 2,
+        "{EXT_IP} is outside loadBalancerSourceRanges 10.0.0.0/8 and must not get through: {}",
+        out.summary()
+    );
+    topo.write(
+        "web.yaml",
+        &web(lb(&["10.0.0.0/8", "172.30.0.0/24"]), &[a(), b()]),
+    )?;
+    poll::until(
+        "the widened source range to let ext in",
+        Duration::from_secs(10),
+        || {
+            let out = topo.from_ext(&ClientSpec::tcp("203.0.113.20:80", 1).timeout_ms(300))?;
+            out.expect_all_ok("allowed source").map(drop)
+        },
+    )?;
+    let out = topo.from_ext(&ClientSpec::tcp("203.0.113.20:80", 10))?;
+    out.expect_all_ok("allowed source range")?;
+    Ok(())
+}
+
+pub fn hairpin_pod_reaches_itself(mode: Mode) -> Result<()> {
+    let topo = Topology::start(mode)?;
+    topo.write("web.yaml", &web(web_svc(), &[a()]))?;
+    topo.wait_backends(SVC, "ClusterIP", &[&ep(A)])?;
+    let out = topo.from_pod("pod-a", &ClientSpec::tcp(format!("{VIP}:80"), 10))?;
+    out.expect_all_ok("pod-a through its own Service")?;
+    ensure!(out.by_pod().keys().eq(["pod-a"]), "{}", out.summary());
+    Ok(())
+}
+
+pub fn restart_keeps_traffic_flowing(mode: Mode) -> Result<()> {
+    let mut topo = Topology::start(mode)?;
+    topo.write("web.yaml", &web(web_svc(), &[a(), b()]))?;
+    topo.wait_backends(SVC, "ClusterIP", &[&ep(A), &ep(B)])?;
+    let spec = ClientSpec::tcp(format!("{VIP}:80"), 200).interval_ms(15);
+    let held = topo.start_from_pod("pod-c", &spec.clone().hold())?;
+    let fresh = topo.start_from_pod("pod-c", &spec)?;
+    poll::until("clients running", Duration::from_secs(5), || {
+        topo.from_pod("pod-a", &ClientSpec::tcp(format!("{VIP}:80"), 1))
+            .map(drop)
+    })?;
+    let stopped_at = now_ms();
+    topo.stop_kproxy(0)?;
+    topo.start_kproxy(0)?;
+    let node = &topo.nodes[0].ns;
+    poll::until("restarted kproxy healthy", Duration::from_secs(15), || {
+        let (code, body) = Topology::http_get(node, "127.0.0.1:10256", "/healthz")?;
+        ensure!(code == 200, "{code} {body}");
+        Ok(())
+    })
+    .with_context(|| topo.logs())?;
+    let restarted_at = now_ms();
+    for (what, client) in [("held connection", held), ("new connections", fresh)] {
+        let out = client.wait()?;
+        out.expect_all_ok(what)?;
+        ensure!(
+            out.attempts.first().is_some_and(|a| a.t < stopped_at)
+                && out.attempts.last().is_some_and(|a| a.t > restarted_at),
+            "{what}: the client did not span the restart"
+        );
+        if what == "held connection" {
+            ensure!(
+                out.by_pod().len() == 1,
+                "one connection, one backend: {}",
+                out.summary()
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn cleanup_restores_the_namespace(mode: Mode) -> Result<()> {
+    let mut topo = Topology::build(mode)?;
+    for i in 0..topo.pods.len() {
+        topo.serve(i, &["--tcp", "8080"])?;
+    }
+    let before = topo.dataplane_snapshot(0)?;
+    topo.start_kproxy(0)?;
+    topo.write("web.yaml", &web(web_nodeport(30080), &[a(), b()]))?;
+    topo.wait_backends(SVC, "ClusterIP", &[&ep(A), &ep(B)])?;
+    ensure!(
+        topo.dataplane_snapshot(0)? != before,
+        "kproxy programmed nothing visible"
+    );
+    // SIGTERM leaves the dataplane in place: traffic still flows.
+    topo.stop_kproxy(0)?;
+    topo.from_pod("pod-c", &ClientSpec::tcp(format!("{VIP}:80"), 10))?
+        .expect_all_ok("after SIGTERM, before cleanup")?;
+    kproxy_tests::kproxy::run_command(&topo.nodes[0].ns, &topo.nodes[0].config, &["cleanup"])?;
+    let after = topo.dataplane_snapshot(0)?;
+    if after != before {
+        bail!(
+            "kproxy cleanup left the namespace changed:\n--- before\n{before}\n--- after\n{after}"
+        );
+    }
+    let out = topo.from_pod(
+        "pod-c",
+        &ClientSpec::tcp(format!("{VIP}:80"), 2).timeout_ms(300),
+    )?;
+    ensure!(
+        out.failures().len() == 2,
+        "after cleanup the VIP still works: {}",
+        out.summary()
+    );
+    Ok(())
+}
+
+/// Hostile and invalid objects are rejected with a message naming them, never
+/// reach the dataplane, and do not disturb the valid Service.
+pub fn bad_input_is_rejected_and_contained(mode: Mode) -> Result<()> {
+    let topo = Topology::start(mode)?;
+    topo.write("web.yaml", &web(web_svc(), &[a(), b()]))?;
+    topo.wait_backends(SVC, "ClusterIP", &[&ep(A), &ep(B)])?;
+
+    let mut bad = Vec::new();
+    let mut named = |name: &str, f: &dyn Fn(&mut Value)| {
+        let mut v = service(name, "10.96.0.50", vec![m::tcp("http", 80, 8080)]).to_json();
+        f(&mut v);
+        bad.push((name.to_string(), v));
+    };
+    named("bad-ip", &|v| v["spec"]["clusterIP"] = "10.96.0.300".into());
+    named("port-zero", &|v| v["spec"]["ports"][0]["port"] = 0.into());
+    named("port-big", &|v| {
+        v["spec"]["ports"][0]["port"] = 65536.into()
+    });
+    named("target-big", &|v| {
+        v["spec"]["ports"][0]["targetPort"] = 70000.into()
+    });
+    named("dup-names", &|v| {
+        v["spec"]["ports"] = serde_json::json!([
+            {"name": "x", "protocol": "TCP", "port": 80, "targetPort": 8080},
+            {"name": "x", "protocol": "TCP", "port": 81, "targetPort": 8080}
+        ])
+    });
+    named("bad-proto", &|v| {
+        v["spec"]["ports"][0]["protocol"] = "HTTP".into()
+    });
+    named("evil\" -j ACCEPT", &|_| {});
+    named("evil space", &|_| {});
+    named("evil\nnewline", &|_| {});
+    named("evil-port-name", &|v| {
+        v["spec"]["ports"][0]["name"] = "x\" -j ACCEPT -m comment --comment \"".into()
+    });
+    for (i, (_, doc)) in bad.iter().enumerate() {
+        topo.write(&format!("bad-{i}.yaml"), std::slice::from_ref(doc))?;
+    }
+    m::write_raw(
+        topo.manifests(),
+        "typo.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: typo\nspec: [",
+    )?;
+
+    // Each is reported by name (log lines debug-quote names).
+    for (name, _) in &bad {
+        let quoted = format!("{name:?}");
+        poll::until(
+            &format!("a rejection naming {quoted}"),
+            Duration::from_secs(10),
+            || {
+                let log = topo.log(0);
+                ensure!(
+                    log.contains(&quoted.replace('\\', "\\\\")) || log.contains(&quoted),
+                    "not yet"
+                );
+                Ok(())
+            },
+        )
+        .with_context(|| topo.logs())?;
+    }
+    poll::until(
+        "the unparsable file reported",
+        Duration::from_secs(10),
+        || {
+            ensure!(topo.log(0).contains("typo.yaml"), "not yet");
+            Ok(())
+        },
+    )?;
+    // Nothing of them reached the dataplane; the good Service still works.
+    for i in 0..topo.nodes.len() {
+        let fs = topo.programmed(i)?;
+        ensure!(
+            fs.iter().all(|f| f.service == SVC),
+            "only {SVC} may be programmed, found {:?}",
+            fs.iter().map(|f| &f.service).collect::<Vec<_>>()
+        );
+        let snapshot = topo.dataplane_snapshot(i)?;
+        ensure!(
+            !snapshot.contains("evil") && !snapshot.contains("10.96.0.50"),
+            "a rejected object reached the dataplane:\n{snapshot}"
+        );
+    }
+    topo.from_pod("pod-c", &ClientSpec::tcp(format!("{VIP}:80"), 20))?
+        .expect_all_ok("the valid Service next to bad input")?;
+    Ok(())
+}
+
+/// A file that turns bad keeps its last good state programmed.
+pub fn broken_file_keeps_last_good_state(mode: Mode) -> Result<()> {
+    let topo = Topology::start(mode)?;
+    topo.write("web.yaml", &web(web_svc(), &[a(), b()]))?;
+    topo.wait_backends(SVC, "ClusterIP", &[&ep(A), &ep(B)])?;
+    let good = std::fs::read_to_string(topo.manifests().join("web.yaml"))?;
+    m::write_raw(
+        topo.manifests(),
+        "web.yaml",
+        &good.replace("\"ports\"", "\"portz\""),
+    )?;
+    poll::until("the broken file reported", Duration::from_secs(10), || {
+        let log = topo.log(0);
+        ensure!(log.contains("web.yaml") && log.contains("portz"), "not yet");
+        Ok(())
+    })
+    .with_context(|| topo.logs())?;
+    topo.wait_backends(SVC, "ClusterIP", &[&ep(A), &ep(B)])?;
+    topo.from_pod("pod-c", &ClientSpec::tcp(format!("{VIP}:80"), 10))?
+        .expect_all_ok("last good state")?;
+    Ok(())
+}
+
+/// Writes a `#[test]` per scenario for one mode.
+macro_rules! scenario_tests {
+    ($mode:expr; $($scenario:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $scenario() -> anyhow::Result<()> {
+                super::$scenario($mode)
+            }
+        )*
+    };
+}
+
+/// The scenario list, written once.
+macro_rules! all_scenarios {
+    ($mode:expr) => {
+        scenario_tests!(
+            $mode;
+            clusterip_spreads_over_every_endpoint,
+            nodeport_through_either_node,
+            etp_cluster_backend_sees_node_address,
+            etp_local_preserves_client_and_drops_without_endpoint,
+            itp_local_keeps_traffic_on_node,
+            session_affinity_sticks_to_one_backend,
+            no_endpoints_is_refused_at_once,
+            endpoint_changes_under_load,
+            terminating_only_service_still_serves,
+            udp_service,
+            multiport_with_named_target_ports,
+            health_check_node_port_and_load_balancer_ip,
+            external_ips_from_outside,
+            load_balancer_source_ranges,
+            hairpin_pod_reaches_itself,
+            restart_keeps_traffic_flowing,
+            cleanup_restores_the_namespace,
+            bad_input_is_rejected_and_contained,
+            broken_file_keeps_last_good_state,
+        );
+    };
+}
+
+mod iptables {
+    use super::*;
+    all_scenarios!(Mode::Iptables);
+}
+
+mod ebpf {
+    use super::*;
+    all_scenarios!(Mode::Ebpf);
+}

@@ -26,6 +26,9 @@ pub enum Unhealthy {
     },
     /// The Node is being deleted or drained by the cluster autoscaler.
     NodeNotEligible,
+    /// No sync yet because the source has not read everything once (the
+    /// Kubernetes API server is unreachable, for example).
+    SourceNotReady { reason: String },
 }
 
 impl Display for Unhealthy {
@@ -50,6 +53,9 @@ impl Display for Unhealthy {
                 Ok(())
             }
             Unhealthy::NodeNotEligible => f.write_str("the node is being deleted or drained"),
+            Unhealthy::SourceNotReady { reason } => {
+                write!(f, "the dataplane has not been programmed yet: {reason}")
+            }
         }
     }
 }
@@ -105,6 +111,8 @@ struct Inner {
     /// Oldest queued change not yet programmed.
     oldest_pending: Option<SystemTime>,
     last_error: Option<String>,
+    /// Why the source has not delivered its first complete state.
+    source_problem: Option<String>,
     node_eligible: bool,
 }
 
@@ -126,6 +134,7 @@ impl HealthState {
                 last_updated: None,
                 oldest_pending: None,
                 last_error: None,
+                source_problem: None,
                 // Eligible until a Node says otherwise, as in kube-proxy.
                 node_eligible: true,
             }),
@@ -163,6 +172,12 @@ impl HealthState {
         self.lock().last_error = Some(error.to_string());
     }
 
+    /// The source cannot deliver its first complete state, and why (`None`
+    /// once it can). Reported by `/healthz` until the first sync.
+    pub fn set_source_problem(&self, problem: Option<String>) {
+        self.lock().source_problem = problem;
+    }
+
     /// The Node is (not) being deleted / drained. Affects `/healthz` only,
     /// not the healthCheckNodePort answers (as in kube-proxy).
     pub fn set_node_eligible(&self, eligible: bool) {
@@ -177,6 +192,11 @@ impl HealthState {
 
     fn proxy_unhealthy(&self, inner: &Inner, now: SystemTime) -> Option<Unhealthy> {
         if inner.last_updated.is_none() {
+            if let Some(reason) = &inner.source_problem {
+                return Some(Unhealthy::SourceNotReady {
+                    reason: reason.clone(),
+                });
+            }
             return Some(Unhealthy::NotYetSynced {
                 last_error: inner.last_error.clone(),
             });
@@ -336,6 +356,31 @@ mod tests {
         assert_eq!(r.unhealthy, Some(Unhealthy::NodeNotEligible));
         assert!(!r.node_eligible);
         assert!(h.live_report(at(101)).is_healthy());
+    }
+
+    #[test]
+    fn source_problem_explains_the_503_until_first_sync() {
+        let h = HealthState::new(Duration::from_secs(10));
+        h.set_source_problem(Some(
+            "waiting for the Kubernetes API server (connection refused)".into(),
+        ));
+        let r = h.report(at(100));
+        assert!(
+            r.to_json().contains("connection refused"),
+            "{}",
+            r.to_json()
+        );
+        h.set_source_problem(None);
+        assert_eq!(
+            h.report(at(100)).unhealthy,
+            Some(Unhealthy::NotYetSynced { last_error: None })
+        );
+        h.updated(at(101));
+        h.set_source_problem(Some("later trouble".into()));
+        assert!(
+            h.is_healthy(at(102)),
+            "after the first sync the dataplane keeps serving"
+        );
     }
 
     #[test]

@@ -49,6 +49,12 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::CleanupKubeProxy(mode) => {
+            let n =
+                kproxy::dataplane::iptables::kube_proxy::cleanup_kube_proxy(mode.iptables_backend)?;
+            eprintln!("removed {n} kube-proxy iptables chains");
+            Ok(())
+        }
         Command::Status(args) => {
             let config = run::dataplane_config(&[], &[], false)?;
             let frontends = run::open_dataplane(&args.mode, config)?.programmed()?;

@@ -13,6 +13,7 @@ use crate::health::HealthState;
 use crate::metrics::Metrics;
 use crate::model::ModelConfig;
 use crate::server::{self, HealthCheckServers};
+use crate::source::kube::KubeSource;
 use crate::source::manifest::ManifestSource;
 use crate::source::Snapshot;
 use crate::sync::{SyncLoop, SyncTiming};
@@ -48,7 +49,10 @@ pub fn open_dataplane(
     }
 }
 
-pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
+    for warning in crate::cli::apply_config_file(&mut args, std::env::args_os())? {
+        tracing::warn!("{warning}");
+    }
     let config = dataplane_config(
         &args.cluster_cidr,
         &args.nodeport_addresses,
@@ -66,13 +70,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!("removed everything kproxy programmed");
         return Ok(());
     }
-    let Some(dir) = args.manifests.clone() else {
-        bail!(
-            "kproxy run needs --manifests DIR for now: watching a Kubernetes API server (cluster mode) arrives with the cluster-mode issue"
-        );
-    };
     let node_name = crate::cli::node_name(args.hostname_override.as_deref());
-    tracing::info!(node = %node_name, mode = %args.mode.proxy_mode, manifests = %dir.display(), "starting kproxy");
+    // Without --manifests: cluster mode. A bad kubeconfig is fatal; an
+    // unreachable API server is not (the source retries, /healthz says why).
+    let kube_client = match &args.manifests {
+        Some(_) => None,
+        None => {
+            let cfg = crate::source::kube::client_config(
+                args.kubeconfig.as_deref(),
+                args.master.as_deref(),
+            )
+            .await?;
+            tracing::info!(server = %cfg.cluster_url, "watching the Kubernetes API server");
+            Some(::kube::Client::try_from(cfg).context("building the Kubernetes client")?)
+        }
+    };
+    tracing::info!(node = %node_name, mode = %args.mode.proxy_mode, manifests = ?args.manifests, "starting kproxy");
 
     let metrics = Arc::new(Metrics::new(args.mode.proxy_mode));
     // kube-proxy's healthz allows two full sync periods before it calls a sync stalled.
@@ -90,8 +103,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     ));
 
     let (snap_tx, snap_rx) = watch::channel(Snapshot::default());
-    let source = ManifestSource::new(dir);
-    let source_task = tokio::spawn(source.run(snap_tx));
+    let source_task = match (args.manifests.clone(), kube_client) {
+        (Some(dir), _) => tokio::spawn(async move {
+            ManifestSource::new(dir)
+                .run(snap_tx)
+                .await
+                .context("manifest source failed")
+        }),
+        (None, Some(client)) => {
+            let source = KubeSource::new(client, node_name.clone()).with_health(health.clone());
+            tokio::spawn(async move {
+                source.run(snap_tx).await;
+                Ok(())
+            })
+        }
+        (None, None) => unreachable!("a client is built whenever --manifests is absent"),
+    };
 
     // healthCheckNodePorts listen on the addresses --nodeport-addresses allows (all when empty).
     let nodeport_ips: Vec<std::net::IpAddr> = if args.nodeport_addresses.is_empty() {
@@ -127,9 +154,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         res = &mut sync_task => bail!("sync loop stopped unexpectedly: {:?}", res.err()),
         res = source_task => {
             match res {
-                Ok(Ok(())) => bail!("manifest source stopped"),
-                Ok(Err(err)) => return Err(anyhow::Error::new(err).context("manifest source failed")),
-                Err(err) => bail!("manifest source panicked: {err}"),
+                Ok(Ok(())) => bail!("source stopped"),
+                Ok(Err(err)) => return Err(err),
+                Err(err) => bail!("source panicked: {err}"),
             }
         }
     }

@@ -18,6 +18,7 @@ use crate::run::{cargo, workspace_root};
 const CLIPPY_PACKAGES: &[&str] = &[
     "kproxy",
     "kproxy-tests",
+    "kproxy-test-apiserver",
     "xtask",
     "proxy-common",
     "kproxy-bench",
@@ -27,6 +28,7 @@ const TEST_PACKAGES: &[&str] = &[
     "kproxy",
     "proxy-common",
     "kproxy-tests",
+    "kproxy-test-apiserver",
     "kproxy-bench",
     "xtask",
 ];
@@ -58,6 +60,12 @@ enum Command {
         #[arg(long, default_value = "examples")]
         manifests: PathBuf,
     },
+    /// The test Kubernetes API server on its own (prints a kubeconfig), to try cluster mode without a cluster.
+    Apiserver {
+        /// Arguments for kproxy-test-apiserver (--listen, --kubeconfig, --load FILE).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// setup, release build, then the benchmark harness (kproxy-bench).
     Bench {
         /// Comma-separated Service counts (each Service has 10 endpoints).
@@ -77,6 +85,11 @@ fn main() -> Result<()> {
         Command::Test { no_setup } => test(no_setup),
         Command::Demo { manifests } => demo(&manifests),
         Command::Bench { services, out } => bench(&services, &out),
+        Command::Apiserver { args } => {
+            let mut cmd = vec!["run", "-p", "kproxy-test-apiserver", "--"];
+            cmd.extend(args.iter().map(String::as_str));
+            cargo(&cmd)
+        }
     }
 }
 
@@ -183,5 +196,8 @@ mod tests {
         let cli = Cli::try_parse_from(["xtask", "bench", "--services", "10,20"]).unwrap();
         assert!(matches!(cli.command, Command::Bench { ref services, .. } if services == "10,20"));
         assert!(Cli::try_parse_from(["xtask", "test", "--no-setup"]).is_ok());
+        let cli =
+            Cli::try_parse_from(["xtask", "apiserver", "--listen", "127.0.0.1:7000"]).unwrap();
+        assert!(matches!(cli.command, Command::Apiserver { ref args } if args.len() == 2));
     }
 }

@@ -1,6 +1,7 @@
 //! Command-line interface. `kproxy run` takes kube-proxy's flag names where
 //! kube-proxy has the flag, so a DaemonSet's args can be reused as they are.
 
+pub mod config;
 mod duration;
 
 use std::net::{IpAddr, SocketAddr};
@@ -34,6 +35,8 @@ pub enum Command {
     Run(RunArgs),
     /// Remove everything kproxy programmed on this node, then exit.
     Cleanup(ModeArgs),
+    /// Remove kube-proxy's iptables rules (its KUBE-* chains) after migrating to kproxy.
+    CleanupKubeProxy(ModeArgs),
     /// Print the Services as the kernel has them programmed.
     Status(StatusArgs),
     /// Print the iptables-restore input kproxy would apply for a manifest directory.
@@ -102,6 +105,15 @@ pub struct RunArgs {
     /// (watched for changes) instead of a Kubernetes API server.
     #[arg(long, value_name = "DIR")]
     pub manifests: Option<PathBuf>,
+    /// kubeconfig for the Kubernetes API server (without --manifests). Default: in-cluster config.
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Address of the Kubernetes API server (overrides the kubeconfig's server).
+    #[arg(long, value_name = "URL")]
+    pub master: Option<String>,
+    /// kube-proxy configuration file (KubeProxyConfiguration v1alpha1); flags override it.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
     /// This node's name (decides which endpoints are local). Default: $NODE_NAME, else the hostname.
     #[arg(long, value_name = "NAME")]
     pub hostname_override: Option<String>,
@@ -177,6 +189,39 @@ fn parse_healthz_addr(s: &str) -> Result<SocketAddr, String> {
 
 fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
     parse_bind_addr(s, 10249)
+}
+
+/// Whether the `run` flag with clap id `id` (the field name) was given on
+/// the command line, rather than coming from its default.
+pub fn given_on_command_line(run_matches: &clap::ArgMatches, id: &str) -> bool {
+    matches!(
+        run_matches
+            .try_get_raw(id)
+            .ok()
+            .flatten()
+            .map(|_| run_matches.value_source(id)),
+        Some(Some(clap::parser::ValueSource::CommandLine))
+    )
+}
+
+/// Applies `--config` to `args` (flags given in `argv` win) and returns the
+/// warnings to log. `argv` is the full command line, re-parsed to learn which
+/// flags were explicit.
+pub fn apply_config_file(
+    args: &mut RunArgs,
+    argv: impl IntoIterator<Item = std::ffi::OsString>,
+) -> anyhow::Result<Vec<String>> {
+    use clap::CommandFactory;
+    let Some(path) = args.config.clone() else {
+        return Ok(Vec::new());
+    };
+    let matches = Cli::command().try_get_matches_from(argv)?;
+    let run = matches
+        .subcommand_matches("run")
+        .cloned()
+        .unwrap_or_default();
+    let given = move |id: &str| given_on_command_line(&run, id);
+    Ok(config::apply_file(&path, args, &given)?.warnings)
 }
 
 /// The node name: the flag, else `$NODE_NAME` (downward API), else the hostname.

@@ -1,6 +1,7 @@
 //! Sources turn the outside world into Service, EndpointSlice and Node
 //! objects and publish snapshots of them to the sync loop.
 
+pub mod kube;
 pub mod manifest;
 
 pub use manifest::{load_dir, ManifestSource, SourceError};

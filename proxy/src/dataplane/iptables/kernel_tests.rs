@@ -693,3 +693,34 @@ fn kernel_hostile_names_are_inert() {
         assert!(line.contains("-j KPROXY-"), "foreign rule appeared: {line}");
     }
 }
+
+#[test]
+fn cleanup_kube_proxy_removes_its_chains_and_keeps_others() {
+    let ns = NetNs::new("kubeproxy");
+    let rules = "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-SVC-AAA - [0:0]\n:KUBE-SEP-BBB - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:OTHER - [0:0]\n\
+-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
+-A KUBE-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-AAA\n\
+-A KUBE-SVC-AAA -j KUBE-SEP-BBB\n-A KUBE-SEP-BBB -p tcp -m tcp -j DNAT --to-destination 10.244.1.5:8080\n\
+-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\n-A OTHER -j RETURN\n-A POSTROUTING -j OTHER\nCOMMIT\n\
+*filter\n:KUBE-FIREWALL - [0:0]\n:KUBE-FORWARD - [0:0]\n-A INPUT -j KUBE-FIREWALL\n-A FORWARD -j KUBE-FORWARD\nCOMMIT\n";
+    let (removed, nat, filter) = ns.enter(|| {
+        let backend = Backend::Auto.resolve().unwrap();
+        super::exec::restore(backend, rules).unwrap();
+        let removed = super::kube_proxy::cleanup_kube_proxy(Backend::Auto).unwrap();
+        (
+            removed,
+            super::exec::save(backend, "nat").unwrap(),
+            super::exec::save(backend, "filter").unwrap(),
+        )
+    });
+    assert_eq!(removed, 6, "nat: {nat}\nfilter: {filter}");
+    assert!(!nat.contains("KUBE-"), "{nat}");
+    assert!(nat.contains("-A POSTROUTING -j OTHER"), "{nat}");
+    assert!(
+        filter.contains("-A INPUT -j KUBE-FIREWALL"),
+        "kubelet's chain stays: {filter}"
+    );
+    assert!(!filter.contains("KUBE-FORWARD"), "{filter}");
+}

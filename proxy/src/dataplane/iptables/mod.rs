@@ -35,6 +35,7 @@
 
 mod conntrack;
 mod exec;
+pub mod kube_proxy;
 mod names;
 mod readback;
 mod render;

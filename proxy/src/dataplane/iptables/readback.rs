@@ -21,7 +21,7 @@ struct Rule {
 }
 
 /// Splits a save line into words, honouring double quotes and backslashes.
-fn tokenize(line: &str) -> Vec<String> {
+pub(crate) fn tokenize(line: &str) -> Vec<String> {
     let mut words = Vec::new();
     let mut cur = String::new();
     let mut in_quotes = false;

@@ -1,0 +1,105 @@
+//! Client configuration as kube-proxy takes it: `--kubeconfig`, `--master`
+//! (which overrides the kubeconfig's server), else in-cluster (or the
+//! default kubeconfig when not in a Pod).
+
+use std::path::{Path, PathBuf};
+
+use ::kube::config::{KubeConfigOptions, Kubeconfig};
+use ::kube::Config;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot read kubeconfig {path}: {message}")]
+    Kubeconfig { path: PathBuf, message: String },
+    #[error("--master {url:?} is not a URL: {message}")]
+    Master { url: String, message: String },
+    #[error("no Kubernetes client configuration: not in a Pod (no in-cluster service account) and no kubeconfig found ({0}); pass --kubeconfig or --master, or --manifests DIR to run without a cluster")]
+    Infer(String),
+    #[error("building the Kubernetes client: {0}")]
+    Client(String),
+}
+
+/// The client configuration for the flags.
+pub async fn client_config(
+    kubeconfig: Option<&Path>,
+    master: Option<&str>,
+) -> Result<Config, ClientError> {
+    let master_uri = match master.filter(|m| !m.is_empty()) {
+        Some(url) => Some(
+            url.parse::<axum::http::Uri>()
+                .map_err(|e| ClientError::Master {
+                    url: url.to_string(),
+                    message: e.to_string(),
+                })
+                .and_then(|uri| {
+                    if uri.scheme().is_none() || uri.authority().is_none() {
+                        Err(ClientError::Master {
+                            url: url.to_string(),
+                            message: "expected scheme://host[:port]".into(),
+                        })
+                    } else {
+                        Ok(uri)
+                    }
+                })?,
+        ),
+        None => None,
+    };
+    let mut config = match (kubeconfig, &master_uri) {
+        (Some(path), _) => {
+            let kc = Kubeconfig::read_from(path).map_err(|e| ClientError::Kubeconfig {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| ClientError::Kubeconfig {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                })?
+        }
+        (None, Some(uri)) => Config::new(uri.clone()),
+        (None, None) => Config::infer()
+            .await
+            .map_err(|e| ClientError::Infer(e.to_string()))?,
+    };
+    if let Some(uri) = master_uri {
+        config.cluster_url = uri;
+    }
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn master_overrides_kubeconfig_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kc");
+        std::fs::write(
+            &path,
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://127.0.0.1:1\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\nusers:\n- name: u\n  user: {}\n",
+        )
+        .unwrap();
+        let c = client_config(Some(&path), None).await.unwrap();
+        assert_eq!(c.cluster_url.to_string(), "http://127.0.0.1:1/");
+        let c = client_config(Some(&path), Some("http://127.0.0.1:2"))
+            .await
+            .unwrap();
+        assert_eq!(c.cluster_url.to_string(), "http://127.0.0.1:2/");
+        let c = client_config(None, Some("http://10.0.0.1:6443"))
+            .await
+            .unwrap();
+        assert_eq!(c.cluster_url.authority().unwrap().as_str(), "10.0.0.1:6443");
+    }
+
+    #[tokio::test]
+    async fn bad_inputs_name_the_problem() {
+        let err = client_config(Some(Path::new("/nonexistent/kc")), None)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/kc"), "{err}");
+        let err = client_config(None, Some("not a url")).await.unwrap_err();
+        assert!(err.to_string().contains("--master"), "{err}");
+    }
+}

@@ -1,0 +1,232 @@
+//! The cluster source: `kube` reflectors on Services, EndpointSlices and this
+//! node's Node, published as the same [`Snapshot`] the manifest source sends.
+//!
+//! Each watcher runs with the library's default backoff, so an API server
+//! that is down (at start or later) is retried forever. The reflector stores
+//! replace their contents atomically when a relist completes (after a watch
+//! ends with 410 Gone, for example), so a relist never shows the sync loop an
+//! empty or partial cluster: the dataplane is never flushed by a reconnect.
+
+mod client;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::{Arc, Mutex};
+
+use ::kube::runtime::reflector::{self, Store};
+use ::kube::runtime::{watcher, WatchStreamExt};
+use ::kube::{Api, Client};
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use tokio::sync::{watch, Notify};
+
+use super::Snapshot;
+use crate::health::HealthState;
+use crate::model::ClusterObjects;
+
+pub use client::{client_config, ClientError};
+
+/// The label every EndpointSlice of a Service carries (kube-proxy watches only those).
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// What the three watchers share with the publisher.
+#[derive(Default)]
+struct Progress {
+    /// Each watcher has completed its initial list (services, slices, node).
+    synced: [bool; 3],
+    /// The last error of each watcher, cleared by its next event.
+    errors: [Option<String>; 3],
+}
+
+const NAMES: [&str; 3] = ["Services", "EndpointSlices", "Node"];
+
+/// Watches a Kubernetes API server and publishes snapshots.
+pub struct KubeSource {
+    client: Client,
+    node_name: String,
+    health: Option<Arc<HealthState>>,
+}
+
+impl KubeSource {
+    pub fn new(client: Client, node_name: impl Into<String>) -> Self {
+        KubeSource {
+            client,
+            node_name: node_name.into(),
+            health: None,
+        }
+    }
+
+    /// Report "waiting for the API server" (with the error) on `/healthz`
+    /// until the first complete list.
+    pub fn with_health(mut self, health: Arc<HealthState>) -> Self {
+        self.health = Some(health);
+        self
+    }
+
+    /// Runs until `tx` has no receivers. Never returns an error: API
+    /// failures are retried with backoff and reported in logs and health.
+    pub async fn run(self, tx: watch::Sender<Snapshot>) {
+        let services: Api<Service> = Api::all(self.client.clone());
+        let slices: Api<EndpointSlice> = Api::all(self.client.clone());
+        let nodes: Api<Node> = Api::all(self.client.clone());
+
+        let (svc_store, svc_writer) = reflector::store();
+        let (slice_store, slice_writer) = reflector::store();
+        let (node_store, node_writer) = reflector::store();
+
+        let progress = Arc::new(Mutex::new(Progress::default()));
+        let changed = Arc::new(Notify::new());
+
+        let svc_stream = reflector::reflector(
+            svc_writer,
+            watcher(services, watcher::Config::default()).default_backoff(),
+        );
+        let slice_stream = reflector::reflector(
+            slice_writer,
+            watcher(
+                slices,
+                watcher::Config::default().labels(SERVICE_NAME_LABEL),
+            )
+            .default_backoff(),
+        );
+        let node_stream = reflector::reflector(
+            node_writer,
+            watcher(
+                nodes,
+                watcher::Config::default().fields(&format!("metadata.name={}", self.node_name)),
+            )
+            .default_backoff(),
+        );
+        let drivers = [
+            tokio::spawn(drive(0, svc_stream, progress.clone(), changed.clone())),
+            tokio::spawn(drive(1, slice_stream, progress.clone(), changed.clone())),
+            tokio::spawn(drive(2, node_stream, progress.clone(), changed.clone())),
+        ];
+        let _abort = AbortOnDrop(drivers.iter().map(|d| d.abort_handle()).collect());
+
+        let mut announced = false;
+        loop {
+            tokio::select! {
+                _ = changed.notified() => {}
+                _ = tx.closed() => return,
+            }
+            let (synced, errors) = {
+                let p = progress.lock().unwrap_or_else(|e| e.into_inner());
+                (p.synced.iter().all(|s| *s), p.errors.clone())
+            };
+            if !synced {
+                let problem = errors
+                    .iter()
+                    .zip(NAMES)
+                    .find_map(|(e, name)| e.as_ref().map(|e| format!("listing {name}: {e}")));
+                if let Some(health) = &self.health {
+                    health.set_source_problem(Some(format!(
+                        "waiting for the Kubernetes API server{}",
+                        problem.map(|p| format!(" ({p})")).unwrap_or_default()
+                    )));
+                }
+                continue;
+            }
+            if !announced {
+                announced = true;
+                if let Some(health) = &self.health {
+                    health.set_source_problem(None);
+                }
+                tracing::info!(
+                    services = svc_store.len(),
+                    endpoint_slices = slice_store.len(),
+                    node = node_store.len(),
+                    "initial list from the Kubernetes API server complete"
+                );
+            }
+            let snapshot = snapshot_of(&svc_store, &slice_store, &node_store);
+            if tx.send(snapshot).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for h in &self.0 {
+            h.abort();
+        }
+    }
+}
+
+/// Polls one reflector stream, recording progress and waking the publisher.
+async fn drive<K, S>(idx: usize, stream: S, progress: Arc<Mutex<Progress>>, changed: Arc<Notify>)
+where
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+{
+    let mut stream = std::pin::pin!(stream);
+    let mut failing = false;
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(event) => {
+                let notify = match event {
+                    watcher::Event::Apply(_) | watcher::Event::Delete(_) => true,
+                    watcher::Event::InitDone => {
+                        let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
+                        if !p.synced[idx] {
+                            tracing::debug!("{}: initial list complete", NAMES[idx]);
+                        }
+                        p.synced[idx] = true;
+                        true
+                    }
+                    watcher::Event::Init | watcher::Event::InitApply(_) => false,
+                };
+                if failing {
+                    failing = false;
+                    tracing::info!("{}: watching the Kubernetes API server again", NAMES[idx]);
+                    progress.lock().unwrap_or_else(|e| e.into_inner()).errors[idx] = None;
+                }
+                if notify {
+                    changed.notify_one();
+                }
+            }
+            Err(err) => {
+                // 410 Gone is routine: the watcher relists; the store swaps atomically.
+                if !failing {
+                    tracing::warn!(error = %err, "{}: Kubernetes API error; retrying with backoff, the dataplane stays as programmed", NAMES[idx]);
+                } else {
+                    tracing::debug!(error = %err, "{}: still failing", NAMES[idx]);
+                }
+                failing = true;
+                progress.lock().unwrap_or_else(|e| e.into_inner()).errors[idx] =
+                    Some(err.to_string());
+                changed.notify_one();
+            }
+        }
+    }
+}
+
+/// The stores' contents as the model's input (sorted, so equal contents give equal snapshots).
+fn snapshot_of(
+    services: &Store<Service>,
+    slices: &Store<EndpointSlice>,
+    nodes: &Store<Node>,
+) -> Snapshot {
+    fn sorted<K: ::kube::Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> Vec<K> {
+        let mut items: Vec<Arc<K>> = store.state();
+        items.sort_by(|a, b| {
+            (a.meta().namespace.as_deref(), a.meta().name.as_deref())
+                .cmp(&(b.meta().namespace.as_deref(), b.meta().name.as_deref()))
+        });
+        items.into_iter().map(|k| (*k).clone()).collect()
+    }
+    Snapshot {
+        objects: Arc::new(ClusterObjects {
+            services: sorted(services),
+            endpoint_slices: sorted(slices),
+            nodes: sorted(nodes),
+        }),
+        rejected: Vec::new(),
+        synced: true,
+    }
+}

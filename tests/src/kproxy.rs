@@ -69,6 +69,9 @@ pub struct KproxyConfig {
     pub mode: Mode,
     pub node_name: String,
     pub manifests: PathBuf,
+    /// Cluster mode: watch the API server of this kubeconfig instead of
+    /// reading `manifests`.
+    pub kubeconfig: Option<PathBuf>,
     pub cluster_cidr: String,
     /// ebpf mode: the cgroup whose sockets are load-balanced.
     pub cgroup: Option<PathBuf>,
@@ -110,10 +113,12 @@ impl KproxyProcess {
             .open(&config.log)
             .with_context(|| format!("opening {}", config.log.display()))?;
         let mut cmd = ns.command(bin.to_str().context("kproxy path is not UTF-8")?, None);
-        cmd.arg("run")
-            .args(config.mode_args())
-            .args(["--manifests", config.manifests.to_str().unwrap()])
-            .args(["--hostname-override", &config.node_name])
+        cmd.arg("run").args(config.mode_args());
+        match &config.kubeconfig {
+            Some(kc) => cmd.args(["--kubeconfig", kc.to_str().context("kubeconfig path")?]),
+            None => cmd.args(["--manifests", config.manifests.to_str().unwrap()]),
+        };
+        cmd.args(["--hostname-override", &config.node_name])
             .args(["--cluster-cidr", &config.cluster_cidr])
             .args(["--iptables-min-sync-period", "100ms"])
             .args(&config.extra_args)

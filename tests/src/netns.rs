@@ -142,21 +142,27 @@ impl NetNs {
 
     /// Runs `f` on a fresh thread that has entered this namespace.
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::scope(|s| {
-            s.spawn(|| -> Result<T> {
-                let file = File::open(&path).with_context(|| format!("open {path}"))?;
-                // SAFETY: plain syscall on a valid fd; only this thread moves.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                if rc != 0 {
-                    bail!("setns into {path}: {}", std::io::Error::last_os_error());
-                }
-                Ok(f())
-            })
-            .join()
-            .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
-        })
+        enter(&self.name, f)
     }
+}
+
+/// Runs `f` on a fresh thread that has entered the named namespace (for
+/// callers that outlive a borrow of its [`NetNs`], such as a listener binder).
+pub fn enter<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
+    let path = format!("/var/run/netns/{name}");
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<T> {
+            let file = File::open(&path).with_context(|| format!("open {path}"))?;
+            // SAFETY: plain syscall on a valid fd; only this thread moves.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                bail!("setns into {path}: {}", std::io::Error::last_os_error());
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in {name} panicked"))?
+    })
 }
 
 impl Drop for NetNs {

@@ -151,6 +151,7 @@ impl Topology {
                 mode,
                 node_name: name.to_string(),
                 manifests: manifests.path().to_path_buf(),
+                kubeconfig: None,
                 cluster_cidr: CLUSTER_CIDR.into(),
                 cgroup: Some(cgroup.path.clone()),
                 pin_path: bpffs.as_ref().map(|b| b.join(name)),
@@ -287,22 +288,28 @@ impl Topology {
     /// running kproxy, reading `kproxy status -o json` (what the kernel has
     /// programmed, read back from it: the same check for both modes).
     pub fn wait_for(&self, what: &str, pred: impl Fn(usize, &[Frontend]) -> bool) -> Result<()> {
+        self.wait_for_within(what, Duration::from_secs(15), pred)
+    }
+
+    /// [`Topology::wait_for`] with its own deadline per node.
+    pub fn wait_for_within(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(usize, &[Frontend]) -> bool,
+    ) -> Result<()> {
         for (i, node) in self.nodes.iter().enumerate() {
             if node.kproxy.is_none() {
                 continue;
             }
-            poll::until(
-                &format!("{what} on {}", node.name),
-                Duration::from_secs(15),
-                || {
-                    let got = self.programmed(i)?;
-                    if pred(i, &got) {
-                        Ok(())
-                    } else {
-                        bail!("programmed on {}: {got:#?}", node.name)
-                    }
-                },
-            )
+            poll::until(&format!("{what} on {}", node.name), timeout, || {
+                let got = self.programmed(i)?;
+                if pred(i, &got) {
+                    Ok(())
+                } else {
+                    bail!("programmed on {}: {got:#?}", node.name)
+                }
+            })
             .with_context(|| self.logs())?;
         }
         Ok(())
@@ -311,9 +318,20 @@ impl Topology {
     /// Waits until `service`'s frontends of `kind` exist on every node and
     /// each lists exactly `backends` (in any order; empty = rejected).
     pub fn wait_backends(&self, service: &str, kind: &str, backends: &[&str]) -> Result<()> {
+        self.wait_backends_within(service, kind, backends, Duration::from_secs(15))
+    }
+
+    pub fn wait_backends_within(
+        &self,
+        service: &str,
+        kind: &str,
+        backends: &[&str],
+        timeout: Duration,
+    ) -> Result<()> {
         let mut want: Vec<String> = backends.iter().map(|b| b.to_string()).collect();
         want.sort();
-        self.wait_for(&format!("{service} {kind} -> {backends:?}"), |_, fs| {
+        let what = format!("{service} {kind} -> {backends:?}");
+        self.wait_for_within(&what, timeout, |_, fs| {
             let mine: Vec<&Frontend> = fs
                 .iter()
                 .filter(|f| f.service == service && f.kind == kind)

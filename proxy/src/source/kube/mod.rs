@@ -1,8 +1,9 @@
 //! The cluster source: `kube` reflectors on Services, EndpointSlices and this
 //! node's Node, published as the same [`Snapshot`] the manifest source sends.
 //!
-//! Each watcher runs with the library's default backoff, so an API server
-//! that is down (at start or later) is retried forever. The reflector stores
+//! Each watcher is retried forever with a capped, jittered backoff, so an API
+//! server that is down (at start or later) is found again within seconds of
+//! its return; 410 Gone relists at once. The reflector stores
 //! replace their contents atomically when a relist completes (after a watch
 //! ends with 410 Gone, for example), so a relist never shows the sync loop an
 //! empty or partial cluster: the dataplane is never flushed by a reconnect.
@@ -13,9 +14,10 @@ mod client;
 mod tests;
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use ::kube::runtime::reflector::{self, Store};
-use ::kube::runtime::{watcher, WatchStreamExt};
+use ::kube::runtime::watcher;
 use ::kube::{Api, Client};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -79,25 +81,21 @@ impl KubeSource {
         let progress = Arc::new(Mutex::new(Progress::default()));
         let changed = Arc::new(Notify::new());
 
-        let svc_stream = reflector::reflector(
-            svc_writer,
-            watcher(services, watcher::Config::default()).default_backoff(),
-        );
+        let svc_stream =
+            reflector::reflector(svc_writer, watcher(services, watcher::Config::default()));
         let slice_stream = reflector::reflector(
             slice_writer,
             watcher(
                 slices,
                 watcher::Config::default().labels(SERVICE_NAME_LABEL),
-            )
-            .default_backoff(),
+            ),
         );
         let node_stream = reflector::reflector(
             node_writer,
             watcher(
                 nodes,
                 watcher::Config::default().fields(&format!("metadata.name={}", self.node_name)),
-            )
-            .default_backoff(),
+            ),
         );
         let drivers = [
             tokio::spawn(drive(0, svc_stream, progress.clone(), changed.clone())),
@@ -159,13 +157,75 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Delay before the next attempt after a watcher error: exponential from
+/// 800 ms, capped at [`MAX_BACKOFF`], with jitter so a fleet of nodes does
+/// not reconnect in lockstep.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+/// Longest wait between reconnection attempts (client-go uses 30 s; a node
+/// proxy that is blind to changes should look again sooner).
+const MAX_BACKOFF: Duration = Duration::from_secs(8);
+const FIRST_BACKOFF: Duration = Duration::from_millis(800);
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff {
+            next: FIRST_BACKOFF,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.next = FIRST_BACKOFF;
+    }
+
+    /// The delay for this error. 410 Gone means "relist now": the history
+    /// is gone but the server is fine, so waiting would only delay the resync.
+    fn delay(&mut self, err: &watcher::Error, jitter: f64) -> Duration {
+        if is_expired(err) {
+            return Duration::ZERO;
+        }
+        let base = self.next;
+        self.next = (self.next * 2).min(MAX_BACKOFF);
+        base.mul_f64(0.5 + jitter.clamp(0.0, 1.0) * 0.5)
+    }
+}
+
+/// A watch or list answered 410 Gone (resourceVersion too old).
+fn is_expired(err: &watcher::Error) -> bool {
+    match err {
+        watcher::Error::WatchError(status) => status.code == 410,
+        watcher::Error::InitialListFailed(::kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(::kube::Error::Api(status))
+        | watcher::Error::WatchFailed(::kube::Error::Api(status)) => status.code == 410,
+        _ => false,
+    }
+}
+
+/// A number in [0, 1) that differs between calls and processes.
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// Polls one reflector stream, recording progress and waking the publisher.
+/// Errors are retried after [`Backoff`] (polling again restarts the watch).
 async fn drive<K, S>(idx: usize, stream: S, progress: Arc<Mutex<Progress>>, changed: Arc<Notify>)
 where
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
 {
     let mut stream = std::pin::pin!(stream);
     let mut failing = false;
+    let mut backoff = Backoff::new();
     while let Some(item) = stream.next().await {
         match item {
             Ok(event) => {
@@ -181,6 +241,7 @@ where
                     }
                     watcher::Event::Init | watcher::Event::InitApply(_) => false,
                 };
+                backoff.reset();
                 if failing {
                     failing = false;
                     tracing::info!("{}: watching the Kubernetes API server again", NAMES[idx]);
@@ -201,6 +262,7 @@ where
                 progress.lock().unwrap_or_else(|e| e.into_inner()).errors[idx] =
                     Some(err.to_string());
                 changed.notify_one();
+                tokio::time::sleep(backoff.delay(&err, jitter())).await;
             }
         }
     }

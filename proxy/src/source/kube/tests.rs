@@ -425,3 +425,37 @@ async fn a_burst_of_1000_slice_updates_is_coalesced_into_few_syncs() {
     sync_task.abort();
     source.abort();
 }
+
+#[test]
+fn backoff_grows_to_its_cap_and_expired_relists_at_once() {
+    use super::watcher;
+    use ::kube::core::Status;
+    let down = watcher::Error::WatchFailed(::kube::Error::Service("connection refused".into()));
+    let mut b = super::Backoff::new();
+    let delays: Vec<Duration> = (0..8).map(|_| b.delay(&down, 1.0)).collect();
+    assert_eq!(delays[0], Duration::from_millis(800));
+    assert_eq!(delays[1], Duration::from_millis(1600));
+    assert!(delays.windows(2).all(|w| w[0] <= w[1]), "{delays:?}");
+    assert_eq!(*delays.last().unwrap(), super::MAX_BACKOFF);
+    // Jitter only shortens, to at most half.
+    assert_eq!(b.delay(&down, 0.0), super::MAX_BACKOFF / 2);
+
+    let gone = Status {
+        code: 410,
+        reason: "Expired".into(),
+        ..Status::default()
+    };
+    assert_eq!(
+        b.delay(&watcher::Error::WatchError(Box::new(gone.clone())), 1.0),
+        Duration::ZERO
+    );
+    assert_eq!(
+        b.delay(
+            &watcher::Error::WatchStartFailed(::kube::Error::Api(Box::new(gone))),
+            1.0
+        ),
+        Duration::ZERO
+    );
+    b.reset();
+    assert_eq!(b.delay(&down, 1.0), Duration::from_millis(800));
+}

@@ -10,6 +10,7 @@
 pub mod cgroup;
 pub mod client;
 pub mod kproxy;
+pub mod leftovers;
 pub mod manifests;
 pub mod netns;
 pub mod poll;

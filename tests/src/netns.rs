@@ -10,8 +10,11 @@ use anyhow::{bail, Context, Result};
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// `kpt<pid>-<n>`: unique per process and call, short enough to prefix
-/// namespace names.
+/// namespace names. The first call also removes what killed test processes
+/// left behind.
 pub fn unique_id() -> String {
+    static REAPED: std::sync::Once = std::sync::Once::new();
+    REAPED.call_once(crate::leftovers::reap);
     format!(
         "kpt{}-{}",
         std::process::id(),

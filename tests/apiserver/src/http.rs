@@ -410,6 +410,11 @@ fn watch_response(
                         if ev.rv <= start.rv || !std::ptr::eq(ev.resource, res) {
                             continue;
                         }
+                        // A stop (or drop) that came first wins over an event that raced it:
+                        // nothing changed after `stop()` may reach a client.
+                        if stop.has_changed().unwrap_or(true) {
+                            return;
+                        }
                         last_rv = ev.rv;
                         if let Some((ty, obj)) = filter.view(&ev) {
                             let ty = if ty == EventType::Deleted { "DELETED" } else { ty.as_str() };

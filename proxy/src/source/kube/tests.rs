@@ -215,8 +215,8 @@ async fn outage_with_compaction_relists_to_the_right_state_without_flushing() {
 
     // API server gone; the cluster changes meanwhile; history compacted.
     server.stop();
-    // Added before the delete, so every intermediate state has 20 Services
-    // (events racing the stop may still reach the client).
+    // Nothing changed after stop() reaches the client (the test server
+    // drops events that race a stop).
     server.apply(service("svc-new", "10.96.2.1")).unwrap();
     server.delete(&service("svc-0", "")).unwrap();
     server

@@ -152,35 +152,30 @@ fn bench(args: BenchArgs) -> Result<()> {
     }
 
     if !args.skip_latency {
-        let n = *args.services.iter().max().expect("checked non-empty");
-        eprintln!("bench: endpoint change at {n} Services");
-        let dir = work.0.join(format!("latency-{n}"));
-        manifests::generate(&dir, n)?;
-        let log = args.out.join(format!("kproxy-latency-{n}.log"));
-        // The first backend asked for: auto would pick nft here, whose
-        // full restore at 10,000 Services takes tens of minutes.
-        let backend = backends.first().copied();
-        match measure::endpoint_change(&kproxy, &dir, n, Mode::Iptables(backend), &log) {
-            Ok(r) => report.endpoint_change = Some(r),
-            Err(e) => {
-                eprintln!("error: endpoint change: {e:#}");
-                report
-                    .errors
-                    .push(format!("endpoint change at {n} Services: {e:#}"));
+        // At every count: request latency through the Service against
+        // direct, then the endpoint change.
+        for &n in &args.services {
+            // The first backend asked for: auto would pick nft here, whose
+            // full restore at 10,000 Services takes tens of minutes.
+            let backend = backends.first().copied();
+            let mut modes = vec![(Mode::Iptables(backend), "iptables")];
+            if !args.skip_ebpf {
+                modes.push((Mode::Ebpf, "ebpf"));
             }
-        }
-        if !args.skip_ebpf {
-            eprintln!("bench: endpoint change at {n} Services, ebpf");
-            let dir = work.0.join(format!("latency-ebpf-{n}"));
-            manifests::generate(&dir, n)?;
-            let log = args.out.join(format!("kproxy-latency-{n}-ebpf.log"));
-            match measure::endpoint_change(&kproxy, &dir, n, Mode::Ebpf, &log) {
-                Ok(r) => report.ebpf_endpoint_change = Some(r),
-                Err(e) => {
-                    eprintln!("error: ebpf endpoint change: {e:#}");
-                    report
-                        .errors
-                        .push(format!("ebpf endpoint change at {n} Services: {e:#}"));
+            for (mode, name) in modes {
+                eprintln!("bench: datapath and endpoint change at {n} Services, {name}");
+                let dir = work.0.join(format!("latency-{name}-{n}"));
+                manifests::generate(&dir, n)?;
+                let log = args.out.join(format!("kproxy-latency-{n}-{name}.log"));
+                match measure::endpoint_change(&kproxy, &dir, n, mode, &log) {
+                    Ok(r) if mode == Mode::Ebpf => report.ebpf_endpoint_change.push(r),
+                    Ok(r) => report.endpoint_change.push(r),
+                    Err(e) => {
+                        eprintln!("error: {name} endpoint change: {e:#}");
+                        report
+                            .errors
+                            .push(format!("{name} endpoint change at {n} Services: {e:#}"));
+                    }
                 }
             }
         }

@@ -363,6 +363,62 @@ pub fn serve(name: &str, port: u16) -> Result<()> {
     Ok(())
 }
 
+/// Request round trips (connect, one-line reply, close) from the client pod.
+#[derive(Debug, Default, Serialize)]
+pub struct DatapathResult {
+    pub requests: usize,
+    /// Straight to pod A's address: the ceiling, no Service translation.
+    pub direct_p50_us: f64,
+    pub direct_p99_us: f64,
+    /// To the probe Service's ClusterIP (backend A), through the dataplane.
+    pub service_p50_us: f64,
+    pub service_p99_us: f64,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// `rounds` alternating blocks of direct and Service requests (alternating
+/// so drift in machine load hits both alike). Runs inside the client pod.
+fn measure_datapath(
+    direct: SocketAddrV4,
+    vip: SocketAddrV4,
+    rounds: usize,
+) -> Result<DatapathResult> {
+    const BLOCK: usize = 100;
+    let (mut d, mut s) = (Vec::new(), Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for _ in 0..rounds {
+        for (target, out) in [(direct, &mut d), (vip, &mut s)] {
+            for _ in 0..BLOCK {
+                let t = Instant::now();
+                let name = ask(target, Duration::from_secs(1))
+                    .with_context(|| format!("request to {target}"))?;
+                if name != "A" {
+                    bail!("{target} answered {name:?}, want A");
+                }
+                out.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+    }
+    d.sort_by(f64::total_cmp);
+    s.sort_by(f64::total_cmp);
+    Ok(DatapathResult {
+        requests: d.len(),
+        direct_p50_us: percentile(&d, 0.5),
+        direct_p99_us: percentile(&d, 0.99),
+        service_p50_us: percentile(&s, 0.5),
+        service_p99_us: percentile(&s, 0.99),
+    })
+}
+
 #[derive(Debug, Default, Serialize)]
 pub struct ChangeResult {
     pub services: usize,
@@ -373,6 +429,8 @@ pub struct ChangeResult {
     pub failed_requests: usize,
     pub rss_kib: u64,
     pub wall_to_healthy_s: f64,
+    /// Request latency through the Service against direct, before the change.
+    pub datapath: Option<DatapathResult>,
 }
 
 /// The endpoint-change latency at `services` Services (plus the probe Service).
@@ -430,10 +488,36 @@ pub fn endpoint_change(
     let mut p = start_kproxy(&topo.node, kproxy, manifests, &args, log)?;
     let wall = wait_healthy(&topo.node, &mut p, start)?;
 
+    // Service against direct, once the probe answers from A (one at a
+    // time, before the client loop starts).
+    let vip = SocketAddrV4::new(PROBE_VIP, 80);
+    let direct = SocketAddrV4::new(POD_A, BACKEND_PORT);
+    let ready = (|| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let got = topo.pods[2].run_in(move || ask(vip, Duration::from_millis(500)));
+            match got {
+                Ok(n) if n == "A" => return Ok(()),
+                _ if Instant::now() > deadline => {
+                    bail!("probe Service {vip} never answered from A (last: {got:?})")
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    })();
+    let datapath =
+        ready.and_then(|()| topo.pods[2].run_in(move || measure_datapath(direct, vip, 20)));
+    let datapath = match datapath {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("error: datapath measurement: {e:#}");
+            None
+        }
+    };
+
     // Client loop in pod C: bounded in count and time, stopped by a flag.
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel::<(Instant, Result<String, String>)>();
-    let vip = SocketAddrV4::new(PROBE_VIP, 80);
     let client = {
         let stop = stop.clone();
         topo.pods[2].spawn(move || {
@@ -452,6 +536,7 @@ pub fn endpoint_change(
             Ok(())
         })
     };
+    let mut datapath = datapath;
     let result = (|| -> Result<ChangeResult> {
         // Traffic must reach A before the switch.
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -487,6 +572,7 @@ pub fn endpoint_change(
                         failed_requests: failed,
                         rss_kib: p.rss_kib()?,
                         wall_to_healthy_s: wall,
+                        datapath: datapath.take(),
                     })
                 }
                 Ok(_) => stale += 1,

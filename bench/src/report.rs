@@ -19,10 +19,11 @@ pub struct Report {
     pub kproxy: PathBuf,
     pub endpoints_per_service: usize,
     pub sync: Vec<SyncRow>,
-    pub endpoint_change: Option<ChangeResult>,
+    /// iptables mode (first backend), one per Service count.
+    pub endpoint_change: Vec<ChangeResult>,
     /// ebpf mode, same manifests, same run.
     pub ebpf_sync: Vec<EbpfRow>,
-    pub ebpf_endpoint_change: Option<ChangeResult>,
+    pub ebpf_endpoint_change: Vec<ChangeResult>,
     pub errors: Vec<String>,
 }
 
@@ -88,9 +89,9 @@ impl Report {
             kproxy: kproxy.to_path_buf(),
             endpoints_per_service: ENDPOINTS_PER_SERVICE,
             sync: Vec::new(),
-            endpoint_change: None,
+            endpoint_change: Vec::new(),
             ebpf_sync: Vec::new(),
-            ebpf_endpoint_change: None,
+            ebpf_endpoint_change: Vec::new(),
             errors: Vec::new(),
         }
     }
@@ -140,7 +141,7 @@ impl Report {
                     .unwrap_or_else(|| "-".into()),
             );
         }
-        if let Some(c) = &self.endpoint_change {
+        for c in &self.endpoint_change {
             let _ = writeln!(
                 m,
                 "\nEndpoint change at {} Services (EndpointSlice file switched from pod A to pod B, client looping on the ClusterIP from a pod): traffic followed after **{:.3} s** ({} replies still from A, {} failed requests in between); kproxy RSS {:.1} MiB.",
@@ -180,7 +181,7 @@ impl Report {
                 );
             }
         }
-        if let Some(c) = &self.ebpf_endpoint_change {
+        for c in &self.ebpf_endpoint_change {
             let _ = writeln!(
                 m,
                 "\nebpf mode, endpoint change at {} Services (client pod's packets to the ClusterIP take the TC path on the pod veths): traffic followed after **{:.3} s** ({} replies still from A, {} failed requests in between); kproxy RSS {:.1} MiB.",
@@ -191,6 +192,7 @@ impl Report {
                 c.rss_kib as f64 / 1024.0
             );
         }
+        self.datapath_table(&mut m);
         let errors: Vec<&String> = self
             .sync
             .iter()
@@ -206,6 +208,49 @@ impl Report {
             }
         }
         m
+    }
+
+    /// Request latency through the ClusterIP of each mode against direct
+    /// pod-to-pod requests measured in the same namespace, same minute.
+    fn datapath_table(&self, m: &mut String) {
+        let rows: Vec<(&str, &ChangeResult)> = self
+            .endpoint_change
+            .iter()
+            .map(|c| ("iptables", c))
+            .chain(self.ebpf_endpoint_change.iter().map(|c| ("ebpf", c)))
+            .filter(|(_, c)| c.datapath.is_some())
+            .collect();
+        if rows.is_empty() {
+            return;
+        }
+        m.push_str(
+            "
+### Datapath: request latency through the ClusterIP against direct (same run)
+
+",
+        );
+        m.push_str("Each request: TCP connect from a pod, one-line reply, close; blocks of 100 alternate between the pod address and the ClusterIP.
+
+");
+        m.push_str("| Services | mode | requests each | direct p50 / p99 (µs) | via Service p50 / p99 (µs) | Service / direct (p50) |\n");
+        m.push_str("|---:|---|---:|---:|---:|---:|\n");
+        let mut rows = rows;
+        rows.sort_by_key(|(mode, c)| (c.services, *mode));
+        for (mode, c) in rows {
+            let Some(d) = &c.datapath else { continue };
+            let _ = writeln!(
+                m,
+                "| {} | {} | {} | {:.0} / {:.0} | {:.0} / {:.0} | {} |",
+                c.services,
+                mode,
+                d.requests,
+                d.direct_p50_us,
+                d.direct_p99_us,
+                d.service_p50_us,
+                d.service_p99_us,
+                ratio(Some(d.service_p50_us), Some(d.direct_p50_us)),
+            );
+        }
     }
 
     /// Writes `bench-<unix time>.json` and `.md` (and `latest.md`) into `out`.

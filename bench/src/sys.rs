@@ -69,10 +69,10 @@ impl Netns {
 
     /// `ip netns exec <ns> PROGRAM ARGS`, not yet spawned. `ip netns exec`
     /// execs the program, so the child's PID is the program's PID.
+    /// Enters with setns(2), not `ip netns exec`: that remounts /sys and
+    /// the child would lose the cgroup2 mount ebpf mode attaches to.
     pub fn command(&self, program: &Path) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).arg(program);
-        c
+        kproxy_tests::netns::command_in(&self.name, program, None)
     }
 
     /// Sets a sysctl inside the namespace by writing /proc/sys (the procps

@@ -109,44 +109,60 @@ impl NetNs {
     /// /sys: the cgroup2 mount under /sys (that ebpf mode attaches to) would
     /// then be gone for the child.
     pub fn command(&self, program: &str, cgroup: Option<&std::path::Path>) -> Command {
-        use std::os::unix::process::CommandExt;
-        let mut cmd = Command::new(program);
-        let ns_path = format!("/var/run/netns/{}", self.name);
-        let ns_file = File::open(&ns_path).unwrap_or_else(|e| panic!("opening {ns_path}: {e}"));
-        let procs = cgroup.map(|dir| {
-            std::ffi::CString::new(dir.join("cgroup.procs").as_os_str().as_encoded_bytes())
-                .expect("cgroup path without NUL")
-        });
-        // SAFETY: only async-signal-safe work between fork and exec:
-        // open/write/close/setns through libc, no allocation (the path and
-        // the namespace fd are prepared before fork).
-        unsafe {
-            cmd.pre_exec(move || {
-                if let Some(path) = &procs {
-                    let fd = libc::open(path.as_ptr(), libc::O_WRONLY);
-                    if fd < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    // "0" moves the writing process itself.
-                    let rc = libc::write(fd, b"0".as_ptr().cast(), 1);
-                    libc::close(fd);
-                    if rc != 1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                if libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        cmd
+        command_in(&self.name, program, cgroup)
     }
 
     /// Runs `f` on a fresh thread that has entered this namespace.
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
         enter(&self.name, f)
     }
+}
+
+/// A `Command` that runs `program` inside the named namespace (see
+/// [`NetNs::command`]); for callers that manage the namespace themselves.
+pub fn command_in(
+    ns: &str,
+    program: impl AsRef<std::ffi::OsStr>,
+    cgroup: Option<&std::path::Path>,
+) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(program);
+    let ns_path = format!("/var/run/netns/{ns}");
+    let ns_file = File::open(&ns_path).unwrap_or_else(|e| panic!("opening {ns_path}: {e}"));
+    let procs = cgroup.map(|dir| {
+        std::ffi::CString::new(dir.join("cgroup.procs").as_os_str().as_encoded_bytes())
+            .expect("cgroup path without NUL")
+    });
+    // SAFETY: only async-signal-safe work between fork and exec:
+    // open/write/close/setns through libc, no allocation (the path and
+    // the namespace fd are prepared before fork).
+    unsafe {
+        cmd.pre_exec(move || {
+            // A test or bench killed outright must not leave its kproxy
+            // running (it would hold the xtables lock and skew what runs
+            // next). Ends with the thread that spawned it: the test's own.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(path) = &procs {
+                let fd = libc::open(path.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // "0" moves the writing process itself.
+                let rc = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if rc != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
 }
 
 /// Runs `f` on a fresh thread that has entered the named namespace (for

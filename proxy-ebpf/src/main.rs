@@ -459,6 +459,28 @@ fn tc_frontend(p: &Pkt) -> Option<Frontend> {
     unsafe { FRONTENDS.get(&key) }.copied()
 }
 
+/// A bare SYN to no frontend opens a direct connection. A reverse-NAT entry
+/// for its reply tuple is left over from an earlier Service flow that used
+/// the same ports (clients reuse a local port towards another destination):
+/// it would disguise this connection's replies as the frontend's, and the
+/// client would reset them. The old flow cannot be alive: the backend would
+/// see both as one 4-tuple.
+#[inline(always)]
+fn forget_stale_reply(p: &Pkt) {
+    if p.proto != PROTO_TCP || p.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return;
+    }
+    let reply = Tuple {
+        src: p.dst,
+        dst: p.src,
+        sport: p.dport,
+        dport: p.sport,
+        proto: p.proto,
+        _pad: [0; 3],
+    };
+    let _ = REVNAT.remove(&reply);
+}
+
 #[inline(always)]
 fn tc_ingress(ctx: &mut TcContext) -> Result<i32, i64> {
     let Some(p) = parse(ctx) else {
@@ -468,6 +490,7 @@ fn tc_ingress(ctx: &mut TcContext) -> Result<i32, i64> {
         return Ok(TC_ACT_OK as i32);
     }
     let Some(fe) = tc_frontend(&p) else {
+        forget_stale_reply(&p);
         return Ok(TC_ACT_OK as i32);
     };
     if fe.flags & FE_SRC_RANGES != 0 {

@@ -973,3 +973,59 @@ fn source_ranges_and_affinity_on_the_tc_path() {
         "source outside the ranges must be dropped: {err}"
     );
 }
+
+/// One TCP request from a fixed local port (to reuse a port on purpose).
+fn tcp_request_from(local_port: u16, addr: SocketAddr) -> std::io::Result<(String, String)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        use tokio::io::AsyncBufReadExt;
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        sock.set_reuseaddr(true)?;
+        sock.bind(SocketAddr::from(([0, 0, 0, 0], local_port)))?;
+        let s = tokio::time::timeout(Duration::from_millis(1500), sock.connect(addr))
+            .await
+            .map_err(|_| std::io::Error::new(ErrorKind::TimedOut, "connect timed out"))??;
+        let mut line = String::new();
+        tokio::time::timeout(
+            Duration::from_millis(1500),
+            tokio::io::BufReader::new(s).read_line(&mut line),
+        )
+        .await
+        .map_err(|_| std::io::Error::new(ErrorKind::TimedOut, "no reply"))??;
+        Ok(parse_reply(&line))
+    })
+}
+
+#[test]
+fn direct_connection_reusing_a_service_flows_ports_is_not_translated() {
+    // Policy Local: the backend sees the client itself, so a Service flow
+    // and a later direct connection from the same client port have the same
+    // reply tuple (backend:8080 -> client:port).
+    let mut w = World::new();
+    w.serve(Which::Pod, "pod", POD_IP, 8080, Protocol::Tcp);
+    w.start();
+    let mut local = web(vec![ep(POD_IP, 8080, true)]);
+    local.node_port = Some(30080);
+    local.external_policy = TrafficPolicy::Local;
+    local.external_endpoints = vec![ep(POD_IP, 8080, true)];
+    w.sync(&state(vec![local]));
+    w.client
+        .ip(&["route", "add", "10.244.1.0/24", "via", NODE_IP]);
+    let via_service: SocketAddr = format!("{NODE_IP}:30080").parse().unwrap();
+    let direct: SocketAddr = format!("{POD_IP}:8080").parse().unwrap();
+    for port in [40_001u16, 40_002, 40_003] {
+        let (name, _) = w
+            .client
+            .enter(|| tcp_request_from(port, via_service))
+            .expect("through the node port");
+        assert_eq!(name, "pod");
+        let got = w.client.enter(|| tcp_request_from(port, direct));
+        let (name, peer) = got.unwrap_or_else(|e| {
+            panic!("direct connection from port {port} after a Service flow on it failed: {e}")
+        });
+        assert_eq!((name.as_str(), peer.as_str()), ("pod", CLIENT_IP));
+    }
+    assert_eq!(csum_errors(&w.client), 0);
+}

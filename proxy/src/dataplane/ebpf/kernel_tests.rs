@@ -282,11 +282,11 @@ impl World {
     }
 
     fn sync(&mut self, desired: &DesiredState) {
+        // In the node namespace, as kproxy runs: a sync may list devices.
+        let dp = self.dataplane.as_mut().expect("started");
         let stats = self
-            .dataplane
-            .as_mut()
-            .expect("started")
-            .sync(desired, &Changes::default(), true)
+            .node
+            .enter(|| dp.sync(desired, &Changes::default(), true))
             .unwrap_or_else(|e| panic!("sync: {e}"));
         assert!(stats.errors.is_empty(), "{:?}", stats.errors);
     }
@@ -1026,6 +1026,39 @@ fn direct_connection_reusing_a_service_flows_ports_is_not_translated() {
             panic!("direct connection from port {port} after a Service flow on it failed: {e}")
         });
         assert_eq!((name.as_str(), peer.as_str()), ("pod", CLIENT_IP));
+    }
+    assert_eq!(csum_errors(&w.client), 0);
+}
+
+#[test]
+fn a_pod_device_created_after_start_is_hooked_at_the_next_sync() {
+    // Default devices (no --devices): the TC programs must reach a pod
+    // device that did not exist at start, or a NodePort flow SNATed to a
+    // backend behind it gets no SNAT and its replies are reset.
+    let mut w = World::new();
+    let mut cfg = w.ebpf_config(MapSizes::default());
+    cfg.devices = Vec::new();
+    w.dataplane = Some(
+        w.try_start(cfg)
+            .unwrap_or_else(|e| panic!("starting the ebpf dataplane: {e}")),
+    );
+    let late = NetNs::new("late");
+    veth(&w.node, "n3", &late, "p0");
+    w.node.ip(&["addr", "add", "10.244.1.1/32", "dev", "n3"]);
+    w.node.ip(&["route", "add", "10.244.1.20/32", "dev", "n3"]);
+    late.ip(&["addr", "add", "10.244.1.20/32", "dev", "p0"]);
+    late.ip(&["route", "add", "10.244.1.1/32", "dev", "p0"]);
+    late.ip(&["route", "add", "10.0.0.0/24", "via", "10.244.1.1"]);
+    let _server = Server::start(&late, "late", "10.244.1.20", 8080, Protocol::Tcp);
+    let mut np = web(vec![ep("10.244.1.20", 8080, true)]);
+    np.node_port = Some(30080);
+    w.sync(&state(vec![np]));
+    for _ in 0..5 {
+        let (name, peer) = w
+            .tcp_from_client(NODE_IP, 30080)
+            .expect("node port to a backend behind a device created after start");
+        assert_eq!(name, "late");
+        assert_ne!(peer, CLIENT_IP, "policy Cluster SNATs");
     }
     assert_eq!(csum_errors(&w.client), 0);
 }

@@ -147,7 +147,11 @@ pub fn attach_tc(ebpf: &mut Ebpf, pin: &Path, devices: &[Device]) -> Result<(), 
             .ok_or_else(|| other(format!("program {name} missing from the object")))?
             .try_into()
             .map_err(|e| prog_err(name, "typing", e))?;
-        prog.load().map_err(|e| prog_err(name, "loading", e))?;
+        // Loaded once; later calls only attach to new devices.
+        match prog.load() {
+            Ok(()) | Err(aya::programs::ProgramError::AlreadyLoaded) => {}
+            Err(e) => return Err(prog_err(name, "loading", e)),
+        }
         for dev in devices {
             let file = format!("tc_{}_{dir}", dev.name);
             let path = links_dir(pin).join(&file);

@@ -11,7 +11,7 @@
 //!
 //! Known differences from iptables mode: a flow SNATed to a backend on
 //! *this* node needs the pod's device among `--devices` (the default takes
-//! every device; devices created later are not followed yet);
+//! every device, and follows devices added or removed later, at each sync);
 //! sessionAffinity from this node's sockets is keyed by network namespace,
 //! not source address; SCTP is only balanced by the socket hooks; IPv4 only.
 
@@ -103,6 +103,21 @@ pub struct EbpfDataplane {
     writer: Option<Writer>,
     node: NodeSettings,
     needs_full: bool,
+    /// The loaded programs, kept to attach them to devices that appear later.
+    programs: Option<aya::Ebpf>,
+    /// Devices the TC programs are attached to.
+    devices: Vec<checks::Device>,
+    /// The network namespace `start` ran in (its inode): devices are only
+    /// followed from there, never from a thread that is elsewhere.
+    netns: Option<u64>,
+}
+
+/// The inode of the calling thread's network namespace.
+fn current_netns() -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/thread-self/ns/net")
+        .ok()
+        .map(|m| m.ino())
 }
 
 impl EbpfDataplane {
@@ -113,6 +128,9 @@ impl EbpfDataplane {
             writer: None,
             node: NodeSettings::default(),
             needs_full: true,
+            programs: None,
+            devices: Vec::new(),
+            netns: None,
         }
     }
 
@@ -136,8 +154,6 @@ impl EbpfDataplane {
         let mut obj = loader::load(&ebpf.pin_path, &ebpf.map_sizes)?;
         loader::attach_cgroup(&mut obj, &ebpf.pin_path, &cgroup)?;
         loader::attach_tc(&mut obj, &ebpf.pin_path, &devices)?;
-        // Links and maps are pinned: the object can go.
-        drop(obj);
         let nodeport_ips = config
             .node_ips
             .iter()
@@ -160,10 +176,7 @@ impl EbpfDataplane {
         let node = NodeSettings {
             node_ip,
             nodeport_ips,
-            if_addrs: devices
-                .iter()
-                .filter_map(|d| d.ipv4.map(|ip| (d.ifindex, ip)))
-                .collect(),
+            if_addrs: if_addrs(&devices),
             snat_ports: checks::snat_port_range(),
         };
         let mut writer = Writer::open(&ebpf.pin_path)?;
@@ -180,12 +193,49 @@ impl EbpfDataplane {
             writer: Some(writer),
             node,
             needs_full: true,
+            programs: Some(obj),
+            devices,
+            netns: current_netns(),
         })
+    }
+
+    /// Without `--devices`, every device is hooked, including pod devices
+    /// created after start: attach to new ones, release removed ones. Done
+    /// at each sync (a new pod's device exists before its endpoint is
+    /// synced); listing devices costs two cheap calls.
+    fn follow_devices(&mut self) -> Result<(), DataplaneError> {
+        if !self.ebpf.devices.is_empty() {
+            return Ok(());
+        }
+        if self.netns.is_none() || current_netns() != self.netns {
+            return Ok(());
+        }
+        let Some(obj) = self.programs.as_mut() else {
+            return Ok(());
+        };
+        let now = checks::resolve_devices(&[])?;
+        if now == self.devices {
+            return Ok(());
+        }
+        loader::attach_tc(obj, &self.ebpf.pin_path, &now)?;
+        self.node.if_addrs = if_addrs(&now);
+        if let Some(writer) = self.writer.as_mut() {
+            writer.sync_node(&self.node, &self.config)?;
+        }
+        self.devices = now;
+        Ok(())
     }
 
     pub fn pin_path(&self) -> &Path {
         &self.ebpf.pin_path
     }
+}
+
+fn if_addrs(devices: &[checks::Device]) -> Vec<(u32, std::net::Ipv4Addr)> {
+    devices
+        .iter()
+        .filter_map(|d| d.ipv4.map(|ip| (d.ifindex, ip)))
+        .collect()
 }
 
 fn to_stats(full: bool, c: writer::Counts, errors: Vec<PortError>) -> SyncStats {
@@ -216,6 +266,7 @@ impl Dataplane for EbpfDataplane {
         full: bool,
     ) -> Result<SyncStats, DataplaneError> {
         let full = full || self.needs_full;
+        self.follow_devices()?;
         let Some(writer) = self.writer.as_mut() else {
             return Err(DataplaneError::Other(
                 "ebpf dataplane opened without start()".into(),
@@ -238,6 +289,7 @@ impl Dataplane for EbpfDataplane {
 
     fn cleanup(&mut self) -> Result<(), DataplaneError> {
         self.writer = None;
+        self.programs = None;
         self.needs_full = true;
         loader::cleanup(&self.ebpf.pin_path)
     }

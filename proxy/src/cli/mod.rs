@@ -66,7 +66,7 @@ pub struct EbpfArgs {
     /// cgroup v2 directory for the socket load-balancing hooks. Default: the cgroup2 mount.
     #[arg(long, value_name = "DIR")]
     pub cgroup_root: Option<PathBuf>,
-    /// Devices for the TC programs, comma-separated. Default: every device but lo (node addresses and pod devices).
+    /// Devices for the TC programs, comma-separated. Default: every device but lo, followed as devices come and go.
     #[arg(long, value_delimiter = ',', value_name = "DEV")]
     pub devices: Vec<String>,
     /// Entries of the frontend and service maps (about 2 per Service port plus node ports).

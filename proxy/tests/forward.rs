@@ -381,6 +381,77 @@ async fn half_close_still_gets_the_full_reply() {
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
+/// Without v5 the pod cannot be told about the half-close: the reply of a
+/// pod that answers without waiting for EOF still reaches the client, and a
+/// pod that waits for EOF gets its connection closed after --half-close-timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_on_v4_waits_for_the_pod_then_times_out() {
+    let env = Env::new().await;
+    env.server.set_port_forward_v4_only(true);
+    // Answers after 5 bytes, then closes.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let answers = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut b = [0u8; 5];
+                s.read_exact(&mut b).await.unwrap();
+                // Reply after the client has half-closed.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                s.write_all(&b.repeat(100_000)).await.unwrap();
+            });
+        }
+    });
+    let waits = greeter("").await; // echoes, never closes on its own
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    let mut kp = env.forward(&[
+        "pod/web",
+        &format!(":{answers}"),
+        &format!(":{waits}"),
+        "--half-close-timeout",
+        "1s",
+        "--address",
+        "127.0.0.1",
+    ]);
+    let local = kp.local_port().await;
+    let mut s = TcpStream::connect(("127.0.0.1", local)).await.unwrap();
+    s.write_all(b"hello").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply, b"hello".repeat(100_000));
+    kp.wait_stderr("v5=false").await;
+    // The second pair: the pod never closes; the connection ends after the timeout.
+    let second: u16 = eventually(DEADLINE, "the second Forwarding line", || {
+        kp.stdout_lines().get(1).and_then(|l| {
+            l.strip_prefix("Forwarding from 127.0.0.1:")?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+    })
+    .await;
+    let mut s = TcpStream::connect(("127.0.0.1", second)).await.unwrap();
+    s.write_all(b"ping").await.unwrap();
+    s.shutdown().await.unwrap();
+    let started = Instant::now();
+    let mut echoed = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(echoed, b"ping");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_connections() {
     let env = Env::new().await;
@@ -665,6 +736,32 @@ async fn without_pings_the_idle_stream_is_cut() {
         .await
         .unwrap();
     assert!(r.is_err() || buf.is_empty());
+}
+
+/// The real thing: 10 minutes idle with the default ping interval (30s)
+/// behind a 45s idle cut-off. `cargo test -p kproxy --test forward -- --ignored`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "takes 10 minutes"]
+async fn idle_for_ten_minutes_with_default_pings() {
+    let env = Env::new().await;
+    env.server
+        .set_port_forward_idle_timeout(Some(Duration::from_secs(45)));
+    let port = echo_server().await;
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    let mut kp = env.forward(&["pod/web", &format!(":{port}")]);
+    let local = kp.local_port().await;
+    let mut s = TcpStream::connect(("127.0.0.1", local)).await.unwrap();
+    s.write_all(b"a").await.unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    s.write_all(b"b").await.unwrap();
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut b))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&b, b"b");
+    assert_eq!(env.server.port_forwards_idle_cut(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -129,6 +129,9 @@ impl TestApiServer {
                 tokio::select! {
                     accepted = listener.accept() => {
                         let Ok((stream, _)) = accepted else { continue };
+                        // As the real API server (Go sets TCP_NODELAY): small
+                        // port-forward frames must not wait for delayed ACKs.
+                        let _ = stream.set_nodelay(true);
                         let svc = TowerToHyperService::new(router.clone());
                         conns.spawn(async move {
                             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -212,6 +215,12 @@ impl TestApiServer {
     /// even a ping) for `timeout` are cut, as an idle-timeout proxy would.
     pub fn set_port_forward_idle_timeout(&self, timeout: Option<Duration>) {
         self.shared.port_forward_faults.set_idle_timeout(timeout);
+    }
+
+    /// Fault: port-forward negotiates `v4.channel.k8s.io` only (no
+    /// half-close signal), as kubelets before v5.
+    pub fn set_port_forward_v4_only(&self, v4_only: bool) {
+        self.shared.port_forward_faults.set_v4_only(v4_only);
     }
 
     /// Port-forward streams opened so far (upgraded WebSockets).

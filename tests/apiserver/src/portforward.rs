@@ -45,7 +45,14 @@ pub type Dialer = Arc<
 >;
 
 pub fn direct_dialer() -> Dialer {
-    Arc::new(|addr| Box::pin(TcpStream::connect(addr)))
+    Arc::new(|addr| {
+        Box::pin(async move {
+            let s = TcpStream::connect(addr).await?;
+            // As kubelet (Go sets TCP_NODELAY).
+            s.set_nodelay(true)?;
+            Ok(s)
+        })
+    })
 }
 
 /// The port-forward handler, for [`crate::Options::port_forward`].
@@ -59,6 +66,8 @@ pub struct Faults {
     idle_timeout: Mutex<Option<Duration>>,
     opened: AtomicU64,
     idle_cut: AtomicU64,
+    /// Serve v4 only (as a kubelet without the close signal).
+    v4_only: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Faults {
@@ -68,6 +77,7 @@ impl Default for Faults {
             idle_timeout: Mutex::new(None),
             opened: AtomicU64::new(0),
             idle_cut: AtomicU64::new(0),
+            v4_only: Default::default(),
         }
     }
 }
@@ -82,6 +92,10 @@ impl Faults {
     }
     fn idle_timeout(&self) -> Option<Duration> {
         *self.idle_timeout.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    /// Negotiate v4 only (no half-close signal), as older kubelets.
+    pub fn set_v4_only(&self, v4_only: bool) {
+        self.v4_only.store(v4_only, Ordering::Relaxed);
     }
     pub fn opened(&self) -> u64 {
         self.opened.load(Ordering::Relaxed)
@@ -167,9 +181,10 @@ fn handle(pod: Arc<Value>, mut req: Request, dialer: Dialer, faults: Arc<Faults>
         .flat_map(|v| v.split(',').map(|p| p.trim().to_string()))
         .collect();
     // The first protocol the client offers that is served (as the API server's wsstream).
+    let v4_only = faults.v4_only.load(Ordering::Relaxed);
     let Some(protocol) = offered.iter().find_map(|p| match p.as_str() {
         V4 => Some(V4),
-        V5 => Some(V5),
+        V5 if !v4_only => Some(V5),
         _ => None,
     }) else {
         return status(ApiError::bad_request(format!(
@@ -304,6 +319,7 @@ where
         Ok::<(), tokio_tungstenite::tungstenite::Error>(())
     };
     let idle = faults.idle_timeout();
+    let v4_only = faults.v4_only.load(Ordering::Relaxed);
     let up = async move {
         loop {
             let msg = match idle {
@@ -320,7 +336,7 @@ where
             match msg {
                 Some(Ok(Message::Binary(b))) if !b.is_empty() => {
                     let ch = b[0];
-                    if ch == CLOSE_SIGNAL {
+                    if ch == CLOSE_SIGNAL && !v4_only {
                         // Half-close: the client will send no more on that channel.
                         if let Some(Some(w)) =
                             b.get(1).and_then(|c| writers.get_mut(*c as usize / 2))

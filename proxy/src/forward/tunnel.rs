@@ -36,7 +36,17 @@ pub struct TunnelOpts {
     pub ping_interval: Duration,
 }
 
-const CHUNK: usize = 32 * 1024;
+/// Largest payload read from the local connection into one message.
+const CHUNK: usize = 128 * 1024;
+
+/// One data message (`[channel, payload..]`) read from `r`; None at EOF.
+async fn read_message<R: AsyncRead + Unpin>(r: &mut R, ch: u8) -> std::io::Result<Option<Vec<u8>>> {
+    let mut msg = Vec::with_capacity(CHUNK + 1);
+    msg.push(ch);
+    // read_buf fills the spare capacity (at most CHUNK bytes).
+    let n = r.read_buf(&mut msg).await?;
+    Ok((n > 0).then_some(msg))
+}
 
 /// Splices `local` and `ws` until both directions are done (or one fails).
 pub async fn run<S>(
@@ -85,7 +95,6 @@ where
 
     // Client → pod, plus pings.
     let up = async {
-        let mut buf = vec![0u8; CHUNK + 1];
         let mut ping =
             tokio::time::interval_at(Instant::now() + opts.ping_interval, opts.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -93,8 +102,10 @@ where
         let mut deadline: Option<Instant> = None;
         let result = loop {
             tokio::select! {
-                r = lr.read(&mut buf[1..]), if !eof => match r {
-                    Ok(0) => {
+                // Read straight into the message (channel byte first): the
+                // buffer moves into the frame without another copy.
+                r = read_message(&mut lr, ch), if !eof => match r {
+                    Ok(None) => {
                         eof = true;
                         if v5 {
                             if let Err(e) = sink.send(Message::binary(channel::close_signal(ch))).await {
@@ -106,9 +117,9 @@ where
                             deadline = Some(Instant::now() + opts.half_close_timeout);
                         }
                     }
-                    Ok(n) => {
-                        buf[0] = ch;
-                        if let Err(e) = sink.send(Message::binary(buf[..=n].to_vec())).await {
+                    Ok(Some(msg)) => {
+                        let n = msg.len() - 1;
+                        if let Err(e) = sink.send(Message::binary(msg)).await {
                             break Err(e.into());
                         }
                         stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);

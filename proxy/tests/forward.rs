@@ -452,6 +452,51 @@ async fn half_close_on_v4_waits_for_the_pod_then_times_out() {
     );
 }
 
+/// A request written in two small pieces gets its reply without a Nagle +
+/// delayed-ACK stall (40 ms) on kproxy's side of the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_writes_are_not_delayed() {
+    let env = Env::new().await;
+    // Answers "ok" once it has the 2-byte request.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            s.set_nodelay(true).unwrap();
+            tokio::spawn(async move {
+                let mut b = [0u8; 2];
+                while s.read_exact(&mut b).await.is_ok() {
+                    if s.write_all(b"ok").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    let mut kp = env.forward(&["pod/web", &format!(":{port}")]);
+    let local = kp.local_port().await;
+    let mut s = TcpStream::connect(("127.0.0.1", local)).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let mut times = Vec::new();
+    for _ in 0..30 {
+        let start = Instant::now();
+        s.write_all(b"a").await.unwrap();
+        // Let the first byte leave as its own frame.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        s.write_all(b"b").await.unwrap();
+        let mut b = [0u8; 2];
+        s.read_exact(&mut b).await.unwrap();
+        times.push(start.elapsed());
+    }
+    times.sort();
+    let median = times[times.len() / 2];
+    assert!(
+        median < Duration::from_millis(25),
+        "median {median:?}: {times:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_connections() {
     let env = Env::new().await;

@@ -106,9 +106,34 @@ async fn client(args: &ForwardArgs) -> Result<(Client, String), ForwardError> {
         .namespace
         .clone()
         .unwrap_or_else(|| config.default_namespace.clone());
-    let client = Client::try_from(config)
+    let client = build_client(config)
         .map_err(|e| ForwardError::Config(format!("building the Kubernetes client: {e}")))?;
     Ok((client, ns))
+}
+
+/// kube's client stack, but with TCP_NODELAY: the port-forward streams
+/// carry small interactive frames, which Nagle would hold back for a
+/// delayed ACK (40 ms). With a proxy in the kubeconfig, kube's own stack.
+fn build_client(config: Config) -> Result<Client, kube::Error> {
+    use kube::client::ConfigExt;
+    if config.proxy_url.is_some() {
+        return Client::try_from(config);
+    }
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(config.connect_timeout);
+    let https = config.rustls_https_connector_with_connector(http)?;
+    let hyper: hyper_util::client::legacy::Client<_, kube::client::Body> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(https);
+    let service = tower::ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(config.auth_layer()?)
+        .layer(config.extra_headers_layer()?)
+        .map_err(tower::BoxError::from)
+        .service(hyper);
+    Ok(Client::new(service, config.default_namespace))
 }
 
 /// State shared by the connections and the target monitor.

@@ -217,61 +217,163 @@ impl Resolver {
         *last = Some(name.clone());
         Ok((Resolved { pod, name }, service))
     }
+}
 
-    /// The pod's port for `pair.remote` (a Service port maps to its targetPort).
-    pub fn port(
-        &self,
-        pod: &Resolved,
-        service: Option<&Service>,
-        remote: &RemotePort,
-    ) -> Result<u16, ResolveError> {
-        let by_name = |n: &str| {
-            pod.container_port(n).ok_or_else(|| {
-                ResolveError::Port(format!(
-                    "pod {} has no container port named {n:?}",
-                    pod.name
-                ))
-            })
+/// The pod's port for `remote` (a Service port maps to its targetPort).
+pub fn pod_port(
+    pod: &Resolved,
+    service: Option<&Service>,
+    remote: &RemotePort,
+) -> Result<u16, ResolveError> {
+    let by_name = |n: &str| {
+        pod.container_port(n).ok_or_else(|| {
+            ResolveError::Port(format!(
+                "pod {} has no container port named {n:?}",
+                pod.name
+            ))
+        })
+    };
+    let Some(svc) = service else {
+        return match remote {
+            RemotePort::Number(n) => Ok(*n),
+            RemotePort::Name(n) => by_name(n),
         };
-        let Some(svc) = service else {
-            return match remote {
-                RemotePort::Number(n) => Ok(*n),
-                RemotePort::Name(n) => by_name(n),
-            };
-        };
-        let svc_name = svc.metadata.name.clone().unwrap_or_default();
-        let ports = svc
-            .spec
-            .as_ref()
-            .and_then(|s| s.ports.clone())
-            .unwrap_or_default();
-        let sp = ports
-            .iter()
-            .find(|p| match remote {
-                RemotePort::Number(n) => p.port == i32::from(*n),
-                RemotePort::Name(n) => p.name.as_deref() == Some(n.as_str()),
-            })
-            .ok_or_else(|| {
-                ResolveError::Port(format!("service {svc_name} has no port {remote}"))
-            })?;
-        match &sp.target_port {
-            None => u16::try_from(sp.port)
-                .map_err(|_| ResolveError::Port(format!("service port {} is invalid", sp.port))),
-            Some(IntOrString::Int(i)) => u16::try_from(*i)
-                .ok()
-                .filter(|p| *p > 0)
-                .ok_or_else(|| ResolveError::Port(format!("service targetPort {i} is invalid"))),
-            Some(IntOrString::String(n)) => by_name(n),
-        }
+    };
+    let svc_name = svc.metadata.name.clone().unwrap_or_default();
+    let ports = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.clone())
+        .unwrap_or_default();
+    let sp = ports
+        .iter()
+        .find(|p| match remote {
+            RemotePort::Number(n) => p.port == i32::from(*n),
+            RemotePort::Name(n) => p.name.as_deref() == Some(n.as_str()),
+        })
+        .ok_or_else(|| ResolveError::Port(format!("service {svc_name} has no port {remote}")))?;
+    match &sp.target_port {
+        None => u16::try_from(sp.port)
+            .map_err(|_| ResolveError::Port(format!("service port {} is invalid", sp.port))),
+        Some(IntOrString::Int(i)) => u16::try_from(*i)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| ResolveError::Port(format!("service targetPort {i} is invalid"))),
+        Some(IntOrString::String(n)) => by_name(n),
     }
+}
 
+impl Resolver {
     /// The pod and pod port of each pair.
     pub async fn resolve(&self, pairs: &[PortPair]) -> Result<(Resolved, Vec<u16>), ResolveError> {
         let (pod, svc) = self.pod().await?;
         let ports = pairs
             .iter()
-            .map(|p| self.port(&pod, svc.as_ref(), &p.remote))
+            .map(|p| pod_port(&pod, svc.as_ref(), &p.remote))
             .collect::<Result<Vec<_>, _>>()?;
         Ok((pod, ports))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod() -> Resolved {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "web-1"},
+            "spec": {"containers": [
+                {"name": "a", "ports": [{"name": "http", "containerPort": 8080}]},
+                {"name": "b", "ports": [{"name": "metrics", "containerPort": 9090}, {"containerPort": 7000}]}
+            ]}
+        }))
+        .unwrap();
+        Resolved {
+            pod,
+            name: "web-1".into(),
+        }
+    }
+
+    fn svc(ports: serde_json::Value) -> Service {
+        serde_json::from_value(json!({"metadata": {"name": "web"}, "spec": {"ports": ports}}))
+            .unwrap()
+    }
+
+    fn num(n: u16) -> RemotePort {
+        RemotePort::Number(n)
+    }
+
+    fn name(n: &str) -> RemotePort {
+        RemotePort::Name(n.into())
+    }
+
+    #[test]
+    fn pod_ports_by_number_and_name() {
+        let p = pod();
+        assert_eq!(pod_port(&p, None, &num(1234)).unwrap(), 1234);
+        assert_eq!(pod_port(&p, None, &name("http")).unwrap(), 8080);
+        assert_eq!(pod_port(&p, None, &name("metrics")).unwrap(), 9090);
+        let e = pod_port(&p, None, &name("grpc")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "pod web-1 has no container port named \"grpc\""
+        );
+    }
+
+    #[test]
+    fn service_ports_map_to_target_ports() {
+        let p = pod();
+        let s = svc(json!([
+            {"name": "web", "port": 80, "targetPort": "http"},
+            {"name": "mon", "port": 9000, "targetPort": 9090},
+            {"name": "same", "port": 7000},
+            {"name": "bad", "port": 81, "targetPort": "nope"}
+        ]));
+        assert_eq!(pod_port(&p, Some(&s), &num(80)).unwrap(), 8080);
+        assert_eq!(pod_port(&p, Some(&s), &name("web")).unwrap(), 8080);
+        assert_eq!(pod_port(&p, Some(&s), &num(9000)).unwrap(), 9090);
+        assert_eq!(pod_port(&p, Some(&s), &name("mon")).unwrap(), 9090);
+        assert_eq!(pod_port(&p, Some(&s), &num(7000)).unwrap(), 7000);
+        // A container port number is not a Service port.
+        assert_eq!(
+            pod_port(&p, Some(&s), &num(8080)).unwrap_err().to_string(),
+            "service web has no port 8080"
+        );
+        assert_eq!(
+            pod_port(&p, Some(&s), &name("http"))
+                .unwrap_err()
+                .to_string(),
+            "service web has no port http"
+        );
+        assert!(matches!(
+            pod_port(&p, Some(&s), &num(81)),
+            Err(ResolveError::Port(m)) if m.contains("no container port named \"nope\"")
+        ));
+    }
+
+    #[test]
+    fn readiness() {
+        let p = |phase: &str, ready: &str, deleting: bool| -> Pod {
+            let mut v = json!({"metadata": {"name": "x"},
+                "status": {"phase": phase, "conditions": [{"type": "Ready", "status": ready}]}});
+            if deleting {
+                v["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+            }
+            serde_json::from_value(v).unwrap()
+        };
+        assert!(pod_ready(&p("Running", "True", false)));
+        assert!(!pod_ready(&p("Running", "False", false)));
+        assert!(!pod_ready(&p("Pending", "True", false)));
+        assert!(!pod_ready(&p("Running", "True", true)));
+        assert!(pod_running(&p("Running", "False", false)));
+    }
+
+    #[test]
+    fn selectors() {
+        let mut m = BTreeMap::new();
+        m.insert("app".to_string(), "web".to_string());
+        m.insert("tier".to_string(), "fe".to_string());
+        assert_eq!(label_selector(&m), "app=web,tier=fe");
     }
 }

@@ -416,6 +416,12 @@ fn bind_all(
                     }
                     out.push((l, i));
                 }
+                Err(e) if !a.required && e.kind() == std::io::ErrorKind::AddrInUse => {
+                    tracing::warn!(
+                        "not listening on {addr}: local port {port} on {} is already in use",
+                        a.ip
+                    );
+                }
                 Err(e) if !a.required => {
                     tracing::debug!(%addr, "not listening on optional address: {e}");
                 }

@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod dataplane;
+pub mod forward;
 pub mod health;
 pub mod metrics;
 pub mod model;

@@ -43,6 +43,46 @@ pub enum Command {
     Status(StatusArgs),
     /// Print the iptables-restore input kproxy would apply for a manifest directory.
     Render(RenderArgs),
+    /// Forward local ports to a pod (as `kubectl port-forward`), surviving pod restarts and API drops.
+    Forward(ForwardArgs),
+}
+
+/// `kproxy forward TYPE/NAME [LOCAL:]REMOTE...`
+#[derive(Debug, Args)]
+pub struct ForwardArgs {
+    /// What to forward to: pod/NAME, svc/NAME, deploy/NAME, statefulset/NAME or rs/NAME
+    /// (kubectl's aliases work too; a bare NAME is a pod).
+    #[arg(value_name = "TYPE/NAME")]
+    pub target: String,
+    /// Port pairs: LOCAL:REMOTE, :REMOTE (a free local port, printed) or PORT (the same both
+    /// sides). REMOTE may be a port name (a container port's, or for svc/ a Service port's).
+    #[arg(value_name = "[LOCAL]:REMOTE", required = true, num_args = 1..)]
+    pub ports: Vec<String>,
+    /// Namespace of the target. Default: the kubeconfig context's namespace.
+    #[arg(short = 'n', long, value_name = "NAMESPACE")]
+    pub namespace: Option<String>,
+    /// kubeconfig context to use.
+    #[arg(long, value_name = "NAME")]
+    pub context: Option<String>,
+    /// kubeconfig file. Default: $KUBECONFIG, ~/.kube/config, else in-cluster.
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Local addresses to listen on, comma-separated (localhost: 127.0.0.1 and ::1 when available).
+    #[arg(long, value_name = "ADDR", default_value = "localhost")]
+    pub address: Vec<String>,
+    /// How long to wait for a pod to come back (or for the API server) before giving up.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub pod_wait_timeout: Duration,
+    /// Without v5.channel.k8s.io, how long to wait for the pod's reply after the local client
+    /// half-closed its connection.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub half_close_timeout: Duration,
+    /// WebSocket ping period on each forwarded connection (keeps idle forwards alive).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub ping_interval: Duration,
+    /// How often the target is checked, so a vanished target is noticed without a connection.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub check_interval: Duration,
 }
 
 #[derive(Debug, Args, Clone)]

@@ -29,9 +29,49 @@ pub struct Shared {
     pub expired: AtomicU64,
     /// Hook for `pods/{name}/portforward` (set by the port-forward module).
     pub port_forward: Option<PortForwardHook>,
+    /// Port-forward faults (cut streams, idle timeout).
+    pub port_forward_faults: Arc<crate::portforward::Faults>,
+    /// Fault: resources (`pods`, `pods/portforward`, `services`, ...) answered with 403.
+    pub denied: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
-pub type PortForwardHook = Arc<dyn Fn(Arc<Value>, Request) -> Response + Send + Sync>;
+pub type PortForwardHook =
+    Arc<dyn Fn(Arc<Value>, Request, Arc<crate::portforward::Faults>) -> Response + Send + Sync>;
+
+/// The 403 an RBAC denial gets.
+fn forbidden(target: &Target, method: &Method) -> Response {
+    let verb = match (method.as_str(), target.name.is_some()) {
+        ("GET", true) => "get",
+        ("GET", false) => "list",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", _) => "delete",
+        _ => "get",
+    };
+    let resource = match &target.sub {
+        Some(sub) => format!("{}/{sub}", target.res.plural),
+        None => target.res.plural.to_string(),
+    };
+    let name = target
+        .name
+        .as_deref()
+        .map(|n| format!(" \"{n}\""))
+        .unwrap_or_default();
+    let ns = target
+        .ns
+        .as_deref()
+        .map(|n| format!(" in the namespace \"{n}\""))
+        .unwrap_or_default();
+    error(&ApiError::new(
+        403,
+        "Forbidden",
+        format!(
+            "{}{name} is forbidden: User \"kproxy-test\" cannot {verb} resource \"{resource}\" in API group \"{}\"{ns}",
+            target.res.plural, target.res.group
+        ),
+    ))
+}
 
 fn json_response(code: StatusCode, v: &Value) -> Response {
     (
@@ -140,13 +180,24 @@ pub async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response
     let Some(target) = target else {
         return not_found_path(&path);
     };
+    let denied = {
+        let denied = shared.denied.lock().unwrap_or_else(|e| e.into_inner());
+        let key = match &target.sub {
+            Some(sub) => format!("{}/{sub}", target.res.plural),
+            None => target.res.plural.to_string(),
+        };
+        denied.contains(&key)
+    };
+    if denied {
+        return forbidden(&target, &method);
+    }
     if target.sub.as_deref() == Some("portforward") {
         let Some(hook) = shared.port_forward.clone() else {
             return not_found_path(&path);
         };
         let name = target.name.clone().unwrap_or_default();
         return match shared.store.get(target.res, target.ns.as_deref(), &name) {
-            Ok(pod) => hook(pod, req),
+            Ok(pod) => hook(pod, req, shared.port_forward_faults.clone()),
             Err(e) => error(&e),
         };
     }

@@ -104,6 +104,8 @@ impl TestApiServer {
             requests: AtomicU64::new(0),
             expired: AtomicU64::new(0),
             port_forward: opts.port_forward,
+            port_forward_faults: Arc::new(portforward::Faults::default()),
+            denied: Mutex::new(Default::default()),
         });
         let server = TestApiServer {
             addr,
@@ -127,6 +129,9 @@ impl TestApiServer {
                 tokio::select! {
                     accepted = listener.accept() => {
                         let Ok((stream, _)) = accepted else { continue };
+                        // As the real API server (Go sets TCP_NODELAY): small
+                        // port-forward frames must not wait for delayed ACKs.
+                        let _ = stream.set_nodelay(true);
                         let svc = TowerToHyperService::new(router.clone());
                         conns.spawn(async move {
                             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -181,9 +186,58 @@ impl TestApiServer {
         self.shared.drop_watches.send_modify(|g| *g += 1);
     }
 
-    /// Fault: stops listening and cuts every connection; new connections are refused.
+    /// Fault: answers every request on `resource` (`pods`, `pods/portforward`,
+    /// `services`, `deployments`, ...) with 403 Forbidden, as RBAC would.
+    pub fn deny(&self, resource: &str) {
+        self.shared
+            .denied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(resource.to_string());
+    }
+
+    /// Undoes [`Self::deny`].
+    pub fn allow(&self, resource: &str) {
+        self.shared
+            .denied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(resource);
+    }
+
+    /// Fault: cuts every open port-forward stream (the TCP connection is
+    /// dropped without a WebSocket close).
+    pub fn cut_port_forwards(&self) {
+        self.shared.port_forward_faults.cut();
+    }
+
+    /// Fault: port-forward streams on which the client sends nothing (not
+    /// even a ping) for `timeout` are cut, as an idle-timeout proxy would.
+    pub fn set_port_forward_idle_timeout(&self, timeout: Option<Duration>) {
+        self.shared.port_forward_faults.set_idle_timeout(timeout);
+    }
+
+    /// Fault: port-forward negotiates `v4.channel.k8s.io` only (no
+    /// half-close signal), as kubelets before v5.
+    pub fn set_port_forward_v4_only(&self, v4_only: bool) {
+        self.shared.port_forward_faults.set_v4_only(v4_only);
+    }
+
+    /// Port-forward streams opened so far (upgraded WebSockets).
+    pub fn port_forwards_opened(&self) -> u64 {
+        self.shared.port_forward_faults.opened()
+    }
+
+    /// Port-forward streams cut for idleness so far.
+    pub fn port_forwards_idle_cut(&self) -> u64 {
+        self.shared.port_forward_faults.idle_cut()
+    }
+
+    /// Fault: stops listening and cuts every connection (port-forward
+    /// streams too); new connections are refused.
     pub fn stop(&self) {
         self.drop_watches();
+        self.cut_port_forwards();
         if let Some(mut set) = self
             .serving
             .lock()

@@ -1,6 +1,6 @@
 //! `pods/{name}/portforward` as kubelet serves it behind the API server, over
-//! WebSocket (`v4.channel.k8s.io`; `v5.channel.k8s.io` is accepted when v4
-//! is not offered). For port i of the `ports` query
+//! WebSocket (`v4.channel.k8s.io` or `v5.channel.k8s.io`: the first the
+//! client offers, as the API server negotiates). For port i of the `ports` query
 //! the data channel is 2i and the error channel 2i+1; the first frame the
 //! server sends on each carries the port number (u16, little endian). Every
 //! data frame is one binary message, prefixed with its channel byte.
@@ -15,7 +15,9 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -27,7 +29,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
@@ -43,12 +45,64 @@ pub type Dialer = Arc<
 >;
 
 pub fn direct_dialer() -> Dialer {
-    Arc::new(|addr| Box::pin(TcpStream::connect(addr)))
+    Arc::new(|addr| {
+        Box::pin(async move {
+            let s = TcpStream::connect(addr).await?;
+            // As kubelet (Go sets TCP_NODELAY).
+            s.set_nodelay(true)?;
+            Ok(s)
+        })
+    })
 }
 
 /// The port-forward handler, for [`crate::Options::port_forward`].
 pub fn hook(dialer: Dialer) -> PortForwardHook {
-    Arc::new(move |pod, req| handle(pod, req, dialer.clone()))
+    Arc::new(move |pod, req, faults| handle(pod, req, dialer.clone(), faults))
+}
+
+/// Faults injected into the port-forward streams (see the `TestApiServer` methods).
+pub struct Faults {
+    cut: watch::Sender<u64>,
+    idle_timeout: Mutex<Option<Duration>>,
+    opened: AtomicU64,
+    idle_cut: AtomicU64,
+    /// Serve v4 only (as a kubelet without the close signal).
+    v4_only: std::sync::atomic::AtomicBool,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Faults {
+            cut: watch::Sender::new(0),
+            idle_timeout: Mutex::new(None),
+            opened: AtomicU64::new(0),
+            idle_cut: AtomicU64::new(0),
+            v4_only: Default::default(),
+        }
+    }
+}
+
+impl Faults {
+    /// Cuts every open stream.
+    pub fn cut(&self) {
+        self.cut.send_modify(|g| *g += 1);
+    }
+    pub fn set_idle_timeout(&self, t: Option<Duration>) {
+        *self.idle_timeout.lock().unwrap_or_else(|e| e.into_inner()) = t;
+    }
+    fn idle_timeout(&self) -> Option<Duration> {
+        *self.idle_timeout.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    /// Negotiate v4 only (no half-close signal), as older kubelets.
+    pub fn set_v4_only(&self, v4_only: bool) {
+        self.v4_only.store(v4_only, Ordering::Relaxed);
+    }
+    pub fn opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
+    }
+    pub fn idle_cut(&self) -> u64 {
+        self.idle_cut.load(Ordering::Relaxed)
+    }
 }
 
 const V4: &str = "v4.channel.k8s.io";
@@ -95,7 +149,7 @@ fn ports_of(req: &Request) -> Result<Vec<u16>, ApiError> {
     Ok(ports)
 }
 
-fn handle(pod: Arc<Value>, mut req: Request, dialer: Dialer) -> Response {
+fn handle(pod: Arc<Value>, mut req: Request, dialer: Dialer, faults: Arc<Faults>) -> Response {
     let name = pod["metadata"]["name"].as_str().unwrap_or("").to_string();
     let ports = match ports_of(&req) {
         Ok(p) => p,
@@ -126,11 +180,13 @@ fn handle(pod: Arc<Value>, mut req: Request, dialer: Dialer) -> Response {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(',').map(|p| p.trim().to_string()))
         .collect();
-    let protocol = if offered.iter().any(|p| p == V4) {
-        V4
-    } else if offered.iter().any(|p| p == V5) {
-        V5
-    } else {
+    // The first protocol the client offers that is served (as the API server's wsstream).
+    let v4_only = faults.v4_only.load(Ordering::Relaxed);
+    let Some(protocol) = offered.iter().find_map(|p| match p.as_str() {
+        V4 => Some(V4),
+        V5 if !v4_only => Some(V5),
+        _ => None,
+    }) else {
         return status(ApiError::bad_request(format!(
             "no supported port-forward subprotocol in {offered:?} (supported: {V5}, {V4})"
         )));
@@ -149,7 +205,17 @@ fn handle(pod: Arc<Value>, mut req: Request, dialer: Dialer) -> Response {
             }
         };
         let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
-        if let Err(e) = forward(ws, ip, ports, dialer).await {
+        faults.opened.fetch_add(1, Ordering::Relaxed);
+        let mut cut = faults.cut.subscribe();
+        cut.mark_unchanged();
+        let result = tokio::select! {
+            r = forward(ws, ip, ports, dialer, &faults) => r,
+            _ = cut.changed() => {
+                tracing::debug!(pod = %name, "port-forward cut (fault)");
+                return;
+            }
+        };
+        if let Err(e) = result {
             tracing::debug!(pod = %name, error = %e, "port-forward ended");
         }
     });
@@ -178,9 +244,10 @@ async fn forward<S>(
     ip: IpAddr,
     ports: Vec<u16>,
     dialer: Dialer,
+    faults: &Faults,
 ) -> Result<(), tokio_tungstenite::tungstenite::Error>
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (mut sink, mut stream) = ws.split();
     for (i, port) in ports.iter().enumerate() {
@@ -231,14 +298,49 @@ where
         sink.send(Message::Close(None)).await?;
         return Ok(());
     }
-    loop {
-        tokio::select! {
-            msg = stream.next() => match msg {
+    // The two directions run independently, so that a slow reader on one
+    // side never stalls the other (an echoing pod would deadlock otherwise).
+    let down = async move {
+        while let Some((ch, bytes)) = rx.recv().await {
+            if bytes.is_empty() {
+                open_readers -= 1;
+                if open_readers == 0 {
+                    break;
+                }
+                continue;
+            }
+            sink.send(frame(ch, &bytes)).await?;
+        }
+        // Every pod connection is done: end the stream (the up side drains
+        // until the client acknowledges the close).
+        sink.send(Message::Close(None)).await?;
+        // Keep the sink alive until the up side ends.
+        std::future::pending::<()>().await;
+        Ok::<(), tokio_tungstenite::tungstenite::Error>(())
+    };
+    let idle = faults.idle_timeout();
+    let v4_only = faults.v4_only.load(Ordering::Relaxed);
+    let up = async move {
+        loop {
+            let msg = match idle {
+                None => stream.next().await,
+                Some(d) => match tokio::time::timeout(d, stream.next()).await {
+                    Ok(m) => m,
+                    Err(_) => {
+                        faults.idle_cut.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!("port-forward cut: idle for {d:?} (fault)");
+                        return Ok(());
+                    }
+                },
+            };
+            match msg {
                 Some(Ok(Message::Binary(b))) if !b.is_empty() => {
                     let ch = b[0];
-                    if ch == CLOSE_SIGNAL {
+                    if ch == CLOSE_SIGNAL && !v4_only {
                         // Half-close: the client will send no more on that channel.
-                        if let Some(Some(w)) = b.get(1).and_then(|c| writers.get_mut(*c as usize / 2)) {
+                        if let Some(Some(w)) =
+                            b.get(1).and_then(|c| writers.get_mut(*c as usize / 2))
+                        {
                             let _ = w.shutdown().await;
                         }
                         continue;
@@ -253,23 +355,11 @@ where
                 }
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Ok(()),
                 Some(Ok(_)) => {}
-            },
-            data = rx.recv() => match data {
-                Some((_, bytes)) if bytes.is_empty() => {
-                    open_readers -= 1;
-                    if open_readers == 0 {
-                        // Every pod connection is done: end the stream.
-                        sink.send(Message::Close(None)).await?;
-                        // Drain until the client acknowledges the close.
-                        while let Some(Ok(m)) = stream.next().await {
-                            if m.is_close() { break; }
-                        }
-                        return Ok(());
-                    }
-                }
-                Some((ch, bytes)) => sink.send(frame(ch, &bytes)).await?,
-                None => return Ok(()),
             }
         }
+    };
+    tokio::select! {
+        r = up => r,
+        r = down => r,
     }
 }

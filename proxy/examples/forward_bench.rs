@@ -1,0 +1,251 @@
+//! `kproxy forward` against the ceiling (a direct connection to the "pod"):
+//! bulk throughput, connection set-up latency, and many concurrent
+//! connections. The API server is the in-process test server (its
+//! port-forward plays the kubelet); the pod is an echo listener on loopback.
+//!
+//! ```text
+//! cargo build --release -p kproxy --bin kproxy --example forward_bench
+//! ./target/release/examples/forward_bench --mib 1024 --conns 1000 --concurrent 200
+//! ```
+//! Prints a markdown table, and the CPU seconds kproxy and this process
+//! (test API server + clients + pod) used in each phase.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+struct Opts {
+    mib: usize,
+    conns: usize,
+    concurrent: usize,
+    each_kib: usize,
+    kproxy: std::path::PathBuf,
+}
+
+fn opts() -> Opts {
+    let mut o = Opts {
+        mib: 1024,
+        conns: 1000,
+        concurrent: 200,
+        each_kib: 1024,
+        kproxy: std::env::current_exe()
+            .unwrap()
+            .parent()
+            .and_then(|p| p.parent())
+            .map(|p| p.join("kproxy"))
+            .unwrap(),
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < args.len() {
+        let v = args.get(i + 1).cloned().unwrap_or_default();
+        match args[i].as_str() {
+            "--mib" => o.mib = v.parse().unwrap(),
+            "--conns" => o.conns = v.parse().unwrap(),
+            "--concurrent" => o.concurrent = v.parse().unwrap(),
+            "--each-kib" => o.each_kib = v.parse().unwrap(),
+            "--kproxy" => o.kproxy = v.into(),
+            other => panic!("unknown argument {other} (--mib N --conns M --concurrent C --each-kib K --kproxy PATH)"),
+        }
+        i += 2;
+    }
+    o
+}
+
+/// CPU seconds (user + system) of a process.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 (utime, stime); `after` starts at field 3.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
+async fn echo_server() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let (r, mut w) = s.split();
+                // A large buffer: the direct path is the ceiling, not the echo.
+                let mut r = tokio::io::BufReader::with_capacity(256 * 1024, r);
+                let _ = tokio::io::copy_buf(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+/// Writes and reads back `total` bytes; returns the elapsed time.
+async fn bulk(port: u16, total: usize) -> std::io::Result<Duration> {
+    let start = Instant::now();
+    let s = TcpStream::connect(("127.0.0.1", port)).await?;
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let buf = vec![0x5au8; 256 * 1024];
+        let mut sent = 0;
+        while sent < total {
+            let n = buf.len().min(total - sent);
+            w.write_all(&buf[..n]).await?;
+            sent += n;
+        }
+        w.shutdown().await
+    });
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0;
+    while got < total {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::Error::other(format!("EOF after {got} bytes")));
+        }
+        got += n;
+    }
+    writer.await.unwrap()?;
+    Ok(start.elapsed())
+}
+
+/// Connect, one byte there and back, close.
+async fn setup_latency(port: u16, n: usize) -> Vec<Duration> {
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        s.write_all(b"x").await.unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        v.push(start.elapsed());
+    }
+    v.sort();
+    v
+}
+
+async fn concurrent(port: u16, n: usize, each: usize) -> (Duration, usize) {
+    let start = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        set.spawn(bulk(port, each));
+    }
+    let mut failures = 0;
+    while let Some(r) = set.join_next().await {
+        if !matches!(r, Ok(Ok(_))) {
+            failures += 1;
+        }
+    }
+    (start.elapsed(), failures)
+}
+
+fn pct(v: &[Duration], p: f64) -> f64 {
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i].as_secs_f64() * 1e3
+}
+
+struct Row {
+    bulk_mibs: f64,
+    p50: f64,
+    p99: f64,
+    conc_time: f64,
+    conc_fail: usize,
+    cpu: [f64; 3],
+    self_cpu: [f64; 3],
+}
+
+async fn measure(port: u16, o: &Opts, kproxy_pid: Option<u32>) -> Row {
+    let me = std::process::id();
+    let cpu = || (kproxy_pid.map(cpu_seconds).unwrap_or(0.0), cpu_seconds(me));
+    let (k0, s0) = cpu();
+    let d = bulk(port, o.mib << 20).await.unwrap();
+    let (k1, s1) = cpu();
+    let lat = setup_latency(port, o.conns).await;
+    let (k2, s2) = cpu();
+    let (ct, cf) = concurrent(port, o.concurrent, o.each_kib << 10).await;
+    let (k3, s3) = cpu();
+    Row {
+        bulk_mibs: o.mib as f64 / d.as_secs_f64(),
+        p50: pct(&lat, 0.5),
+        p99: pct(&lat, 0.99),
+        conc_time: ct.as_secs_f64(),
+        conc_fail: cf,
+        cpu: [k1 - k0, k2 - k1, k3 - k2],
+        self_cpu: [s1 - s0, s2 - s1, s3 - s2],
+    }
+}
+
+struct Guard(Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let o = opts();
+    let server = kproxy_test_apiserver::TestApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kc = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kc).unwrap();
+    let port = echo_server().await;
+    server
+        .apply(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "bench", "namespace": "default"},
+            "spec": {"containers": [{"name": "c", "image": "x"}]},
+            "status": {"phase": "Running", "podIP": "127.0.0.1"}}))
+        .unwrap();
+    let mut child = Command::new(&o.kproxy)
+        .args(["forward", "--kubeconfig"])
+        .arg(&kc)
+        .args(["pod/bench", &format!(":{port}"), "--address", "127.0.0.1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {}: {e}", o.kproxy.display()));
+    let stdout = child.stdout.take().unwrap();
+    let pid = child.id();
+    let _guard = Guard(child);
+    let mut lines = BufReader::new(tokio::process::ChildStdout::from_std(stdout).unwrap()).lines();
+    let line = lines.next_line().await.unwrap().expect("a Forwarding line");
+    let local: u16 = line
+        .strip_prefix("Forwarding from 127.0.0.1:")
+        .and_then(|r| r.split(' ').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected output {line:?}"));
+
+    let direct = measure(port, &o, None).await;
+    let fwd = measure(local, &o, Some(pid)).await;
+
+    println!(
+        "bulk: {} MiB each way on one connection; set-up: {} sequential connections (connect, 1 byte echoed); concurrent: {} connections x {} KiB each way\n",
+        o.mib, o.conns, o.concurrent, o.each_kib
+    );
+    println!("| path | bulk MiB/s (each way) | set-up p50 ms | set-up p99 ms | {}x{}KiB time s | failures |", o.concurrent, o.each_kib);
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (name, r) in [("direct (ceiling)", &direct), ("kproxy forward", &fwd)] {
+        println!(
+            "| {name} | {:.0} | {:.3} | {:.3} | {:.2} | {} |",
+            r.bulk_mibs, r.p50, r.p99, r.conc_time, r.conc_fail
+        );
+    }
+    println!("\nCPU seconds per phase (bulk / set-up / concurrent):");
+    println!(
+        "- kproxy forward process: {:.2} / {:.2} / {:.2}",
+        fwd.cpu[0], fwd.cpu[1], fwd.cpu[2]
+    );
+    println!(
+        "- bench process (test API server + clients + pod), through kproxy: {:.2} / {:.2} / {:.2}",
+        fwd.self_cpu[0], fwd.self_cpu[1], fwd.self_cpu[2]
+    );
+    println!(
+        "- bench process, direct: {:.2} / {:.2} / {:.2}",
+        direct.self_cpu[0], direct.self_cpu[1], direct.self_cpu[2]
+    );
+}

@@ -1,0 +1,521 @@
+//! `kproxy forward`: a port-forward like `kubectl port-forward`, through the
+//! API's `pods/portforward` subresource (WebSocket channel protocol), that
+//! survives what kubectl does not: one connection's failure ends that
+//! connection only; a replaced pod is followed (or waited for); a dropped
+//! API connection is re-established; idle streams are kept alive.
+
+pub mod channel;
+pub mod resolve;
+pub mod spec;
+pub mod tunnel;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::cli::ForwardArgs;
+use resolve::{ResolveError, Resolved, Resolver};
+use spec::{Kind, PortPair, SpecError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Resolve(#[from] ResolveError),
+    #[error("local port {port} on {ip} is already in use")]
+    InUse { port: u16, ip: std::net::IpAddr },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    /// The target is gone for good, or the API unreachable for too long.
+    #[error("{0}")]
+    Fatal(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Counters printed on exit.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub connections: AtomicU64,
+    /// Client → pod.
+    pub bytes_in: AtomicU64,
+    /// Pod → client.
+    pub bytes_out: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+impl Stats {
+    pub fn summary(&self) -> String {
+        format!(
+            "{} connections, {} bytes in, {} bytes out, {} errors",
+            self.connections.load(Ordering::Relaxed),
+            self.bytes_in.load(Ordering::Relaxed),
+            self.bytes_out.load(Ordering::Relaxed),
+            self.errors.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Why a connection could not be set up.
+enum SetupError {
+    /// Ends the whole forward.
+    Fatal(String),
+    /// Ends this connection only.
+    Conn(String),
+}
+
+/// The kube client, and the namespace to use.
+async fn client(args: &ForwardArgs) -> Result<(Client, String), ForwardError> {
+    let opts = KubeConfigOptions {
+        context: args.context.clone(),
+        ..Default::default()
+    };
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path).map_err(|e| {
+                ForwardError::Config(format!("cannot read kubeconfig {}: {e}", path.display()))
+            })?;
+            Config::from_custom_kubeconfig(kc, &opts)
+                .await
+                .map_err(|e| ForwardError::Config(format!("kubeconfig {}: {e}", path.display())))?
+        }
+        None if args.context.is_some() => Config::from_kubeconfig(&opts)
+            .await
+            .map_err(|e| ForwardError::Config(format!("kubeconfig: {e}")))?,
+        None => Config::infer().await.map_err(|e| {
+            ForwardError::Config(format!(
+                "no Kubernetes client configuration (pass --kubeconfig): {e}"
+            ))
+        })?,
+    };
+    let ns = args
+        .namespace
+        .clone()
+        .unwrap_or_else(|| config.default_namespace.clone());
+    let client = build_client(config)
+        .map_err(|e| ForwardError::Config(format!("building the Kubernetes client: {e}")))?;
+    Ok((client, ns))
+}
+
+/// kube's client stack, but with TCP_NODELAY: the port-forward streams
+/// carry small interactive frames, which Nagle would hold back for a
+/// delayed ACK (40 ms). With a proxy in the kubeconfig, kube's own stack.
+fn build_client(config: Config) -> Result<Client, kube::Error> {
+    use kube::client::ConfigExt;
+    if config.proxy_url.is_some() {
+        return Client::try_from(config);
+    }
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(config.connect_timeout);
+    let https = config.rustls_https_connector_with_connector(http)?;
+    let hyper: hyper_util::client::legacy::Client<_, kube::client::Body> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(https);
+    let service = tower::ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(config.auth_layer()?)
+        .layer(config.extra_headers_layer()?)
+        .map_err(tower::BoxError::from)
+        .service(hyper);
+    Ok(Client::new(service, config.default_namespace))
+}
+
+/// State shared by the connections and the target monitor.
+struct Shared {
+    resolver: Resolver,
+    pairs: Vec<PortPair>,
+    stats: Stats,
+    opts: tunnel::TunnelOpts,
+    pod_wait_timeout: Duration,
+    /// Since when the API server has been unreachable.
+    api_down_since: Mutex<Option<Instant>>,
+    /// Since when the target has had no pod to forward to.
+    unavailable_since: Mutex<Option<Instant>>,
+    /// The pod last forwarded to (to say when it changes).
+    current_pod: Mutex<String>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn fmt_duration(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s >= 60.0 && s % 60.0 == 0.0 {
+        format!("{}m", s as u64 / 60)
+    } else if s >= 1.0 {
+        format!("{s}s")
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+impl Shared {
+    fn api_down(&self, e: &str) -> Result<(), SetupError> {
+        let mut since = lock(&self.api_down_since);
+        let start = *since.get_or_insert_with(|| {
+            tracing::warn!(
+                "lost the connection to the API server ({e}); reconnecting with backoff"
+            );
+            Instant::now()
+        });
+        if start.elapsed() > self.pod_wait_timeout {
+            return Err(SetupError::Fatal(format!(
+                "the API server has been unreachable for more than {}: {e}",
+                fmt_duration(self.pod_wait_timeout)
+            )));
+        }
+        Ok(())
+    }
+
+    fn api_up(&self) {
+        if lock(&self.api_down_since).take().is_some() {
+            tracing::warn!("reconnected to the API server");
+        }
+    }
+
+    fn unavailable(&self, why: &str) -> Result<(), SetupError> {
+        let target = &self.resolver.target;
+        let mut since = lock(&self.unavailable_since);
+        let start = *since.get_or_insert_with(|| {
+            match target.kind {
+                Kind::Pod => tracing::warn!(
+                    "waiting for pod {} to come back ({why}); new connections wait",
+                    target.name
+                ),
+                _ => tracing::warn!(
+                    "waiting for a ready pod of {target} ({why}); new connections wait"
+                ),
+            }
+            Instant::now()
+        });
+        if start.elapsed() > self.pod_wait_timeout {
+            return Err(SetupError::Fatal(format!(
+                "{target} did not come back within --pod-wait-timeout {}: {why}",
+                fmt_duration(self.pod_wait_timeout)
+            )));
+        }
+        Ok(())
+    }
+
+    fn available(&self, pod: &Resolved) {
+        let was_waiting = lock(&self.unavailable_since).take().is_some();
+        let mut current = lock(&self.current_pod);
+        if was_waiting || *current != pod.name {
+            if was_waiting {
+                tracing::warn!(
+                    "{} is back: forwarding to pod {}",
+                    self.resolver.target,
+                    pod.name
+                );
+            } else {
+                tracing::info!(
+                    "{}: now forwarding to pod {}",
+                    self.resolver.target,
+                    pod.name
+                );
+            }
+            *current = pod.name.clone();
+        }
+    }
+
+    /// Resolves the target, waiting (within --pod-wait-timeout) while it
+    /// has no pod or the API server is unreachable.
+    async fn resolve(&self, pairs: &[PortPair]) -> Result<(Resolved, Vec<u16>), SetupError> {
+        let mut backoff = BACKOFF_START;
+        loop {
+            match self.resolver.resolve(pairs).await {
+                Ok(r) => {
+                    self.api_up();
+                    self.available(&r.0);
+                    return Ok(r);
+                }
+                Err(ResolveError::Unreachable(e)) => self.api_down(&e)?,
+                Err(ResolveError::NotReady(why)) => {
+                    self.api_up();
+                    self.unavailable(&why)?
+                }
+                Err(ResolveError::Gone(why)) if self.resolver.target.kind == Kind::Pod => {
+                    self.api_up();
+                    self.unavailable(&why)?
+                }
+                Err(ResolveError::Gone(why)) => {
+                    return Err(SetupError::Fatal(format!(
+                        "{} is gone ({why}): nothing left to forward to",
+                        self.resolver.target
+                    )))
+                }
+                Err(e @ (ResolveError::Port(_) | ResolveError::Api(_))) => {
+                    self.api_up();
+                    return Err(SetupError::Conn(e.to_string()));
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// Opens the port-forward stream for pair `idx`.
+    async fn open(
+        &self,
+        idx: usize,
+    ) -> Result<(kube::client::Connection, String, u16), SetupError> {
+        let mut backoff = BACKOFF_START;
+        loop {
+            let (pod, ports) = self.resolve(&self.pairs[idx..=idx]).await?;
+            let port = ports[0];
+            let path = format!(
+                "/api/v1/namespaces/{}/pods/{}/portforward?ports={port}",
+                self.resolver.namespace, pod.name
+            );
+            let req = axum::http::Request::get(path)
+                .body(Vec::new())
+                .map_err(|e| SetupError::Conn(e.to_string()))?;
+            match self.resolver.client().connect(req).await {
+                Ok(conn) => {
+                    self.api_up();
+                    return Ok((conn, pod.name, port));
+                }
+                // The pod went away between resolving and connecting: again.
+                Err(kube::Error::Api(s)) if s.code == 404 => {
+                    self.api_up();
+                    tracing::debug!(pod = %pod.name, "pod vanished before port-forward; re-resolving");
+                }
+                Err(kube::Error::Api(s)) if s.code == 403 => {
+                    self.api_up();
+                    return Err(SetupError::Conn(format!(
+                        "no permission to port-forward to pod {} (403 Forbidden): {}",
+                        pod.name, s.message
+                    )));
+                }
+                Err(kube::Error::Api(s)) => {
+                    self.api_up();
+                    return Err(SetupError::Conn(format!(
+                        "port-forward to pod {} refused ({} {}): {}",
+                        pod.name, s.code, s.reason, s.message
+                    )));
+                }
+                Err(e @ kube::Error::UpgradeConnection(_)) => {
+                    return Err(SetupError::Conn(format!(
+                        "port-forward to pod {}: {e}",
+                        pod.name
+                    )))
+                }
+                Err(e) => self.api_down(&e.to_string())?,
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+}
+
+/// Keepalive (and no Nagle) on a local connection, so a long idle forward
+/// is not dropped by a middlebox and dead peers are noticed.
+fn tune_local(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let _ = s.set_nodelay(true);
+    let fd = s.as_raw_fd();
+    let set = |level: libc::c_int, opt: libc::c_int, v: libc::c_int| {
+        // SAFETY: a valid socket fd and a pointer to a c_int of the given size.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                opt,
+                &v as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        }
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 60);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 15);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 4);
+}
+
+async fn handle(shared: Arc<Shared>, local: TcpStream, idx: usize, fatal: mpsc::Sender<String>) {
+    let n = shared.stats.connections.fetch_add(1, Ordering::Relaxed) + 1;
+    let peer = local.peer_addr().ok();
+    let local_port = local.local_addr().map(|a| a.port()).unwrap_or(0);
+    tracing::debug!(conn = n, ?peer, "handling connection for {local_port}");
+    tune_local(&local);
+    let (v5, pod, port, conn) = match shared.open(idx).await {
+        Ok((conn, pod, port)) => (conn.supports_stream_close(), pod, port, conn),
+        Err(SetupError::Fatal(msg)) => {
+            let _ = fatal.send(msg).await;
+            return;
+        }
+        Err(SetupError::Conn(msg)) => {
+            shared.stats.errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(conn = n, "connection for {local_port} failed: {msg}");
+            return;
+        }
+    };
+    tracing::debug!(conn = n, %pod, port, v5, "port-forward stream open");
+    match tunnel::run(
+        local,
+        conn.into_stream(),
+        v5,
+        port,
+        shared.opts,
+        &shared.stats,
+    )
+    .await
+    {
+        Ok(()) => tracing::debug!(conn = n, %pod, port, "connection closed"),
+        Err(tunnel::TunnelError::Local(e)) => {
+            tracing::debug!(conn = n, %pod, port, "connection ended by the local side: {e}")
+        }
+        Err(e) => {
+            shared.stats.errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                conn = n,
+                "connection for {local_port} to pod {pod} port {port} failed (the forward goes on): {e}"
+            );
+        }
+    }
+}
+
+/// Binds every pair on every address (all before any is announced).
+fn bind_all(
+    addrs: &[spec::BindAddr],
+    pairs: &[PortPair],
+) -> Result<Vec<(TcpListener, usize)>, ForwardError> {
+    let mut out = Vec::new();
+    for (i, pair) in pairs.iter().enumerate() {
+        let mut port = pair.local;
+        for a in addrs {
+            let addr = SocketAddr::new(a.ip, port);
+            let bound = std::net::TcpListener::bind(addr).and_then(|l| {
+                l.set_nonblocking(true)?;
+                TcpListener::from_std(l)
+            });
+            match bound {
+                Ok(l) => {
+                    if port == 0 {
+                        port = l.local_addr()?.port();
+                    }
+                    out.push((l, i));
+                }
+                Err(e) if !a.required && e.kind() == std::io::ErrorKind::AddrInUse => {
+                    tracing::warn!(
+                        "not listening on {addr}: local port {port} on {} is already in use",
+                        a.ip
+                    );
+                }
+                Err(e) if !a.required => {
+                    tracing::debug!(%addr, "not listening on optional address: {e}");
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    return Err(ForwardError::InUse { port, ip: a.ip })
+                }
+                Err(source) => return Err(ForwardError::Bind { addr, source }),
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub async fn run(args: ForwardArgs) -> Result<(), ForwardError> {
+    let target = spec::parse_target(&args.target)?;
+    let pairs = args
+        .ports
+        .iter()
+        .map(|p| spec::parse_port_pair(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let addrs = spec::parse_addresses(&args.address)?;
+    let (client, ns) = client(&args).await?;
+    let resolver = Resolver::new(client, ns, target);
+    // Validate before listening: a wrong name, kind, port or permission
+    // fails here, with nothing bound.
+    let (pod, ports) = resolver.resolve(&pairs).await?;
+    let listeners = bind_all(&addrs, &pairs)?;
+    for (l, i) in &listeners {
+        println!("Forwarding from {} -> {}", l.local_addr()?, ports[*i]);
+    }
+    let shared = Arc::new(Shared {
+        resolver,
+        pairs,
+        stats: Stats::default(),
+        opts: tunnel::TunnelOpts {
+            half_close_timeout: args.half_close_timeout,
+            ping_interval: args.ping_interval.max(Duration::from_millis(10)),
+        },
+        pod_wait_timeout: args.pod_wait_timeout,
+        api_down_since: Mutex::new(None),
+        unavailable_since: Mutex::new(None),
+        current_pod: Mutex::new(pod.name.clone()),
+    });
+    let (fatal_tx, mut fatal_rx) = mpsc::channel::<String>(4);
+    let mut tasks = JoinSet::new();
+    for (l, i) in listeners {
+        let shared = shared.clone();
+        let fatal = fatal_tx.clone();
+        tasks.spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                tokio::select! {
+                    accepted = l.accept() => match accepted {
+                        Ok((s, _)) => {
+                            conns.spawn(handle(shared.clone(), s, i, fatal.clone()));
+                        }
+                        Err(e) => {
+                            tracing::warn!("accept: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    },
+                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                }
+            }
+        });
+    }
+    // The monitor notices a vanished target (and the API server's state)
+    // without waiting for a connection.
+    {
+        let shared = shared.clone();
+        let fatal = fatal_tx.clone();
+        let every = args.check_interval;
+        tasks.spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match shared.resolve(&[]).await {
+                    Ok(_) => {}
+                    Err(SetupError::Fatal(msg)) => {
+                        let _ = fatal.send(msg).await;
+                        return;
+                    }
+                    Err(SetupError::Conn(msg)) => tracing::debug!("target check: {msg}"),
+                }
+            }
+        });
+    }
+    drop(fatal_tx);
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let result = tokio::select! {
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = sigterm.recv() => Ok(()),
+        Some(msg) = fatal_rx.recv() => Err(ForwardError::Fatal(msg)),
+    };
+    tasks.abort_all();
+    eprintln!("kproxy forward: {}", shared.stats.summary());
+    result
+}

@@ -1,0 +1,379 @@
+//! Target → pod and remote port. Pods of a Service or workload are chosen
+//! among the Running, Ready, not-deleting pods its selector matches, and
+//! re-chosen on every new connection, so a replaced pod is followed.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::ListParams;
+use kube::{Api, Client};
+
+use super::spec::{Kind, PortPair, RemotePort, Target};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// The target does not exist (deleted, or a wrong name).
+    #[error("{0}")]
+    Gone(String),
+    /// The target exists but has no pod to forward to right now.
+    #[error("{0}")]
+    NotReady(String),
+    /// A port does not exist on the target or the chosen pod.
+    #[error("{0}")]
+    Port(String),
+    /// The API refused (403 and other API errors).
+    #[error("{0}")]
+    Api(String),
+    /// The API server could not be reached.
+    #[error("cannot reach the API server: {0}")]
+    Unreachable(String),
+}
+
+impl ResolveError {
+    fn from_kube(what: &str, e: kube::Error) -> Self {
+        match e {
+            kube::Error::Api(s) if s.code == 404 => ResolveError::Gone(format!("{what} not found")),
+            kube::Error::Api(s) if s.code == 403 => {
+                ResolveError::Api(format!("no permission (403 Forbidden): {}", s.message))
+            }
+            kube::Error::Api(s) => ResolveError::Api(format!(
+                "the API server refused ({} {}): {}",
+                s.code, s.reason, s.message
+            )),
+            e => ResolveError::Unreachable(e.to_string()),
+        }
+    }
+}
+
+/// A pod to forward to.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub pod: Pod,
+    pub name: String,
+}
+
+impl Resolved {
+    /// The container port named `name`.
+    fn container_port(&self, name: &str) -> Option<u16> {
+        self.pod
+            .spec
+            .as_ref()?
+            .containers
+            .iter()
+            .flat_map(|c| c.ports.iter().flatten())
+            .find(|p| p.name.as_deref() == Some(name))
+            .and_then(|p| u16::try_from(p.container_port).ok())
+    }
+}
+
+pub struct Resolver {
+    client: Client,
+    pub namespace: String,
+    pub target: Target,
+    /// The last pod chosen for a workload (kept while it stays ready).
+    last: std::sync::Mutex<Option<String>>,
+}
+
+fn pod_running(p: &Pod) -> bool {
+    p.metadata.deletion_timestamp.is_none()
+        && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+}
+
+fn pod_ready(p: &Pod) -> bool {
+    pod_running(p)
+        && p.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn label_selector(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl Resolver {
+    pub fn new(client: Client, namespace: String, target: Target) -> Self {
+        Resolver {
+            client,
+            namespace,
+            target,
+            last: Default::default(),
+        }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    fn what(&self) -> String {
+        format!(
+            "{} {:?} in namespace {:?}",
+            self.target.kind.noun(),
+            self.target.name,
+            self.namespace
+        )
+    }
+
+    /// The pod to forward to now, and the Service (for svc/ targets).
+    pub async fn pod(&self) -> Result<(Resolved, Option<Service>), ResolveError> {
+        let name = &self.target.name;
+        let what = self.what();
+        let err = |e| ResolveError::from_kube(&what, e);
+        let (selector, service) = match self.target.kind {
+            Kind::Pod => {
+                let pod = self.api::<Pod>().get(name).await.map_err(err)?;
+                if pod.metadata.deletion_timestamp.is_some() {
+                    return Err(ResolveError::NotReady(format!("pod {name} is terminating")));
+                }
+                let phase = pod
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.phase.clone())
+                    .unwrap_or_else(|| "Unknown".into());
+                if phase != "Running" {
+                    return Err(ResolveError::NotReady(format!(
+                        "pod {name} is not running (phase {phase})"
+                    )));
+                }
+                return Ok((
+                    Resolved {
+                        pod,
+                        name: name.clone(),
+                    },
+                    None,
+                ));
+            }
+            Kind::Service => {
+                let svc = self.api::<Service>().get(name).await.map_err(err)?;
+                let sel = svc
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.selector.clone())
+                    .unwrap_or_default();
+                if sel.is_empty() {
+                    return Err(ResolveError::Port(format!(
+                        "service {name} has no selector: there is no pod to forward to"
+                    )));
+                }
+                (sel, Some(svc))
+            }
+            Kind::Deployment => {
+                let d = self.api::<Deployment>().get(name).await.map_err(err)?;
+                (d.spec.selector.match_labels.unwrap_or_default(), None)
+            }
+            Kind::StatefulSet => {
+                let d = self.api::<StatefulSet>().get(name).await.map_err(err)?;
+                (d.spec.selector.match_labels.unwrap_or_default(), None)
+            }
+            Kind::ReplicaSet => {
+                let d = self.api::<ReplicaSet>().get(name).await.map_err(err)?;
+                (d.spec.selector.match_labels.unwrap_or_default(), None)
+            }
+        };
+        if selector.is_empty() {
+            return Err(ResolveError::Port(format!(
+                "{} has no selector.matchLabels: there is no pod to forward to",
+                self.what()
+            )));
+        }
+        let pods = self
+            .api::<Pod>()
+            .list(&ListParams::default().labels(&label_selector(&selector)))
+            .await
+            .map_err(|e| ResolveError::from_kube("pods", e))?;
+        let mut ready: Vec<Pod> = pods.items.into_iter().filter(pod_ready).collect();
+        if ready.is_empty() {
+            return Err(ResolveError::NotReady(format!(
+                "{} has no running and ready pod",
+                self.what()
+            )));
+        }
+        ready.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let i = last
+            .as_ref()
+            .and_then(|l| {
+                ready
+                    .iter()
+                    .position(|p| p.metadata.name.as_ref() == Some(l))
+            })
+            .unwrap_or(0);
+        let pod = ready.swap_remove(i);
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        *last = Some(name.clone());
+        Ok((Resolved { pod, name }, service))
+    }
+}
+
+/// The pod's port for `remote` (a Service port maps to its targetPort).
+pub fn pod_port(
+    pod: &Resolved,
+    service: Option<&Service>,
+    remote: &RemotePort,
+) -> Result<u16, ResolveError> {
+    let by_name = |n: &str| {
+        pod.container_port(n).ok_or_else(|| {
+            ResolveError::Port(format!(
+                "pod {} has no container port named {n:?}",
+                pod.name
+            ))
+        })
+    };
+    let Some(svc) = service else {
+        return match remote {
+            RemotePort::Number(n) => Ok(*n),
+            RemotePort::Name(n) => by_name(n),
+        };
+    };
+    let svc_name = svc.metadata.name.clone().unwrap_or_default();
+    let ports = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.clone())
+        .unwrap_or_default();
+    let sp = ports
+        .iter()
+        .find(|p| match remote {
+            RemotePort::Number(n) => p.port == i32::from(*n),
+            RemotePort::Name(n) => p.name.as_deref() == Some(n.as_str()),
+        })
+        .ok_or_else(|| ResolveError::Port(format!("service {svc_name} has no port {remote}")))?;
+    match &sp.target_port {
+        None => u16::try_from(sp.port)
+            .map_err(|_| ResolveError::Port(format!("service port {} is invalid", sp.port))),
+        Some(IntOrString::Int(i)) => u16::try_from(*i)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| ResolveError::Port(format!("service targetPort {i} is invalid"))),
+        Some(IntOrString::String(n)) => by_name(n),
+    }
+}
+
+impl Resolver {
+    /// The pod and pod port of each pair.
+    pub async fn resolve(&self, pairs: &[PortPair]) -> Result<(Resolved, Vec<u16>), ResolveError> {
+        let (pod, svc) = self.pod().await?;
+        let ports = pairs
+            .iter()
+            .map(|p| pod_port(&pod, svc.as_ref(), &p.remote))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((pod, ports))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod() -> Resolved {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "web-1"},
+            "spec": {"containers": [
+                {"name": "a", "ports": [{"name": "http", "containerPort": 8080}]},
+                {"name": "b", "ports": [{"name": "metrics", "containerPort": 9090}, {"containerPort": 7000}]}
+            ]}
+        }))
+        .unwrap();
+        Resolved {
+            pod,
+            name: "web-1".into(),
+        }
+    }
+
+    fn svc(ports: serde_json::Value) -> Service {
+        serde_json::from_value(json!({"metadata": {"name": "web"}, "spec": {"ports": ports}}))
+            .unwrap()
+    }
+
+    fn num(n: u16) -> RemotePort {
+        RemotePort::Number(n)
+    }
+
+    fn name(n: &str) -> RemotePort {
+        RemotePort::Name(n.into())
+    }
+
+    #[test]
+    fn pod_ports_by_number_and_name() {
+        let p = pod();
+        assert_eq!(pod_port(&p, None, &num(1234)).unwrap(), 1234);
+        assert_eq!(pod_port(&p, None, &name("http")).unwrap(), 8080);
+        assert_eq!(pod_port(&p, None, &name("metrics")).unwrap(), 9090);
+        let e = pod_port(&p, None, &name("grpc")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "pod web-1 has no container port named \"grpc\""
+        );
+    }
+
+    #[test]
+    fn service_ports_map_to_target_ports() {
+        let p = pod();
+        let s = svc(json!([
+            {"name": "web", "port": 80, "targetPort": "http"},
+            {"name": "mon", "port": 9000, "targetPort": 9090},
+            {"name": "same", "port": 7000},
+            {"name": "bad", "port": 81, "targetPort": "nope"}
+        ]));
+        assert_eq!(pod_port(&p, Some(&s), &num(80)).unwrap(), 8080);
+        assert_eq!(pod_port(&p, Some(&s), &name("web")).unwrap(), 8080);
+        assert_eq!(pod_port(&p, Some(&s), &num(9000)).unwrap(), 9090);
+        assert_eq!(pod_port(&p, Some(&s), &name("mon")).unwrap(), 9090);
+        assert_eq!(pod_port(&p, Some(&s), &num(7000)).unwrap(), 7000);
+        // A container port number is not a Service port.
+        assert_eq!(
+            pod_port(&p, Some(&s), &num(8080)).unwrap_err().to_string(),
+            "service web has no port 8080"
+        );
+        assert_eq!(
+            pod_port(&p, Some(&s), &name("http"))
+                .unwrap_err()
+                .to_string(),
+            "service web has no port http"
+        );
+        assert!(matches!(
+            pod_port(&p, Some(&s), &num(81)),
+            Err(ResolveError::Port(m)) if m.contains("no container port named \"nope\"")
+        ));
+    }
+
+    #[test]
+    fn readiness() {
+        let p = |phase: &str, ready: &str, deleting: bool| -> Pod {
+            let mut v = json!({"metadata": {"name": "x"},
+                "status": {"phase": phase, "conditions": [{"type": "Ready", "status": ready}]}});
+            if deleting {
+                v["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+            }
+            serde_json::from_value(v).unwrap()
+        };
+        assert!(pod_ready(&p("Running", "True", false)));
+        assert!(!pod_ready(&p("Running", "False", false)));
+        assert!(!pod_ready(&p("Pending", "True", false)));
+        assert!(!pod_ready(&p("Running", "True", true)));
+        assert!(pod_running(&p("Running", "False", false)));
+    }
+
+    #[test]
+    fn selectors() {
+        let mut m = BTreeMap::new();
+        m.insert("app".to_string(), "web".to_string());
+        m.insert("tier".to_string(), "fe".to_string());
+        assert_eq!(label_selector(&m), "app=web,tier=fe");
+    }
+}

@@ -1,0 +1,155 @@
+//! One forwarded connection: a local TCP connection spliced onto one
+//! port-forward WebSocket (one port, index 0).
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+
+use super::channel::{self, ChannelError, Demux, Event};
+use super::Stats;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("{0}")]
+    Remote(String),
+    #[error("port-forward stream: {0}")]
+    WebSocket(#[from] WsError),
+    #[error("port-forward protocol: {0}")]
+    Protocol(#[from] ChannelError),
+    #[error("local connection: {0}")]
+    Local(std::io::Error),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct TunnelOpts {
+    /// Without v5, how long to wait for the pod to close after the client
+    /// half-closed (the pod cannot be told).
+    pub half_close_timeout: Duration,
+    /// WebSocket ping period (keeps idle streams alive through proxies and
+    /// idle timeouts).
+    pub ping_interval: Duration,
+}
+
+/// Largest payload read from the local connection into one message.
+const CHUNK: usize = 128 * 1024;
+
+/// One data message (`[channel, payload..]`) read from `r`; None at EOF.
+async fn read_message<R: AsyncRead + Unpin>(r: &mut R, ch: u8) -> std::io::Result<Option<Vec<u8>>> {
+    let mut msg = Vec::with_capacity(CHUNK + 1);
+    msg.push(ch);
+    // read_buf fills the spare capacity (at most CHUNK bytes).
+    let n = r.read_buf(&mut msg).await?;
+    Ok((n > 0).then_some(msg))
+}
+
+/// Splices `local` and `ws` until both directions are done (or one fails).
+pub async fn run<S>(
+    local: TcpStream,
+    ws: WebSocketStream<S>,
+    v5: bool,
+    port: u16,
+    opts: TunnelOpts,
+    stats: &Stats,
+) -> Result<(), TunnelError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut lr, mut lw) = local.into_split();
+    let (mut sink, mut stream) = ws.split();
+    let mut demux = Demux::new(0, port);
+    let ch = demux.data_channel();
+
+    // Pod → client.
+    let down = async {
+        let result = loop {
+            let msg = match stream.next().await {
+                None | Some(Ok(Message::Close(_))) => break Ok(()),
+                Some(Err(e)) => break Err(TunnelError::WebSocket(e)),
+                Some(Ok(Message::Binary(b))) => b,
+                Some(Ok(_)) => continue,
+            };
+            match demux.on_message(&msg) {
+                Ok(Event::Data(d)) => {
+                    if let Err(e) = lw.write_all(d).await {
+                        break Err(TunnelError::Local(e));
+                    }
+                    stats.bytes_out.fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
+                Ok(Event::Nothing) => {}
+                Ok(Event::DataClosed) => {
+                    let _ = lw.shutdown().await;
+                }
+                Ok(Event::Error(e)) => break Err(TunnelError::Remote(e)),
+                Err(e) => break Err(e.into()),
+            }
+        };
+        let _ = lw.shutdown().await;
+        result
+    };
+
+    // Client → pod, plus pings.
+    let up = async {
+        let mut ping =
+            tokio::time::interval_at(Instant::now() + opts.ping_interval, opts.ping_interval);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut eof = false;
+        let mut deadline: Option<Instant> = None;
+        let result = loop {
+            tokio::select! {
+                // Read straight into the message (channel byte first): the
+                // buffer moves into the frame without another copy.
+                r = read_message(&mut lr, ch), if !eof => match r {
+                    Ok(None) => {
+                        eof = true;
+                        if v5 {
+                            if let Err(e) = sink.send(Message::binary(channel::close_signal(ch))).await {
+                                break Err(e.into());
+                            }
+                        } else {
+                            // v4 cannot tell the pod: keep reading the reply
+                            // until the pod closes, at most this long.
+                            deadline = Some(Instant::now() + opts.half_close_timeout);
+                        }
+                    }
+                    Ok(Some(msg)) => {
+                        let n = msg.len() - 1;
+                        if let Err(e) = sink.send(Message::binary(msg)).await {
+                            break Err(e.into());
+                        }
+                        stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => break Err(TunnelError::Local(e)),
+                },
+                _ = ping.tick() => {
+                    if let Err(e) = sink.send(Message::Ping(Default::default())).await {
+                        break Err(e.into());
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    tracing::debug!("pod did not close within the half-close timeout; closing");
+                    break Ok(());
+                }
+            }
+        };
+        let _ = sink.send(Message::Close(None)).await;
+        result
+    };
+
+    tokio::pin!(down, up);
+    tokio::select! {
+        r = &mut down => r,
+        r = &mut up => match r {
+            // Closed on purpose (half-close timeout): give the reply a moment.
+            Ok(()) => tokio::time::timeout(Duration::from_secs(2), down)
+                .await
+                .unwrap_or(Ok(())),
+            Err(e) => Err(e),
+        },
+    }
+}

@@ -1,0 +1,1059 @@
+//! `kproxy forward` end to end: the real binary against the in-process test
+//! API server, whose port-forward dials "pods" that are TCP listeners on
+//! loopback (status.podIP 127.0.0.1, container port = the listener's port).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kproxy_test_apiserver::TestApiServer;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------- helpers
+
+/// Polls `f` until it returns Some, or panics after `within` with `what`.
+async fn eventually<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > end {
+            panic!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A running `kproxy forward`, killed on drop.
+struct Kproxy {
+    child: Child,
+    stdout: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+fn collect(r: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let l = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            l.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
+impl Kproxy {
+    /// `debug`: debug logs (one line per connection) on stderr.
+    fn start(kubeconfig: &std::path::Path, args: &[&str], debug: bool) -> Kproxy {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kproxy"));
+        cmd.arg("forward")
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(args)
+            .env_remove("RUST_LOG");
+        if debug {
+            cmd.env("RUST_LOG", "kproxy=debug");
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning kproxy");
+        let stdout = collect(child.stdout.take().unwrap());
+        let stderr = collect(child.stderr.take().unwrap());
+        Kproxy {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    fn stderr_text(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    fn stdout_lines(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    async fn wait_stderr(&self, needle: &str) {
+        let what = format!("{needle:?} on stderr");
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if self.stderr_text().contains(needle) {
+                return;
+            }
+            if Instant::now() > end {
+                panic!(
+                    "timed out waiting for {what}; stderr:\n{}",
+                    self.stderr_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The local port of the first `Forwarding from 127.0.0.1:PORT -> REMOTE` line.
+    async fn local_port(&mut self) -> u16 {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            for l in self.stdout_lines() {
+                if let Some(rest) = l.strip_prefix("Forwarding from 127.0.0.1:") {
+                    return rest.split(' ').next().unwrap().parse().unwrap();
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "kproxy exited ({status}) before forwarding; stderr:\n{}",
+                    self.stderr_text()
+                );
+            }
+            if Instant::now() > end {
+                panic!("no Forwarding line; stderr:\n{}", self.stderr_text());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn wait_exit(&mut self) -> ExitStatus {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Let the reader threads drain the pipes.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return status;
+            }
+            if Instant::now() > end {
+                panic!("kproxy did not exit; stderr:\n{}", self.stderr_text());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+}
+
+impl Drop for Kproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Env {
+    server: TestApiServer,
+    _dir: tempfile::TempDir,
+    kubeconfig: std::path::PathBuf,
+}
+
+impl Env {
+    async fn new() -> Env {
+        let server = TestApiServer::start().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        server.write_kubeconfig(&kubeconfig).unwrap();
+        Env {
+            server,
+            _dir: dir,
+            kubeconfig,
+        }
+    }
+
+    fn forward(&self, args: &[&str]) -> Kproxy {
+        Kproxy::start(&self.kubeconfig, args, true)
+    }
+
+    /// Without debug logs.
+    fn forward_quiet(&self, args: &[&str]) -> Kproxy {
+        Kproxy::start(&self.kubeconfig, args, false)
+    }
+}
+
+/// A Running, Ready pod at 127.0.0.1 with named container ports.
+fn pod(name: &str, labels: Value, ports: &[(&str, u16)]) -> Value {
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|(n, p)| json!({"name": n, "containerPort": p}))
+        .collect();
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default", "labels": labels},
+        "spec": {"containers": [{"name": "c", "image": "x", "ports": ports}]},
+        "status": {"phase": "Running", "podIP": "127.0.0.1",
+            "conditions": [{"type": "Ready", "status": "True"}]}})
+}
+
+fn deployment(name: &str) -> Value {
+    json!({"apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [{"name": "c", "image": "x"}]}}}})
+}
+
+fn service(name: &str, port: u16, target_port: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"selector": {"app": name},
+            "ports": [{"name": "web", "port": port, "targetPort": target_port}]}})
+}
+
+/// An echo "container port"; returns its port.
+async fn echo_server() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+/// Greets every connection with `greeting`, then echoes.
+async fn greeter(greeting: &'static str) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(greeting.as_bytes()).await;
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    port
+}
+
+/// A port nothing listens on.
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Sends `msg`, reads as many bytes back.
+async fn roundtrip(port: u16, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(msg).await?;
+    let mut back = vec![0u8; msg.len()];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut back))
+        .await
+        .map_err(|_| std::io::Error::other("timed out"))??;
+    Ok(back)
+}
+
+/// Reads `n` bytes (a greeting) from a new connection.
+async fn greeting(port: u16, n: usize) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut back = vec![0u8; n];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut back))
+        .await
+        .map_err(|_| std::io::Error::other("timed out"))??;
+    Ok(String::from_utf8_lossy(&back).into_owned())
+}
+
+fn listening(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+/// Deterministic pseudo-random bytes (xorshift).
+fn fill(buf: &mut [u8], state: &mut u64) {
+    for chunk in buf.chunks_mut(8) {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        let b = state.to_le_bytes();
+        chunk.copy_from_slice(&b[..chunk.len()]);
+    }
+}
+
+// ---------------------------------------------------------------- data path
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_cross_exactly_256_mib_each_way() {
+    let env = Env::new().await;
+    let port = echo_server().await;
+    env.server
+        .apply(pod("web", json!({}), &[("http", port)]))
+        .unwrap();
+    let mut kp = env.forward(&["pod/web", &format!(":{port}")]);
+    let local = kp.local_port().await;
+    const TOTAL: usize = 256 << 20;
+    let s = TcpStream::connect(("127.0.0.1", local)).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let mut h = Sha256::new();
+        let mut state = 0x9e3779b97f4a7c15u64;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut sent = 0;
+        while sent < TOTAL {
+            fill(&mut buf, &mut state);
+            w.write_all(&buf).await.unwrap();
+            h.update(&buf);
+            sent += buf.len();
+        }
+        w.shutdown().await.unwrap();
+        h.finalize()
+    });
+    let reader = tokio::spawn(async move {
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut got = 0usize;
+        loop {
+            let n = r.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            got += n;
+        }
+        (got, h.finalize())
+    });
+    let sent = tokio::time::timeout(Duration::from_secs(600), writer)
+        .await
+        .expect("writer timed out")
+        .unwrap();
+    let (got, back) = tokio::time::timeout(Duration::from_secs(600), reader)
+        .await
+        .expect("reader timed out")
+        .unwrap();
+    assert_eq!(got, TOTAL, "stderr:\n{}", kp.stderr_text());
+    assert_eq!(sent, back, "the echoed bytes differ");
+    kp.signal(libc::SIGINT);
+    assert!(kp.wait_exit().await.success());
+    kp.wait_stderr(&format!("{TOTAL} bytes in, {TOTAL} bytes out, 0 errors"))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_still_gets_the_full_reply() {
+    let env = Env::new().await;
+    // Reads to EOF, then answers with the count and the sha256 of what it got.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut all = Vec::new();
+                s.read_to_end(&mut all).await.unwrap();
+                let reply = format!("got {} {:x}", all.len(), Sha256::digest(&all));
+                // A large reply: it must all reach the client.
+                s.write_all(reply.repeat(10_000).as_bytes()).await.unwrap();
+            });
+        }
+    });
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    let mut kp = env.forward(&[
+        "pod/web",
+        &format!(":{port}"),
+        "--half-close-timeout",
+        "60s",
+    ]);
+    let local = kp.local_port().await;
+    let mut s = TcpStream::connect(("127.0.0.1", local)).await.unwrap();
+    let payload = vec![7u8; 1 << 20];
+    s.write_all(&payload).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut reply = String::new();
+    let started = Instant::now();
+    tokio::time::timeout(DEADLINE, s.read_to_string(&mut reply))
+        .await
+        .expect("no reply after half-close")
+        .unwrap();
+    let expected = format!("got {} {:x}", payload.len(), Sha256::digest(&payload)).repeat(10_000);
+    assert_eq!(reply.len(), expected.len());
+    assert_eq!(reply, expected);
+    // v5 told the pod at once: no waiting for the half-close timeout.
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+/// Without v5 the pod cannot be told about the half-close: the reply of a
+/// pod that answers without waiting for EOF still reaches the client, and a
+/// pod that waits for EOF gets its connection closed after --half-close-timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_on_v4_waits_for_the_pod_then_times_out() {
+    let env = Env::new().await;
+    env.server.set_port_forward_v4_only(true);
+    // Answers after 5 bytes, then closes.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let answers = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut b = [0u8; 5];
+                s.read_exact(&mut b).await.unwrap();
+                // Reply after the client has half-closed.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                s.write_all(&b.repeat(100_000)).await.unwrap();
+            });
+        }
+    });
+    let waits = greeter("").await; // echoes, never closes on its own
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    let mut kp = env.forward(&[
+        "pod/web",
+        &format!(":{answers}"),
+        &format!(":{waits}"),
+        "--half-close-timeout",
+        "1s",
+        "--address",
+        "127.0.0.1",
+    ]);
+    let local = kp.local_port().await;
+    let mut s = TcpStream::connect(("127.0.0.1", local)).await.unwrap();
+    s.write_all(b"hello").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply, b"hello".repeat(100_000));
+    kp.wait_stderr("v5=false").await;
+    // The second pair: the pod never closes; the connection ends after the timeout.
+    let second: u16 = eventually(DEADLINE, "the second Forwarding line", || {
+        kp.stdout_lines().get(1).and_then(|l| {
+            l.strip_prefix("Forwarding from 127.0.0.1:")?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+    })
+    .await;
+    let mut s = TcpStream::connect(("127.0.0.1", second)).await.unwrap();
+    s.write_all(b"ping").await.unwrap();
+    s.shutdown().await.unwrap();
+    let started = Instant::now();
+    let mut echoed = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(echoed, b"ping");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+}
+
+/// A request written in two small pieces gets its reply without a Nagle +
+/// delayed-ACK stall (40 ms) on kproxy's side of the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_writes_are_not_delayed() {
+    let env = Env::new().await;
+    // Answers "ok" once it has the 2-byte request.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            s.set_nodelay(true).unwrap();
+            tokio::spawn(async move {
+                let mut b = [0u8; 2];
+                while s.read_exact(&mut b).await.is_ok() {
+                    if s.write_all(b"ok").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    let mut kp = env.forward(&["pod/web", &format!(":{port}")]);
+    let local = kp.local_port().await;
+    let mut s = TcpStream::connect(("127.0.0.1", local)).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let mut times = Vec::new();
+    for _ in 0..30 {
+        let start = Instant::now();
+        s.write_all(b"a").await.unwrap();
+        // Let the first byte leave as its own frame.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        s.write_all(b"b").await.unwrap();
+        let mut b = [0u8; 2];
+        s.read_exact(&mut b).await.unwrap();
+        times.push(start.elapsed());
+    }
+    times.sort();
+    let median = times[times.len() / 2];
+    assert!(
+        median < Duration::from_millis(25),
+        "median {median:?}: {times:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_connections() {
+    let env = Env::new().await;
+    let port = echo_server().await;
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    let mut kp = env.forward(&["pod/web", &format!(":{port}")]);
+    let local = kp.local_port().await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..200u32 {
+        tasks.spawn(async move {
+            let msg: Vec<u8> = (0..64 * 1024u32)
+                .map(|j| ((i * 31 + j) % 251) as u8)
+                .collect();
+            let back = roundtrip(local, &msg).await?;
+            if back != msg {
+                return Err(std::io::Error::other(format!(
+                    "connection {i}: bytes differ"
+                )));
+            }
+            Ok(())
+        });
+    }
+    let mut failures = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        if let Err(e) = r.unwrap() {
+            failures.push(e.to_string());
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{failures:?}\nstderr:\n{}",
+        kp.stderr_text()
+    );
+    kp.signal(libc::SIGINT);
+    assert!(kp.wait_exit().await.success());
+    kp.wait_stderr("200 connections,").await;
+    kp.wait_stderr(" 0 errors").await;
+}
+
+// ---------------------------------------------------------------- failures kubectl does not survive
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connection_ends_that_connection_only() {
+    let env = Env::new().await;
+    let port = closed_port();
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    let mut kp = env.forward(&["pod/web", &format!(":{port}")]);
+    let local = kp.local_port().await;
+    // The pod refuses: the error channel says so, this connection ends.
+    let mut s = TcpStream::connect(("127.0.0.1", local)).await.unwrap();
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf))
+        .await
+        .expect("the refused connection was not closed");
+    assert!(r.is_err() || buf.is_empty(), "{r:?} {buf:?}");
+    kp.wait_stderr("the forward goes on").await;
+    kp.wait_stderr("refused").await;
+    // The forward still serves: once the pod listens, connections work.
+    let l = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let _ = s.write_all(b"up").await;
+        }
+    });
+    assert_eq!(greeting(local, 2).await.unwrap(), "up");
+    assert!(kp.child.try_wait().unwrap().is_none(), "kproxy exited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_connection_ends_that_connection_only() {
+    let env = Env::new().await;
+    // The first connection is reset by the pod, the others are echoed.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((mut s, _)) = l.accept().await {
+            if first {
+                first = false;
+                let mut b = [0u8; 3];
+                let _ = s.read_exact(&mut b).await;
+                s.set_zero_linger().unwrap();
+                drop(s); // RST
+                continue;
+            }
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    let mut kp = env.forward(&["pod/web", &format!(":{port}")]);
+    let local = kp.local_port().await;
+    let first = roundtrip(local, b"abc").await;
+    assert!(first.is_err(), "the reset connection got {first:?}");
+    assert_eq!(roundtrip(local, b"again").await.unwrap(), b"again");
+    assert_eq!(roundtrip(local, b"and again").await.unwrap(), b"and again");
+    assert!(kp.child.try_wait().unwrap().is_none(), "kproxy exited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn svc_follows_a_replaced_pod() {
+    let env = Env::new().await;
+    let a = greeter("pod-a").await;
+    let b = greeter("pod-b").await;
+    // targetPort by name: each pod has "http" on its own port.
+    env.server.apply(service("web", 80, json!("http"))).unwrap();
+    env.server
+        .apply(pod("web-a", json!({"app": "web"}), &[("http", a)]))
+        .unwrap();
+    let mut kp = env.forward(&["svc/web", ":80"]);
+    let local = kp.local_port().await;
+    assert_eq!(greeting(local, 5).await.unwrap(), "pod-a");
+    env.server.delete(&pod("web-a", json!({}), &[])).unwrap();
+    env.server
+        .apply(pod("web-b", json!({"app": "web"}), &[("http", b)]))
+        .unwrap();
+    assert_eq!(greeting(local, 5).await.unwrap(), "pod-b");
+    kp.wait_stderr("forwarding to pod web-b").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_follows_a_replaced_pod() {
+    let env = Env::new().await;
+    let a = greeter("pod-a").await;
+    let b = greeter("pod-b").await;
+    env.server.apply(deployment("web")).unwrap();
+    env.server
+        .apply(pod("web-a", json!({"app": "web"}), &[("http", a)]))
+        .unwrap();
+    // Not ready: never chosen.
+    let mut unready = pod("web-0", json!({"app": "web"}), &[("http", closed_port())]);
+    unready["status"]["conditions"][0]["status"] = json!("False");
+    env.server.apply(unready).unwrap();
+    let mut kp = env.forward(&["deployment/web", "0:http"]);
+    let local = kp.local_port().await;
+    assert_eq!(greeting(local, 5).await.unwrap(), "pod-a");
+    env.server.delete(&pod("web-a", json!({}), &[])).unwrap();
+    // No ready pod for a moment: new connections wait for one.
+    let waiting = tokio::spawn(greeting(local, 5));
+    kp.wait_stderr("waiting for a ready pod of deployment web")
+        .await;
+    env.server
+        .apply(pod("web-b", json!({"app": "web"}), &[("http", b)]))
+        .unwrap();
+    assert_eq!(waiting.await.unwrap().unwrap(), "pod-b");
+    assert_eq!(greeting(local, 5).await.unwrap(), "pod-b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_target_waits_for_the_pod_to_come_back() {
+    let env = Env::new().await;
+    let port = greeter("hello").await;
+    let web = pod("web", json!({}), &[]);
+    env.server.apply(web.clone()).unwrap();
+    let mut kp = env.forward(&["pod/web", &format!(":{port}"), "--check-interval", "100ms"]);
+    let local = kp.local_port().await;
+    assert_eq!(greeting(local, 5).await.unwrap(), "hello");
+    env.server.delete(&web).unwrap();
+    kp.wait_stderr("waiting for pod web to come back").await;
+    // A connection made meanwhile waits, and is served once the pod is back.
+    let waiting = tokio::spawn(greeting(local, 5));
+    tokio::task::yield_now().await;
+    env.server.apply(web).unwrap();
+    assert_eq!(waiting.await.unwrap().unwrap(), "hello");
+    kp.wait_stderr("pod web is back").await;
+    assert!(kp.child.try_wait().unwrap().is_none(), "kproxy exited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_gone_for_good_ends_with_an_error() {
+    let env = Env::new().await;
+    let port = echo_server().await;
+    let web = pod("web", json!({}), &[]);
+    env.server.apply(web.clone()).unwrap();
+    let mut kp = env.forward(&[
+        "pod/web",
+        &format!(":{port}"),
+        "--check-interval",
+        "100ms",
+        "--pod-wait-timeout",
+        "1s",
+    ]);
+    let local = kp.local_port().await;
+    env.server.delete(&web).unwrap();
+    let status = kp.wait_exit().await;
+    assert_eq!(status.code(), Some(1), "stderr:\n{}", kp.stderr_text());
+    kp.wait_stderr("error: pod web did not come back within --pod-wait-timeout 1s")
+        .await;
+    assert!(!listening(local));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_deployment_ends_with_an_error() {
+    let env = Env::new().await;
+    let port = echo_server().await;
+    env.server.apply(deployment("web")).unwrap();
+    env.server
+        .apply(pod("web-a", json!({"app": "web"}), &[]))
+        .unwrap();
+    let mut kp = env.forward(&[
+        "deploy/web",
+        &format!(":{port}"),
+        "--check-interval",
+        "100ms",
+    ]);
+    let local = kp.local_port().await;
+    assert_eq!(roundtrip(local, b"x").await.unwrap(), b"x");
+    env.server.delete(&deployment("web")).unwrap();
+    let status = kp.wait_exit().await;
+    assert_eq!(status.code(), Some(1), "stderr:\n{}", kp.stderr_text());
+    kp.wait_stderr("error: deployment web is gone").await;
+    assert!(!listening(local));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_after_the_api_server_drops() {
+    let env = Env::new().await;
+    let port = echo_server().await;
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    let mut kp = env.forward(&["pod/web", &format!(":{port}"), "--check-interval", "100ms"]);
+    let local = kp.local_port().await;
+    assert_eq!(roundtrip(local, b"before").await.unwrap(), b"before");
+    env.server.stop();
+    kp.wait_stderr("lost the connection to the API server")
+        .await;
+    // A connection made during the outage waits for the API server.
+    let during = tokio::spawn(roundtrip(local, b"during"));
+    env.server.restart().await.unwrap();
+    kp.wait_stderr("reconnected to the API server").await;
+    assert_eq!(during.await.unwrap().unwrap(), b"during");
+    assert_eq!(roundtrip(local, b"after").await.unwrap(), b"after");
+}
+
+/// Server cuts port-forward streams idle (no ping either) for 500ms.
+async fn idle_forward(ping_interval: &str) -> (Env, Kproxy, TcpStream) {
+    let env = Env::new().await;
+    env.server
+        .set_port_forward_idle_timeout(Some(Duration::from_millis(500)));
+    let port = echo_server().await;
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    let mut kp = env.forward(&[
+        "pod/web",
+        &format!(":{port}"),
+        "--ping-interval",
+        ping_interval,
+    ]);
+    let local = kp.local_port().await;
+    let mut s = TcpStream::connect(("127.0.0.1", local)).await.unwrap();
+    s.write_all(b"a").await.unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await.unwrap();
+    (env, kp, s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_forward_is_kept_alive_by_pings() {
+    let (env, _kp, mut s) = idle_forward("100ms").await;
+    // Idle for three times the server's idle timeout (this wait is the behaviour under test).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(env.server.port_forwards_idle_cut(), 0);
+    s.write_all(b"b").await.unwrap();
+    let mut b = [0u8; 1];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut b))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&b, b"b");
+}
+
+/// The control: without pings in time the server does cut (so the test above can fail).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_pings_the_idle_stream_is_cut() {
+    let (env, _kp, mut s) = idle_forward("1h").await;
+    eventually(DEADLINE, "the idle cut", || {
+        (env.server.port_forwards_idle_cut() == 1).then_some(())
+    })
+    .await;
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf))
+        .await
+        .unwrap();
+    assert!(r.is_err() || buf.is_empty());
+}
+
+/// The real thing: 10 minutes idle with the default ping interval (30s)
+/// behind a 45s idle cut-off. `cargo test -p kproxy --test forward -- --ignored`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "takes 10 minutes"]
+async fn idle_for_ten_minutes_with_default_pings() {
+    let env = Env::new().await;
+    env.server
+        .set_port_forward_idle_timeout(Some(Duration::from_secs(45)));
+    let port = echo_server().await;
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    let mut kp = env.forward(&["pod/web", &format!(":{port}")]);
+    let local = kp.local_port().await;
+    let mut s = TcpStream::connect(("127.0.0.1", local)).await.unwrap();
+    s.write_all(b"a").await.unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    s.write_all(b"b").await.unwrap();
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut b))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&b, b"b");
+    assert_eq!(env.server.port_forwards_idle_cut(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forbidden_port_forward_fails_that_connection_only() {
+    let env = Env::new().await;
+    let port = echo_server().await;
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    let mut kp = env.forward(&["pod/web", &format!(":{port}")]);
+    let local = kp.local_port().await;
+    env.server.deny("pods/portforward");
+    assert!(roundtrip(local, b"x").await.is_err());
+    kp.wait_stderr("no permission to port-forward to pod web (403 Forbidden)")
+        .await;
+    env.server.allow("pods/portforward");
+    assert_eq!(roundtrip(local, b"y").await.unwrap(), b"y");
+}
+
+// ---------------------------------------------------------------- bad input
+
+/// Runs kproxy with bad input: exit code 1, one line on stderr naming the
+/// cause, and nothing listening on `local`.
+async fn refused(env: &Env, args: &[&str], cause: &str, local: Option<u16>) {
+    let mut kp = env.forward_quiet(args);
+    let status = kp.wait_exit().await;
+    let stderr = kp.stderr_text();
+    assert_eq!(status.code(), Some(1), "{args:?}: stderr:\n{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{args:?}: expected one line, got:\n{stderr}"
+    );
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    assert!(
+        lines[0].contains(cause),
+        "{args:?}: {stderr:?} lacks {cause:?}"
+    );
+    assert!(kp.stdout_lines().is_empty(), "{:?}", kp.stdout_lines());
+    if let Some(p) = local {
+        assert!(!listening(p), "{args:?}: port {p} is listening");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_one_line_and_exit_code_1() {
+    let env = Env::new().await;
+    let port = echo_server().await;
+    env.server
+        .apply(pod("web", json!({}), &[("http", port)]))
+        .unwrap();
+    let free = closed_port();
+    let pair = format!("{free}:{port}");
+    refused(
+        &env,
+        &["foo/web", &pair],
+        "unknown target kind \"foo\"",
+        Some(free),
+    )
+    .await;
+    refused(
+        &env,
+        &["pod/web", &format!("{free}:grpc")],
+        "pod web has no container port named \"grpc\"",
+        Some(free),
+    )
+    .await;
+    refused(
+        &env,
+        &["pod/web", "0"],
+        "port 0 in \"0\" is out of range",
+        None,
+    )
+    .await;
+    refused(
+        &env,
+        &["pod/web", "65536:80"],
+        "port 65536 in \"65536:80\" is out of range",
+        None,
+    )
+    .await;
+    refused(
+        &env,
+        &["pod/nope", &pair],
+        "pod \"nope\" in namespace \"default\" not found",
+        Some(free),
+    )
+    .await;
+    refused(
+        &env,
+        &["svc/nope", &pair],
+        "service \"nope\" in namespace \"default\" not found",
+        Some(free),
+    )
+    .await;
+    refused(
+        &env,
+        &["pod/web", &pair, "--address", "nowhere"],
+        "invalid --address",
+        Some(free),
+    )
+    .await;
+    env.server.deny("pods");
+    refused(
+        &env,
+        &["pod/web", &pair],
+        "no permission (403 Forbidden)",
+        Some(free),
+    )
+    .await;
+    env.server.allow("pods");
+    // In use: the test holds the port.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let used = held.local_addr().unwrap().port();
+    refused(
+        &env,
+        &["pod/web", &format!("{used}:{port}")],
+        &format!("local port {used} on 127.0.0.1 is already in use"),
+        None,
+    )
+    .await;
+    // Two pairs, the second bad: the first is not left listening either.
+    refused(
+        &env,
+        &["pod/web", &pair, &format!("{used}:{port}")],
+        "already in use",
+        Some(free),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn missing_arguments_are_a_usage_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kproxy"))
+        .args(["forward", "pod/web"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Usage"));
+}
+
+// ---------------------------------------------------------------- output
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prints_kubectls_forwarding_lines() {
+    let env = Env::new().await;
+    let port = echo_server().await;
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    let free = closed_port();
+    let mut kp = env.forward(&["pod/web", &format!("{free}:{port}"), &format!(":{port}")]);
+    kp.local_port().await;
+    let ipv6 = std::net::TcpListener::bind("[::1]:0").is_ok();
+    let expected_lines = if ipv6 { 4 } else { 2 };
+    eventually(DEADLINE, "the Forwarding lines", || {
+        (kp.stdout_lines().len() >= expected_lines).then_some(())
+    })
+    .await;
+    let lines = kp.stdout_lines();
+    assert_eq!(
+        lines[0],
+        format!("Forwarding from 127.0.0.1:{free} -> {port}")
+    );
+    let mut i = 1;
+    if ipv6 {
+        assert_eq!(lines[1], format!("Forwarding from [::1]:{free} -> {port}"));
+        i = 2;
+    }
+    // `:REMOTE`: a free local port, the same on both addresses, printed.
+    let random: u16 = lines[i]
+        .strip_prefix("Forwarding from 127.0.0.1:")
+        .and_then(|r| r.strip_suffix(&format!(" -> {port}")))
+        .unwrap_or_else(|| panic!("{lines:?}"))
+        .parse()
+        .unwrap();
+    assert_ne!(random, 0);
+    if ipv6 {
+        assert_eq!(
+            lines[i + 1],
+            format!("Forwarding from [::1]:{random} -> {port}")
+        );
+    }
+    assert_eq!(roundtrip(free, b"one").await.unwrap(), b"one");
+    assert_eq!(roundtrip(random, b"two").await.unwrap(), b"two");
+    if ipv6 {
+        let mut s = TcpStream::connect(("::1", random)).await.unwrap();
+        s.write_all(b"six").await.unwrap();
+        let mut b = [0u8; 3];
+        s.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"six");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn svc_maps_the_service_port_to_the_target_port() {
+    let env = Env::new().await;
+    let named = greeter("named").await;
+    let numbered = greeter("numbered").await;
+    env.server
+        .apply(pod("api-1", json!({"app": "api"}), &[("http", named)]))
+        .unwrap();
+    // Named targetPort, and the service port given by its name.
+    env.server.apply(service("api", 80, json!("http"))).unwrap();
+    let mut kp = env.forward(&["service/api", ":web", "--address", "127.0.0.1"]);
+    let local = kp.local_port().await;
+    assert_eq!(
+        kp.stdout_lines()[0],
+        format!("Forwarding from 127.0.0.1:{local} -> {named}")
+    );
+    assert_eq!(greeting(local, 5).await.unwrap(), "named");
+    drop(kp);
+    // Numeric targetPort.
+    env.server
+        .apply(service("api", 8080, json!(numbered)))
+        .unwrap();
+    let mut kp = env.forward(&["svc/api", ":8080", "--address", "127.0.0.1"]);
+    let local = kp.local_port().await;
+    assert_eq!(
+        kp.stdout_lines()[0],
+        format!("Forwarding from 127.0.0.1:{local} -> {numbered}")
+    );
+    assert_eq!(greeting(local, 8).await.unwrap(), "numbered");
+    // A port the service does not have.
+    let mut kp = env.forward(&["svc/api", ":81"]);
+    assert_eq!(kp.wait_exit().await.code(), Some(1));
+    kp.wait_stderr("error: service api has no port 81").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_are_printed_on_sigint_and_sigterm() {
+    let env = Env::new().await;
+    let port = echo_server().await;
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        let mut kp = env.forward(&["pod/web", &format!(":{port}")]);
+        let local = kp.local_port().await;
+        assert_eq!(roundtrip(local, b"hello").await.unwrap(), b"hello");
+        assert_eq!(roundtrip(local, b"world!").await.unwrap(), b"world!");
+        // The counters are updated when a connection's bytes are written; wait for the log.
+        kp.wait_stderr("connection closed").await;
+        eventually(DEADLINE, "both connections closed", || {
+            (kp.stderr_text().matches("connection closed").count() == 2).then_some(())
+        })
+        .await;
+        kp.signal(sig);
+        let status = kp.wait_exit().await;
+        assert!(status.success(), "{status}: {}", kp.stderr_text());
+        kp.wait_stderr("kproxy forward: 2 connections, 11 bytes in, 11 bytes out, 0 errors")
+            .await;
+        assert!(!listening(local));
+    }
+}

@@ -31,7 +31,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use proxy_common::maps as names;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{Dataplane, DataplaneConfig, DataplaneError, ProgrammedFrontend, ProxyMode, SyncStats};
 use crate::model::{Changes, DesiredState};
@@ -266,7 +266,10 @@ impl Dataplane for EbpfDataplane {
         full: bool,
     ) -> Result<SyncStats, DataplaneError> {
         let full = full || self.needs_full;
-        self.follow_devices()?;
+        // A device problem must not hold back the Services: retried next sync.
+        if let Err(e) = self.follow_devices() {
+            warn!(error = %e, "following devices; TC programs stay on the devices they had");
+        }
         let Some(writer) = self.writer.as_mut() else {
             return Err(DataplaneError::Other(
                 "ebpf dataplane opened without start()".into(),

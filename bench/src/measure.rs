@@ -351,6 +351,22 @@ fn ask(addr: SocketAddrV4, timeout: Duration) -> Result<String> {
     Ok(line.trim().to_string())
 }
 
+/// Polls `target` from inside `pod` until it answers `name` (a deadline, no
+/// fixed sleep beyond the 20 ms between tries).
+fn wait_answer(pod: &Netns, target: SocketAddrV4, name: &str, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let got = pod.run_in(move || ask(target, Duration::from_millis(500)));
+        match got {
+            Ok(n) if n == name => return Ok(()),
+            _ if Instant::now() > deadline => {
+                bail!("{target} did not answer {name:?} (last: {got:?})")
+            }
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
 /// Backend server for the latency run (`kproxy-bench serve`): answers every
 /// connection with `NAME\n` and closes it.
 pub fn serve(name: &str, port: u16) -> Result<()> {
@@ -458,18 +474,9 @@ pub fn endpoint_change(
     }
     // Backends reachable directly from the client pod before kproxy is involved.
     for (addr, name) in [(POD_A, "A"), (POD_B, "B")] {
-        let deadline = Instant::now() + Duration::from_secs(10);
         let target = SocketAddrV4::new(addr, BACKEND_PORT);
-        loop {
-            let got = topo.pods[2].run_in(move || ask(target, Duration::from_millis(300)));
-            match got {
-                Ok(n) if n == name => break,
-                _ if Instant::now() > deadline => {
-                    bail!("backend {name} at {target} not reachable from the client pod: {got:?}")
-                }
-                _ => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
+        wait_answer(&topo.pods[2], target, name, Duration::from_secs(10))
+            .with_context(|| format!("backend {name} not reachable from the client pod"))?;
     }
 
     manifests::write_atomic(
@@ -492,22 +499,10 @@ pub fn endpoint_change(
     // time, before the client loop starts).
     let vip = SocketAddrV4::new(PROBE_VIP, 80);
     let direct = SocketAddrV4::new(POD_A, BACKEND_PORT);
-    let ready = (|| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let got = topo.pods[2].run_in(move || ask(vip, Duration::from_millis(500)));
-            match got {
-                Ok(n) if n == "A" => return Ok(()),
-                _ if Instant::now() > deadline => {
-                    bail!("probe Service {vip} never answered from A (last: {got:?})")
-                }
-                _ => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
-    })();
-    let datapath =
-        ready.and_then(|()| topo.pods[2].run_in(move || measure_datapath(direct, vip, 20)));
-    let datapath = match datapath {
+    let datapath = wait_answer(&topo.pods[2], vip, "A", Duration::from_secs(60))
+        .context("probe Service never answered from A")
+        .and_then(|()| topo.pods[2].run_in(move || measure_datapath(direct, vip, 20)));
+    let mut datapath = match datapath {
         Ok(d) => Some(d),
         Err(e) => {
             eprintln!("error: datapath measurement: {e:#}");
@@ -536,7 +531,6 @@ pub fn endpoint_change(
             Ok(())
         })
     };
-    let mut datapath = datapath;
     let result = (|| -> Result<ChangeResult> {
         // Traffic must reach A before the switch.
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::manifests::ENDPOINTS_PER_SERVICE;
-use crate::measure::{Backend, ChangeResult, SyncResult};
+use crate::measure::{Backend, ChangeResult, DatapathResult, SyncResult};
 
 #[derive(Serialize)]
 pub struct Report {
@@ -213,31 +213,24 @@ impl Report {
     /// Request latency through the ClusterIP of each mode against direct
     /// pod-to-pod requests measured in the same namespace, same minute.
     fn datapath_table(&self, m: &mut String) {
-        let rows: Vec<(&str, &ChangeResult)> = self
+        let mut rows: Vec<(&str, &ChangeResult, &DatapathResult)> = self
             .endpoint_change
             .iter()
             .map(|c| ("iptables", c))
             .chain(self.ebpf_endpoint_change.iter().map(|c| ("ebpf", c)))
-            .filter(|(_, c)| c.datapath.is_some())
+            .filter_map(|(mode, c)| Some((mode, c, c.datapath.as_ref()?)))
             .collect();
         if rows.is_empty() {
             return;
         }
+        rows.sort_by_key(|(mode, c, _)| (c.services, *mode));
         m.push_str(
-            "
-### Datapath: request latency through the ClusterIP against direct (same run)
-
-",
+            "\n### Datapath: request latency through the ClusterIP against direct (same run)\n\n",
         );
-        m.push_str("Each request: TCP connect from a pod, one-line reply, close; blocks of 100 alternate between the pod address and the ClusterIP.
-
-");
+        m.push_str("Each request: TCP connect from a pod, one-line reply, close; blocks of 100 alternate between the pod address and the ClusterIP.\n\n");
         m.push_str("| Services | mode | requests each | direct p50 / p99 (µs) | via Service p50 / p99 (µs) | Service / direct (p50) |\n");
         m.push_str("|---:|---|---:|---:|---:|---:|\n");
-        let mut rows = rows;
-        rows.sort_by_key(|(mode, c)| (c.services, *mode));
-        for (mode, c) in rows {
-            let Some(d) = &c.datapath else { continue };
+        for (mode, c, d) in rows {
             let _ = writeln!(
                 m,
                 "| {} | {} | {} | {:.0} / {:.0} | {:.0} / {:.0} | {} |",

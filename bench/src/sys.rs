@@ -67,10 +67,9 @@ impl Netns {
         run("ip", &a)
     }
 
-    /// `ip netns exec <ns> PROGRAM ARGS`, not yet spawned. `ip netns exec`
-    /// execs the program, so the child's PID is the program's PID.
-    /// Enters with setns(2), not `ip netns exec`: that remounts /sys and
-    /// the child would lose the cgroup2 mount ebpf mode attaches to.
+    /// PROGRAM inside the namespace, not yet spawned; the child's PID is the
+    /// program's. Enters with setns(2), not `ip netns exec`: that remounts
+    /// /sys and the child would lose the cgroup2 mount ebpf mode attaches to.
     pub fn command(&self, program: &Path) -> Command {
         kproxy_tests::netns::command_in(&self.name, program, None)
     }

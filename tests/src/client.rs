@@ -1,8 +1,10 @@
 //! Running `kproxy-testpod client` inside a namespace and reading its results.
 
 use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
@@ -185,9 +187,14 @@ impl ClientSpec {
     }
 }
 
-/// A client running in the background; collect its outcome with [`Running::wait`].
+/// A client running in the background. Its attempts are read as it prints
+/// them, so a test can wait for traffic to be demonstrably flowing
+/// ([`Running::wait_until`]) and end a long run early ([`Running::stop`]).
 pub struct Running {
     child: Option<Child>,
+    seen: Arc<Mutex<Vec<Attempt>>>,
+    reader: Option<std::thread::JoinHandle<Result<()>>>,
+    stderr: Option<std::thread::JoinHandle<String>>,
 }
 
 impl Running {
@@ -197,7 +204,7 @@ impl Running {
         spec: &ClientSpec,
     ) -> Result<Running> {
         let bin = testpod_binary()?;
-        let child = ns
+        let mut child = ns
             .command(bin.to_str().context("testpod path")?, cgroup)
             .args(spec.args())
             .stdin(Stdio::null())
@@ -205,26 +212,84 @@ impl Running {
             .stderr(Stdio::piped())
             .spawn()
             .context("starting kproxy-testpod client")?;
-        Ok(Running { child: Some(child) })
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().context("client stdout")?;
+        let sink = seen.clone();
+        let reader = std::thread::spawn(move || -> Result<()> {
+            for line in BufReader::new(stdout).lines() {
+                let attempt: Attempt =
+                    serde_json::from_str(&line?).context("parsing client output")?;
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push(attempt);
+            }
+            Ok(())
+        });
+        let mut err_pipe = child.stderr.take().context("client stderr")?;
+        let stderr = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = err_pipe.read_to_string(&mut text);
+            text
+        });
+        Ok(Running {
+            child: Some(child),
+            seen,
+            reader: Some(reader),
+            stderr: Some(stderr),
+        })
     }
 
-    /// Waits for the (bounded) run to end and parses its attempts.
+    /// The attempts printed so far.
+    pub fn attempts_so_far(&self) -> Vec<Attempt> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Polls (with `timeout`) until `pred` holds for the attempts so far.
+    pub fn wait_until(
+        &self,
+        what: &str,
+        timeout: std::time::Duration,
+        pred: impl Fn(&[Attempt]) -> bool,
+    ) -> Result<()> {
+        crate::poll::until(what, timeout, || {
+            let so_far = self.attempts_so_far();
+            if pred(&so_far) {
+                return Ok(());
+            }
+            bail!("so far {}", Outcome { attempts: so_far }.summary())
+        })
+    }
+
+    /// Waits for the (bounded) run to end and returns its attempts.
     pub fn wait(mut self) -> Result<Outcome> {
-        let child = self.child.take().expect("waited once");
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "client failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+        let mut child = self.child.take().expect("waited once");
+        let status = child.wait()?;
+        let (outcome, stderr) = self.collect()?;
+        if !status.success() {
+            bail!("client failed ({status}): {}", stderr.trim());
         }
-        let attempts = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(serde_json::from_str)
-            .collect::<Result<Vec<Attempt>, _>>()
-            .context("parsing client output")?;
-        Ok(Outcome { attempts })
+        Ok(outcome)
+    }
+
+    /// Ends the run now (our own child, by PID) and returns the attempts it
+    /// completed; an attempt in flight is not counted.
+    pub fn stop(mut self) -> Result<Outcome> {
+        let mut child = self.child.take().expect("stopped once");
+        let _ = child.kill();
+        child.wait()?;
+        Ok(self.collect()?.0)
+    }
+
+    fn collect(&mut self) -> Result<(Outcome, String)> {
+        let reader = self.reader.take().expect("collected once");
+        reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("client output reader panicked"))??;
+        let stderr = self
+            .stderr
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        let attempts = std::mem::take(&mut *self.seen.lock().unwrap_or_else(|e| e.into_inner()));
+        Ok((Outcome { attempts }, stderr))
     }
 }
 

@@ -197,24 +197,23 @@ pub fn endpoint_changes_under_load(mode: Mode) -> Result<()> {
     topo.wait_backends(SVC, "ClusterIP", &[&ep(A), &ep(B)])?;
     let client = topo.start_from_pod(
         "pod-c",
-        &ClientSpec::tcp(format!("{VIP}:80"), 1500).interval_ms(2),
+        // Bounded, but long enough for a slow machine; stopped below.
+        &ClientSpec::tcp(format!("{VIP}:80"), 20_000).interval_ms(2),
     )?;
     // Wait until the client is demonstrably running before changing anything.
-    poll::until(
-        "client traffic to reach pod-b",
-        Duration::from_secs(10),
-        || {
-            topo.from_pod("pod-a", &ClientSpec::tcp(format!("{VIP}:80"), 1))
-                .map(drop)
-        },
-    )?;
+    client.wait_until("client traffic", Duration::from_secs(10), |seen| {
+        seen.iter().filter(|a| a.ok).count() >= 25
+    })?;
     topo.write("web.yaml", &web(web_svc(), &[a()]))?;
     topo.wait_backends(SVC, "ClusterIP", &[&ep(A)])?;
     let removed_at = now_ms();
     topo.write("web.yaml", &web(web_svc(), &[a(), c()]))?;
     topo.wait_backends(SVC, "ClusterIP", &[&ep(A), &ep(C)])?;
     let added_at = now_ms();
-    let out = client.wait()?;
+    client.wait_until("attempts after the add", Duration::from_secs(15), |seen| {
+        seen.iter().filter(|a| a.t > added_at).count() >= 40
+    })?;
+    let out = client.stop()?;
     out.expect_all_ok("client looping through endpoint changes")?;
     ensure!(
         out.attempts.iter().any(|a| a.t < removed_at - 50.0),
@@ -443,13 +442,21 @@ pub fn restart_keeps_traffic_flowing(mode: Mode) -> Result<()> {
     let mut topo = Topology::start(mode)?;
     topo.write("web.yaml", &web(web_svc(), &[a(), b()]))?;
     topo.wait_backends(SVC, "ClusterIP", &[&ep(A), &ep(B)])?;
-    let spec = ClientSpec::tcp(format!("{VIP}:80"), 200).interval_ms(15);
-    let held = topo.start_from_pod("pod-c", &spec.clone().hold())?;
-    let fresh = topo.start_from_pod("pod-c", &spec)?;
-    poll::until("clients running", Duration::from_secs(5), || {
-        topo.from_pod("pod-a", &ClientSpec::tcp(format!("{VIP}:80"), 1))
-            .map(drop)
-    })?;
+    // Long enough to outlast a slow restart; stopped once both clients
+    // have been seen working on either side of it.
+    let spec = ClientSpec::tcp(format!("{VIP}:80"), 2000).interval_ms(15);
+    let clients = [
+        (
+            "held connection",
+            topo.start_from_pod("pod-c", &spec.clone().hold())?,
+        ),
+        ("new connections", topo.start_from_pod("pod-c", &spec)?),
+    ];
+    for (what, client) in &clients {
+        client.wait_until(what, Duration::from_secs(10), |seen| {
+            seen.iter().any(|a| a.ok)
+        })?;
+    }
     let stopped_at = now_ms();
     topo.stop_kproxy(0)?;
     topo.start_kproxy(0)?;
@@ -461,8 +468,13 @@ pub fn restart_keeps_traffic_flowing(mode: Mode) -> Result<()> {
     })
     .with_context(|| topo.logs())?;
     let restarted_at = now_ms();
-    for (what, client) in [("held connection", held), ("new connections", fresh)] {
-        let out = client.wait()?;
+    for (what, client) in &clients {
+        client.wait_until(what, Duration::from_secs(15), |seen| {
+            seen.iter().filter(|a| a.t > restarted_at).count() >= 3
+        })?;
+    }
+    for (what, client) in clients {
+        let out = client.stop()?;
         out.expect_all_ok(what)?;
         ensure!(
             out.attempts.first().is_some_and(|a| a.t < stopped_at)

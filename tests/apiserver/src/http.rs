@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +22,10 @@ pub struct Shared {
     pub store: Arc<Store>,
     /// Bumped to end every open watch.
     pub drop_watches: watch::Sender<u64>,
+    /// Set by `stop()` before anything else: checked synchronously so that no
+    /// request or watch event racing a stop reaches a client (aborting the
+    /// connection tasks alone takes effect only at their next poll).
+    pub stopped: AtomicBool,
     pub bookmark_interval: Duration,
     pub server_addr: String,
     pub requests: AtomicU64,
@@ -136,7 +140,29 @@ fn route(group: &str, version: &str, rest: &[&str]) -> Option<Target> {
     }
 }
 
+/// A stopped server answers nothing: whatever a request read may postdate the stop.
+fn stopping() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the test API server is stopped",
+    )
+        .into_response()
+}
+
 pub async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
+    if shared.stopped.load(Ordering::SeqCst) {
+        return stopping();
+    }
+    let resp = serve_request(&shared, req).await;
+    // Checked again after the store was read: a read that passes this check
+    // happened before the stop, so it cannot carry a change made after it.
+    if shared.stopped.load(Ordering::SeqCst) {
+        return stopping();
+    }
+    resp
+}
+
+async fn serve_request(shared: &Arc<Shared>, req: Request) -> Response {
     shared.requests.fetch_add(1, Ordering::Relaxed);
     let path = req.uri().path().to_string();
     let query: HashMap<String, String> =
@@ -427,6 +453,7 @@ fn watch_response(
         Err(e) => return Err(e),
     };
     let mut stop = shared.drop_watches.subscribe();
+    let shared = shared.clone();
     let interval = shared.bookmark_interval;
     let api_version = res.api_version();
     let kind = res.kind;
@@ -463,7 +490,7 @@ fn watch_response(
                         }
                         // A stop (or drop) that came first wins over an event that raced it:
                         // nothing changed after `stop()` may reach a client.
-                        if stop.has_changed().unwrap_or(true) {
+                        if stop.has_changed().unwrap_or(true) || shared.stopped.load(Ordering::SeqCst) {
                             return;
                         }
                         last_rv = ev.rv;

@@ -19,7 +19,7 @@ pub mod store;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -99,6 +99,7 @@ impl TestApiServer {
         let shared = Arc::new(Shared {
             store: Arc::new(Store::new()),
             drop_watches,
+            stopped: AtomicBool::new(false),
             bookmark_interval: opts.bookmark_interval,
             server_addr: addr.to_string(),
             requests: AtomicU64::new(0),
@@ -236,6 +237,7 @@ impl TestApiServer {
     /// Fault: stops listening and cuts every connection (port-forward
     /// streams too); new connections are refused.
     pub fn stop(&self) {
+        self.shared.stopped.store(true, Ordering::SeqCst);
         self.drop_watches();
         self.cut_port_forwards();
         if let Some(mut set) = self
@@ -268,6 +270,7 @@ impl TestApiServer {
             }
         };
         self.serve(listener);
+        self.shared.stopped.store(false, Ordering::SeqCst);
         Ok(())
     }
 

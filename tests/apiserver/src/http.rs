@@ -242,7 +242,7 @@ async fn serve_request(shared: &Arc<Shared>, req: Request) -> Response {
         Ok(b) => b,
         Err(e) => return error(&ApiError::bad_request(format!("reading body: {e}"))),
     };
-    match serve(&shared, method, target, &query, &content_type, body).await {
+    match serve(shared, method, target, &query, &content_type, body).await {
         Ok(resp) => resp,
         Err(e) => error(&e),
     }

@@ -1,6 +1,8 @@
-//! Cluster mode at scale: kproxy (iptables mode) against the test API server
-//! holding N Services with E endpoints each, inside a network namespace this
-//! program creates (and removes). Needs root.
+//! Cluster mode at scale: kproxy (`--mode iptables` or `ebpf`) against the
+//! test API server holding N Services with E endpoints each, inside a network
+//! namespace this program creates (and removes). In ebpf mode this process
+//! and kproxy run in a cgroup of their own (the socket hooks attach there)
+//! with a private bpffs for the pins; all removed at the end. Needs root.
 //!
 //! Measures: kproxy start to first complete sync (`/healthz` 200), kproxy's
 //! memory (VmRSS / VmHWM), and the time from an EndpointSlice update accepted
@@ -10,7 +12,8 @@
 //! ```text
 //! cargo build --release -p kproxy
 //! cargo run --release -p kproxy --example cluster_scale -- \
-//!     --kproxy target/release/kproxy --services 10000 --endpoints 10 --updates 100
+//!     --kproxy target/release/kproxy --services 10000 --endpoints 10 --updates 100 \
+//!     [--mode ebpf] [--kproxy-arg --iptables-backend=legacy]
 //! ```
 
 use std::io::{Read, Write};
@@ -29,6 +32,9 @@ struct Args {
     endpoints: u32,
     updates: u32,
     min_sync: String,
+    mode: String,
+    /// Passed on to `kproxy run` as they are.
+    kproxy_args: Vec<String>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -38,6 +44,8 @@ fn parse_args() -> anyhow::Result<Args> {
         endpoints: 10,
         updates: 100,
         min_sync: "1s".into(),
+        mode: "iptables".into(),
+        kproxy_args: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -48,8 +56,13 @@ fn parse_args() -> anyhow::Result<Args> {
             "--endpoints" => a.endpoints = val()?.parse()?,
             "--updates" => a.updates = val()?.parse()?,
             "--min-sync-period" => a.min_sync = val()?,
+            "--mode" => a.mode = val()?,
+            "--kproxy-arg" => a.kproxy_args.push(val()?),
             other => bail!("unknown flag {other}"),
         }
+    }
+    if !["iptables", "ebpf"].contains(&a.mode.as_str()) {
+        bail!("--mode is iptables or ebpf, not {:?}", a.mode);
     }
     Ok(a)
 }
@@ -83,6 +96,12 @@ fn enter_new_netns() -> anyhow::Result<Netns> {
         bail!("setns: {}", std::io::Error::last_os_error());
     }
     sh(&["ip", "link", "set", "lo", "up"])?;
+    // A device with an address for ebpf mode's TC programs (both veth ends
+    // stay in this namespace).
+    sh(&["ip", "link", "add", "kps0", "type", "veth", "peer", "name", "kps1"])?;
+    sh(&["ip", "addr", "add", "10.250.1.1/24", "dev", "kps0"])?;
+    sh(&["ip", "link", "set", "kps0", "up"])?;
+    sh(&["ip", "link", "set", "kps1", "up"])?;
     // Two local addresses for the probe Service's endpoints.
     // (on the namespace's own loopback: no dummy module needed)
     sh(&["ip", "addr", "add", "10.250.0.1/32", "dev", "lo"])?;
@@ -91,6 +110,82 @@ fn enter_new_netns() -> anyhow::Result<Netns> {
     // one before the nat OUTPUT chain rewrites the destination.
     sh(&["ip", "route", "add", "10.96.0.0/16", "dev", "lo"])?;
     Ok(ns)
+}
+
+/// ebpf mode's own cgroup (this process moves in, so its probes are
+/// load-balanced; kproxy inherits it) and private bpffs. Drop undoes both:
+/// kproxy's `cleanup`, unmount, move back, remove the cgroup.
+struct EbpfSandbox {
+    cgroup: std::path::PathBuf,
+    home_cgroup: std::path::PathBuf,
+    bpffs: tempfile::TempDir,
+}
+
+impl EbpfSandbox {
+    fn new() -> anyhow::Result<EbpfSandbox> {
+        let mount = std::fs::read_to_string("/proc/mounts")?
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.get(2) == Some(&"cgroup2")).then(|| std::path::PathBuf::from(f[1]))
+            })
+            .context("no cgroup2 file system is mounted")?;
+        let own = std::fs::read_to_string("/proc/self/cgroup")?;
+        let own = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .context("this process is in no cgroup2 cgroup")?;
+        let home_cgroup = mount.join(own.trim_start_matches('/'));
+        let cgroup = mount.join(format!("kpscale-{}", std::process::id()));
+        std::fs::create_dir(&cgroup)
+            .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        let bpffs = tempfile::Builder::new().prefix("kpscale-bpffs").tempdir()?;
+        let sandbox = EbpfSandbox {
+            cgroup,
+            home_cgroup,
+            bpffs,
+        };
+        let mount_point = sandbox.bpffs.path().display().to_string();
+        sh(&["mount", "-t", "bpf", "bpf", &mount_point])?;
+        std::fs::write(
+            sandbox.cgroup.join("cgroup.procs"),
+            std::process::id().to_string(),
+        )
+        .context("moving into the benchmark's cgroup")?;
+        Ok(sandbox)
+    }
+
+    /// A directory inside the mount: `kproxy cleanup` removes it.
+    fn pin_path(&self) -> String {
+        self.bpffs.path().join("kproxy").display().to_string()
+    }
+
+    fn kproxy_args(&self) -> Vec<String> {
+        vec![
+            "--proxy-mode".into(),
+            "ebpf".into(),
+            "--cgroup-root".into(),
+            self.cgroup.display().to_string(),
+            "--bpf-pin-path".into(),
+            self.pin_path(),
+        ]
+    }
+}
+
+impl Drop for EbpfSandbox {
+    fn drop(&mut self) {
+        let _ = std::fs::write(
+            self.home_cgroup.join("cgroup.procs"),
+            std::process::id().to_string(),
+        );
+        let _ = Command::new("umount").arg(self.bpffs.path()).status();
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.cgroup).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 fn service(name: &str, ip: Ipv4Addr) -> Value {
@@ -166,14 +261,30 @@ fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
     let _ns =
         enter_new_netns().context("needs root: creating the benchmark's network namespace")?;
+    // Declared after the namespace: dropped (cleaned up) before it.
+    let ebpf = if args.mode == "ebpf" {
+        Some(EbpfSandbox::new().context("setting up ebpf mode's cgroup and bpffs")?)
+    } else {
+        None
+    };
+    let mode_args = ebpf.as_ref().map(EbpfSandbox::kproxy_args).unwrap_or_default();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(run(args))
+    let result = rt.block_on(run(&args, &mode_args));
+    if ebpf.is_some() {
+        // Maps and links are pinned: remove them as a user would.
+        let _ = Command::new(&args.kproxy)
+            .arg("cleanup")
+            .args(&mode_args)
+            .stdout(Stdio::null())
+            .status();
+    }
+    result
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(args: &Args, mode_args: &[String]) -> anyhow::Result<()> {
     let server = TestApiServer::start().await?;
     let t = Instant::now();
     server.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1"}}))?;
@@ -224,6 +335,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "--iptables-min-sync-period",
             &args.min_sync,
         ])
+        .args(mode_args)
+        .args(&args.kproxy_args)
         .stdout(Stdio::null())
         .stderr(Stdio::from(std::fs::File::create(
             "/tmp/cluster_scale-kproxy.log",
@@ -231,9 +344,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .spawn()
         .with_context(|| format!("starting {}", args.kproxy))?;
     let pid = child.id();
-    let _child = KillOnDrop(child);
+    let mut child = KillOnDrop(child);
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
+        if let Some(st) = child.0.try_wait()? {
+            bail!("kproxy exited ({st}) before its first sync; see /tmp/cluster_scale-kproxy.log");
+        }
         let st = tokio::task::spawn_blocking(|| http_status("127.0.0.1:10256", "/healthz")).await?;
         if st == Some(200) {
             break;

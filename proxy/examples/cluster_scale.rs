@@ -98,7 +98,9 @@ fn enter_new_netns() -> anyhow::Result<Netns> {
     sh(&["ip", "link", "set", "lo", "up"])?;
     // A device with an address for ebpf mode's TC programs (both veth ends
     // stay in this namespace).
-    sh(&["ip", "link", "add", "kps0", "type", "veth", "peer", "name", "kps1"])?;
+    sh(&[
+        "ip", "link", "add", "kps0", "type", "veth", "peer", "name", "kps1",
+    ])?;
     sh(&["ip", "addr", "add", "10.250.1.1/24", "dev", "kps0"])?;
     sh(&["ip", "link", "set", "kps0", "up"])?;
     sh(&["ip", "link", "set", "kps1", "up"])?;
@@ -267,7 +269,10 @@ fn main() -> anyhow::Result<()> {
     } else {
         None
     };
-    let mode_args = ebpf.as_ref().map(EbpfSandbox::kproxy_args).unwrap_or_default();
+    let mode_args = ebpf
+        .as_ref()
+        .map(EbpfSandbox::kproxy_args)
+        .unwrap_or_default();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -31,15 +31,15 @@ fn load(path: &Path) -> ClusterObjects {
             .to_string();
         let ctx = |e: serde_yaml::Error| format!("{} document {i} ({kind}): {e}", path.display());
         match kind.as_str() {
-            "Service" => objects
-                .services
-                .push(serde_yaml::from_value(value).map_err(ctx).unwrap()),
-            "EndpointSlice" => objects
-                .endpoint_slices
-                .push(serde_yaml::from_value(value).map_err(ctx).unwrap()),
-            "Node" => objects
-                .nodes
-                .push(serde_yaml::from_value(value).map_err(ctx).unwrap()),
+            "Service" => objects.services.push(Arc::new(
+                serde_yaml::from_value(value).map_err(ctx).unwrap(),
+            )),
+            "EndpointSlice" => objects.endpoint_slices.push(Arc::new(
+                serde_yaml::from_value(value).map_err(ctx).unwrap(),
+            )),
+            "Node" => objects.nodes.push(Arc::new(
+                serde_yaml::from_value(value).map_err(ctx).unwrap(),
+            )),
             other => panic!("{} document {i}: unexpected kind {other:?}", path.display()),
         }
     }

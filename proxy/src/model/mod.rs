@@ -8,15 +8,33 @@ mod validate;
 
 pub use types::*;
 
+use std::sync::Arc;
+
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-/// The objects a source has gathered: the model's whole input.
+/// The objects a source has gathered: the model's whole input. Shared
+/// (`Arc`) with the source's stores: a snapshot copies pointers, not objects.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterObjects {
-    pub services: Vec<Service>,
-    pub endpoint_slices: Vec<EndpointSlice>,
-    pub nodes: Vec<Node>,
+    pub services: Vec<Arc<Service>>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    pub nodes: Vec<Arc<Node>>,
+}
+
+impl ClusterObjects {
+    /// From owned objects (tests and one-off callers; sources share theirs).
+    pub fn from_owned(
+        services: Vec<Service>,
+        endpoint_slices: Vec<EndpointSlice>,
+        nodes: Vec<Node>,
+    ) -> ClusterObjects {
+        ClusterObjects {
+            services: services.into_iter().map(Arc::new).collect(),
+            endpoint_slices: endpoint_slices.into_iter().map(Arc::new).collect(),
+            nodes: nodes.into_iter().map(Arc::new).collect(),
+        }
+    }
 }
 
 /// Settings that change how objects map to the desired state.

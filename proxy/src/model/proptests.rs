@@ -347,11 +347,7 @@ fn slice_ports() -> impl Strategy<Value = Vec<EndpointPort>> {
 
 fn objects() -> impl Strategy<Value = ClusterObjects> {
     let random = (vec(service(), 0..5), vec(endpoint_slice(), 0..8)).prop_map(
-        |(services, endpoint_slices)| ClusterObjects {
-            services,
-            endpoint_slices,
-            nodes: vec![],
-        },
+        |(services, endpoint_slices)| ClusterObjects::from_owned(services, endpoint_slices, vec![]),
     );
     // One Service with a cluster IP and slices that belong to it, so the
     // endpoint rules get exercised often, not just validation.
@@ -371,11 +367,7 @@ fn objects() -> impl Strategy<Value = ClusterObjects> {
                 .get_or_insert_with(Default::default)
                 .insert(validate::LABEL_SERVICE_NAME.to_string(), "web".into());
         }
-        ClusterObjects {
-            services: vec![svc],
-            endpoint_slices: slices,
-            nodes: vec![],
-        }
+        ClusterObjects::from_owned(vec![svc], slices, vec![])
     });
     prop_oneof![1 => random, 2 => focused]
 }
@@ -447,8 +439,8 @@ proptest! {
             );
         }
         // What build rejects is what the validators report (plus duplicates).
-        let mut validated: Vec<Rejection> = objects.services.iter().flat_map(validate_service)
-            .chain(objects.endpoint_slices.iter().flat_map(validate_endpoint_slice))
+        let mut validated: Vec<Rejection> = objects.services.iter().flat_map(|s| validate_service(s))
+            .chain(objects.endpoint_slices.iter().flat_map(|s| validate_endpoint_slice(s)))
             .collect();
         validated.sort();
         validated.dedup();

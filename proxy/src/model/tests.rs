@@ -37,11 +37,7 @@ fn cfg() -> ModelConfig {
 
 fn build_one(services: Vec<Service>, slices: Vec<EndpointSlice>) -> DesiredState {
     build(
-        &ClusterObjects {
-            services,
-            endpoint_slices: slices,
-            nodes: vec![],
-        },
+        &ClusterObjects::from_owned(services, slices, vec![]),
         &cfg(),
     )
 }
@@ -507,10 +503,11 @@ status:
     assert!(validate_node(&node("metadata: {name: node-b.example.com}")).is_empty());
 
     let state = build(
-        &ClusterObjects {
-            nodes: vec![node("metadata: {name: other}\nstatus: {addresses: [{type: InternalIP, address: 1.1.1.1}]}"), ours, bad],
-            ..Default::default()
-        },
+        &ClusterObjects::from_owned(
+            vec![],
+            vec![],
+            vec![node("metadata: {name: other}\nstatus: {addresses: [{type: InternalIP, address: 1.1.1.1}]}"), ours, bad],
+        ),
         &cfg(),
     );
     assert_eq!(state.node.name, "node-a");
@@ -934,11 +931,7 @@ endpoints: [{addresses: [10.0.0.1]}]
 "#,
     );
     let state = build(
-        &ClusterObjects {
-            services: vec![web_svc()],
-            endpoint_slices: vec![s],
-            nodes: vec![],
-        },
+        &ClusterObjects::from_owned(vec![web_svc()], vec![s], vec![]),
         &ModelConfig::default(),
     );
     assert!(!web_port(&state).all_endpoints[0].is_local);
@@ -963,11 +956,7 @@ endpoints:
     let zone_node = node("metadata: {name: node-a, labels: {topology.kubernetes.io/zone: z1}}");
     let run = |s: EndpointSlice| {
         build(
-            &ClusterObjects {
-                services: vec![web_svc()],
-                endpoint_slices: vec![s],
-                nodes: vec![zone_node.clone()],
-            },
+            &ClusterObjects::from_owned(vec![web_svc()], vec![s], vec![zone_node.clone()]),
             &cfg(),
         )
     };
@@ -1082,10 +1071,7 @@ endpoints: [{addresses: [10.0.0.7]}]
 #[test]
 fn node_without_status_has_no_addresses() {
     let state = build(
-        &ClusterObjects {
-            nodes: vec![node("metadata: {name: node-a}")],
-            ..Default::default()
-        },
+        &ClusterObjects::from_owned(vec![], vec![], vec![node("metadata: {name: node-a}")]),
         &cfg(),
     );
     assert!(state.node.addresses.is_empty() && state.rejected.is_empty());

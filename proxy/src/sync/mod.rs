@@ -2,6 +2,8 @@
 //! what was applied last, and drives the dataplane. Changes are coalesced by
 //! the minimum sync period; a periodic full sync repairs drift.
 
+mod memory;
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -200,6 +202,8 @@ impl SyncLoop {
                 );
                 self.applied = desired;
                 self.need_full = false;
+                let trim = memory::release_freed();
+                tracing::debug!(trim_ms = trim.as_secs_f64() * 1000.0, "returned freed heap");
                 true
             }
             Err(err) => {

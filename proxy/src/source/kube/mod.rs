@@ -274,13 +274,13 @@ fn snapshot_of(
     slices: &Store<EndpointSlice>,
     nodes: &Store<Node>,
 ) -> Snapshot {
-    fn sorted<K: ::kube::Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> Vec<K> {
+    fn sorted<K: ::kube::Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> Vec<Arc<K>> {
         let mut items: Vec<Arc<K>> = store.state();
         items.sort_by(|a, b| {
             (a.meta().namespace.as_deref(), a.meta().name.as_deref())
                 .cmp(&(b.meta().namespace.as_deref(), b.meta().name.as_deref()))
         });
-        items.into_iter().map(|k| (*k).clone()).collect()
+        items
     }
     Snapshot {
         objects: Arc::new(ClusterObjects {

@@ -130,9 +130,9 @@ impl DirState {
         let mut objects = ClusterObjects::default();
         for doc in merged.into_values() {
             match &doc.object {
-                Object::Service(s) => objects.services.push((**s).clone()),
-                Object::EndpointSlice(s) => objects.endpoint_slices.push((**s).clone()),
-                Object::Node(n) => objects.nodes.push((**n).clone()),
+                Object::Service(s) => objects.services.push(s.clone()),
+                Object::EndpointSlice(s) => objects.endpoint_slices.push(s.clone()),
+                Object::Node(n) => objects.nodes.push(n.clone()),
             }
         }
         rejected.sort();

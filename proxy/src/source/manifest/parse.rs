@@ -1,6 +1,8 @@
 //! One manifest file's text to typed Kubernetes objects, plus everything
 //! wrong with it. No I/O and no model validation here.
 
+use std::sync::Arc;
+
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::de::DeserializeOwned;
@@ -64,9 +66,9 @@ pub(crate) struct ObjectKey {
 
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Object {
-    Service(Box<Service>),
-    EndpointSlice(Box<EndpointSlice>),
-    Node(Box<Node>),
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
+    Node(Arc<Node>),
 }
 
 /// One typed object and where it came from.
@@ -220,11 +222,11 @@ fn parse_value(
     };
     let object = match known {
         Kind::Service => {
-            typed::<Service>(&key, value, origin, out).map(|o| Object::Service(Box::new(o)))
+            typed::<Service>(&key, value, origin, out).map(|o| Object::Service(Arc::new(o)))
         }
         Kind::EndpointSlice => typed::<EndpointSlice>(&key, value, origin, out)
-            .map(|o| Object::EndpointSlice(Box::new(o))),
-        Kind::Node => typed::<Node>(&key, value, origin, out).map(|o| Object::Node(Box::new(o))),
+            .map(|o| Object::EndpointSlice(Arc::new(o))),
+        Kind::Node => typed::<Node>(&key, value, origin, out).map(|o| Object::Node(Arc::new(o))),
     };
     if let Some(object) = object {
         out.documents.push(Document {

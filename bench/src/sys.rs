@@ -2,84 +2,46 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use kproxy_tests::netns::NetNs;
 
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-/// A unique name `kpb-<pid>-<counter>-<role>` for namespaces and directories.
+/// A unique name `kpt<pid>-<n>-<role>` for namespaces, cgroups and
+/// directories: the test harness's scheme, so what a killed bench left
+/// behind is removed by the next test or bench process.
 pub fn unique(role: &str) -> String {
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("kpb-{}-{n}-{role}", std::process::id())
+    format!("{}-{role}", kproxy_tests::netns::unique_id())
 }
 
-/// Runs a command to completion; a failure names the command and its stderr.
-pub fn run(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| {
-            format!("could not start {program} (is it installed? try `cargo xtask setup`)")
-        })?;
-    if !out.status.success() {
-        bail!(
-            "`{program} {}` failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+pub use kproxy_tests::netns::run;
+
+/// A network namespace we created (the test harness's, deleted on Drop),
+/// plus threads that run inside it.
+pub struct Netns(NetNs);
+
+impl std::ops::Deref for Netns {
+    type Target = NetNs;
+    fn deref(&self) -> &NetNs {
+        &self.0
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// A network namespace we created; deleted on Drop (even on panic).
-pub struct Netns {
-    pub name: String,
 }
 
 impl Netns {
     pub fn new(role: &str) -> Result<Self> {
-        let name = unique(role);
-        run("ip", &["netns", "add", &name])
-            .with_context(|| format!("creating network namespace {name} (needs root)"))?;
-        let ns = Netns { name };
-        ns.ip(&["link", "set", "lo", "up"])?;
-        Ok(ns)
+        Ok(Netns(NetNs::new(unique(role))?))
     }
 
-    /// `ip -n <ns> ARGS`.
-    pub fn ip(&self, args: &[&str]) -> Result<String> {
-        let mut a = vec!["-n", self.name.as_str()];
-        a.extend_from_slice(args);
-        run("ip", &a)
-    }
-
-    /// Runs a program inside the namespace to completion.
-    pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
-        let mut a = vec!["netns", "exec", self.name.as_str(), program];
-        a.extend_from_slice(args);
-        run("ip", &a)
-    }
-
-    /// PROGRAM inside the namespace, not yet spawned; the child's PID is the
-    /// program's. Enters with setns(2), not `ip netns exec`: that remounts
-    /// /sys and the child would lose the cgroup2 mount ebpf mode attaches to.
+    /// PROGRAM inside the namespace, not yet spawned (see [`NetNs::command`]).
     pub fn command(&self, program: &Path) -> Command {
         kproxy_tests::netns::command_in(&self.name, program, None)
     }
 
-    /// Sets a sysctl inside the namespace by writing /proc/sys (the procps
-    /// `sysctl` tool is not on every minimal machine).
+    /// Sets a sysctl inside the namespace (`net.ipv4.ip_forward`).
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        let path = format!("/proc/sys/{}", key.replace('.', "/"));
-        let script = format!("echo {value} > {path}");
-        self.exec("sh", &["-c", &script]).map(|_| ())
+        self.sysctls(&[(&key.replace('.', "/"), value)])
     }
 
     /// Runs `f` on a fresh thread that has joined this namespace, so sockets
@@ -88,44 +50,14 @@ impl Netns {
         &self,
         f: impl FnOnce() -> Result<T> + Send + 'static,
     ) -> std::thread::JoinHandle<Result<T>> {
-        let path = PathBuf::from("/run/netns").join(&self.name);
-        std::thread::spawn(move || {
-            enter(&path)?;
-            f()
-        })
+        let name = self.name.clone();
+        std::thread::spawn(move || kproxy_tests::netns::enter(&name, f)?)
     }
 
     /// Like `spawn`, waiting for the result.
-    pub fn run_in<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> Result<T> + Send + 'static,
-    ) -> Result<T> {
-        self.spawn(f)
-            .join()
-            .map_err(|_| anyhow::anyhow!("thread in namespace {} panicked", self.name))?
+    pub fn run_in<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+        self.enter(f)?
     }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Err(e) = run("ip", &["netns", "del", &self.name]) {
-            eprintln!("warning: could not delete namespace {}: {e:#}", self.name);
-        }
-    }
-}
-
-fn enter(path: &Path) -> Result<()> {
-    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: setns on a valid namespace fd only changes this thread's network namespace.
-    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc != 0 {
-        bail!(
-            "setns({}): {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
 }
 
 /// A child process we started: SIGTERM then SIGKILL by PID on Drop.

@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use kproxy_tests::cgroup::Cgroup;
 use kproxy_tests::netns::NetNs;
 
 /// A unique name `kpt<pid>-<n>-<role>` for namespaces, cgroups and
@@ -184,7 +185,7 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16,
 /// go) and a cgroup under the cgroup2 mount for the socket hooks.
 pub struct EbpfEnv {
     pub bpffs: PathBuf,
-    pub cgroup: PathBuf,
+    pub cgroup: Cgroup,
 }
 
 impl EbpfEnv {
@@ -192,16 +193,7 @@ impl EbpfEnv {
         let bpffs = std::env::temp_dir().join(unique("bpffs"));
         std::fs::create_dir_all(&bpffs)?;
         run("mount", &["-t", "bpf", "bpf", &bpffs.to_string_lossy()])?;
-        let mounts = std::fs::read_to_string("/proc/mounts")?;
-        let root = mounts
-            .lines()
-            .find_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
-            })
-            .context("no cgroup2 mount in /proc/mounts: ebpf mode needs one")?;
-        let cgroup = root.join(unique("cg"));
-        std::fs::create_dir(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
+        let cgroup = Cgroup::new(&unique("cg"))?;
         Ok(EbpfEnv { bpffs, cgroup })
     }
 
@@ -213,7 +205,7 @@ impl EbpfEnv {
             "--bpf-pin-path".into(),
             self.bpffs.join("kproxy").to_string_lossy().into_owned(),
             "--cgroup-root".into(),
-            self.cgroup.to_string_lossy().into_owned(),
+            self.cgroup.path().to_string_lossy().into_owned(),
             "--devices".into(),
             devices.into(),
         ]
@@ -221,11 +213,11 @@ impl EbpfEnv {
 }
 
 impl Drop for EbpfEnv {
+    // The cgroup (a field) is removed after this, by its own Drop.
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount")
             .arg(&self.bpffs)
             .status();
         let _ = std::fs::remove_dir(&self.bpffs);
-        let _ = std::fs::remove_dir(&self.cgroup);
     }
 }

@@ -22,15 +22,53 @@ fn init_logging(verbosity: u8) {
         .init();
 }
 
+/// Errors are one line, whatever RUST_BACKTRACE says (returning the error
+/// from `main` would print its backtrace).
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbosity);
+    let kernel = !matches!(cli.command, Command::Forward(_) | Command::Render(_));
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            let hint = if kernel {
+                capability_hint(effective_capabilities())
+            } else {
+                None
+            };
+            match hint {
+                Some(hint) => eprintln!("error: {err:#} ({hint})"),
+                None => eprintln!("error: {err:#}"),
+            }
             ExitCode::FAILURE
         }
+    }
+}
+
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_BPF: u32 = 39;
+
+/// The effective capability set (`CapEff` in /proc/self/status).
+fn effective_capabilities() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
+/// When a command that programs the kernel fails without the privileges it
+/// needs, the kernel's answer (EPERM, often buried in a library's error)
+/// is not the message a user needs: say what is missing.
+fn capability_hint(caps: Option<u64>) -> Option<&'static str> {
+    let has = |cap: u32| caps.is_some_and(|c| c & (1 << cap) != 0);
+    if !has(CAP_NET_ADMIN) {
+        Some("kproxy lacks CAP_NET_ADMIN: run it as root, or in a privileged container as kube-proxy runs")
+    } else if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+        Some(
+            "kproxy lacks CAP_BPF: ebpf mode needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON",
+        )
+    } else {
+        None
     }
 }
 
@@ -90,5 +128,24 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hint_names_the_missing_capability() {
+        assert!(capability_hint(Some(0)).unwrap().contains("CAP_NET_ADMIN"));
+        assert!(capability_hint(None).unwrap().contains("CAP_NET_ADMIN"));
+        let net_admin = 1 << CAP_NET_ADMIN;
+        assert!(capability_hint(Some(net_admin))
+            .unwrap()
+            .contains("CAP_BPF"));
+        assert_eq!(capability_hint(Some(net_admin | 1 << CAP_BPF)), None);
+        assert_eq!(capability_hint(Some(net_admin | 1 << CAP_SYS_ADMIN)), None);
+        // root: every bit.
+        assert_eq!(capability_hint(Some(0x1ff_ffff_ffff)), None);
     }
 }

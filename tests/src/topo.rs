@@ -509,9 +509,7 @@ fn attach_to_lan(lan: &NetNs, ns: &NetNs, lan_dev: &str, ip: &str) -> Result<()>
 pub fn preflight() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!(
-            "the namespace tests need root (network namespaces, iptables, BPF): run them as root"
-        );
+        bail!("network namespaces, iptables and BPF need root: run this as root (sudo)");
     }
     for tool in ["ip", "ethtool", "iptables-restore"] {
         let found = std::env::var_os("PATH")

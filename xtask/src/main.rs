@@ -8,10 +8,12 @@ mod setup;
 
 use std::path::PathBuf;
 
-use anyhow::Result;
-use clap::{Parser, Subcommand};
+use std::process::ExitCode;
 
-use crate::run::{cargo, workspace_root};
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::run::{cargo, workspace_root, ChildFailed};
 
 /// Packages linted with clippy by `cargo xtask test`. Never `--workspace`:
 /// `proxy-ebpf` only builds for the BPF target (proxy/build.rs does that).
@@ -54,11 +56,14 @@ enum Command {
         #[arg(long)]
         no_setup: bool,
     },
-    /// setup, then the sandbox demo: two nodes, pods and kproxy in network namespaces.
+    /// setup, build, then the sandbox demo: two nodes, pods and kproxy in network namespaces.
     Demo {
-        /// Manifest directory handed to the sandbox.
-        #[arg(long, default_value = "examples")]
-        manifests: PathBuf,
+        /// Manifest directory handed to the sandbox [default: the workspace's examples/].
+        #[arg(long)]
+        manifests: Option<PathBuf>,
+        /// The dataplane kproxy runs on both nodes.
+        #[arg(long, value_enum, default_value_t = ProxyMode::Iptables)]
+        proxy_mode: ProxyMode,
     },
     /// The test Kubernetes API server on its own (prints a kubeconfig), to try cluster mode without a cluster.
     Apiserver {
@@ -77,13 +82,48 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ProxyMode {
+    Iptables,
+    Ebpf,
+}
+
+impl ProxyMode {
+    fn flag(self) -> &'static str {
+        match self {
+            ProxyMode::Iptables => "iptables",
+            ProxyMode::Ebpf => "ebpf",
+        }
+    }
+}
+
+/// Errors are one line, whatever RUST_BACKTRACE says (returning an
+/// `anyhow::Error` from `main` would print its backtrace). A child that
+/// failed has printed its own error: only its exit code is passed on.
+fn main() -> ExitCode {
+    match dispatch(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            if let Some(child) = err.downcast_ref::<ChildFailed>() {
+                if child.quiet {
+                    return ExitCode::from(child.code);
+                }
+            }
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Setup => setup::setup(),
         Command::Build => build(),
         Command::Test { no_setup } => test(no_setup),
-        Command::Demo { manifests } => demo(&manifests),
+        Command::Demo {
+            manifests,
+            proxy_mode,
+        } => demo(manifests, proxy_mode),
         Command::Bench { services, out } => bench(&services, &out),
         Command::Apiserver { args } => {
             let mut cmd = vec!["run", "-p", "kproxy-test-apiserver", "--"];
@@ -139,20 +179,31 @@ fn test(no_setup: bool) -> Result<()> {
     Ok(())
 }
 
-fn demo(manifests: &std::path::Path) -> Result<()> {
+/// The demo runs three binaries: the sandbox, the pods' `kproxy-testpod` and
+/// `kproxy`. All are built here (a fresh clone has none of them), and the
+/// sandbox is told where kproxy is.
+fn demo(manifests: Option<PathBuf>, mode: ProxyMode) -> Result<()> {
+    // Relative to where the user stands; the children run in the workspace root.
+    let manifests = match manifests {
+        Some(dir) => std::path::absolute(&dir)?,
+        None => workspace_root().join("examples"),
+    };
     setup::setup()?;
-    let manifests = manifests.to_string_lossy();
-    cargo(&[
-        "run",
-        "-p",
-        "kproxy-tests",
-        "--bin",
-        "kproxy-sandbox",
-        "--",
-        "demo",
-        "--manifests",
-        &manifests,
-    ])
+    cargo(&["build", "-p", "kproxy", "--bin", "kproxy"])?;
+    cargo(&["build", "-p", "kproxy-tests", "--bins"])?;
+    let debug = run::target_dir().join("debug");
+    std::env::set_var("KPROXY_BIN", debug.join("kproxy"));
+    std::env::set_var("KPROXY_TESTPOD", debug.join("kproxy-testpod"));
+    run::status_quiet(
+        &debug.join("kproxy-sandbox").to_string_lossy(),
+        &[
+            "demo".as_ref(),
+            "--manifests".as_ref(),
+            manifests.as_os_str(),
+            "--proxy-mode".as_ref(),
+            mode.flag().as_ref(),
+        ] as &[&std::ffi::OsStr],
+    )
 }
 
 fn bench(services: &str, out: &std::path::Path) -> Result<()> {
@@ -196,6 +247,15 @@ mod tests {
         let cli = Cli::try_parse_from(["xtask", "bench", "--services", "10,20"]).unwrap();
         assert!(matches!(cli.command, Command::Bench { ref services, .. } if services == "10,20"));
         assert!(Cli::try_parse_from(["xtask", "test", "--no-setup"]).is_ok());
+        let cli = Cli::try_parse_from(["xtask", "demo", "--proxy-mode", "ebpf"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Demo {
+                proxy_mode: ProxyMode::Ebpf,
+                manifests: None
+            }
+        ));
+        assert!(Cli::try_parse_from(["xtask", "demo", "--proxy-mode", "ipvs"]).is_err());
         let cli =
             Cli::try_parse_from(["xtask", "apiserver", "--listen", "127.0.0.1:7000"]).unwrap();
         assert!(matches!(cli.command, Command::Apiserver { ref args } if args.len() == 2));

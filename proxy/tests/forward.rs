@@ -339,9 +339,12 @@ async fn bytes_cross_exactly_256_mib_each_way() {
         .await;
 }
 
+/// v5's close signal (an opt-in of the test server: no real server
+/// negotiates v5 for port-forward) tells the pod at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn half_close_still_gets_the_full_reply() {
+async fn half_close_with_v5_still_gets_the_full_reply() {
     let env = Env::new().await;
+    env.server.set_port_forward_v5(true);
     // Reads to EOF, then answers with the count and the sha256 of what it got.
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
@@ -381,13 +384,13 @@ async fn half_close_still_gets_the_full_reply() {
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
-/// Without v5 the pod cannot be told about the half-close: the reply of a
-/// pod that answers without waiting for EOF still reaches the client, and a
-/// pod that waits for EOF gets its connection closed after --half-close-timeout.
+/// With v4 (what real servers negotiate) the pod cannot be told about the
+/// half-close: the reply of a pod that answers without waiting for EOF still
+/// reaches the client, and a pod that waits for EOF gets its connection
+/// closed after --half-close-timeout (default 1s, the runtime's own grace).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_on_v4_waits_for_the_pod_then_times_out() {
     let env = Env::new().await;
-    env.server.set_port_forward_v4_only(true);
     // Answers after 5 bytes, then closes.
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let answers = l.local_addr().unwrap().port();
@@ -408,8 +411,6 @@ async fn half_close_on_v4_waits_for_the_pod_then_times_out() {
         "pod/web",
         &format!(":{answers}"),
         &format!(":{waits}"),
-        "--half-close-timeout",
-        "1s",
         "--address",
         "127.0.0.1",
     ]);
@@ -732,8 +733,9 @@ async fn reconnects_after_the_api_server_drops() {
     assert_eq!(roundtrip(local, b"after").await.unwrap(), b"after");
 }
 
-/// Server cuts port-forward streams idle (no ping either) for 500ms.
-async fn idle_forward(ping_interval: &str) -> (Env, Kproxy, TcpStream) {
+/// The runtime cuts port-forward streams that carry no data for 500ms (as
+/// containerd's stream_idle_timeout: pings do not count).
+async fn idle_forward(keepalive_interval: &str) -> (Env, Kproxy, TcpStream) {
     let env = Env::new().await;
     env.server
         .set_port_forward_idle_timeout(Some(Duration::from_millis(500)));
@@ -742,8 +744,8 @@ async fn idle_forward(ping_interval: &str) -> (Env, Kproxy, TcpStream) {
     let mut kp = env.forward(&[
         "pod/web",
         &format!(":{port}"),
-        "--ping-interval",
-        ping_interval,
+        "--keepalive-interval",
+        keepalive_interval,
     ]);
     let local = kp.local_port().await;
     let mut s = TcpStream::connect(("127.0.0.1", local)).await.unwrap();
@@ -754,7 +756,7 @@ async fn idle_forward(ping_interval: &str) -> (Env, Kproxy, TcpStream) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_forward_is_kept_alive_by_pings() {
+async fn an_idle_forward_is_kept_alive_by_keepalives() {
     let (env, _kp, mut s) = idle_forward("100ms").await;
     // Idle for three times the server's idle timeout (this wait is the behaviour under test).
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -768,9 +770,9 @@ async fn an_idle_forward_is_kept_alive_by_pings() {
     assert_eq!(&b, b"b");
 }
 
-/// The control: without pings in time the server does cut (so the test above can fail).
+/// The control: without keepalives in time the server does cut (so the test above can fail).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_pings_the_idle_stream_is_cut() {
+async fn without_keepalives_the_idle_stream_is_cut() {
     let (env, _kp, mut s) = idle_forward("1h").await;
     eventually(DEADLINE, "the idle cut", || {
         (env.server.port_forwards_idle_cut() == 1).then_some(())
@@ -783,11 +785,11 @@ async fn without_pings_the_idle_stream_is_cut() {
     assert!(r.is_err() || buf.is_empty());
 }
 
-/// The real thing: 10 minutes idle with the default ping interval (30s)
+/// The real thing: 10 minutes idle with the default keepalive interval (30s)
 /// behind a 45s idle cut-off. `cargo test -p kproxy --test forward -- --ignored`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "takes 10 minutes"]
-async fn idle_for_ten_minutes_with_default_pings() {
+async fn idle_for_ten_minutes_with_default_keepalives() {
     let env = Env::new().await;
     env.server
         .set_port_forward_idle_timeout(Some(Duration::from_secs(45)));

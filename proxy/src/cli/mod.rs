@@ -73,13 +73,14 @@ pub struct ForwardArgs {
     /// How long to wait for a pod to come back (or for the API server) before giving up.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     pub pod_wait_timeout: Duration,
-    /// Without v5.channel.k8s.io, how long to wait for the pod's reply after the local client
-    /// half-closed its connection.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    /// Where the pod cannot be told that the local client half-closed (WebSocket v4), how long
+    /// to wait for the pod's reply before closing (the container runtime's own grace is 1s).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub half_close_timeout: Duration,
-    /// WebSocket ping period on each forwarded connection (keeps idle forwards alive).
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    pub ping_interval: Duration,
+    /// Keepalive period on each forwarded connection: an empty data message, which resets the
+    /// container runtime's stream idle timeout (a WebSocket ping does not) and proxies' timers.
+    #[arg(long, alias = "ping-interval", default_value = "30s", value_parser = parse_duration)]
+    pub keepalive_interval: Duration,
     /// How often the target is checked, so a vanished target is noticed without a connection.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub check_interval: Duration,

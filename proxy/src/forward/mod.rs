@@ -458,7 +458,7 @@ pub async fn run(args: ForwardArgs) -> Result<(), ForwardError> {
         stats: Stats::default(),
         opts: tunnel::TunnelOpts {
             half_close_timeout: args.half_close_timeout,
-            ping_interval: args.ping_interval.max(Duration::from_millis(10)),
+            keepalive_interval: args.keepalive_interval.max(Duration::from_millis(10)),
         },
         pod_wait_timeout: args.pod_wait_timeout,
         api_down_since: Mutex::new(None),

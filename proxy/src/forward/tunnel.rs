@@ -31,9 +31,10 @@ pub struct TunnelOpts {
     /// Without v5, how long to wait for the pod to close after the client
     /// half-closed (the pod cannot be told).
     pub half_close_timeout: Duration,
-    /// WebSocket ping period (keeps idle streams alive through proxies and
-    /// idle timeouts).
-    pub ping_interval: Duration,
+    /// Keepalive period: an empty data message, which resets the runtime's
+    /// stream idle timer (a WebSocket ping would not: the kubelet's wsstream
+    /// counts data messages only) and a proxy's.
+    pub keepalive_interval: Duration,
 }
 
 /// Largest payload read from the local connection into one message.
@@ -93,11 +94,13 @@ where
         result
     };
 
-    // Client → pod, plus pings.
+    // Client → pod, plus keepalives.
     let up = async {
-        let mut ping =
-            tokio::time::interval_at(Instant::now() + opts.ping_interval, opts.ping_interval);
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut keepalive = tokio::time::interval_at(
+            Instant::now() + opts.keepalive_interval,
+            opts.keepalive_interval,
+        );
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut eof = false;
         let mut deadline: Option<Instant> = None;
         let result = loop {
@@ -126,8 +129,9 @@ where
                     }
                     Err(e) => break Err(TunnelError::Local(e)),
                 },
-                _ = ping.tick() => {
-                    if let Err(e) = sink.send(Message::Ping(Default::default())).await {
+                _ = keepalive.tick() => {
+                    // Empty: wsstream skips it after resetting its idle timer.
+                    if let Err(e) = sink.send(Message::binary(Vec::new())).await {
                         break Err(e.into());
                     }
                 }
@@ -145,10 +149,17 @@ where
     tokio::select! {
         r = &mut down => r,
         r = &mut up => match r {
-            // Closed on purpose (half-close timeout): give the reply a moment.
-            Ok(()) => tokio::time::timeout(Duration::from_secs(2), down)
-                .await
-                .unwrap_or(Ok(())),
+            // Closed on purpose (half-close timeout): give the reply a
+            // moment; the stream ending without a close handshake is then
+            // no error of the connection's.
+            Ok(()) => match tokio::time::timeout(Duration::from_secs(2), down).await {
+                Ok(Err(TunnelError::WebSocket(e))) => {
+                    tracing::debug!("stream ended after our close: {e}");
+                    Ok(())
+                }
+                Ok(r) => r,
+                Err(_) => Ok(()),
+            },
             Err(e) => Err(e),
         },
     }

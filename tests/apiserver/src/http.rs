@@ -35,24 +35,15 @@ pub struct Shared {
     pub port_forward: Option<PortForwardHook>,
     /// Port-forward faults (cut streams, idle timeout).
     pub port_forward_faults: Arc<crate::portforward::Faults>,
-    /// Fault: resources (`pods`, `pods/portforward`, `services`, ...) answered with 403.
-    pub denied: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// RBAC: denied resources, a role, the 1.35 WebSocket `create` check.
+    pub authz: std::sync::Mutex<crate::authz::Authz>,
 }
 
 pub type PortForwardHook =
     Arc<dyn Fn(Arc<Value>, Request, Arc<crate::portforward::Faults>) -> Response + Send + Sync>;
 
-/// The 403 an RBAC denial gets.
-fn forbidden(target: &Target, method: &Method) -> Response {
-    let verb = match (method.as_str(), target.name.is_some()) {
-        ("GET", true) => "get",
-        ("GET", false) => "list",
-        ("POST", _) => "create",
-        ("PUT", _) => "update",
-        ("PATCH", _) => "patch",
-        ("DELETE", _) => "delete",
-        _ => "get",
-    };
+/// The 403 an RBAC denial of `verb` gets.
+fn forbidden(target: &Target, verb: &str) -> Response {
     let resource = match &target.sub {
         Some(sub) => format!("{}/{sub}", target.res.plural),
         None => target.res.plural.to_string(),
@@ -206,16 +197,30 @@ async fn serve_request(shared: &Arc<Shared>, req: Request) -> Response {
     let Some(target) = target else {
         return not_found_path(&path);
     };
-    let denied = {
-        let denied = shared.denied.lock().unwrap_or_else(|e| e.into_inner());
+    let refused = {
+        let authz = shared.authz.lock().unwrap_or_else(|e| e.into_inner());
         let key = match &target.sub {
             Some(sub) => format!("{}/{sub}", target.res.plural),
             None => target.res.plural.to_string(),
         };
-        denied.contains(&key)
+        let kind = crate::authz::RequestKind {
+            method: method.clone(),
+            named: target.name.is_some(),
+            watch: truthy(&query, "watch"),
+            websocket: req
+                .headers()
+                .get(header::UPGRADE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.eq_ignore_ascii_case("websocket")),
+            streaming: matches!(
+                target.sub.as_deref(),
+                Some("portforward" | "exec" | "attach")
+            ),
+        };
+        authz.refused(&key, &authz.verbs(&kind))
     };
-    if denied {
-        return forbidden(&target, &method);
+    if let Some(verb) = refused {
+        return forbidden(&target, verb);
     }
     if target.sub.as_deref() == Some("portforward") {
         let Some(hook) = shared.port_forward.clone() else {

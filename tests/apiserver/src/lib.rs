@@ -10,6 +10,7 @@
 //! watch, refuse connections (stop listening, later restart on the same
 //! port), compact the history (expire resourceVersions).
 
+pub mod authz;
 pub mod http;
 pub mod patch;
 pub mod portforward;
@@ -106,7 +107,7 @@ impl TestApiServer {
             expired: AtomicU64::new(0),
             port_forward: opts.port_forward,
             port_forward_faults: Arc::new(portforward::Faults::default()),
-            denied: Mutex::new(Default::default()),
+            authz: Mutex::new(Default::default()),
         });
         let server = TestApiServer {
             addr,
@@ -187,23 +188,35 @@ impl TestApiServer {
         self.shared.drop_watches.send_modify(|g| *g += 1);
     }
 
+    fn authz(&self) -> std::sync::MutexGuard<'_, authz::Authz> {
+        self.shared.authz.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Fault: answers every request on `resource` (`pods`, `pods/portforward`,
-    /// `services`, `deployments`, ...) with 403 Forbidden, as RBAC would.
+    /// `services`, `deployments`, ...) with 403 Forbidden, whatever the verb.
     pub fn deny(&self, resource: &str) {
-        self.shared
-            .denied
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(resource.to_string());
+        self.authz().deny(resource);
     }
 
     /// Undoes [`Self::deny`].
     pub fn allow(&self, resource: &str) {
-        self.shared
-            .denied
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(resource);
+        self.authz().allow(resource);
+    }
+
+    /// RBAC as a Role would: with `Some(rules)` only the verbs the rules grant
+    /// on each resource are allowed (`[("pods", &["get", "list"]),
+    /// ("pods/portforward", &["create"])]`); `None` allows everything again.
+    /// A WebSocket port-forward is checked as `get`, kubectl's SPDY one
+    /// (a POST) as `create`.
+    pub fn set_role(&self, rules: Option<&[(&str, &[&str])]>) {
+        self.authz().set_role(rules);
+    }
+
+    /// Kubernetes 1.35's `AuthorizePodWebsocketUpgradeCreatePermission`: a
+    /// WebSocket port-forward needs `create` as well as `get`. Off by default
+    /// (1.34 and before).
+    pub fn set_websocket_create_check(&self, on: bool) {
+        self.authz().set_websocket_create_check(on);
     }
 
     /// Fault: cuts every open port-forward stream (the TCP connection is
@@ -212,16 +225,36 @@ impl TestApiServer {
         self.shared.port_forward_faults.cut();
     }
 
-    /// Fault: port-forward streams on which the client sends nothing (not
-    /// even a ping) for `timeout` are cut, as an idle-timeout proxy would.
+    /// Fault: the container runtime's stream idle timeout (containerd's
+    /// `stream_idle_timeout`): a port-forward stream that carries no data
+    /// message for `timeout` is cut. As the runtime, only data resets the
+    /// timer (an empty WebSocket message counts, a ping does not).
     pub fn set_port_forward_idle_timeout(&self, timeout: Option<Duration>) {
         self.shared.port_forward_faults.set_idle_timeout(timeout);
     }
 
-    /// Fault: port-forward negotiates `v4.channel.k8s.io` only (no
-    /// half-close signal), as kubelets before v5.
-    pub fn set_port_forward_v4_only(&self, v4_only: bool) {
-        self.shared.port_forward_faults.set_v4_only(v4_only);
+    /// Fault: an idle-timeout proxy in front of the API server: a stream on
+    /// which nothing at all (pings included) passes for `timeout` is cut.
+    pub fn set_port_forward_proxy_idle_timeout(&self, timeout: Option<Duration>) {
+        self.shared
+            .port_forward_faults
+            .set_proxy_idle_timeout(timeout);
+    }
+
+    /// Opt-in: port-forward also negotiates `v5.channel.k8s.io` (with its
+    /// half-close signal) when the client offers it first. No real server
+    /// does: they serve `v4.channel.k8s.io` only.
+    pub fn set_port_forward_v5(&self, on: bool) {
+        self.shared.port_forward_faults.set_v5(on);
+    }
+
+    /// Fault: the kubelet does not know pod `name` (the API server has it):
+    /// its port-forward is answered `404 pod does not exist`, in plain text
+    /// as the kubelet writes it.
+    pub fn set_unknown_to_kubelet(&self, name: &str, unknown: bool) {
+        self.shared
+            .port_forward_faults
+            .set_unknown_to_kubelet(name, unknown);
     }
 
     /// Port-forward streams opened so far (upgraded WebSockets).

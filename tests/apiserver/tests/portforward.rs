@@ -99,13 +99,95 @@ async fn missing_pod_or_pod_ip_is_an_api_error() {
     assert!(pods.portforward("pending", &[80]).await.is_err());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn half_close_with_the_close_signal_still_gets_the_reply() {
-    use futures::{SinkExt, StreamExt};
+/// A raw WebSocket port-forward client offering `protocols`.
+async fn ws_connect(
+    server: &TestApiServer,
+    pod: &str,
+    port: u16,
+    protocols: &str,
+) -> Result<
+    (
+        tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+        Option<String>,
+    ),
+    tokio_tungstenite::tungstenite::Error,
+> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let url = format!(
+        "ws://{}/api/v1/namespaces/default/pods/{pod}/portforward?ports={port}",
+        server.addr()
+    );
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", protocols.parse().unwrap());
+    let (ws, resp) = tokio_tungstenite::connect_async(req).await?;
+    let proto = resp
+        .headers()
+        .get("sec-websocket-protocol")
+        .map(|v| v.to_str().unwrap().to_string());
+    Ok((ws, proto))
+}
+
+/// The status and body of a refused WebSocket upgrade.
+fn refusal(e: tokio_tungstenite::tungstenite::Error) -> (u16, String) {
+    match e {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => (
+            resp.status().as_u16(),
+            String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).into_owned(),
+        ),
+        e => panic!("expected an HTTP refusal, got {e}"),
+    }
+}
+
+/// An echo "container port".
+async fn echo() -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_v4_is_negotiated_unless_v5_is_opted_in() {
+    let (server, _pods) = setup().await;
+    server.apply(pod("web", "127.0.0.1")).unwrap();
+    let port = echo().await;
+    // As the real server: v5 offered first, v4 chosen.
+    let (_ws, proto) = ws_connect(&server, "web", port, "v5.channel.k8s.io, v4.channel.k8s.io")
+        .await
+        .unwrap();
+    assert_eq!(proto.as_deref(), Some("v4.channel.k8s.io"));
+    // v5 alone is refused, in plain text as the kubelet's wsstream.
+    let (code, body) = refusal(
+        ws_connect(&server, "web", port, "v5.channel.k8s.io")
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 400);
+    assert!(body.contains("not supported"), "{body}");
+    server.set_port_forward_v5(true);
+    let (_ws, proto) = ws_connect(&server, "web", port, "v5.channel.k8s.io, v4.channel.k8s.io")
+        .await
+        .unwrap();
+    assert_eq!(proto.as_deref(), Some("v5.channel.k8s.io"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_with_the_v5_close_signal_still_gets_the_reply() {
+    use futures::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
 
     let (server, _pods) = setup().await;
+    server.set_port_forward_v5(true);
     server.apply(pod("web", "127.0.0.1")).unwrap();
     // Reads until EOF, then answers with the byte count.
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -118,20 +200,10 @@ async fn half_close_with_the_close_signal_still_gets_the_reply() {
             .await
             .unwrap();
     });
-    let url = format!(
-        "ws://{}/api/v1/namespaces/default/pods/web/portforward?ports={port}",
-        server.addr()
-    );
-    let mut req = url.into_client_request().unwrap();
-    req.headers_mut().insert(
-        "Sec-WebSocket-Protocol",
-        "v4.channel.k8s.io".parse().unwrap(),
-    );
-    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
-    assert_eq!(
-        resp.headers()["sec-websocket-protocol"],
-        "v4.channel.k8s.io"
-    );
+    let (mut ws, proto) = ws_connect(&server, "web", port, "v5.channel.k8s.io")
+        .await
+        .unwrap();
+    assert_eq!(proto.as_deref(), Some("v5.channel.k8s.io"));
     let p = port.to_le_bytes();
     // The port header on the data and the error channel.
     for ch in [0u8, 1] {
@@ -147,4 +219,124 @@ async fn half_close_with_the_close_signal_still_gets_the_reply() {
     // The pod closed its side: the server ends the stream.
     let end = ws.next().await;
     assert!(matches!(end, Some(Ok(Message::Close(_))) | None), "{end:?}");
+}
+
+/// The runtime's idle timer counts data messages (an empty one too) and
+/// not pings; a proxy's counts anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idle_timer_is_reset_by_data_not_by_pings() {
+    use futures::{SinkExt, StreamExt};
+    use std::time::Duration;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let (server, _pods) = setup().await;
+    server.apply(pod("web", "127.0.0.1")).unwrap();
+    let port = echo().await;
+    server.set_port_forward_idle_timeout(Some(Duration::from_millis(400)));
+    // Pings every 100 ms: cut all the same.
+    let (mut ws, _) = ws_connect(&server, "web", port, "v4.channel.k8s.io")
+        .await
+        .unwrap();
+    let pinger = async {
+        for _ in 0..30 {
+            if ws.send(Message::Ping(Default::default())).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    pinger.await;
+    assert_eq!(server.port_forwards_idle_cut(), 1);
+    // Empty data messages every 100 ms: kept.
+    let (mut ws, _) = ws_connect(&server, "web", port, "v4.channel.k8s.io")
+        .await
+        .unwrap();
+    for _ in 0..12 {
+        ws.send(Message::binary(Vec::new())).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(server.port_forwards_idle_cut(), 1);
+    ws.send(Message::binary(b"\x00abc".to_vec())).await.unwrap();
+    // The two port headers, then the echo.
+    for _ in 0..2 {
+        ws.next().await.unwrap().unwrap();
+    }
+    let m = ws.next().await.unwrap().unwrap().into_data();
+    assert_eq!(&m[..], b"\x00abc");
+    drop(ws);
+    // A proxy's idle timer: pings do count.
+    server.set_port_forward_idle_timeout(None);
+    server.set_port_forward_proxy_idle_timeout(Some(Duration::from_millis(400)));
+    let (mut ws, _) = ws_connect(&server, "web", port, "v4.channel.k8s.io")
+        .await
+        .unwrap();
+    for _ in 0..12 {
+        ws.send(Message::Ping(Default::default())).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(server.port_forwards_idle_cut(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubelet_errors_are_plain_text() {
+    let (server, _pods) = setup().await;
+    server.apply(pod("web", "127.0.0.1")).unwrap();
+    server.set_unknown_to_kubelet("web", true);
+    let (code, body) = refusal(
+        ws_connect(&server, "web", 80, "v4.channel.k8s.io")
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((code, body.trim()), (404, "pod does not exist"));
+    // The API server's own 404 is a JSON Status.
+    let (code, body) = refusal(
+        ws_connect(&server, "nope", 80, "v4.channel.k8s.io")
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 404);
+    assert!(body.contains("\"kind\":\"Status\""), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_port_forward_is_authorised_as_get_then_also_create_from_1_35() {
+    let (server, _pods) = setup().await;
+    server.apply(pod("web", "127.0.0.1")).unwrap();
+    let port = echo().await;
+    // A role written for kubectl's SPDY: create only.
+    server.set_role(Some(&[
+        ("pods", &["get", "list"][..]),
+        ("pods/portforward", &["create"][..]),
+    ]));
+    let (code, body) = refusal(
+        ws_connect(&server, "web", port, "v4.channel.k8s.io")
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 403);
+    assert!(
+        body.contains("cannot get resource \\\"pods/portforward\\\""),
+        "{body}"
+    );
+    // get only: enough before 1.35.
+    server.set_role(Some(&[("pods/portforward", &["get"][..])]));
+    ws_connect(&server, "web", port, "v4.channel.k8s.io")
+        .await
+        .unwrap();
+    // 1.35: create is checked as well.
+    server.set_websocket_create_check(true);
+    let (code, body) = refusal(
+        ws_connect(&server, "web", port, "v4.channel.k8s.io")
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 403);
+    assert!(
+        body.contains("cannot create resource \\\"pods/portforward\\\""),
+        "{body}"
+    );
+    server.set_role(Some(&[("pods/portforward", &["get", "create"][..])]));
+    ws_connect(&server, "web", port, "v4.channel.k8s.io")
+        .await
+        .unwrap();
 }

@@ -1,0 +1,245 @@
+//! `pods/{name}/portforward` as the API server and the kubelet (with its
+//! container runtime's streaming server) serve it. Behaves as the real
+//! server by default:
+//!
+//! - WebSocket (a GET, authorised as `get`; see [`crate::authz`]): the
+//!   channel protocol `v4.channel.k8s.io` only, as the kubelet's `wsstream`
+//!   (`v5.channel.k8s.io`, with its half-close signal, is never negotiated
+//!   for port-forward by a real server: an opt-in fault here). For port i of
+//!   the `ports` query, channel 2i carries data and 2i+1 errors; the first
+//!   frame on each carries the port (u16 little endian). See [`websocket`].
+//! - The runtime's stream idle timer (containerd's `stream_idle_timeout`) is
+//!   reset by data messages only: a WebSocket ping does not count.
+//! - Errors from the kubelet are plain text (`pod does not exist`), not a
+//!   JSON `Status`; errors of the API server itself are JSON.
+
+mod websocket;
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::Request;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::http::PortForwardHook;
+
+/// Opens the TCP connection to a pod's port (the default dials it directly;
+/// a test topology can dial from inside a network namespace).
+pub type Dialer = Arc<
+    dyn Fn(SocketAddr) -> Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>> + Send + Sync,
+>;
+
+pub fn direct_dialer() -> Dialer {
+    Arc::new(|addr| {
+        Box::pin(async move {
+            let s = TcpStream::connect(addr).await?;
+            // As kubelet (Go sets TCP_NODELAY).
+            s.set_nodelay(true)?;
+            Ok(s)
+        })
+    })
+}
+
+/// The port-forward handler, for [`crate::Options::port_forward`].
+pub fn hook(dialer: Dialer) -> PortForwardHook {
+    Arc::new(move |pod, req, faults| handle(pod, req, dialer.clone(), faults))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Faults injected into the port-forward streams (see the `TestApiServer` methods).
+pub struct Faults {
+    cut: watch::Sender<u64>,
+    /// The runtime's stream idle timeout: reset by data only.
+    idle_timeout: Mutex<Option<Duration>>,
+    /// An idle-timeout proxy in front of the API server: any frame counts.
+    proxy_idle_timeout: Mutex<Option<Duration>>,
+    opened: AtomicU64,
+    idle_cut: AtomicU64,
+    /// Opt-in: negotiate `v5.channel.k8s.io` (no real server does for port-forward).
+    v5: AtomicBool,
+    /// Pods the kubelet does not know (answered `404 pod does not exist`).
+    unknown_to_kubelet: Mutex<HashSet<String>>,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Faults {
+            cut: watch::Sender::new(0),
+            idle_timeout: Mutex::new(None),
+            proxy_idle_timeout: Mutex::new(None),
+            opened: AtomicU64::new(0),
+            idle_cut: AtomicU64::new(0),
+            v5: AtomicBool::new(false),
+            unknown_to_kubelet: Mutex::new(HashSet::new()),
+        }
+    }
+}
+
+impl Faults {
+    /// Cuts every open stream.
+    pub fn cut(&self) {
+        self.cut.send_modify(|g| *g += 1);
+    }
+    pub fn set_idle_timeout(&self, t: Option<Duration>) {
+        *lock(&self.idle_timeout) = t;
+    }
+    pub fn set_proxy_idle_timeout(&self, t: Option<Duration>) {
+        *lock(&self.proxy_idle_timeout) = t;
+    }
+    pub fn set_v5(&self, on: bool) {
+        self.v5.store(on, Ordering::Relaxed);
+    }
+    pub fn set_unknown_to_kubelet(&self, pod: &str, unknown: bool) {
+        let mut set = lock(&self.unknown_to_kubelet);
+        if unknown {
+            set.insert(pod.to_string());
+        } else {
+            set.remove(pod);
+        }
+    }
+    pub fn opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
+    }
+    pub fn idle_cut(&self) -> u64 {
+        self.idle_cut.load(Ordering::Relaxed)
+    }
+    fn v5(&self) -> bool {
+        self.v5.load(Ordering::Relaxed)
+    }
+}
+
+/// When a stream last carried data, and anything at all (pings included):
+/// what the runtime's and a proxy's idle timers see.
+pub(crate) struct Activity {
+    start: Instant,
+    data_ms: AtomicU64,
+    any_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            data_ms: AtomicU64::new(0),
+            any_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// A data message (either way): resets both timers.
+    pub(crate) fn data(&self) {
+        let now = self.now_ms();
+        self.data_ms.store(now, Ordering::Relaxed);
+        self.any_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// A control frame (ping, pong): only a proxy counts it.
+    pub(crate) fn control(&self) {
+        self.any_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Resolves when the stream has been idle for longer than one of the
+    /// timeouts (never when neither is set).
+    async fn idle(&self, runtime: Option<Duration>, proxy: Option<Duration>) {
+        if runtime.is_none() && proxy.is_none() {
+            return std::future::pending().await;
+        }
+        loop {
+            let deadline = |last: &AtomicU64, t: Option<Duration>| {
+                t.map(|t| self.start + Duration::from_millis(last.load(Ordering::Relaxed)) + t)
+            };
+            let next = [
+                deadline(&self.data_ms, runtime),
+                deadline(&self.any_ms, proxy),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .expect("a timeout is set");
+            if Instant::now() >= next {
+                return;
+            }
+            tokio::time::sleep_until(next).await;
+        }
+    }
+}
+
+/// An error the kubelet (or its runtime) answers: plain text, not a `Status`.
+fn kubelet_error(code: StatusCode, text: &str) -> Response {
+    (
+        code,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        format!("{text}\n"),
+    )
+        .into_response()
+}
+
+/// Runs a forwarding task with the faults every stream is subject to: a
+/// cut, and the idle timeouts. `run` gets the activity tracker to update.
+fn spawn_stream<F, Fut>(faults: Arc<Faults>, pod: String, run: F)
+where
+    F: FnOnce(Arc<Activity>, Arc<Faults>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        faults.opened.fetch_add(1, Ordering::Relaxed);
+        let mut cut = faults.cut.subscribe();
+        cut.mark_unchanged();
+        let activity = Arc::new(Activity::new());
+        let runtime = *lock(&faults.idle_timeout);
+        let proxy = *lock(&faults.proxy_idle_timeout);
+        let work = run(activity.clone(), faults.clone());
+        tokio::select! {
+            r = work => if let Err(e) = r {
+                tracing::debug!(%pod, error = %e, "port-forward ended");
+            },
+            _ = cut.changed() => tracing::debug!(%pod, "port-forward cut (fault)"),
+            _ = activity.idle(runtime, proxy) => {
+                faults.idle_cut.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%pod, "port-forward cut: idle (fault)");
+            }
+        }
+    });
+}
+
+fn handle(pod: Arc<Value>, req: Request, dialer: Dialer, faults: Arc<Faults>) -> Response {
+    let name = pod["metadata"]["name"].as_str().unwrap_or("").to_string();
+    // What the kubelet answers for a pod it does not run.
+    if lock(&faults.unknown_to_kubelet).contains(&name) {
+        return kubelet_error(StatusCode::NOT_FOUND, "pod does not exist");
+    }
+    let Some(ip) = pod
+        .pointer("/status/podIP")
+        .and_then(Value::as_str)
+        .and_then(|s| s.parse::<IpAddr>().ok())
+    else {
+        return kubelet_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("failed to find sandbox of pod {name}: the pod has no IP yet"),
+        );
+    };
+    if websocket::is_websocket(&req) {
+        return websocket::serve(name, ip, req, dialer, faults);
+    }
+    kubelet_error(
+        StatusCode::BAD_REQUEST,
+        "Upgrade request required (WebSocket v4.channel.k8s.io)",
+    )
+}

@@ -155,6 +155,8 @@ struct Env {
     server: TestApiServer,
     _dir: tempfile::TempDir,
     kubeconfig: std::path::PathBuf,
+    /// `--transport` for every forward (None: the default, auto).
+    transport: Option<&'static str>,
 }
 
 impl Env {
@@ -167,11 +169,24 @@ impl Env {
             server,
             _dir: dir,
             kubeconfig,
+            transport: None,
+        }
+    }
+
+    /// Every forward of this env speaks `transport` (websocket, spdy).
+    async fn with(transport: &'static str) -> Env {
+        Env {
+            transport: Some(transport),
+            ..Env::new().await
         }
     }
 
     fn forward(&self, args: &[&str]) -> Kproxy {
-        Kproxy::start(&self.kubeconfig, args, true)
+        let mut args = args.to_vec();
+        if let Some(t) = self.transport {
+            args.extend(["--transport", t]);
+        }
+        Kproxy::start(&self.kubeconfig, &args, true)
     }
 
     /// Without debug logs.
@@ -284,8 +299,16 @@ fn fill(buf: &mut [u8], state: &mut u64) {
 // ---------------------------------------------------------------- data path
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bytes_cross_exactly_256_mib_each_way() {
-    let env = Env::new().await;
+async fn bytes_cross_exactly_256_mib_each_way_over_websocket() {
+    bytes_cross_exactly_256_mib_each_way(Env::with("websocket").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_cross_exactly_256_mib_each_way_over_spdy() {
+    bytes_cross_exactly_256_mib_each_way(Env::with("spdy").await).await;
+}
+
+async fn bytes_cross_exactly_256_mib_each_way(env: Env) {
     let port = echo_server().await;
     env.server
         .apply(pod("web", json!({}), &[("http", port)]))
@@ -456,8 +479,16 @@ async fn half_close_on_v4_waits_for_the_pod_then_times_out() {
 /// A request written in two small pieces gets its reply without a Nagle +
 /// delayed-ACK stall (40 ms) on kproxy's side of the stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn small_writes_are_not_delayed() {
-    let env = Env::new().await;
+async fn small_writes_are_not_delayed_over_websocket() {
+    small_writes_are_not_delayed(Env::with("websocket").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_writes_are_not_delayed_over_spdy() {
+    small_writes_are_not_delayed(Env::with("spdy").await).await;
+}
+
+async fn small_writes_are_not_delayed(env: Env) {
     // Answers "ok" once it has the 2-byte request.
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
@@ -499,8 +530,16 @@ async fn small_writes_are_not_delayed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_hundred_concurrent_connections() {
-    let env = Env::new().await;
+async fn two_hundred_concurrent_connections_over_websocket() {
+    two_hundred_concurrent_connections(Env::with("websocket").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_connections_over_spdy() {
+    two_hundred_concurrent_connections(Env::with("spdy").await).await;
+}
+
+async fn two_hundred_concurrent_connections(env: Env) {
     let port = echo_server().await;
     env.server.apply(pod("web", json!({}), &[])).unwrap();
     let mut kp = env.forward(&["pod/web", &format!(":{port}")]);
@@ -540,8 +579,16 @@ async fn two_hundred_concurrent_connections() {
 // ---------------------------------------------------------------- failures kubectl does not survive
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_connection_ends_that_connection_only() {
-    let env = Env::new().await;
+async fn a_refused_connection_ends_that_connection_only_over_websocket() {
+    a_refused_connection_ends_that_connection_only(Env::with("websocket").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connection_ends_that_connection_only_over_spdy() {
+    a_refused_connection_ends_that_connection_only(Env::with("spdy").await).await;
+}
+
+async fn a_refused_connection_ends_that_connection_only(env: Env) {
     let port = closed_port();
     env.server.apply(pod("web", json!({}), &[])).unwrap();
     let mut kp = env.forward(&["pod/web", &format!(":{port}")]);
@@ -567,8 +614,16 @@ async fn a_refused_connection_ends_that_connection_only() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reset_connection_ends_that_connection_only() {
-    let env = Env::new().await;
+async fn a_reset_connection_ends_that_connection_only_over_websocket() {
+    a_reset_connection_ends_that_connection_only(Env::with("websocket").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_connection_ends_that_connection_only_over_spdy() {
+    a_reset_connection_ends_that_connection_only(Env::with("spdy").await).await;
+}
+
+async fn a_reset_connection_ends_that_connection_only(env: Env) {
     // The first connection is reset by the pod, the others are echoed.
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
@@ -600,8 +655,16 @@ async fn a_reset_connection_ends_that_connection_only() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn svc_follows_a_replaced_pod() {
-    let env = Env::new().await;
+async fn svc_follows_a_replaced_pod_over_websocket() {
+    svc_follows_a_replaced_pod(Env::with("websocket").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn svc_follows_a_replaced_pod_over_spdy() {
+    svc_follows_a_replaced_pod(Env::with("spdy").await).await;
+}
+
+async fn svc_follows_a_replaced_pod(env: Env) {
     let a = greeter("pod-a").await;
     let b = greeter("pod-b").await;
     // targetPort by name: each pod has "http" on its own port.
@@ -715,8 +778,16 @@ async fn a_deleted_deployment_ends_with_an_error() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reconnects_after_the_api_server_drops() {
-    let env = Env::new().await;
+async fn reconnects_after_the_api_server_drops_over_websocket() {
+    reconnects_after_the_api_server_drops(Env::with("websocket").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_after_the_api_server_drops_over_spdy() {
+    reconnects_after_the_api_server_drops(Env::with("spdy").await).await;
+}
+
+async fn reconnects_after_the_api_server_drops(env: Env) {
     let port = echo_server().await;
     env.server.apply(pod("web", json!({}), &[])).unwrap();
     let mut kp = env.forward(&["pod/web", &format!(":{port}"), "--check-interval", "100ms"]);
@@ -735,8 +806,7 @@ async fn reconnects_after_the_api_server_drops() {
 
 /// The runtime cuts port-forward streams that carry no data for 500ms (as
 /// containerd's stream_idle_timeout: pings do not count).
-async fn idle_forward(keepalive_interval: &str) -> (Env, Kproxy, TcpStream) {
-    let env = Env::new().await;
+async fn idle_forward(env: Env, keepalive_interval: &str) -> (Env, Kproxy, TcpStream) {
     env.server
         .set_port_forward_idle_timeout(Some(Duration::from_millis(500)));
     let port = echo_server().await;
@@ -756,8 +826,17 @@ async fn idle_forward(keepalive_interval: &str) -> (Env, Kproxy, TcpStream) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_forward_is_kept_alive_by_keepalives() {
-    let (env, _kp, mut s) = idle_forward("100ms").await;
+async fn an_idle_forward_is_kept_alive_by_keepalives_over_websocket() {
+    an_idle_forward_is_kept_alive_by_keepalives(Env::with("websocket").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_forward_is_kept_alive_by_keepalives_over_spdy() {
+    an_idle_forward_is_kept_alive_by_keepalives(Env::with("spdy").await).await;
+}
+
+async fn an_idle_forward_is_kept_alive_by_keepalives(env: Env) {
+    let (env, _kp, mut s) = idle_forward(env, "100ms").await;
     // Idle for three times the server's idle timeout (this wait is the behaviour under test).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(env.server.port_forwards_idle_cut(), 0);
@@ -772,8 +851,17 @@ async fn an_idle_forward_is_kept_alive_by_keepalives() {
 
 /// The control: without keepalives in time the server does cut (so the test above can fail).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_keepalives_the_idle_stream_is_cut() {
-    let (env, _kp, mut s) = idle_forward("1h").await;
+async fn without_keepalives_the_idle_stream_is_cut_over_websocket() {
+    without_keepalives_the_idle_stream_is_cut(Env::with("websocket").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_keepalives_the_idle_stream_is_cut_over_spdy() {
+    without_keepalives_the_idle_stream_is_cut(Env::with("spdy").await).await;
+}
+
+async fn without_keepalives_the_idle_stream_is_cut(env: Env) {
+    let (env, _kp, mut s) = idle_forward(env, "1h").await;
     eventually(DEADLINE, "the idle cut", || {
         (env.server.port_forwards_idle_cut() == 1).then_some(())
     })
@@ -824,6 +912,201 @@ async fn a_forbidden_port_forward_fails_that_connection_only() {
         .await;
     env.server.allow("pods/portforward");
     assert_eq!(roundtrip(local, b"y").await.unwrap(), b"y");
+}
+
+/// A role written for kubectl's SPDY (create, no get on pods/portforward):
+/// the WebSocket is refused, kproxy falls back to SPDY as kubectl does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_only_role_falls_back_to_spdy() {
+    let env = Env::new().await;
+    env.server.set_role(Some(&[
+        ("pods", &["get", "list"][..]),
+        ("pods/portforward", &["create"][..]),
+    ]));
+    let port = echo_server().await;
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    let mut kp = env.forward(&["pod/web", &format!(":{port}")]);
+    let local = kp.local_port().await;
+    for i in 0..5u8 {
+        assert_eq!(roundtrip(local, &[i; 1000]).await.unwrap(), vec![i; 1000]);
+    }
+    kp.wait_stderr("using SPDY from now on").await;
+    kp.wait_stderr("cannot get resource \"pods/portforward\"")
+        .await;
+    // One WebSocket refusal, then SPDY only: one upgrade for the session.
+    assert_eq!(kp.stderr_text().matches("refused the WebSocket").count(), 1);
+    kp.signal(libc::SIGINT);
+    assert!(kp.wait_exit().await.success());
+    kp.wait_stderr("5 connections, 5000 bytes in, 5000 bytes out, 0 errors")
+        .await;
+}
+
+/// 1.35: a WebSocket also needs create. A get-only role fails both ways,
+/// and the message says what each protocol needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_1_35_mode_a_get_only_role_fails_with_both_reasons() {
+    let env = Env::new().await;
+    env.server.set_websocket_create_check(true);
+    env.server.set_role(Some(&[
+        ("pods", &["get", "list"][..]),
+        ("pods/portforward", &["get"][..]),
+    ]));
+    let port = echo_server().await;
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    let mut kp = env.forward(&["pod/web", &format!(":{port}")]);
+    let local = kp.local_port().await;
+    assert!(roundtrip(local, b"x").await.is_err());
+    kp.wait_stderr("no permission to port-forward to pod web (403 Forbidden): over WebSocket:")
+        .await;
+    kp.wait_stderr("cannot create resource \"pods/portforward\"")
+        .await;
+    kp.wait_stderr("needs get and create on pods/portforward")
+        .await;
+    // Granting create fixes it (over WebSocket: get and create).
+    env.server.set_role(Some(&[
+        ("pods", &["get", "list"][..]),
+        ("pods/portforward", &["get", "create"][..]),
+    ]));
+    assert_eq!(roundtrip(local, b"y").await.unwrap(), b"y");
+}
+
+/// SPDY carries the half-close (a FIN on the data stream). As containerd,
+/// the test server then gives the pod one second to answer (it never
+/// shuts the pod's side down): a pod that answers without waiting for EOF
+/// is heard in full; one that waits for EOF is closed after that second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_over_spdy_gives_the_pod_the_runtime_grace() {
+    let env = Env::with("spdy").await;
+    // Answers after 5 bytes, then closes.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let answers = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut b = [0u8; 5];
+                s.read_exact(&mut b).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                s.write_all(&b.repeat(100_000)).await.unwrap();
+            });
+        }
+    });
+    let waits = greeter("").await;
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    let mut kp = env.forward(&[
+        "pod/web",
+        &format!(":{answers}"),
+        &format!(":{waits}"),
+        "--address",
+        "127.0.0.1",
+    ]);
+    let local = kp.local_port().await;
+    let mut s = TcpStream::connect(("127.0.0.1", local)).await.unwrap();
+    s.write_all(b"hello").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply, b"hello".repeat(100_000));
+    let second: u16 = eventually(DEADLINE, "the second Forwarding line", || {
+        kp.stdout_lines().get(1).and_then(|l| {
+            l.strip_prefix("Forwarding from 127.0.0.1:")?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+    })
+    .await;
+    let mut s = TcpStream::connect(("127.0.0.1", second)).await.unwrap();
+    s.write_all(b"ping").await.unwrap();
+    s.shutdown().await.unwrap();
+    let started = Instant::now();
+    let mut echoed = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(echoed, b"ping");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    kp.signal(libc::SIGINT);
+    assert!(kp.wait_exit().await.success());
+    kp.wait_stderr(" 0 errors").await;
+}
+
+/// The API server has the pod, the kubelet says it does not exist: the
+/// connection gives up after a few tries (it used to retry forever) with a
+/// message saying so; the forward goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_unknown_to_the_kubelet_fails_the_connection_after_bounded_retries() {
+    let env = Env::new().await;
+    let port = echo_server().await;
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    env.server.set_unknown_to_kubelet("web", true);
+    let mut kp = env.forward(&["pod/web", &format!(":{port}")]);
+    let local = kp.local_port().await;
+    let started = Instant::now();
+    assert!(roundtrip(local, b"x").await.is_err());
+    kp.wait_stderr("the kubelet says pod web does not exist (pod does not exist; 3 attempts")
+        .await;
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // Each try went to the kubelet over WebSocket only (a 404 is no reason for SPDY).
+    assert_eq!(env.server.port_forward_requests(), 3);
+    assert!(kp.child.try_wait().unwrap().is_none(), "kproxy exited");
+    env.server.set_unknown_to_kubelet("web", false);
+    assert_eq!(roundtrip(local, b"y").await.unwrap(), b"y");
+}
+
+/// 429 Too Many Requests (API priority and fairness): the connection waits
+/// for Retry-After and tries again, saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_set_up_waits_for_retry_after() {
+    let env = Env::new().await;
+    let port = echo_server().await;
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    let mut kp = env.forward(&["pod/web", &format!(":{port}")]);
+    let local = kp.local_port().await;
+    env.server.throttle_port_forwards(2);
+    let started = Instant::now();
+    assert_eq!(roundtrip(local, b"late").await.unwrap(), b"late");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(1900), "{waited:?}");
+    kp.wait_stderr("the API server is throttling port-forward requests (429 Too Many Requests")
+        .await;
+    kp.wait_stderr("retrying in 1s").await;
+}
+
+/// A burst of local connections is set up at most --max-concurrent-setups
+/// at a time (the rest queue), so it cannot flood the API server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_ups_are_bounded_and_queued() {
+    let env = Env::new().await;
+    let port = echo_server().await;
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    env.server
+        .set_port_forward_setup_delay(Some(Duration::from_millis(50)));
+    let mut kp = env.forward(&[
+        "pod/web",
+        &format!(":{port}"),
+        "--max-concurrent-setups",
+        "4",
+    ]);
+    let local = kp.local_port().await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..40u8 {
+        tasks.spawn(async move { roundtrip(local, &[i; 100]).await.map(|b| b == [i; 100]) });
+    }
+    while let Some(r) = tasks.join_next().await {
+        assert!(r.unwrap().unwrap());
+    }
+    let max = env.server.port_forward_max_in_flight();
+    assert!((1..=4).contains(&max), "{max} set-ups at once");
+    assert_eq!(env.server.port_forward_requests(), 40);
 }
 
 // ---------------------------------------------------------------- bad input
@@ -1036,8 +1319,16 @@ async fn svc_maps_the_service_port_to_the_target_port() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn counters_are_printed_on_sigint_and_sigterm() {
-    let env = Env::new().await;
+async fn counters_are_printed_on_sigint_and_sigterm_over_websocket() {
+    counters_are_printed_on_sigint_and_sigterm(Env::with("websocket").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_are_printed_on_sigint_and_sigterm_over_spdy() {
+    counters_are_printed_on_sigint_and_sigterm(Env::with("spdy").await).await;
+}
+
+async fn counters_are_printed_on_sigint_and_sigterm(env: Env) {
     let port = echo_server().await;
     env.server.apply(pod("web", json!({}), &[])).unwrap();
     for sig in [libc::SIGINT, libc::SIGTERM] {

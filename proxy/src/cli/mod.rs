@@ -84,6 +84,13 @@ pub struct ForwardArgs {
     /// How often the target is checked, so a vanished target is noticed without a connection.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub check_interval: Duration,
+    /// Protocol to the API server: auto (WebSocket, then SPDY after a 403 or 400, as kubectl),
+    /// websocket, or spdy.
+    #[arg(long, value_enum, default_value_t = crate::forward::dial::Transport::Auto)]
+    pub transport: crate::forward::dial::Transport,
+    /// Connection set-ups (API requests) in flight at once; more connections wait their turn.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub max_concurrent_setups: usize,
 }
 
 #[derive(Debug, Args, Clone)]

@@ -5,9 +5,12 @@
 //! API connection is re-established; idle streams are kept alive.
 
 pub mod channel;
+pub mod dial;
 pub mod resolve;
+pub mod spdy;
 pub mod spec;
 pub mod tunnel;
+pub mod upgrade;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,8 +25,10 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::cli::ForwardArgs;
+use dial::{Dialer, Opened};
 use resolve::{ResolveError, Resolved, Resolver};
 use spec::{Kind, PortPair, SpecError};
+use upgrade::UpgradeError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
@@ -139,6 +144,9 @@ fn build_client(config: Config) -> Result<Client, kube::Error> {
 /// State shared by the connections and the target monitor.
 struct Shared {
     resolver: Resolver,
+    dialer: Dialer,
+    /// Bounds the connection set-ups in flight (API requests).
+    setups: tokio::sync::Semaphore,
     pairs: Vec<PortPair>,
     stats: Stats,
     opts: tunnel::TunnelOpts,
@@ -168,6 +176,12 @@ fn fmt_duration(d: Duration) -> String {
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Tries of a connection whose pod the kubelet says does not exist.
+const KUBELET_404_ATTEMPTS: u32 = 3;
+/// Tries of a connection the API server throttles (429), and the longest
+/// Retry-After obeyed.
+const THROTTLED_ATTEMPTS: u32 = 5;
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(10);
 
 impl Shared {
     fn api_down(&self, e: &str) -> Result<(), SetupError> {
@@ -274,53 +288,97 @@ impl Shared {
         }
     }
 
-    /// Opens the port-forward stream for pair `idx`.
-    async fn open(
-        &self,
-        idx: usize,
-    ) -> Result<(kube::client::Connection, String, u16), SetupError> {
+    /// Opens the port-forward stream for pair `idx`: resolves the target,
+    /// then dials (at most `--max-concurrent-setups` at once). A kubelet
+    /// that says the pod does not exist is retried a few times, then the
+    /// connection fails; a 429 is retried after the server's Retry-After.
+    async fn open(&self, idx: usize) -> Result<(Opened, String, u16), SetupError> {
         let mut backoff = BACKOFF_START;
+        let started = Instant::now();
+        let (mut kubelet_404, mut throttled) = (0u32, 0u32);
         loop {
+            let permit = self.setups.acquire().await;
             let (pod, ports) = self.resolve(&self.pairs[idx..=idx]).await?;
             let port = ports[0];
-            let path = format!(
-                "/api/v1/namespaces/{}/pods/{}/portforward?ports={port}",
-                self.resolver.namespace, pod.name
-            );
-            let req = axum::http::Request::get(path)
-                .body(Vec::new())
-                .map_err(|e| SetupError::Conn(e.to_string()))?;
-            match self.resolver.client().connect(req).await {
-                Ok(conn) => {
+            let result = self.dialer.dial(&pod.name, port).await;
+            drop(permit);
+            match result {
+                Ok(opened) => {
                     self.api_up();
-                    return Ok((conn, pod.name, port));
+                    return Ok((opened, pod.name, port));
+                }
+                Err(UpgradeError::Refused {
+                    status: 404,
+                    from_kubelet: true,
+                    message,
+                    ..
+                }) => {
+                    self.api_up();
+                    kubelet_404 += 1;
+                    if kubelet_404 >= KUBELET_404_ATTEMPTS {
+                        return Err(SetupError::Conn(format!(
+                            "the kubelet says pod {} does not exist ({message}; {kubelet_404} attempts in {:.1}s) although the API server has it: a pod recreated under the same name, or a node that is behind; giving up on this connection",
+                            pod.name,
+                            started.elapsed().as_secs_f64()
+                        )));
+                    }
+                    tracing::debug!(pod = %pod.name, "the kubelet says the pod does not exist; trying again");
                 }
                 // The pod went away between resolving and connecting: again.
-                Err(kube::Error::Api(s)) if s.code == 404 => {
+                Err(UpgradeError::Refused { status: 404, .. }) => {
                     self.api_up();
                     tracing::debug!(pod = %pod.name, "pod vanished before port-forward; re-resolving");
                 }
-                Err(kube::Error::Api(s)) if s.code == 403 => {
+                Err(UpgradeError::Refused {
+                    status: 429,
+                    retry_after,
+                    message,
+                    ..
+                }) => {
+                    self.api_up();
+                    throttled += 1;
+                    if throttled > THROTTLED_ATTEMPTS {
+                        return Err(SetupError::Conn(format!(
+                            "the API server kept refusing the port-forward with 429 Too Many Requests ({message}; {throttled} attempts): it is overloaded or limits this user (API priority and fairness); fewer concurrent connections or a lower --max-concurrent-setups help"
+                        )));
+                    }
+                    let wait = retry_after
+                        .unwrap_or(Duration::from_secs(1))
+                        .min(RETRY_AFTER_MAX);
+                    tracing::warn!(
+                        "the API server is throttling port-forward requests (429 Too Many Requests: {message}); retrying in {}",
+                        fmt_duration(wait)
+                    );
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+                Err(UpgradeError::Refused {
+                    status: 403,
+                    message,
+                    ..
+                }) => {
                     self.api_up();
                     return Err(SetupError::Conn(format!(
-                        "no permission to port-forward to pod {} (403 Forbidden): {}",
-                        pod.name, s.message
+                        "no permission to port-forward to pod {} (403 Forbidden): {message} (a role needs get and create on pods/portforward)",
+                        pod.name
                     )));
                 }
-                Err(kube::Error::Api(s)) => {
+                Err(UpgradeError::Refused {
+                    status, message, ..
+                }) => {
                     self.api_up();
                     return Err(SetupError::Conn(format!(
-                        "port-forward to pod {} refused ({} {}): {}",
-                        pod.name, s.code, s.reason, s.message
+                        "port-forward to pod {} refused ({status}): {message}",
+                        pod.name
                     )));
                 }
-                Err(e @ kube::Error::UpgradeConnection(_)) => {
+                Err(UpgradeError::Protocol(m)) => {
                     return Err(SetupError::Conn(format!(
-                        "port-forward to pod {}: {e}",
+                        "port-forward to pod {}: {m}",
                         pod.name
                     )))
                 }
-                Err(e) => self.api_down(&e.to_string())?,
+                Err(UpgradeError::Transport(m)) => self.api_down(&m)?,
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -358,8 +416,8 @@ async fn handle(shared: Arc<Shared>, local: TcpStream, idx: usize, fatal: mpsc::
     let local_port = local.local_addr().map(|a| a.port()).unwrap_or(0);
     tracing::debug!(conn = n, ?peer, "handling connection for {local_port}");
     tune_local(&local);
-    let (v5, pod, port, conn) = match shared.open(idx).await {
-        Ok((conn, pod, port)) => (conn.supports_stream_close(), pod, port, conn),
+    let (opened, pod, port) = match shared.open(idx).await {
+        Ok(o) => o,
         Err(SetupError::Fatal(msg)) => {
             let _ = fatal.send(msg).await;
             return;
@@ -370,17 +428,20 @@ async fn handle(shared: Arc<Shared>, local: TcpStream, idx: usize, fatal: mpsc::
             return;
         }
     };
-    tracing::debug!(conn = n, %pod, port, v5, "port-forward stream open");
-    match tunnel::run(
-        local,
-        conn.into_stream(),
-        v5,
-        port,
-        shared.opts,
-        &shared.stats,
-    )
-    .await
-    {
+    let result = match opened {
+        Opened::WebSocket { ws, v5 } => {
+            tracing::debug!(conn = n, %pod, port, v5, "port-forward stream open (WebSocket)");
+            tunnel::websocket::run(local, *ws, v5, port, shared.opts, &shared.stats).await
+        }
+        Opened::Spdy {
+            session,
+            request_id,
+        } => {
+            tracing::debug!(conn = n, %pod, port, request_id, "port-forward stream open (SPDY)");
+            tunnel::spdy::run(local, &session, port, request_id, &shared.stats).await
+        }
+    };
+    match result {
         Ok(()) => tracing::debug!(conn = n, %pod, port, "connection closed"),
         Err(tunnel::TunnelError::Local(e)) => {
             tracing::debug!(conn = n, %pod, port, "connection ended by the local side: {e}")
@@ -444,6 +505,8 @@ pub async fn run(args: ForwardArgs) -> Result<(), ForwardError> {
         .collect::<Result<Vec<_>, _>>()?;
     let addrs = spec::parse_addresses(&args.address)?;
     let (client, ns) = client(&args).await?;
+    let keepalive = args.keepalive_interval.max(Duration::from_millis(10));
+    let dialer = Dialer::new(client.clone(), ns.clone(), args.transport, keepalive);
     let resolver = Resolver::new(client, ns, target);
     // Validate before listening: a wrong name, kind, port or permission
     // fails here, with nothing bound.
@@ -454,11 +517,13 @@ pub async fn run(args: ForwardArgs) -> Result<(), ForwardError> {
     }
     let shared = Arc::new(Shared {
         resolver,
+        dialer,
+        setups: tokio::sync::Semaphore::new(args.max_concurrent_setups.max(1)),
         pairs,
         stats: Stats::default(),
         opts: tunnel::TunnelOpts {
             half_close_timeout: args.half_close_timeout,
-            keepalive_interval: args.keepalive_interval.max(Duration::from_millis(10)),
+            keepalive_interval: keepalive,
         },
         pod_wait_timeout: args.pod_wait_timeout,
         api_down_since: Mutex::new(None),

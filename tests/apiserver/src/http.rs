@@ -39,8 +39,15 @@ pub struct Shared {
     pub authz: std::sync::Mutex<crate::authz::Authz>,
 }
 
-pub type PortForwardHook =
-    Arc<dyn Fn(Arc<Value>, Request, Arc<crate::portforward::Faults>) -> Response + Send + Sync>;
+pub type PortForwardHook = Arc<
+    dyn Fn(
+            Arc<Value>,
+            Request,
+            Arc<crate::portforward::Faults>,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// The 403 an RBAC denial of `verb` gets.
 fn forbidden(target: &Target, verb: &str) -> Response {
@@ -228,7 +235,7 @@ async fn serve_request(shared: &Arc<Shared>, req: Request) -> Response {
         };
         let name = target.name.clone().unwrap_or_default();
         return match shared.store.get(target.res, target.ns.as_deref(), &name) {
-            Ok(pod) => hook(pod, req, shared.port_forward_faults.clone()),
+            Ok(pod) => hook(pod, req, shared.port_forward_faults.clone()).await,
             Err(e) => error(&e),
         };
     }

@@ -257,6 +257,30 @@ impl TestApiServer {
             .set_unknown_to_kubelet(name, unknown);
     }
 
+    /// Fault: the next `n` port-forward requests are turned away with
+    /// 429 Too Many Requests and `Retry-After: 1`, as API priority and
+    /// fairness does under load.
+    pub fn throttle_port_forwards(&self, n: u64) {
+        self.shared.port_forward_faults.throttle(n);
+    }
+
+    /// Fault: every port-forward request waits `delay` before it is
+    /// answered (a slow API server or kubelet), so that concurrent set-ups
+    /// overlap and [`Self::port_forward_max_in_flight`] can count them.
+    pub fn set_port_forward_setup_delay(&self, delay: Option<Duration>) {
+        self.shared.port_forward_faults.set_setup_delay(delay);
+    }
+
+    /// Port-forward requests (upgrades) received so far.
+    pub fn port_forward_requests(&self) -> u64 {
+        self.shared.port_forward_faults.requests()
+    }
+
+    /// The most port-forward requests being answered at once so far.
+    pub fn port_forward_max_in_flight(&self) -> u64 {
+        self.shared.port_forward_faults.max_in_flight()
+    }
+
     /// Port-forward streams opened so far (upgraded WebSockets).
     pub fn port_forwards_opened(&self) -> u64 {
         self.shared.port_forward_faults.opened()

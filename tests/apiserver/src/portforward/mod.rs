@@ -10,9 +10,12 @@
 //!   frame on each carries the port (u16 little endian). See [`websocket`].
 //! - The runtime's stream idle timer (containerd's `stream_idle_timeout`) is
 //!   reset by data messages only: a WebSocket ping does not count.
+//! - SPDY (a POST, authorised as `create`): kubectl's `portforward.k8s.io`
+//!   streams, see [`spdy`].
 //! - Errors from the kubelet are plain text (`pod does not exist`), not a
 //!   JSON `Status`; errors of the API server itself are JSON.
 
+mod spdy;
 mod websocket;
 
 use std::collections::HashSet;
@@ -53,7 +56,35 @@ pub fn direct_dialer() -> Dialer {
 
 /// The port-forward handler, for [`crate::Options::port_forward`].
 pub fn hook(dialer: Dialer) -> PortForwardHook {
-    Arc::new(move |pod, req, faults| handle(pod, req, dialer.clone(), faults))
+    Arc::new(move |pod, req, faults| {
+        let dialer = dialer.clone();
+        Box::pin(async move {
+            let _in_flight = InFlight::new(&faults);
+            let delay = *lock(&faults.setup_delay);
+            if let Some(d) = delay {
+                tokio::time::sleep(d).await;
+            }
+            handle(pod, req, dialer, faults.clone())
+        })
+    })
+}
+
+/// Counts a port-forward request being answered (the most at once is kept).
+struct InFlight<'a>(&'a Faults);
+
+impl<'a> InFlight<'a> {
+    fn new(f: &'a Faults) -> Self {
+        f.requests.fetch_add(1, Ordering::Relaxed);
+        let now = f.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        f.max_in_flight.fetch_max(now, Ordering::Relaxed);
+        InFlight(f)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -73,6 +104,13 @@ pub struct Faults {
     v5: AtomicBool,
     /// Pods the kubelet does not know (answered `404 pod does not exist`).
     unknown_to_kubelet: Mutex<HashSet<String>>,
+    /// How many of the next requests get 429 Too Many Requests.
+    throttle: AtomicU64,
+    /// A delay before each port-forward request is answered.
+    setup_delay: Mutex<Option<Duration>>,
+    requests: AtomicU64,
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
 }
 
 impl Default for Faults {
@@ -85,6 +123,11 @@ impl Default for Faults {
             idle_cut: AtomicU64::new(0),
             v5: AtomicBool::new(false),
             unknown_to_kubelet: Mutex::new(HashSet::new()),
+            throttle: AtomicU64::new(0),
+            setup_delay: Mutex::new(None),
+            requests: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            max_in_flight: AtomicU64::new(0),
         }
     }
 }
@@ -110,6 +153,18 @@ impl Faults {
         } else {
             set.remove(pod);
         }
+    }
+    pub fn throttle(&self, next: u64) {
+        self.throttle.store(next, Ordering::Relaxed);
+    }
+    pub fn set_setup_delay(&self, d: Option<Duration>) {
+        *lock(&self.setup_delay) = d;
+    }
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+    pub fn max_in_flight(&self) -> u64 {
+        self.max_in_flight.load(Ordering::Relaxed)
     }
     pub fn opened(&self) -> u64 {
         self.opened.load(Ordering::Relaxed)
@@ -221,6 +276,28 @@ where
 
 fn handle(pod: Arc<Value>, req: Request, dialer: Dialer, faults: Arc<Faults>) -> Response {
     let name = pod["metadata"]["name"].as_str().unwrap_or("").to_string();
+    // API priority and fairness turning the request away.
+    if faults
+        .throttle
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        let status = crate::store::ApiError::new(
+            429,
+            "TooManyRequests",
+            "Too many requests, please try again later.",
+        )
+        .status();
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [
+                (header::CONTENT_TYPE, "application/json"),
+                (header::RETRY_AFTER, "1"),
+            ],
+            status.to_string(),
+        )
+            .into_response();
+    }
     // What the kubelet answers for a pod it does not run.
     if lock(&faults.unknown_to_kubelet).contains(&name) {
         return kubelet_error(StatusCode::NOT_FOUND, "pod does not exist");
@@ -238,8 +315,11 @@ fn handle(pod: Arc<Value>, req: Request, dialer: Dialer, faults: Arc<Faults>) ->
     if websocket::is_websocket(&req) {
         return websocket::serve(name, ip, req, dialer, faults);
     }
+    if spdy::is_spdy(&req) {
+        return spdy::serve(name, ip, req, dialer, faults);
+    }
     kubelet_error(
         StatusCode::BAD_REQUEST,
-        "Upgrade request required (WebSocket v4.channel.k8s.io)",
+        "unable to upgrade: missing upgrade headers in request (WebSocket v4.channel.k8s.io or SPDY/3.1)",
     )
 }

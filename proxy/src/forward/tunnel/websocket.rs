@@ -1,5 +1,5 @@
-//! One forwarded connection: a local TCP connection spliced onto one
-//! port-forward WebSocket (one port, index 0).
+//! One forwarded connection over a WebSocket port-forward stream of its
+//! own (channel protocol, one port: index 0).
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -8,37 +8,12 @@ use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use super::channel::{self, ChannelError, Demux, Event};
-use super::Stats;
-
-#[derive(Debug, thiserror::Error)]
-pub enum TunnelError {
-    #[error("{0}")]
-    Remote(String),
-    #[error("port-forward stream: {0}")]
-    WebSocket(#[from] WsError),
-    #[error("port-forward protocol: {0}")]
-    Protocol(#[from] ChannelError),
-    #[error("local connection: {0}")]
-    Local(std::io::Error),
-}
-
-#[derive(Debug, Clone, Copy)]
-pub struct TunnelOpts {
-    /// Without v5, how long to wait for the pod to close after the client
-    /// half-closed (the pod cannot be told).
-    pub half_close_timeout: Duration,
-    /// Keepalive period: an empty data message, which resets the runtime's
-    /// stream idle timer (a WebSocket ping would not: the kubelet's wsstream
-    /// counts data messages only) and a proxy's.
-    pub keepalive_interval: Duration,
-}
-
-/// Largest payload read from the local connection into one message.
-const CHUNK: usize = 128 * 1024;
+use super::{TunnelError, TunnelOpts, CHUNK};
+use crate::forward::channel::{self, Demux, Event};
+use crate::forward::Stats;
 
 /// One data message (`[channel, payload..]`) read from `r`; None at EOF.
 async fn read_message<R: AsyncRead + Unpin>(r: &mut R, ch: u8) -> std::io::Result<Option<Vec<u8>>> {

@@ -1,0 +1,42 @@
+//! One forwarded connection: a local TCP connection spliced onto a
+//! port-forward stream, over WebSocket ([`websocket`]: a stream of its own)
+//! or SPDY ([`spdy`]: a data and an error stream on a shared session).
+
+pub mod spdy;
+pub mod websocket;
+
+use std::time::Duration;
+
+use tokio_tungstenite::tungstenite::Error as WsError;
+
+use super::channel::ChannelError;
+use super::spdy::SessionError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("{0}")]
+    Remote(String),
+    #[error("port-forward stream: {0}")]
+    WebSocket(#[from] WsError),
+    #[error("port-forward stream: {0}")]
+    Spdy(#[from] SessionError),
+    #[error("port-forward protocol: {0}")]
+    Protocol(#[from] ChannelError),
+    #[error("local connection: {0}")]
+    Local(std::io::Error),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct TunnelOpts {
+    /// Where the pod cannot be told that the client half-closed (WebSocket
+    /// v4), how long to wait for it to close.
+    pub half_close_timeout: Duration,
+    /// Keepalive period: an empty data message, which resets the runtime's
+    /// stream idle timer (a WebSocket ping would not: the kubelet's wsstream
+    /// counts data messages only) and a proxy's. SPDY sessions send a PING,
+    /// which spdystream counts.
+    pub keepalive_interval: Duration,
+}
+
+/// Largest payload read from the local connection into one message.
+pub const CHUNK: usize = 128 * 1024;

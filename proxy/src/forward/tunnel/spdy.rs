@@ -1,0 +1,122 @@
+//! One forwarded connection over SPDY, as kubectl does it: an error stream
+//! and a data stream (headers `streamtype`, `port`, `requestid`) on the
+//! session to the pod. The error stream is closed on our side at once; the
+//! data stream carries the bytes both ways and a FIN for a half-close,
+//! which the pod sees as EOF (the real half-close v4 WebSocket lacks).
+
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::{TunnelError, CHUNK};
+use crate::forward::spdy::{Session, StreamEvent};
+use crate::forward::Stats;
+
+fn headers(kind: &str, port: u16, request_id: u64) -> Vec<(String, String)> {
+    vec![
+        ("streamtype".into(), kind.into()),
+        ("port".into(), port.to_string()),
+        ("requestid".into(), request_id.to_string()),
+    ]
+}
+
+/// Splices `local` onto a new stream pair of `session` to `port`.
+pub async fn run(
+    local: TcpStream,
+    session: &Session,
+    port: u16,
+    request_id: u64,
+    stats: &Stats,
+) -> Result<(), TunnelError> {
+    let mut errors = session.open(headers("error", port, request_id)).await?;
+    let error_tx = errors.sender();
+    // As kubectl: nothing is ever written on the error stream.
+    error_tx.send(Bytes::new(), true).await?;
+    let mut data = session.open(headers("data", port, request_id)).await?;
+    let data_tx = data.sender();
+    let (mut lr, mut lw) = local.into_split();
+
+    // Pod → client, and the error stream. Ok once the pod side has ended.
+    let down = async {
+        let mut error_text = Vec::new();
+        let (mut data_done, mut errors_done) = (false, false);
+        while !(data_done && errors_done) {
+            tokio::select! {
+                ev = data.next(), if !data_done => match ev {
+                    Some(StreamEvent::Reply) => {}
+                    Some(StreamEvent::Data(b)) => {
+                        lw.write_all(&b).await.map_err(TunnelError::Local)?;
+                        stats.bytes_out.fetch_add(b.len() as u64, Ordering::Relaxed);
+                    }
+                    Some(StreamEvent::Fin) => {
+                        data_done = true;
+                        let _ = lw.shutdown().await;
+                    }
+                    Some(StreamEvent::Reset(status)) => {
+                        return Err(TunnelError::Remote(format!(
+                            "the kubelet reset the data stream (RST_STREAM status {status})"
+                        )))
+                    }
+                    None => return Err(closed(session)),
+                },
+                ev = errors.next(), if !errors_done => match ev {
+                    Some(StreamEvent::Reply) => {}
+                    Some(StreamEvent::Data(b)) => error_text.extend_from_slice(&b),
+                    Some(StreamEvent::Fin) | Some(StreamEvent::Reset(_)) => {
+                        errors_done = true;
+                        if !error_text.is_empty() {
+                            return Err(TunnelError::Remote(
+                                String::from_utf8_lossy(&error_text).trim().to_string(),
+                            ));
+                        }
+                    }
+                    None => return Err(closed(session)),
+                },
+            }
+        }
+        Ok(())
+    };
+
+    // Client → pod; EOF becomes our FIN (a half-close the pod sees).
+    let up = async {
+        loop {
+            let mut buf = Vec::with_capacity(CHUNK);
+            let n = lr.read_buf(&mut buf).await.map_err(TunnelError::Local)?;
+            if n == 0 {
+                data_tx.send(Bytes::new(), true).await?;
+                return Ok::<(), TunnelError>(());
+            }
+            data_tx.send(Bytes::from(buf), false).await?;
+            stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    };
+
+    tokio::pin!(down, up);
+    let (result, clean) = tokio::select! {
+        // The pod side ended first: our side is cut short.
+        r = &mut down => (r, false),
+        r = &mut up => match r {
+            Ok(()) => {
+                let r = down.await;
+                let ok = r.is_ok();
+                (r, ok)
+            }
+            Err(e) => (Err(e), false),
+        },
+    };
+    if !clean {
+        // Frees the kubelet's side of streams that did not end both ways.
+        data_tx.reset().await;
+        error_tx.reset().await;
+    }
+    result
+}
+
+fn closed(session: &Session) -> TunnelError {
+    TunnelError::Remote(format!(
+        "the SPDY connection to the API server ended: {}",
+        session.closed().unwrap_or_else(|| "closed".to_string())
+    ))
+}

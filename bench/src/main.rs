@@ -1,20 +1,30 @@
-//! kproxy-bench: how long kproxy takes to program N Services compared with a
-//! bare `iptables-restore` of the same rules, how fast an endpoint change
-//! reaches traffic, and how much memory kproxy holds. Run it through
-//! `cargo xtask bench` (root; it creates network namespaces and removes them).
+//! kproxy-bench: kproxy's modes against each other, against the floors of
+//! their kernel interfaces and against direct pod-to-pod traffic, swept
+//! over the number of Services. Run it through `cargo xtask bench` (root;
+//! it creates network namespaces and cgroups and removes them).
 
+mod floor;
 mod manifests;
-mod measure;
+mod nftables;
+mod plot;
+mod point;
+mod probe;
 mod report;
+mod stats;
 mod sys;
+mod topo;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::measure::{Backend, Mode};
-use crate::report::{EbpfRow, Report, SyncRow};
+use crate::floor::{Backend, Timed};
+use crate::point::{Line, Plan, Setup};
+use crate::report::{FloorRun, Sweep};
 
 #[derive(Parser)]
 #[command(name = "kproxy-bench", args_conflicts_with_subcommands = true)]
@@ -27,7 +37,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Sub {
-    /// Backend used inside the latency topology (answers `NAME\n` per TCP connection).
+    /// A backend of the measured node (answers `NAME\n`, waits for the client to close).
     #[command(hide = true)]
     Serve {
         #[arg(long)]
@@ -35,47 +45,149 @@ enum Sub {
         #[arg(long)]
         port: u16,
     },
+    /// A client of the measured node: connect | flood | follow.
+    #[command(hide = true)]
+    Probe {
+        kind: String,
+        #[arg(long = "target", required = true)]
+        targets: Vec<SocketAddr>,
+        #[arg(long, default_value = "A")]
+        expect: String,
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        #[arg(long, default_value_t = 60.0)]
+        secs: f64,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct BenchArgs {
     /// The kproxy binary to measure (a release build).
     #[arg(long)]
     kproxy: Option<PathBuf>,
-    /// Comma-separated Service counts, 10 endpoints each.
-    #[arg(long, default_value = "1000,10000", value_delimiter = ',')]
-    services: Vec<usize>,
-    /// iptables backends to measure, comma-separated (legacy, nft). The first
-    /// one is also used for the endpoint-change run.
-    #[arg(long, default_value = "legacy,nft", value_delimiter = ',')]
-    backends: Vec<String>,
-    /// Largest Service count measured with the nft backend: iptables-nft-restore
-    /// grows superlinearly (seen: 6.7 s at 1,000 Services, still running after
-    /// 22 min at 10,000), so larger counts are skipped unless raised.
-    #[arg(long, default_value_t = 2000)]
-    nft_max_services: usize,
-    /// Directory for the JSON results and the Markdown table.
+    /// Service counts, comma-separated (10 endpoints each)
+    /// [default: 1000,5000,10000,20000,50000; --quick: 100,1000].
+    #[arg(long, value_delimiter = ',')]
+    services: Option<Vec<usize>>,
+    /// Lines to measure, comma-separated: ebpf, legacy (iptables-legacy),
+    /// nft (iptables-nft), nftables (kube-proxy's ruleset shape, nft -f), direct.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ebpf,legacy,nft,nftables,direct"
+    )]
+    modes: Vec<String>,
+    /// Runs of every point; min / median / max are reported [default: 3; --quick: 1].
+    #[arg(long)]
+    repeat: Option<usize>,
+    /// Connections per connect-latency series, per client and target
+    /// [default: 10000; --quick: 2000].
+    #[arg(long)]
+    connects: Option<usize>,
+    /// EndpointSlice switches per point [default: 50; --quick: 10].
+    #[arg(long)]
+    changes: Option<usize>,
+    /// Seconds of each new-connection flood [default: 5; --quick: 2].
+    #[arg(long)]
+    flood_secs: Option<f64>,
+    /// iptables-nft: seconds after which a sync (kproxy's or the restore
+    /// floor's) is given up and marked capped; larger counts are then
+    /// skipped [default: 300; --quick: 120].
+    #[arg(long)]
+    nft_cap: Option<u64>,
+    /// Seconds the endpoint changes of one point may take in all
+    /// [default: 900; --quick: 120].
+    #[arg(long)]
+    change_budget: Option<u64>,
+    /// Few samples and small counts, for a check in minutes; flags given
+    /// explicitly still apply.
+    #[arg(long)]
+    quick: bool,
+    /// Directory for the JSON, the Markdown report, the SVG plots and kproxy's logs.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
-    /// Skip the endpoint-change latency run (done at the largest Service count).
-    #[arg(long)]
-    skip_latency: bool,
-    /// Skip the ebpf-mode runs (measured next to iptables mode by default).
-    #[arg(long)]
-    skip_ebpf: bool,
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Sub::Serve { name, port }) = cli.command {
-        return measure::serve(&name, port);
+    let result = match cli.command {
+        Some(Sub::Serve { name, port }) => probe::serve(&name, port),
+        Some(Sub::Probe {
+            kind,
+            targets,
+            expect,
+            count,
+            secs,
+            threads,
+        }) => probe::run(
+            &kind,
+            &targets,
+            &probe::ProbeArgs {
+                expect,
+                count,
+                secs,
+                threads,
+            },
+        ),
+        None => bench(cli.bench),
+    };
+    // One line, whatever RUST_BACKTRACE says.
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
-    bench(cli.bench)
+}
+
+/// The sweep after defaults (and `--quick`) are applied.
+struct Resolved {
+    services: Vec<usize>,
+    repeat: usize,
+    plan: Plan,
+}
+
+impl BenchArgs {
+    fn resolved(&self) -> Resolved {
+        let q = self.quick;
+        let pick = |given: Option<u64>, full: u64, quick: u64| {
+            given.unwrap_or(if q { quick } else { full })
+        };
+        Resolved {
+            services: self.services.clone().unwrap_or_else(|| {
+                if q {
+                    vec![100, 1000]
+                } else {
+                    vec![1000, 5000, 10_000, 20_000, 50_000]
+                }
+            }),
+            repeat: pick(self.repeat.map(|v| v as u64), 3, 1) as usize,
+            plan: Plan {
+                connects: pick(self.connects.map(|v| v as u64), 10_000, 2000) as usize,
+                changes: pick(self.changes.map(|v| v as u64), 50, 10) as usize,
+                flood_secs: self.flood_secs.unwrap_or(if q { 2.0 } else { 5.0 }),
+                flood_threads: 2,
+                nft_cap: Duration::from_secs(pick(self.nft_cap, 300, 120)),
+                sync_deadline: Duration::from_secs(3600),
+                change_budget: Duration::from_secs(pick(self.change_budget, 900, 120)),
+            },
+        }
+    }
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
+    let Resolved {
+        services,
+        repeat: repeats,
+        plan,
+    } = args.resolved();
+    kproxy_tests::topo::preflight()?;
     let kproxy = args
         .kproxy
+        .clone()
         .context("--kproxy PATH is required (cargo xtask bench passes target/release/kproxy)")?;
     let kproxy = std::fs::canonicalize(&kproxy).with_context(|| {
         format!(
@@ -83,113 +195,159 @@ fn bench(args: BenchArgs) -> Result<()> {
             kproxy.display()
         )
     })?;
-    let backends = args
-        .backends
+    let mut lines = args
+        .modes
         .iter()
-        .map(|b| Backend::parse(b))
+        .map(|m| Line::parse(m))
         .collect::<Result<Vec<_>>>()?;
-    if args.services.is_empty() || backends.is_empty() {
-        bail!("nothing to measure: give at least one --services count and one --backends entry");
+    lines.sort();
+    lines.dedup();
+    if services.is_empty() || lines.is_empty() || repeats == 0 {
+        bail!("nothing to measure: give --services, --modes and a --repeat of at least 1");
+    }
+    if let Some(&n) = services.iter().find(|&&n| n >= 65_000) {
+        bail!("--services {n}: at most 64,999 Services fit in the 10.96.0.0/16 Service range");
     }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
+    let logs = args.out.join("logs");
+    std::fs::create_dir_all(&logs)?;
     let work = sys::TempDir::new("work")?;
-    let mut report = Report::new(&kproxy);
-
-    for &n in &args.services {
+    let mut sweep = Sweep::new(&kproxy, &services, &lines, repeats, &plan);
+    if sweep.machine.busy() {
+        eprintln!(
+            "warning: the machine is busy (load average {:.2} on {} CPUs): numbers will be noisy",
+            sweep.machine.load_start[0], sweep.machine.cpus
+        );
+    }
+    let started = Instant::now();
+    let mut services = services;
+    services.sort_unstable();
+    let mut nft_capped_at: Option<usize> = None;
+    let mut nft_floor_capped_at: Option<usize> = None;
+    for &n in &services {
         let dir = work.0.join(format!("manifests-{n}"));
         manifests::generate(&dir, n)?;
         let rules = work.0.join(format!("rules-{n}.txt"));
-        let rendered = measure::render(&kproxy, &dir, &rules);
-        if let Err(e) = &rendered {
-            eprintln!("error: {e:#}");
-        }
-        for &b in &backends {
-            if b.name() == "nft" && n > args.nft_max_services {
-                eprintln!(
-                    "bench: {n} Services, iptables-nft skipped (above --nft-max-services {})",
-                    args.nft_max_services
-                );
-                continue;
-            }
-            eprintln!("bench: {n} Services, iptables-{}", b.name());
-            let mut row = SyncRow::new(n, b);
-            row.rendered_rules = rendered.as_ref().ok().copied();
-            match &rendered {
-                Ok(_) => match measure::restore_floor(&rules, b) {
-                    Ok(s) => row.floor_restore_s = Some(s),
-                    Err(e) => row.errors.push(format!("floor: {e:#}")),
-                },
-                Err(e) => row.errors.push(format!("render: {e:#}")),
-            }
-            let log = args.out.join(format!("kproxy-{n}-{}.log", b.name()));
-            match measure::kproxy_sync(&kproxy, &dir, Mode::Iptables(Some(b)), &log) {
-                Ok(r) => row.kproxy = Some(r),
-                Err(e) => row.errors.push(format!("kproxy: {e:#}")),
-            }
-            for e in &row.errors {
-                eprintln!("error: {e}");
-            }
-            report.sync.push(row);
-        }
-        if !args.skip_ebpf {
-            eprintln!("bench: {n} Services, ebpf");
-            let log = args.out.join(format!("kproxy-{n}-ebpf.log"));
-            let mut row = EbpfRow {
-                services: n,
-                kproxy: None,
-                errors: Vec::new(),
-            };
-            match measure::kproxy_sync(&kproxy, &dir, Mode::Ebpf, &log) {
-                Ok(r) => row.kproxy = Some(r),
-                Err(e) => row.errors.push(format!("kproxy ebpf: {e:#}")),
-            }
-            for e in &row.errors {
-                eprintln!("error: {e}");
-            }
-            report.ebpf_sync.push(row);
-        }
-    }
-
-    if !args.skip_latency {
-        // At every count: request latency through the Service against
-        // direct, then the endpoint change.
-        for &n in &args.services {
-            // The first backend asked for: auto would pick nft here, whose
-            // full restore at 10,000 Services takes tens of minutes.
-            let backend = backends.first().copied();
-            let mut modes = vec![(Mode::Iptables(backend), "iptables")];
-            if !args.skip_ebpf {
-                modes.push((Mode::Ebpf, "ebpf"));
-            }
-            for (mode, name) in modes {
-                eprintln!("bench: datapath and endpoint change at {n} Services, {name}");
-                let dir = work.0.join(format!("latency-{name}-{n}"));
-                manifests::generate(&dir, n)?;
-                let log = args.out.join(format!("kproxy-latency-{n}-{name}.log"));
-                match measure::endpoint_change(&kproxy, &dir, n, mode, &log) {
-                    Ok(r) if mode == Mode::Ebpf => report.ebpf_endpoint_change.push(r),
-                    Ok(r) => report.endpoint_change.push(r),
-                    Err(e) => {
-                        eprintln!("error: {name} endpoint change: {e:#}");
-                        report
-                            .errors
-                            .push(format!("{name} endpoint change at {n} Services: {e:#}"));
-                    }
+        let needs_render = lines.iter().any(|l| matches!(l, Line::Legacy | Line::Nft));
+        let rendered = if needs_render {
+            match floor::render(&kproxy, &dir, &rules) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    sweep.errors.push(format!("render at {n} Services: {e:#}"));
+                    None
                 }
             }
+        } else {
+            None
+        };
+        for repeat in 0..repeats {
+            for (line, backend) in [(Line::Legacy, Backend::Legacy), (Line::Nft, Backend::Nft)] {
+                if !lines.contains(&line) || rendered.is_none() {
+                    continue;
+                }
+                let cap = if backend == Backend::Nft {
+                    plan.nft_cap
+                } else {
+                    plan.sync_deadline
+                };
+                let mut f = FloorRun::new(n, &backend.tool("restore"), repeat, rendered);
+                if backend == Backend::Nft && nft_floor_capped_at.is_some() {
+                    f.capped = true;
+                } else {
+                    eprintln!("bench: {n} Services, floor {} (run {})", f.tool, repeat + 1);
+                    match floor::restore(&rules, backend, cap) {
+                        Ok(Timed::Done(s)) => f.seconds = Some(s),
+                        Ok(Timed::Capped(_)) => {
+                            f.capped = true;
+                            nft_floor_capped_at = Some(n);
+                        }
+                        Err(e) => f.error = Some(format!("{e:#}")),
+                    }
+                }
+                sweep.floors.push(f);
+            }
+            for &line in &lines {
+                if line == Line::Nft && nft_capped_at.is_some() {
+                    // Superlinear: a larger count would not finish either.
+                    sweep.runs.push(point::Run::skipped(n, line, repeat));
+                    continue;
+                }
+                eprintln!("bench: {n} Services, {} (run {})", line.name(), repeat + 1);
+                let setup = Setup {
+                    kproxy: &kproxy,
+                    manifests: &dir,
+                    services: n,
+                    logs: &logs,
+                    work: &work.0,
+                };
+                let run = point::measure(&setup, line, repeat, &plan);
+                for e in &run.errors {
+                    eprintln!("error: {e}");
+                }
+                if run.capped && line == Line::Nft {
+                    nft_capped_at = Some(n);
+                }
+                eprintln!("bench: {}", report::one_line(&run));
+                sweep.runs.push(run);
+            }
         }
+        // Results so far survive a later failure or Ctrl-C.
+        sweep.duration_s = started.elapsed().as_secs_f64();
+        sweep.write(&args.out)?;
     }
-
-    let (json, md) = report.write(&args.out)?;
-    println!("{}", report.markdown());
-    println!("results: {} and {}", json.display(), md.display());
-    let failures = report.failures();
+    sweep.finish(started.elapsed());
+    let paths = sweep.write(&args.out)?;
+    let plots = plot::draw_all(&sweep, &args.out)?;
+    println!("{}", sweep.markdown(&plots));
+    println!("results: {}", paths.join(", "));
+    let failures = sweep.failures();
     if failures > 0 {
         bail!(
-            "{failures} measurement(s) failed; see the errors above and the kproxy logs in {}",
-            args.out.display()
+            "{failures} measurement(s) failed; see the errors above and kproxy's logs in {}",
+            logs.display()
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_shrinks_the_sweep() {
+        let cli = Cli::try_parse_from(["kproxy-bench", "--quick", "--kproxy", "k"]).unwrap();
+        let a = cli.bench.resolved();
+        assert_eq!(a.services, vec![100, 1000]);
+        assert_eq!(a.repeat, 1);
+        // Explicit flags win over --quick.
+        let cli = Cli::try_parse_from(["kproxy-bench", "--quick", "--services", "100"]).unwrap();
+        assert_eq!(cli.bench.resolved().services, vec![100]);
+        let cli = Cli::try_parse_from([
+            "kproxy-bench",
+            "--services",
+            "10,20",
+            "--modes",
+            "ebpf,direct",
+        ])
+        .unwrap();
+        let a = cli.bench.resolved();
+        assert_eq!(a.services, vec![10, 20]);
+        assert_eq!(a.repeat, 3);
+        // What the issue asks of a full point.
+        assert!(a.plan.connects >= 10_000);
+        assert!(a.plan.changes >= 50);
+        let cli = Cli::try_parse_from([
+            "kproxy-bench",
+            "probe",
+            "connect",
+            "--target",
+            "10.97.0.10:80",
+            "--target",
+            "10.244.1.10:8080",
+        ])
+        .unwrap();
+        assert!(matches!(cli.command, Some(Sub::Probe { ref targets, .. }) if targets.len() == 2));
+    }
 }

@@ -1,6 +1,7 @@
 //! Synthetic manifests: N Services with 10 endpoints each, written as
 //! Kubernetes YAML the way a user would (Service + discovery.k8s.io/v1
-//! EndpointSlice), split into files of 1000 Services.
+//! EndpointSlice), split into files of 1000 Services. [`spec`] describes
+//! the same Services for the nftables floor.
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
@@ -26,7 +27,53 @@ fn endpoint_ip(i: usize, j: usize) -> Ipv4Addr {
     )
 }
 
-/// Writes `services` Services into `dir`. Every 10th Service is a NodePort.
+/// NodePorts fit in 30000..=32767 (2,768 ports): the first 2,768 of every
+/// 10th Service are NodePorts, the rest ClusterIPs (above 27,680 Services
+/// fewer than 10 % are NodePorts).
+const NODE_PORTS: usize = 2768;
+
+/// One generated Service as both the YAML and the nftables floor see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SvcSpec {
+    pub namespace: &'static str,
+    pub name: String,
+    pub cluster_ip: Ipv4Addr,
+    /// Service port (TCP) and the endpoints' target port.
+    pub port: u16,
+    pub target_port: u16,
+    pub node_port: Option<u16>,
+    pub endpoints: Vec<Ipv4Addr>,
+}
+
+/// Generated Service `i`.
+pub fn spec(i: usize) -> SvcSpec {
+    SvcSpec {
+        namespace: "bench",
+        name: format!("svc-{i}"),
+        cluster_ip: cluster_ip(i),
+        port: 80,
+        target_port: 8080,
+        node_port: (i.is_multiple_of(10) && i / 10 < NODE_PORTS).then(|| 30000 + (i / 10) as u16),
+        endpoints: (0..ENDPOINTS_PER_SERVICE)
+            .map(|j| endpoint_ip(i, j))
+            .collect(),
+    }
+}
+
+/// The probe Service of the datapath and endpoint-change measurements.
+pub fn probe_spec(vip: Ipv4Addr, endpoint: Ipv4Addr) -> SvcSpec {
+    SvcSpec {
+        namespace: "bench",
+        name: "probe".into(),
+        cluster_ip: vip,
+        port: 80,
+        target_port: 8080,
+        node_port: None,
+        endpoints: vec![endpoint],
+    }
+}
+
+/// Writes `services` Services into `dir` (see [`spec`]).
 pub fn generate(dir: &Path, services: usize) -> Result<()> {
     ensure!(
         services < 65_000,
@@ -39,11 +86,9 @@ pub fn generate(dir: &Path, services: usize) -> Result<()> {
         let end = (start + SERVICES_PER_FILE).min(services);
         let mut y = String::with_capacity((end - start) * 1600);
         for i in start..end {
-            service(&mut y, i);
-            let eps: Vec<Ipv4Addr> = (0..ENDPOINTS_PER_SERVICE)
-                .map(|j| endpoint_ip(i, j))
-                .collect();
-            endpoint_slice(&mut y, &format!("svc-{i}"), &eps);
+            let s = spec(i);
+            service(&mut y, &s);
+            endpoint_slice(&mut y, &s.name, &s.endpoints);
         }
         let path = dir.join(format!("services-{file_no:03}.yaml"));
         std::fs::write(&path, y).with_context(|| format!("writing {}", path.display()))?;
@@ -53,18 +98,20 @@ pub fn generate(dir: &Path, services: usize) -> Result<()> {
     Ok(())
 }
 
-fn service(y: &mut String, i: usize) {
-    let nodeport = i.is_multiple_of(10);
+fn service(y: &mut String, s: &SvcSpec) {
     let _ = write!(
         y,
-        "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: svc-{i}\n  namespace: bench\nspec:\n  type: {}\n  clusterIP: {}\n  clusterIPs: [\"{}\"]\n  ports:\n  - name: http\n    protocol: TCP\n    port: 80\n    targetPort: 8080\n",
-        if nodeport { "NodePort" } else { "ClusterIP" },
-        cluster_ip(i),
-        cluster_ip(i),
+        "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {}\n  namespace: {}\nspec:\n  type: {}\n  clusterIP: {}\n  clusterIPs: [\"{}\"]\n  ports:\n  - name: http\n    protocol: TCP\n    port: {}\n    targetPort: {}\n",
+        s.name,
+        s.namespace,
+        if s.node_port.is_some() { "NodePort" } else { "ClusterIP" },
+        s.cluster_ip,
+        s.cluster_ip,
+        s.port,
+        s.target_port,
     );
-    if nodeport {
-        // 30000..32767 holds 2768 ports; NodePort Services are every 10th, so N <= 27680 stays unique.
-        let _ = writeln!(y, "    nodePort: {}", 30000 + (i / 10) % 2768);
+    if let Some(np) = s.node_port {
+        let _ = writeln!(y, "    nodePort: {np}");
     }
 }
 
@@ -107,6 +154,15 @@ mod tests {
         assert_eq!(cluster_ip(0), Ipv4Addr::new(10, 96, 0, 1));
         assert_eq!(cluster_ip(255), Ipv4Addr::new(10, 96, 1, 0));
         assert!(endpoint_ip(99_999, 9) < Ipv4Addr::new(10, 244, 0, 0));
+    }
+
+    #[test]
+    fn node_ports_stay_unique_at_50k() {
+        let ports: Vec<u16> = (0..50_000).filter_map(|i| spec(i).node_port).collect();
+        assert_eq!(ports.len(), NODE_PORTS);
+        let unique: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!(unique.len(), ports.len());
+        assert!(ports.iter().all(|p| (30000..=32767).contains(p)));
     }
 
     #[test]

@@ -1,260 +1,570 @@
-//! Results as JSON (one file per run) and a Markdown table with ratios
-//! against the `iptables-restore` floor measured in the same run.
+//! The sweep's results: a JSON file with every run, a Markdown report with
+//! the tables and the machine, and the published anchors beside them.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::manifests::ENDPOINTS_PER_SERVICE;
-use crate::measure::{Backend, ChangeResult, DatapathResult, SyncResult};
+use crate::point::{Line, Plan, Run};
+use crate::stats::Spread;
+use crate::sys::{load_average, Machine};
 
-#[derive(Serialize)]
-pub struct Report {
+/// One floor measurement: a whole ruleset loaded by the kernel interface's
+/// own tool into a fresh namespace.
+#[derive(Debug, Serialize)]
+pub struct FloorRun {
+    pub services: usize,
+    pub tool: String,
+    pub repeat: usize,
+    pub seconds: Option<f64>,
+    pub capped: bool,
+    /// Rules (`-A` lines) loaded.
+    pub rules: Option<usize>,
+    pub error: Option<String>,
+}
+
+impl FloorRun {
+    pub fn new(services: usize, tool: &str, repeat: usize, rules: Option<usize>) -> FloorRun {
+        FloorRun {
+            services,
+            tool: tool.to_string(),
+            repeat,
+            seconds: None,
+            capped: false,
+            rules,
+            error: None,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct PlanJson {
+    pub repeat: usize,
+    pub connects: usize,
+    pub changes: usize,
+    pub flood_secs: f64,
+    pub flood_threads: usize,
+    pub nft_cap_s: f64,
+    pub change_budget_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Sweep {
     pub started_unix: u64,
-    pub kernel: String,
-    pub cpus: usize,
+    pub machine: Machine,
     pub kproxy: PathBuf,
     pub endpoints_per_service: usize,
-    pub sync: Vec<SyncRow>,
-    /// iptables mode (first backend), one per Service count.
-    pub endpoint_change: Vec<ChangeResult>,
-    /// ebpf mode, same manifests, same run.
-    pub ebpf_sync: Vec<EbpfRow>,
-    pub ebpf_endpoint_change: Vec<ChangeResult>,
+    pub services: Vec<usize>,
+    pub lines: Vec<Line>,
+    pub plan: PlanJson,
+    pub floors: Vec<FloorRun>,
+    pub runs: Vec<Run>,
     pub errors: Vec<String>,
+    pub duration_s: f64,
 }
 
-#[derive(Serialize)]
-pub struct EbpfRow {
-    pub services: usize,
-    /// `rules` counts frontends read back from the kernel's maps.
-    pub kproxy: Option<SyncResult>,
-    pub errors: Vec<String>,
+/// A published figure, not measured here.
+pub struct Anchor {
+    pub source: &'static str,
+    pub url: &'static str,
+    pub what: &'static str,
+    pub services: &'static str,
+    pub figure: &'static str,
 }
 
-#[derive(Serialize)]
-pub struct SyncRow {
-    pub services: usize,
-    pub backend: Backend,
-    /// `iptables-<backend>-restore --noflush` of `kproxy render` output into a fresh namespace.
-    pub floor_restore_s: Option<f64>,
-    /// `-A` lines in `kproxy render` output (compare with `kproxy.rules`).
-    pub rendered_rules: Option<usize>,
-    pub kproxy: Option<SyncResult>,
-    pub errors: Vec<String>,
+/// Looked up for issue 13; the kube-proxy figures were read off the
+/// blog's chart (its SVG: bar heights against the axis, ±4 µs).
+pub const ANCHORS: &[Anchor] = &[
+    Anchor {
+        source: "kube-proxy nftables blog (Kubernetes, 2025-02-28), iptables mode",
+        url: "https://kubernetes.io/blog/2025/02/28/nftables-kube-proxy/",
+        what: "first-packet latency p01 / p50 / p90 / p99",
+        services: "5,000",
+        figure: "≈ 15 / 47 / 120 / 152 µs",
+    },
+    Anchor {
+        source: "same chart",
+        url: "https://kubernetes.io/blog/2025/02/28/nftables-kube-proxy/",
+        what: "first-packet latency p01 / p50 / p90 / p99",
+        services: "10,000",
+        figure: "≈ 11 / 62 / 189 / 257 µs",
+    },
+    Anchor {
+        source: "same chart",
+        url: "https://kubernetes.io/blog/2025/02/28/nftables-kube-proxy/",
+        what: "first-packet latency p01 / p50 / p90 / p99",
+        services: "30,000",
+        figure: "≈ 40 / 272 / 493 / 714 µs",
+    },
+    Anchor {
+        source: "same post, nftables mode (text; its chart is not machine-readable here)",
+        url: "https://kubernetes.io/blog/2025/02/28/nftables-kube-proxy/",
+        what: "first-packet latency",
+        services: "5,000–30,000",
+        figure: "p50 at 5k/10k ≈ iptables' p01 (≈ 11–15 µs); p99 at 30k a few µs below iptables' p01 (≈ 40 µs): flat in N",
+    },
+    Anchor {
+        source: "Cilium CNI performance benchmark (Cilium 1.9, kernel 5.10, 100 Gbit/s bare metal)",
+        url: "https://docs.cilium.io/en/stable/operations/performance/benchmark/",
+        what: "TCP_CRR (new connections/s), eBPF kube-proxy replacement vs iptables (Calico + kube-proxy)",
+        services: "few",
+        figure: "eBPF ahead, most with 32 processes, where iptables' per-connection cost dominates (figures only in the charts)",
+    },
+    Anchor {
+        source: "Cilium blog: CNI benchmark (2021-05-11)",
+        url: "https://cilium.io/blog/2021/05/11/cni-benchmark",
+        what: "same measurements, with Calico eBPF",
+        services: "few",
+        figure: "eBPF datapaths clearly ahead of iptables in TCP_RR / TCP_CRR (charts)",
+    },
+    Anchor {
+        source: "TKE Cilium network benchmark (third party)",
+        url: "https://imroc.cc/tke/en/networking/cilium/appendix/network-benchmark",
+        what: "short-connection requests/s, kube-proxy iptables vs Cilium, 4 endpoints per Service",
+        services: "5,000–30,000",
+        figure: "iptables ahead at small N; overtaken at ≈ 20,000 Services; at 30,000 iptables has 70–88 % of Cilium's",
+    },
+];
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
-impl SyncRow {
-    pub fn new(services: usize, backend: Backend) -> Self {
-        SyncRow {
-            services,
-            backend,
-            floor_restore_s: None,
-            rendered_rules: None,
-            kproxy: None,
-            errors: Vec::new(),
-        }
-    }
-}
-
-fn secs(v: Option<f64>) -> String {
-    v.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into())
-}
-
-fn ratio(a: Option<f64>, b: Option<f64>) -> String {
-    match (a, b) {
-        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
-        _ => "-".into(),
-    }
-}
-
-impl Report {
-    pub fn new(kproxy: &Path) -> Self {
-        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
-            .to_string();
-        Report {
-            started_unix: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-            kernel,
-            cpus: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
+impl Sweep {
+    pub fn new(
+        kproxy: &Path,
+        services: &[usize],
+        lines: &[Line],
+        repeat: usize,
+        plan: &Plan,
+    ) -> Sweep {
+        Sweep {
+            started_unix: now_unix(),
+            machine: Machine::read(),
             kproxy: kproxy.to_path_buf(),
             endpoints_per_service: ENDPOINTS_PER_SERVICE,
-            sync: Vec::new(),
-            endpoint_change: Vec::new(),
-            ebpf_sync: Vec::new(),
-            ebpf_endpoint_change: Vec::new(),
+            services: services.to_vec(),
+            lines: lines.to_vec(),
+            plan: PlanJson {
+                repeat,
+                connects: plan.connects,
+                changes: plan.changes,
+                flood_secs: plan.flood_secs,
+                flood_threads: plan.flood_threads,
+                nft_cap_s: plan.nft_cap.as_secs_f64(),
+                change_budget_s: plan.change_budget.as_secs_f64(),
+            },
+            floors: Vec::new(),
+            runs: Vec::new(),
             errors: Vec::new(),
+            duration_s: 0.0,
         }
+    }
+
+    pub fn finish(&mut self, took: Duration) {
+        self.duration_s = took.as_secs_f64();
+        self.machine.load_end = Some(load_average());
     }
 
     pub fn failures(&self) -> usize {
         self.errors.len()
-            + self.sync.iter().filter(|r| !r.errors.is_empty()).count()
-            + self
-                .ebpf_sync
-                .iter()
-                .filter(|r| !r.errors.is_empty())
-                .count()
+            + self.runs.iter().filter(|r| !r.errors.is_empty()).count()
+            + self.floors.iter().filter(|f| f.error.is_some()).count()
     }
 
-    pub fn markdown(&self) -> String {
+    /// The stem of this sweep's files: `bench-<unix time>`.
+    pub fn stem(&self) -> String {
+        format!("bench-{}", self.started_unix)
+    }
+
+    /// Writes `<stem>.json`, `<stem>.md` and `latest.md` into `out`.
+    pub fn write(&self, out: &Path) -> Result<Vec<String>> {
+        let json = out.join(format!("{}.json", self.stem()));
+        std::fs::write(&json, serde_json::to_string_pretty(self)? + "\n")
+            .with_context(|| format!("writing {}", json.display()))?;
+        let plots = crate::plot::existing(self, out);
+        let text = self.markdown(&plots);
+        let md = out.join(format!("{}.md", self.stem()));
+        std::fs::write(&md, &text).with_context(|| format!("writing {}", md.display()))?;
+        std::fs::write(out.join("latest.md"), &text)?;
+        Ok(vec![json.display().to_string(), md.display().to_string()])
+    }
+
+    fn runs_of(&self, n: usize, line: Line) -> impl Iterator<Item = &Run> {
+        self.runs
+            .iter()
+            .filter(move |r| r.services == n && r.line == line && r.note.is_none())
+    }
+
+    /// A metric over the repeats of one point.
+    pub fn spread(&self, n: usize, line: Line, f: impl Fn(&Run) -> Option<f64>) -> Option<Spread> {
+        Spread::of(self.runs_of(n, line).filter_map(f))
+    }
+
+    pub fn capped(&self, n: usize, line: Line) -> bool {
+        self.runs
+            .iter()
+            .any(|r| r.services == n && r.line == line && r.capped)
+    }
+
+    pub fn floor(&self, n: usize, tool: &str) -> Option<Spread> {
+        Spread::of(
+            self.floors
+                .iter()
+                .filter(|f| f.services == n && f.tool == tool)
+                .filter_map(|f| f.seconds),
+        )
+    }
+
+    fn floor_capped(&self, n: usize, tool: &str) -> bool {
+        self.floors
+            .iter()
+            .any(|f| f.services == n && f.tool == tool && f.capped)
+    }
+
+    /// Cell text: median (min–max), `capped` or `-`.
+    fn cell(&self, n: usize, line: Line, digits: usize, f: impl Fn(&Run) -> Option<f64>) -> String {
+        match self.spread(n, line, f) {
+            Some(s) => s.show(digits),
+            None if self.capped(n, line) => format!("capped (> {:.0} s)", self.plan.nft_cap_s),
+            None => "-".into(),
+        }
+    }
+
+    pub fn markdown(&self, plots: &[(String, PathBuf)]) -> String {
         let mut m = String::new();
+        let mc = &self.machine;
         let _ = writeln!(
             m,
-            "## kproxy benchmark ({} endpoints per Service, kernel {}, {} CPUs)\n",
-            self.endpoints_per_service, self.kernel, self.cpus
+            "# kproxy benchmark: {} endpoints per Service\n",
+            self.endpoints_per_service
         );
-        m.push_str("| Services | backend | floor: iptables-restore (s) | kproxy full sync (s) | sync / floor | kproxy start to healthy (s) | healthy / floor | rules rendered / programmed | kproxy RSS (MiB) |\n");
-        m.push_str("|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
-        for r in &self.sync {
-            let k = r.kproxy.as_ref();
-            let sync = k.and_then(|k| k.full_sync_s);
-            let wall = k.map(|k| k.wall_to_healthy_s);
-            let rules = format!(
-                "{} / {}",
-                r.rendered_rules
-                    .map(|n| n.to_string())
-                    .unwrap_or_else(|| "-".into()),
-                k.map(|k| k.rules.to_string()).unwrap_or_else(|| "-".into())
-            );
+        let _ = writeln!(
+            m,
+            "Machine: {} ({} CPUs), {:.0} GiB, kernel {}. Load average at the start {:.2} / {:.2} / {:.2}{}. Sweep: Services {:?}, {} run(s) per point, {} connections per latency series, {} endpoint changes, {} s floods; took {:.0} s.\n",
+            mc.cpu_model,
+            mc.cpus,
+            mc.memory_gib,
+            mc.kernel,
+            mc.load_start[0],
+            mc.load_start[1],
+            mc.load_start[2],
+            mc.load_end
+                .map(|l| format!(", at the end {:.2} / {:.2} / {:.2}", l[0], l[1], l[2]))
+                .unwrap_or_default(),
+            self.services,
+            self.plan.repeat,
+            self.plan.connects,
+            self.plan.changes,
+            self.plan.flood_secs,
+            self.duration_s
+        );
+        if mc.busy() {
             let _ = writeln!(
                 m,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                r.services,
-                r.backend.name(),
-                secs(r.floor_restore_s),
-                secs(sync),
-                ratio(sync, r.floor_restore_s),
-                secs(wall),
-                ratio(wall, r.floor_restore_s),
-                rules,
-                k.map(|k| format!("{:.1}", k.rss_kib as f64 / 1024.0))
-                    .unwrap_or_else(|| "-".into()),
+                "**Warning: the machine was busy at the start (load average {:.2} on {} CPUs); other processes' work is in these numbers.**\n",
+                mc.load_start[0], mc.cpus
             );
         }
-        for c in &self.endpoint_change {
-            let _ = writeln!(
-                m,
-                "\nEndpoint change at {} Services (EndpointSlice file switched from pod A to pod B, client looping on the ClusterIP from a pod): traffic followed after **{:.3} s** ({} replies still from A, {} failed requests in between); kproxy RSS {:.1} MiB.",
-                c.services,
-                c.latency_s,
-                c.stale_replies,
-                c.failed_requests,
-                c.rss_kib as f64 / 1024.0
-            );
-        }
-        if !self.ebpf_sync.is_empty() {
-            m.push_str("\n### ebpf mode against iptables mode (same manifests, same run)\n\n");
-            m.push_str("| Services | ebpf full sync (s) | iptables full sync (s, backend) | iptables / ebpf | ebpf start to healthy (s) | frontends programmed | ebpf RSS (MiB) |\n");
-            m.push_str("|---:|---:|---:|---:|---:|---:|---:|\n");
-            for r in &self.ebpf_sync {
-                let k = r.kproxy.as_ref();
-                let ebpf = k.and_then(|k| k.full_sync_s);
-                // The fastest iptables backend of the same Service count.
-                let ipt = self
-                    .sync
-                    .iter()
-                    .filter(|s| s.services == r.services)
-                    .filter_map(|s| Some((s.kproxy.as_ref()?.full_sync_s?, s.backend.name())))
-                    .min_by(|a, b| a.0.total_cmp(&b.0));
-                let _ = writeln!(
-                    m,
-                    "| {} | {} | {} | {} | {} | {} | {} |",
-                    r.services,
-                    secs(ebpf),
-                    ipt.map(|(s, b)| format!("{s:.3} ({b})"))
-                        .unwrap_or_else(|| "-".into()),
-                    ratio(ipt.map(|(s, _)| s), ebpf),
-                    secs(k.map(|k| k.wall_to_healthy_s)),
-                    k.map(|k| k.rules.to_string()).unwrap_or_else(|| "-".into()),
-                    k.map(|k| format!("{:.1}", k.rss_kib as f64 / 1024.0))
-                        .unwrap_or_else(|| "-".into()),
-                );
+        m.push_str("Cells: median over the runs, (min–max) when there were several. Lines: `ebpf` and `iptables-legacy` / `iptables-nft` are kproxy's modes; `nftables (ruleset)` is kube-proxy's nftables ruleset shape for the same Services loaded with `nft -f` (no controller: no start, no endpoint change); `direct` is pod to pod with no proxy, the physical limit of the topology.\n\n");
+
+        self.headline(&mut m);
+        self.sync_table(&mut m);
+        self.change_table(&mut m);
+        self.connect_table(&mut m);
+        self.flood_table(&mut m);
+        self.memory_table(&mut m);
+        if !plots.is_empty() {
+            m.push_str("\n## Plots\n\n");
+            for (title, path) in plots {
+                let _ = writeln!(m, "- [{title}]({})", path.display());
             }
         }
-        for c in &self.ebpf_endpoint_change {
-            let _ = writeln!(
-                m,
-                "\nebpf mode, endpoint change at {} Services (client pod's packets to the ClusterIP take the TC path on the pod veths): traffic followed after **{:.3} s** ({} replies still from A, {} failed requests in between); kproxy RSS {:.1} MiB.",
-                c.services,
-                c.latency_s,
-                c.stale_replies,
-                c.failed_requests,
-                c.rss_kib as f64 / 1024.0
-            );
-        }
-        self.datapath_table(&mut m);
-        let errors: Vec<&String> = self
-            .sync
+        anchors(&mut m);
+        let errors: Vec<String> = self
+            .errors
             .iter()
-            .flat_map(|r| &r.errors)
-            .chain(self.ebpf_sync.iter().flat_map(|r| &r.errors))
-            .chain(&self.errors)
+            .cloned()
+            .chain(self.runs.iter().flat_map(|r| {
+                r.errors
+                    .iter()
+                    .map(move |e| format!("{} Services, {}: {e}", r.services, r.line.name()))
+            }))
+            .chain(self.floors.iter().filter_map(|f| {
+                f.error
+                    .as_ref()
+                    .map(|e| format!("{} Services, {}: {e}", f.services, f.tool))
+            }))
             .collect();
         if !errors.is_empty() {
-            m.push_str("\nErrors:\n");
+            m.push_str("\n## Errors\n\n");
             for e in errors {
-                let first = e.lines().next().unwrap_or("");
-                let _ = writeln!(m, "- {first}");
+                let _ = writeln!(m, "- {}", e.lines().next().unwrap_or(""));
             }
         }
         m
     }
 
-    /// Request latency through the ClusterIP of each mode against direct
-    /// pod-to-pod requests measured in the same namespace, same minute.
-    fn datapath_table(&self, m: &mut String) {
-        let mut rows: Vec<(&str, &ChangeResult, &DatapathResult)> = self
-            .endpoint_change
-            .iter()
-            .map(|c| ("iptables", c))
-            .chain(self.ebpf_endpoint_change.iter().map(|c| ("ebpf", c)))
-            .filter_map(|(mode, c)| Some((mode, c, c.datapath.as_ref()?)))
-            .collect();
-        if rows.is_empty() {
-            return;
+    fn lines_with(&self, pred: impl Fn(Line) -> bool) -> Vec<Line> {
+        self.lines.iter().copied().filter(|&l| pred(l)).collect()
+    }
+
+    fn headline(&self, m: &mut String) {
+        let lines = self.lines.clone();
+        m.push_str("## Headline\n\nFull sync (s; `nftables`: the `nft -f` of the whole ruleset) and first-packet latency p99 through the Service from a pod in the hooked cgroup (µs; `direct`: to the pod):\n\n");
+        let _ = write!(m, "| Services |");
+        for l in &lines {
+            let _ = write!(m, " {} sync | {} p99 |", l.name(), l.name());
         }
-        rows.sort_by_key(|(mode, c, _)| (c.services, *mode));
-        m.push_str(
-            "\n### Datapath: request latency through the ClusterIP against direct (same run)\n\n",
-        );
-        m.push_str("Each request: TCP connect from a pod, one-line reply, close; blocks of 100 alternate between the pod address and the ClusterIP.\n\n");
-        m.push_str("| Services | mode | requests each | direct p50 / p99 (µs) | via Service p50 / p99 (µs) | Service / direct (p50) |\n");
-        m.push_str("|---:|---|---:|---:|---:|---:|\n");
-        for (mode, c, d) in rows {
-            let _ = writeln!(
-                m,
-                "| {} | {} | {} | {:.0} / {:.0} | {:.0} / {:.0} | {} |",
-                c.services,
-                mode,
-                d.requests,
-                d.direct_p50_us,
-                d.direct_p99_us,
-                d.service_p50_us,
-                d.service_p99_us,
-                ratio(Some(d.service_p50_us), Some(d.direct_p50_us)),
-            );
+        m.push('\n');
+        let _ = writeln!(m, "|---:|{}", "---:|---:|".repeat(lines.len()));
+        for &n in &self.services {
+            let _ = write!(m, "| {n} |");
+            for &l in &lines {
+                let to = if l == Line::Direct {
+                    "direct"
+                } else {
+                    "service"
+                };
+                let _ = write!(
+                    m,
+                    " {} | {} |",
+                    self.cell(n, l, 3, |r| r.sync.full_sync_s),
+                    self.cell(n, l, 0, |r| r.connect("hooked", to).map(|p| p.p99))
+                );
+            }
+            m.push('\n');
         }
     }
 
-    /// Writes `bench-<unix time>.json` and `.md` (and `latest.md`) into `out`.
-    pub fn write(&self, out: &Path) -> Result<(PathBuf, PathBuf)> {
-        let json = out.join(format!("bench-{}.json", self.started_unix));
-        let md = out.join(format!("bench-{}.md", self.started_unix));
-        std::fs::write(&json, serde_json::to_string_pretty(self)? + "\n")
-            .with_context(|| format!("writing {}", json.display()))?;
-        let text = self.markdown();
-        std::fs::write(&md, &text).with_context(|| format!("writing {}", md.display()))?;
-        std::fs::write(out.join("latest.md"), &text)?;
-        Ok((json, md))
+    fn sync_table(&self, m: &mut String) {
+        m.push_str("\n## Sync\n\nkproxy: full sync is `kubeproxy_sync_full_proxy_rules_duration_seconds` (sum / count after the first sync), start → healthy the wall time from spawn to the first 200 on `/healthz`. Floors: the same rules restored by `iptables-<backend>-restore --noflush` (from `kproxy render`) into a fresh namespace.\n\n");
+        m.push_str("| Services | line | full sync (s) | start → healthy (s) | programmed | floor (s) | sync / floor |\n|---:|---|---:|---:|---:|---:|---:|\n");
+        for &n in &self.services {
+            for l in self.lines_with(|l| l != Line::Direct) {
+                let tool = match l {
+                    Line::Legacy => Some("iptables-legacy-restore"),
+                    Line::Nft => Some("iptables-nft-restore"),
+                    _ => None,
+                };
+                let floor = tool.and_then(|t| self.floor(n, t));
+                let sync = self.spread(n, l, |r| r.sync.full_sync_s);
+                let floor_text = match (tool, floor) {
+                    (_, Some(f)) => f.show(3),
+                    (Some(t), None) if self.floor_capped(n, t) => {
+                        format!("capped (> {:.0} s)", self.plan.nft_cap_s)
+                    }
+                    _ => "-".into(),
+                };
+                let ratio = match (sync, floor) {
+                    (Some(s), Some(f)) if f.median > 0.0 => format!("{:.2}x", s.median / f.median),
+                    _ => "-".into(),
+                };
+                let _ = writeln!(
+                    m,
+                    "| {n} | {} | {} | {} | {} | {floor_text} | {ratio} |",
+                    l.name(),
+                    self.cell(n, l, 3, |r| r.sync.full_sync_s),
+                    self.cell(n, l, 3, |r| r.sync.start_to_healthy_s),
+                    self.cell(n, l, 0, |r| r.sync.programmed.map(|v| v as f64)),
+                );
+            }
+        }
+        m.push_str("\n`programmed`: iptables `-A` rules in `iptables-save`; ebpf frontends in `kproxy status`; nftables chains loaded.\n");
     }
+
+    fn change_table(&self, m: &mut String) {
+        let lines = self.lines_with(Line::is_kproxy);
+        if lines.is_empty() {
+            return;
+        }
+        m.push_str("\n## Endpoint change → traffic\n\nThe probe Service's EndpointSlice file is switched between pod A and pod B (atomic rename) while a client in the hooked cgroup connects to its ClusterIP about once a millisecond; each change is timed from the rename to the first answer from the new pod. kproxy runs with `--iptables-min-sync-period 0s`.\n\n");
+        m.push_str("| Services | line | changes | p50 (ms) | p99 (ms) | max (ms) | old answers / failures during changes |\n|---:|---|---:|---:|---:|---:|---:|\n");
+        for &n in &self.services {
+            for &l in &lines {
+                let ch = |f: fn(&crate::point::ChangeSample) -> f64| {
+                    move |r: &Run| {
+                        r.changes
+                            .as_ref()
+                            .filter(|c| !c.latency_ms.is_empty())
+                            .map(f)
+                    }
+                };
+                let _ = writeln!(
+                    m,
+                    "| {n} | {} | {} | {} | {} | {} | {} / {} |",
+                    l.name(),
+                    self.cell(n, l, 0, ch(|c| c.latency_ms.len() as f64)),
+                    self.cell(n, l, 1, ch(|c| c.percentiles.p50)),
+                    self.cell(n, l, 1, ch(|c| c.percentiles.p99)),
+                    self.cell(n, l, 1, ch(|c| c.percentiles.max)),
+                    self.cell(n, l, 0, ch(|c| c.stale as f64)),
+                    self.cell(n, l, 0, ch(|c| c.failed as f64)),
+                );
+            }
+        }
+    }
+
+    fn connect_table(&self, m: &mut String) {
+        let _ = write!(
+            m,
+            "\n## Connect latency (first packet)\n\nTime for `connect()` to complete (SYN out, SYN-ACK back) from pod C, {} connections per series in alternating blocks of 100 between the Service's ClusterIP and pod A's address (each then reads the backend's name and closes, client first). `hooked`: the client is in the cgroup ebpf mode balances (socket hooks); `outside`: it is not (ebpf: the TC path). In the iptables and nftables lines both clients take the same path.\n\n",
+            self.plan.connects
+        );
+        m.push_str("| Services | line | from | via Service p50 / p99 / p99.9 (µs) | direct p50 / p99 / p99.9 (µs) | Service / direct (p50) | errors |\n|---:|---|---|---:|---:|---:|---:|\n");
+        for &n in &self.services {
+            for &l in &self.lines {
+                for from in ["hooked", "outside"] {
+                    let pct = |to: &'static str| {
+                        let p = |f: fn(&crate::stats::Percentiles) -> f64| {
+                            move |r: &Run| r.connect(from, to).map(f)
+                        };
+                        if self.spread(n, l, p(|p| p.p50)).is_none() {
+                            return "-".to_string();
+                        }
+                        format!(
+                            "{} / {} / {}",
+                            self.cell(n, l, 0, p(|p| p.p50)),
+                            self.cell(n, l, 0, p(|p| p.p99)),
+                            self.cell(n, l, 0, p(|p| p.p999))
+                        )
+                    };
+                    let svc = self.spread(n, l, |r| r.connect(from, "service").map(|p| p.p50));
+                    let dir = self.spread(n, l, |r| r.connect(from, "direct").map(|p| p.p50));
+                    let ratio = match (svc, dir) {
+                        (Some(s), Some(d)) if d.median > 0.0 => {
+                            format!("{:.2}x", s.median / d.median)
+                        }
+                        _ => "-".into(),
+                    };
+                    let errors: usize = self
+                        .runs_of(n, l)
+                        .flat_map(|r| r.connect.iter().filter(|c| c.from == from))
+                        .map(|c| c.errors.values().sum::<usize>() + c.wrong_backend)
+                        .sum();
+                    if svc.is_none() && dir.is_none() && !self.capped(n, l) {
+                        continue;
+                    }
+                    let _ = writeln!(
+                        m,
+                        "| {n} | {} | {from} | {} | {} | {ratio} | {errors} |",
+                        l.name(),
+                        pct("service"),
+                        pct("direct")
+                    );
+                }
+            }
+        }
+    }
+
+    fn flood_table(&self, m: &mut String) {
+        let _ = write!(
+            m,
+            "\n## New connections\n\n{} threads in pod C open, read and close connections for {} s. CPU: `usage_usec` of the cgroup holding every process of the node (backends, client, kproxy; the kernel's packet work is charged to them) per 1,000 connections.\n\n",
+            self.plan.flood_threads, self.plan.flood_secs
+        );
+        m.push_str("| Services | line | from → to | connections/s | CPU ms per 1,000 | failed |\n|---:|---|---|---:|---:|---:|\n");
+        for &n in &self.services {
+            for &l in &self.lines {
+                for (from, to) in [
+                    ("hooked", "service"),
+                    ("outside", "service"),
+                    ("hooked", "direct"),
+                ] {
+                    if self
+                        .spread(n, l, |r| r.flood(from, to).map(|f| f.conns_per_s))
+                        .is_none()
+                    {
+                        continue;
+                    }
+                    let _ = writeln!(
+                        m,
+                        "| {n} | {} | {from} → {to} | {} | {} | {} |",
+                        l.name(),
+                        self.cell(n, l, 0, |r| r.flood(from, to).map(|f| f.conns_per_s)),
+                        self.cell(n, l, 1, |r| r.flood(from, to).map(|f| f.cpu_ms_per_1k)),
+                        self.cell(n, l, 0, |r| r.flood(from, to).map(|f| f.failed as f64)),
+                    );
+                }
+            }
+        }
+    }
+
+    fn memory_table(&self, m: &mut String) {
+        let lines = self.lines_with(Line::is_kproxy);
+        if lines.is_empty() {
+            return;
+        }
+        m.push_str("\n## Memory\n\n| Services | line | kproxy RSS after the first sync (MiB) | after the endpoint changes (MiB) | BPF maps, locked (MiB) |\n|---:|---|---:|---:|---:|\n");
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        for &n in &self.services {
+            for &l in &lines {
+                let _ = writeln!(
+                    m,
+                    "| {n} | {} | {} | {} | {} |",
+                    l.name(),
+                    self.cell(n, l, 1, |r| r.sync.rss_kib.map(mib)),
+                    self.cell(n, l, 1, |r| r.rss_after_changes_kib.map(mib)),
+                    self.cell(n, l, 1, |r| r
+                        .sync
+                        .bpf_memlock_bytes
+                        .map(|b| b as f64 / 1024.0 / 1024.0)),
+                );
+            }
+        }
+    }
+}
+
+fn anchors(m: &mut String) {
+    m.push_str("\n## Published anchors (published elsewhere, not measured here)\n\nOther hardware, other topologies, other tools: compare shapes (how a line grows with N, which line is ahead), not absolute values.\n\n| source | what | Services | published figure |\n|---|---|---:|---|\n");
+    for a in ANCHORS {
+        let _ = writeln!(
+            m,
+            "| [{}]({}) | {} | {} | {} |",
+            a.source, a.url, a.what, a.services, a.figure
+        );
+    }
+}
+
+/// One line per run for the progress output.
+pub fn one_line(r: &Run) -> String {
+    if let Some(note) = &r.note {
+        return format!("{} Services, {}: {note}", r.services, r.line.name());
+    }
+    if r.capped {
+        return format!("{} Services, {}: capped", r.services, r.line.name());
+    }
+    let mut s = format!(
+        "{} Services, {} in {:.0} s:",
+        r.services,
+        r.line.name(),
+        r.wall_s
+    );
+    if let Some(v) = r.sync.full_sync_s {
+        let _ = write!(s, " sync {v:.3} s");
+    }
+    if let Some(p) = r.connect("hooked", "service") {
+        let _ = write!(s, ", connect p50/p99 {:.0}/{:.0} µs", p.p50, p.p99);
+    }
+    if let Some(p) = r.connect("hooked", "direct") {
+        let _ = write!(s, " (direct {:.0}/{:.0})", p.p50, p.p99);
+    }
+    if let Some(c) = &r.changes {
+        let _ = write!(
+            s,
+            ", change p50/p99 {:.0}/{:.0} ms",
+            c.percentiles.p50, c.percentiles.p99
+        );
+    }
+    if let Some(f) = r.floods.first() {
+        let _ = write!(s, ", {:.0} conn/s", f.conns_per_s);
+    }
+    s
 }

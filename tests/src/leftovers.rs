@@ -51,8 +51,17 @@ pub fn reap() {
     }
     if let Ok(root) = crate::cgroup::cgroup2_mount() {
         for name in names(&root).into_iter().filter(|n| stale(n)) {
-            // Fails while processes are still inside: those are left alone.
-            let _ = std::fs::remove_dir(root.join(name));
+            // Child cgroups first (the bench nests them); each removal
+            // fails while processes are still inside: those are left alone.
+            let dir = root.join(name);
+            if let Ok(children) = std::fs::read_dir(&dir) {
+                for child in children.filter_map(|e| e.ok()) {
+                    if child.file_type().is_ok_and(|t| t.is_dir()) {
+                        let _ = std::fs::remove_dir(child.path());
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir(dir);
         }
     }
     for name in names(&std::env::temp_dir())

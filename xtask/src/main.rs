@@ -71,14 +71,12 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// setup, release build, then the benchmark harness (kproxy-bench).
+    /// setup, release build, then the benchmark sweep (kproxy-bench; see bench/README.md).
     Bench {
-        /// Comma-separated Service counts (each Service has 10 endpoints).
-        #[arg(long, default_value = "1000,10000")]
-        services: String,
-        /// Where JSON results and the Markdown table go.
-        #[arg(long, default_value = "bench/results")]
-        out: PathBuf,
+        /// kproxy-bench flags: --quick, --services 1000,5000, --modes ebpf,legacy,nft,nftables,direct,
+        /// --repeat N, --connects N, --changes N, --nft-cap S, --out DIR (default bench/results).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -124,7 +122,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             manifests,
             proxy_mode,
         } => demo(manifests, proxy_mode),
-        Command::Bench { services, out } => bench(&services, &out),
+        Command::Bench { args } => bench(&args),
         Command::Apiserver { args } => {
             let mut cmd = vec!["run", "-p", "kproxy-test-apiserver", "--"];
             cmd.extend(args.iter().map(String::as_str));
@@ -206,30 +204,38 @@ fn demo(manifests: Option<PathBuf>, mode: ProxyMode) -> Result<()> {
     )
 }
 
-fn bench(services: &str, out: &std::path::Path) -> Result<()> {
+/// kproxy-bench on the release kproxy, results in bench/results unless `--out` says otherwise.
+fn bench(args: &[String]) -> Result<()> {
     setup::setup()?;
     build()?;
     let kproxy = run::target_dir().join("release").join("kproxy");
-    let kproxy = kproxy.to_string_lossy();
-    let out = if out.is_absolute() {
-        out.to_path_buf()
-    } else {
-        workspace_root().join(out)
-    };
-    let out = out.to_string_lossy();
-    cargo(&[
-        "run",
-        "--release",
-        "-p",
-        "kproxy-bench",
-        "--",
-        "--kproxy",
-        &kproxy,
-        "--services",
-        services,
-        "--out",
-        &out,
-    ])
+    let mut cmd: Vec<String> = ["run", "--release", "-p", "kproxy-bench", "--", "--kproxy"]
+        .map(String::from)
+        .to_vec();
+    cmd.push(kproxy.to_string_lossy().into_owned());
+    if !args.iter().any(|a| a == "--out" || a.starts_with("--out=")) {
+        cmd.push("--out".into());
+        cmd.push(
+            workspace_root()
+                .join("bench/results")
+                .to_string_lossy()
+                .into_owned(),
+        );
+    }
+    // kproxy-bench runs in the workspace root: a relative --out is taken
+    // from where the user stands.
+    let mut out_follows = false;
+    for a in args {
+        let a = match (out_follows, a.strip_prefix("--out=")) {
+            (true, _) => std::path::absolute(a)?.to_string_lossy().into_owned(),
+            (false, Some(dir)) => format!("--out={}", std::path::absolute(dir)?.display()),
+            (false, None) => a.clone(),
+        };
+        out_follows = a == "--out";
+        cmd.push(a);
+    }
+    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    cargo(&cmd)
 }
 
 #[cfg(test)]
@@ -244,8 +250,9 @@ mod tests {
 
     #[test]
     fn cli_parses() {
-        let cli = Cli::try_parse_from(["xtask", "bench", "--services", "10,20"]).unwrap();
-        assert!(matches!(cli.command, Command::Bench { ref services, .. } if services == "10,20"));
+        let cli =
+            Cli::try_parse_from(["xtask", "bench", "--quick", "--services", "10,20"]).unwrap();
+        assert!(matches!(cli.command, Command::Bench { ref args } if args.len() == 3));
         assert!(Cli::try_parse_from(["xtask", "test", "--no-setup"]).is_ok());
         let cli = Cli::try_parse_from(["xtask", "demo", "--proxy-mode", "ebpf"]).unwrap();
         assert!(matches!(

@@ -1,0 +1,648 @@
+//! One measured point: a line (a kproxy mode, the nftables ruleset, or no
+//! proxy at all) at N Services, once. Everything is black-box: kproxy is
+//! started through its CLI and read through `/healthz`, `/metrics`,
+//! `kproxy status`, /proc and the traffic its kernel state lets through.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, SocketAddrV4};
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::floor::{timed_load, Backend, Timed};
+use crate::manifests::{self, CLUSTER_CIDR, NODE_NAME};
+use crate::probe::{self, ConnectSamples, FloodResult};
+use crate::stats::{Histogram, Percentiles};
+use crate::sys::{bpf_map_memlock, cgroup_cpu_usec, http_get, Bpffs, Proc};
+use crate::topo::{Topology, BACKEND_PORT, DEVICES, POD_A, POD_B, PROBE_VIP};
+
+const HEALTHZ: &str = "127.0.0.1:10256";
+const METRICS: &str = "127.0.0.1:10249";
+
+/// A line of the plots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Line {
+    /// kproxy --proxy-mode ebpf.
+    Ebpf,
+    /// kproxy --proxy-mode iptables --iptables-backend legacy.
+    Legacy,
+    /// kproxy --proxy-mode iptables --iptables-backend nft (capped).
+    Nft,
+    /// kube-proxy's nftables ruleset shape loaded with `nft -f` (no controller).
+    Nftables,
+    /// No proxy: pod to pod, the physical limit of the topology.
+    Direct,
+}
+
+impl Line {
+    pub fn parse(s: &str) -> Result<Line> {
+        Ok(match s {
+            "ebpf" => Line::Ebpf,
+            "legacy" | "iptables-legacy" => Line::Legacy,
+            "nft" | "iptables-nft" => Line::Nft,
+            "nftables" => Line::Nftables,
+            "direct" => Line::Direct,
+            _ => bail!("unknown mode {s:?}: ebpf, legacy, nft, nftables or direct"),
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Line::Ebpf => "ebpf",
+            Line::Legacy => "iptables-legacy",
+            Line::Nft => "iptables-nft",
+            Line::Nftables => "nftables (ruleset)",
+            Line::Direct => "direct",
+        }
+    }
+
+    pub fn is_kproxy(self) -> bool {
+        matches!(self, Line::Ebpf | Line::Legacy | Line::Nft)
+    }
+}
+
+/// How much each point measures.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub connects: usize,
+    pub changes: usize,
+    pub flood_secs: f64,
+    pub flood_threads: usize,
+    /// iptables-nft: give up on a sync (kproxy's or the floor's) after this.
+    pub nft_cap: Duration,
+    /// Every other sync.
+    pub sync_deadline: Duration,
+    /// Stop the endpoint changes of one point after this long.
+    pub change_budget: Duration,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct SyncSample {
+    /// kproxy: spawn until the first 200 on /healthz.
+    pub start_to_healthy_s: Option<f64>,
+    /// kproxy: kubeproxy_sync_full_proxy_rules_duration_seconds sum / count.
+    /// nftables: the `nft -f` of the whole ruleset.
+    pub full_sync_s: Option<f64>,
+    /// iptables: `-A` lines in iptables-save; ebpf: frontends in
+    /// `kproxy status`; nftables: chains in the ruleset.
+    pub programmed: Option<usize>,
+    pub rss_kib: Option<u64>,
+    /// ebpf: bytes locked by the BPF maps kproxy holds.
+    pub bpf_memlock_bytes: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConnectSeries {
+    /// `hooked` (a pod in the cgroup ebpf mode balances) or `outside`.
+    pub from: &'static str,
+    /// `service` (the probe's ClusterIP) or `direct` (pod A's address).
+    pub to: &'static str,
+    /// µs.
+    pub connect: Percentiles,
+    pub histogram: Histogram,
+    pub wrong_backend: usize,
+    pub errors: std::collections::BTreeMap<String, usize>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FloodSample {
+    pub from: &'static str,
+    pub to: &'static str,
+    pub conns_per_s: f64,
+    pub failed: u64,
+    /// CPU time of every process of the node's cgroup (backends, client,
+    /// kproxy, and the kernel work done on their behalf) per 1,000 connections.
+    pub cpu_ms_per_1k: f64,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct ChangeSample {
+    /// ms from the atomic rename of the EndpointSlice file until the first
+    /// answer from the new backend, one per change.
+    pub latency_ms: Vec<f64>,
+    pub percentiles: Percentiles,
+    /// Answers from the old backend and failures, over all changes.
+    pub stale: usize,
+    pub failed: usize,
+    /// Fewer changes than asked: the time budget ran out.
+    pub budget_hit: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Run {
+    pub services: usize,
+    pub line: Line,
+    pub repeat: usize,
+    /// Did not finish within the cap (iptables-nft): nothing else measured.
+    pub capped: bool,
+    pub sync: SyncSample,
+    pub connect: Vec<ConnectSeries>,
+    pub floods: Vec<FloodSample>,
+    pub changes: Option<ChangeSample>,
+    pub rss_after_changes_kib: Option<u64>,
+    pub errors: Vec<String>,
+    /// Why nothing was measured, when so.
+    pub note: Option<String>,
+    pub wall_s: f64,
+}
+
+impl Run {
+    fn empty(services: usize, line: Line, repeat: usize) -> Run {
+        Run {
+            services,
+            line,
+            repeat,
+            capped: false,
+            sync: SyncSample::default(),
+            connect: Vec::new(),
+            floods: Vec::new(),
+            changes: None,
+            rss_after_changes_kib: None,
+            errors: Vec::new(),
+            note: None,
+            wall_s: 0.0,
+        }
+    }
+
+    /// Not run: the line was capped at a smaller count.
+    pub fn skipped(services: usize, line: Line, repeat: usize) -> Run {
+        Run {
+            capped: true,
+            note: Some("skipped: capped at a smaller Service count".into()),
+            ..Run::empty(services, line, repeat)
+        }
+    }
+
+    pub fn connect(&self, from: &str, to: &str) -> Option<&Percentiles> {
+        self.connect
+            .iter()
+            .find(|c| c.from == from && c.to == to && c.connect.count > 0)
+            .map(|c| &c.connect)
+    }
+
+    pub fn flood(&self, from: &str, to: &str) -> Option<&FloodSample> {
+        self.floods.iter().find(|f| f.from == from && f.to == to)
+    }
+}
+
+/// Everything one point needs.
+pub struct Setup<'a> {
+    pub kproxy: &'a Path,
+    /// The N Services' manifests (the probe Service is added here).
+    pub manifests: &'a Path,
+    pub services: usize,
+    pub logs: &'a Path,
+    pub work: &'a Path,
+}
+
+pub fn measure(setup: &Setup, line: Line, repeat: usize, plan: &Plan) -> Run {
+    let start = Instant::now();
+    let mut run = Run::empty(setup.services, line, repeat);
+    if let Err(e) = measure_into(setup, line, plan, &mut run) {
+        run.errors.push(format!("{e:#}"));
+    }
+    run.wall_s = start.elapsed().as_secs_f64();
+    run
+}
+
+fn measure_into(setup: &Setup, line: Line, plan: &Plan, run: &mut Run) -> Result<()> {
+    let topo = Topology::new()?;
+    let vip = SocketAddrV4::new(PROBE_VIP, 80);
+    let direct = SocketAddrV4::new(POD_A, BACKEND_PORT);
+    match line {
+        Line::Direct => {
+            datapath(&topo, &[direct], plan, run)?;
+        }
+        Line::Nftables => {
+            let mut svcs: Vec<_> = (0..setup.services).map(manifests::spec).collect();
+            svcs.push(manifests::probe_spec(PROBE_VIP, POD_A));
+            let rules = crate::nftables::ruleset(&svcs, CLUSTER_CIDR);
+            let file = setup.work.join(format!("nftables-{}.nft", setup.services));
+            std::fs::write(&file, &rules)?;
+            run.sync.programmed = Some(crate::nftables::size(&rules).0);
+            match timed_load(&topo.node, "nft", &["-f", "-"], &file, plan.nft_cap)? {
+                Timed::Done(s) => run.sync.full_sync_s = Some(s),
+                Timed::Capped(_) => {
+                    run.capped = true;
+                    return Ok(());
+                }
+            }
+            topo.wait_answer(vip, "A", Duration::from_secs(10))?;
+            datapath(&topo, &[vip, direct], plan, run)?;
+        }
+        Line::Ebpf | Line::Legacy | Line::Nft => {
+            kproxy_point(setup, &topo, line, plan, run)?;
+        }
+    }
+    Ok(())
+}
+
+fn kproxy_point(
+    setup: &Setup,
+    topo: &Topology,
+    line: Line,
+    plan: &Plan,
+    run: &mut Run,
+) -> Result<()> {
+    let vip = SocketAddrV4::new(PROBE_VIP, 80);
+    let direct = SocketAddrV4::new(POD_A, BACKEND_PORT);
+    manifests::write_atomic(
+        setup.manifests,
+        "probe.yaml",
+        &manifests::probe_service(PROBE_VIP),
+    )?;
+    manifests::write_atomic(setup.manifests, "probe-slice.yaml", &probe_slice(POD_A))?;
+    let bpffs = match line {
+        Line::Ebpf => Some(Bpffs::new()?),
+        _ => None,
+    };
+    let mode: Vec<String> = match (line, &bpffs) {
+        (Line::Ebpf, Some(b)) => b.args(topo.cgroups.child("hooked"), DEVICES),
+        (Line::Nft, _) => ipt_args(Backend::Nft),
+        _ => ipt_args(Backend::Legacy),
+    };
+    let log = setup
+        .logs
+        .join(format!("kproxy-{}-{}.log", setup.services, line_file(line)));
+    let started = Instant::now();
+    let mut cmd = topo
+        .node
+        .command_in(setup.kproxy, topo.cgroups.child("kproxy"));
+    cmd.arg("run")
+        .args(&mode)
+        .arg("--manifests")
+        .arg(setup.manifests)
+        .args([
+            "--hostname-override",
+            NODE_NAME,
+            "--cluster-cidr",
+            CLUSTER_CIDR,
+            "--healthz-bind-address",
+            HEALTHZ,
+            "--metrics-bind-address",
+            METRICS,
+            // The change itself, not a rate limit, is what is measured.
+            "--iptables-min-sync-period",
+            "0s",
+        ])
+        .stdin(Stdio::null());
+    let mut kproxy = Proc::spawn(cmd, "kproxy run", Some(&log))?;
+    let deadline = if line == Line::Nft {
+        plan.nft_cap
+    } else {
+        plan.sync_deadline
+    };
+    match wait_healthy(topo, &mut kproxy, started, deadline)? {
+        Some(s) => run.sync.start_to_healthy_s = Some(s),
+        None if line == Line::Nft => {
+            run.capped = true;
+            return Ok(());
+        }
+        None => bail!("kproxy not healthy after {deadline:?}{}", kproxy.log_tail()),
+    }
+    run.sync.rss_kib = kproxy.rss_kib().ok();
+    if line == Line::Ebpf {
+        run.sync.bpf_memlock_bytes = bpf_map_memlock(kproxy.pid()).ok();
+    }
+    run.sync.full_sync_s = full_sync_seconds(topo)?;
+    run.sync.programmed = programmed(setup.kproxy, topo, line, &mode).ok();
+
+    topo.wait_answer(vip, "A", Duration::from_secs(60))
+        .with_context(|| format!("the probe Service never answered{}", kproxy.log_tail()))?;
+    datapath(topo, &[vip, direct], plan, run)?;
+    kproxy.check_alive()?;
+    run.changes = Some(endpoint_changes(setup.manifests, topo, plan)?);
+    run.rss_after_changes_kib = kproxy.rss_kib().ok();
+    kproxy.check_alive()?;
+    kproxy.stop();
+    Ok(())
+}
+
+fn ipt_args(b: Backend) -> Vec<String> {
+    ["--proxy-mode", "iptables", "--iptables-backend", b.name()]
+        .map(String::from)
+        .to_vec()
+}
+
+fn line_file(line: Line) -> &'static str {
+    match line {
+        Line::Ebpf => "ebpf",
+        Line::Legacy => "legacy",
+        Line::Nft => "nft",
+        Line::Nftables => "nftables",
+        Line::Direct => "direct",
+    }
+}
+
+fn probe_slice(endpoint: std::net::Ipv4Addr) -> String {
+    let mut y = String::new();
+    manifests::endpoint_slice(&mut y, "probe", &[endpoint]);
+    y
+}
+
+/// Polls /healthz inside the node until 200: Some(seconds since `since`),
+/// None after `deadline`.
+fn wait_healthy(
+    topo: &Topology,
+    kproxy: &mut Proc,
+    since: Instant,
+    deadline: Duration,
+) -> Result<Option<f64>> {
+    let addr: SocketAddr = HEALTHZ.parse()?;
+    loop {
+        kproxy.check_alive()?;
+        let status = topo
+            .node
+            .run_in(move || http_get(addr, "/healthz", Duration::from_millis(500)));
+        if let Ok((200, _)) = status {
+            return Ok(Some(since.elapsed().as_secs_f64()));
+        }
+        if since.elapsed() > deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// One value of a Prometheus text exposition.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+fn full_sync_seconds(topo: &Topology) -> Result<Option<f64>> {
+    let addr: SocketAddr = METRICS.parse()?;
+    let (code, text) = topo
+        .node
+        .run_in(move || http_get(addr, "/metrics", Duration::from_secs(5)))
+        .with_context(|| format!("fetching http://{METRICS}/metrics"))?;
+    if code != 200 {
+        bail!("http://{METRICS}/metrics answered {code}");
+    }
+    let base = "kubeproxy_sync_full_proxy_rules_duration_seconds";
+    Ok(
+        match (
+            metric(&text, &format!("{base}_sum")),
+            metric(&text, &format!("{base}_count")),
+        ) {
+            (Some(s), Some(c)) if c > 0.0 => Some(s / c),
+            _ => None,
+        },
+    )
+}
+
+/// What the kernel holds after the sync, read back.
+fn programmed(kproxy: &Path, topo: &Topology, line: Line, mode: &[String]) -> Result<usize> {
+    match line {
+        Line::Ebpf => {
+            let out = topo
+                .node
+                .command(kproxy)
+                .arg("status")
+                .args(&mode[..4])
+                .args(["-o", "json"])
+                .stdin(Stdio::null())
+                .output()
+                .context("kproxy status")?;
+            if !out.status.success() {
+                bail!(
+                    "kproxy status failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            Ok(v.as_array().map_or(0, Vec::len))
+        }
+        _ => {
+            let b = if line == Line::Nft {
+                Backend::Nft
+            } else {
+                Backend::Legacy
+            };
+            let save = topo.node.exec(&b.tool("save"), &[])?;
+            Ok(save.lines().filter(|l| l.starts_with("-A")).count())
+        }
+    }
+}
+
+/// Runs `kproxy-bench probe KIND` in the client pod, in `cgroup`, and
+/// parses its one JSON line.
+fn probe_json<T: serde::de::DeserializeOwned>(
+    topo: &Topology,
+    cgroup: &str,
+    kind: &str,
+    targets: &[SocketAddrV4],
+    extra: &[String],
+) -> Result<T> {
+    let exe = std::env::current_exe()?;
+    let mut cmd = topo.client().command_in(&exe, topo.cgroups.child(cgroup));
+    cmd.args(["probe", kind]);
+    for t in targets {
+        cmd.args(["--target", &t.to_string()]);
+    }
+    cmd.args(extra).stdin(Stdio::null());
+    let out = cmd
+        .output()
+        .with_context(|| format!("running probe {kind}"))?;
+    if !out.status.success() {
+        bail!(
+            "probe {kind} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&out.stdout).with_context(|| format!("parsing probe {kind} output"))
+}
+
+/// Connect latency from both clients, then the connection floods.
+fn datapath(topo: &Topology, targets: &[SocketAddrV4], plan: &Plan, run: &mut Run) -> Result<()> {
+    let names = |t: &SocketAddrV4| {
+        if t.ip() == &PROBE_VIP {
+            "service"
+        } else {
+            "direct"
+        }
+    };
+    for from in ["hooked", "outside"] {
+        let series: Vec<ConnectSamples> = probe_json(
+            topo,
+            from,
+            "connect",
+            targets,
+            &[
+                "--expect".into(),
+                "A".into(),
+                "--count".into(),
+                plan.connects.to_string(),
+                "--secs".into(),
+                "300".into(),
+            ],
+        )?;
+        for (t, s) in targets.iter().zip(series) {
+            run.connect.push(ConnectSeries {
+                from,
+                to: names(t),
+                connect: Percentiles::of(&s.connect_us),
+                histogram: Histogram::of(&s.connect_us),
+                wrong_backend: s.wrong_backend,
+                errors: s.errors,
+            });
+        }
+    }
+    let mut floods = vec![("hooked", targets[0])];
+    if targets.len() > 1 {
+        floods.push(("outside", targets[0]));
+        floods.push(("hooked", targets[1]));
+    }
+    for (from, target) in floods {
+        let cpu0 = cgroup_cpu_usec(topo.node_cgroup())?;
+        let r: FloodResult = probe_json(
+            topo,
+            from,
+            "flood",
+            &[target],
+            &[
+                "--secs".into(),
+                plan.flood_secs.to_string(),
+                "--threads".into(),
+                plan.flood_threads.to_string(),
+                "--count".into(),
+                "2000000".into(),
+            ],
+        )?;
+        let cpu_ms = (cgroup_cpu_usec(topo.node_cgroup())? - cpu0) as f64 / 1000.0;
+        run.floods.push(FloodSample {
+            from,
+            to: names(&target),
+            conns_per_s: r.ok as f64 / r.secs.max(1e-9),
+            failed: r.failed,
+            cpu_ms_per_1k: if r.ok > 0 {
+                cpu_ms / r.ok as f64 * 1000.0
+            } else {
+                f64::NAN
+            },
+        });
+    }
+    Ok(())
+}
+
+/// Switches the probe's EndpointSlice between A and B `plan.changes` times
+/// while a client in the hooked cgroup loops on the ClusterIP; each change
+/// is timed from the rename until the first answer from the new backend.
+fn endpoint_changes(manifests: &Path, topo: &Topology, plan: &Plan) -> Result<ChangeSample> {
+    let exe = std::env::current_exe()?;
+    let mut cmd = topo.client().command_in(&exe, topo.cgroups.child("hooked"));
+    let budget = plan.change_budget.as_secs_f64();
+    cmd.args(["probe", "follow", "--target", &format!("{PROBE_VIP}:80")])
+        .args(["--secs", &(budget + 300.0).to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut follower = Proc::spawn(cmd, "probe follow", None)?;
+    let stdout = follower.child.stdout.take().context("follower stdout")?;
+    let (tx, rx) = mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let result = (|| -> Result<ChangeSample> {
+        let mut sample = ChangeSample::default();
+        // Traffic reaches A before the first switch.
+        wait_line(&rx, 0, "A", Duration::from_secs(60), &mut 0, &mut 0)?;
+        let start = Instant::now();
+        for k in 0..plan.changes {
+            if start.elapsed() > plan.change_budget {
+                sample.budget_hit = true;
+                break;
+            }
+            let (to, ip) = if k % 2 == 0 {
+                ("B", POD_B)
+            } else {
+                ("A", POD_A)
+            };
+            // Drop what was read before the switch.
+            while rx.try_recv().is_ok() {}
+            let t0 = probe::monotonic_ns();
+            manifests::write_atomic(manifests, "probe-slice.yaml", &probe_slice(ip))?;
+            let t = wait_line(
+                &rx,
+                t0,
+                to,
+                Duration::from_secs(300),
+                &mut sample.stale,
+                &mut sample.failed,
+            )
+            .with_context(|| format!("change {k}: traffic never moved to {to}"))?;
+            sample.latency_ms.push((t - t0) as f64 / 1e6);
+        }
+        sample.percentiles = Percentiles::of(&sample.latency_ms);
+        Ok(sample)
+    })();
+    // Closing stdin ends the follower; then its output ends.
+    drop(follower.child.stdin.take());
+    let _ = follower.child.wait();
+    drop(rx);
+    let _ = reader.join();
+    result
+}
+
+/// Reads follower lines until one at or after `t0` answered `want`;
+/// returns its time. Counts other answers after `t0` as stale or failed.
+fn wait_line(
+    rx: &mpsc::Receiver<String>,
+    t0: u64,
+    want: &str,
+    timeout: Duration,
+    stale: &mut usize,
+    failed: &mut usize,
+) -> Result<u64> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .context("no answer in time (or the client stopped)")?;
+        let Some((t, what)) = probe::parse_follow_line(&line) else {
+            continue;
+        };
+        if t < t0 {
+            continue;
+        }
+        match what {
+            Ok(name) if name == want => return Ok(t),
+            Ok(_) => *stale += 1,
+            Err(_) => *failed += 1,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_metrics() {
+        let text = "# HELP x\nkubeproxy_sync_full_proxy_rules_duration_seconds_sum 1.5\nkubeproxy_sync_full_proxy_rules_duration_seconds_count 3\n";
+        let base = "kubeproxy_sync_full_proxy_rules_duration_seconds";
+        assert_eq!(metric(text, &format!("{base}_sum")), Some(1.5));
+        assert_eq!(metric(text, &format!("{base}_count")), Some(3.0));
+        assert_eq!(metric(text, base), None);
+    }
+
+    #[test]
+    fn lines_parse() {
+        assert_eq!(Line::parse("ebpf").unwrap(), Line::Ebpf);
+        assert_eq!(Line::parse("iptables-legacy").unwrap(), Line::Legacy);
+        assert_eq!(Line::parse("nft").unwrap(), Line::Nft);
+        assert!(Line::parse("ipvs").is_err());
+        assert!(Line::Nft.is_kproxy() && !Line::Nftables.is_kproxy());
+    }
+}

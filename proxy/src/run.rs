@@ -102,6 +102,9 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         args.mode.proxy_mode,
     ));
 
+    // For `kproxy forward .../udp`; dropped (stopped) when run returns.
+    let _udp_relay = server::udp_relay::start(args.udp_relay_port, &args.cluster_cidr).await;
+
     let (snap_tx, snap_rx) = watch::channel(Snapshot::default());
     let source_task = match (args.manifests.clone(), kube_client) {
         (Some(dir), _) => tokio::spawn(async move {

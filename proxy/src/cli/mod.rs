@@ -52,10 +52,11 @@ pub enum Command {
 pub struct ForwardArgs {
     /// What to forward to: pod/NAME, svc/NAME, deploy/NAME, statefulset/NAME or rs/NAME
     /// (kubectl's aliases work too; a bare NAME is a pod).
-    #[arg(value_name = "TYPE/NAME")]
-    pub target: String,
+    #[arg(value_name = "TYPE/NAME", required = true)]
+    pub target: Option<String>,
     /// Port pairs: LOCAL:REMOTE, :REMOTE (a free local port, printed) or PORT (the same both
-    /// sides). REMOTE may be a port name (a container port's, or for svc/ a Service port's).
+    /// sides), with /udp for UDP (5353:53/udp). REMOTE may be a port name (a container port's,
+    /// or for svc/ a Service port's).
     #[arg(value_name = "[LOCAL]:REMOTE", required = true, num_args = 1..)]
     pub ports: Vec<String>,
     /// Namespace of the target. Default: the kubeconfig context's namespace.
@@ -91,6 +92,22 @@ pub struct ForwardArgs {
     /// Connection set-ups (API requests) in flight at once; more connections wait their turn.
     #[arg(long, value_name = "N", default_value_t = 16)]
     pub max_concurrent_setups: usize,
+    /// UDP: namespace of the kproxy agent pods that relay datagrams.
+    #[arg(long, value_name = "NAMESPACE", default_value = "kube-system")]
+    pub udp_relay_namespace: String,
+    /// UDP: label selector of the kproxy agent pods.
+    #[arg(
+        long,
+        value_name = "SELECTOR",
+        default_value = "app.kubernetes.io/name=kproxy"
+    )]
+    pub udp_relay_selector: String,
+    /// UDP: the agents' relay port (their `kproxy run --udp-relay-port`).
+    #[arg(long, value_name = "PORT", default_value_t = crate::server::udp_relay::DEFAULT_PORT)]
+    pub udp_relay_port: u16,
+    /// UDP: a client address's session is closed after this long without datagrams.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub udp_idle_timeout: Duration,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -191,6 +208,10 @@ pub struct RunArgs {
     /// Remove everything kproxy programmed, then exit (as `kproxy cleanup`).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
     pub cleanup: bool,
+    /// Loopback port of the UDP relay that `kproxy forward ... PORT/udp` reaches through the
+    /// API's port-forward to this pod (datagrams go to --cluster-cidr only when set); 0: off.
+    #[arg(long, value_name = "PORT", default_value_t = crate::server::udp_relay::DEFAULT_PORT)]
+    pub udp_relay_port: u16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

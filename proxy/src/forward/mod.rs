@@ -10,6 +10,7 @@ pub mod resolve;
 pub mod spdy;
 pub mod spec;
 pub mod tunnel;
+pub mod udp;
 pub mod upgrade;
 
 use std::net::SocketAddr;
@@ -19,7 +20,7 @@ use std::time::Duration;
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -61,17 +62,28 @@ pub struct Stats {
     /// Pod → client.
     pub bytes_out: AtomicU64,
     pub errors: AtomicU64,
+    /// UDP datagrams client → pod, and pod → client.
+    pub datagrams_in: AtomicU64,
+    pub datagrams_out: AtomicU64,
 }
 
 impl Stats {
     pub fn summary(&self) -> String {
-        format!(
+        let mut s = format!(
             "{} connections, {} bytes in, {} bytes out, {} errors",
             self.connections.load(Ordering::Relaxed),
             self.bytes_in.load(Ordering::Relaxed),
             self.bytes_out.load(Ordering::Relaxed),
             self.errors.load(Ordering::Relaxed),
-        )
+        );
+        let (din, dout) = (
+            self.datagrams_in.load(Ordering::Relaxed),
+            self.datagrams_out.load(Ordering::Relaxed),
+        );
+        if din + dout > 0 {
+            s.push_str(&format!(", {din} datagrams in, {dout} datagrams out"));
+        }
+        s
     }
 }
 
@@ -84,12 +96,12 @@ enum SetupError {
 }
 
 /// The kube client, and the namespace to use.
-async fn client(args: &ForwardArgs) -> Result<(Client, String), ForwardError> {
+async fn client(spec: &ForwardSpec) -> Result<(Client, String), ForwardError> {
     let opts = KubeConfigOptions {
-        context: args.context.clone(),
+        context: spec.context.clone(),
         ..Default::default()
     };
-    let config = match &args.kubeconfig {
+    let config = match &spec.kubeconfig {
         Some(path) => {
             let kc = Kubeconfig::read_from(path).map_err(|e| {
                 ForwardError::Config(format!("cannot read kubeconfig {}: {e}", path.display()))
@@ -98,7 +110,7 @@ async fn client(args: &ForwardArgs) -> Result<(Client, String), ForwardError> {
                 .await
                 .map_err(|e| ForwardError::Config(format!("kubeconfig {}: {e}", path.display())))?
         }
-        None if args.context.is_some() => Config::from_kubeconfig(&opts)
+        None if spec.context.is_some() => Config::from_kubeconfig(&opts)
             .await
             .map_err(|e| ForwardError::Config(format!("kubeconfig: {e}")))?,
         None => Config::infer().await.map_err(|e| {
@@ -107,7 +119,7 @@ async fn client(args: &ForwardArgs) -> Result<(Client, String), ForwardError> {
             ))
         })?,
     };
-    let ns = args
+    let ns = spec
         .namespace
         .clone()
         .unwrap_or_else(|| config.default_namespace.clone());
@@ -147,6 +159,11 @@ struct Shared {
     dialer: Dialer,
     /// Bounds the connection set-ups in flight (API requests).
     setups: tokio::sync::Semaphore,
+    /// UDP pairs: where the relays are, and how to reach them.
+    relay: Option<udp::RelayOpts>,
+    relay_dialer: Option<Dialer>,
+    /// Bytes of the relay streams (framing included), kept apart.
+    relay_stats: Stats,
     pairs: Vec<PortPair>,
     stats: Stats,
     opts: tunnel::TunnelOpts,
@@ -456,21 +473,47 @@ async fn handle(shared: Arc<Shared>, local: TcpStream, idx: usize, fatal: mpsc::
     }
 }
 
+/// A bound local socket of a pair.
+enum Listener {
+    Tcp(TcpListener),
+    Udp(UdpSocket),
+}
+
+impl Listener {
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr(),
+            Listener::Udp(s) => s.local_addr(),
+        }
+    }
+}
+
+fn bind_one(addr: SocketAddr, protocol: spec::Protocol) -> std::io::Result<Listener> {
+    Ok(match protocol {
+        spec::Protocol::Tcp => {
+            let l = std::net::TcpListener::bind(addr)?;
+            l.set_nonblocking(true)?;
+            Listener::Tcp(TcpListener::from_std(l)?)
+        }
+        spec::Protocol::Udp => {
+            let s = std::net::UdpSocket::bind(addr)?;
+            s.set_nonblocking(true)?;
+            Listener::Udp(UdpSocket::from_std(s)?)
+        }
+    })
+}
+
 /// Binds every pair on every address (all before any is announced).
 fn bind_all(
     addrs: &[spec::BindAddr],
     pairs: &[PortPair],
-) -> Result<Vec<(TcpListener, usize)>, ForwardError> {
+) -> Result<Vec<(Listener, usize)>, ForwardError> {
     let mut out = Vec::new();
     for (i, pair) in pairs.iter().enumerate() {
         let mut port = pair.local;
         for a in addrs {
             let addr = SocketAddr::new(a.ip, port);
-            let bound = std::net::TcpListener::bind(addr).and_then(|l| {
-                l.set_nonblocking(true)?;
-                TcpListener::from_std(l)
-            });
-            match bound {
+            match bind_one(addr, pair.protocol) {
                 Ok(l) => {
                     if port == 0 {
                         port = l.local_addr()?.port();
@@ -496,72 +539,170 @@ fn bind_all(
     Ok(out)
 }
 
-pub async fn run(args: ForwardArgs) -> Result<(), ForwardError> {
-    let target = spec::parse_target(&args.target)?;
-    let pairs = args
+/// One forward: the target and ports of `kproxy forward TARGET PORTS...`,
+/// or an entry of a `-f` file.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardSpec {
+    /// `pod/NAME`, `svc/NAME`, ...
+    pub target: String,
+    /// Port pairs, as on the command line.
+    pub ports: Vec<String>,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub context: Option<String>,
+    #[serde(default)]
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// Local addresses (default: the command's `--address`).
+    #[serde(default)]
+    pub address: Vec<String>,
+}
+
+/// What every forward of a command shares: its flags.
+#[derive(Debug, Clone)]
+struct Common {
+    pod_wait_timeout: Duration,
+    check_interval: Duration,
+    transport: dial::Transport,
+    max_concurrent_setups: usize,
+    opts: tunnel::TunnelOpts,
+    relay: udp::RelayOpts,
+}
+
+impl Common {
+    fn from_args(args: &ForwardArgs) -> Common {
+        let keepalive = args.keepalive_interval.max(Duration::from_millis(10));
+        Common {
+            pod_wait_timeout: args.pod_wait_timeout,
+            check_interval: args.check_interval,
+            transport: args.transport,
+            max_concurrent_setups: args.max_concurrent_setups.max(1),
+            opts: tunnel::TunnelOpts {
+                half_close_timeout: args.half_close_timeout,
+                keepalive_interval: keepalive,
+            },
+            relay: udp::RelayOpts {
+                namespace: args.udp_relay_namespace.clone(),
+                selector: args.udp_relay_selector.clone(),
+                port: args.udp_relay_port,
+                idle: args.udp_idle_timeout.max(Duration::from_millis(10)),
+            },
+        }
+    }
+}
+
+/// A forward with its target checked and its ports bound.
+struct Prepared {
+    shared: Arc<Shared>,
+    listeners: Vec<(Listener, usize)>,
+    /// The `Forwarding from ...` lines.
+    lines: Vec<String>,
+}
+
+/// Checks the target and every port, then binds (nothing is left bound on
+/// an error).
+async fn prepare(spec: &ForwardSpec, common: &Common) -> Result<Prepared, ForwardError> {
+    let target = spec::parse_target(&spec.target)?;
+    let pairs = spec
         .ports
         .iter()
         .map(|p| spec::parse_port_pair(p))
         .collect::<Result<Vec<_>, _>>()?;
-    let addrs = spec::parse_addresses(&args.address)?;
-    let (client, ns) = client(&args).await?;
-    let keepalive = args.keepalive_interval.max(Duration::from_millis(10));
-    let dialer = Dialer::new(client.clone(), ns.clone(), args.transport, keepalive);
+    let addrs = spec::parse_addresses(&spec.address)?;
+    let (client, ns) = client(spec).await?;
+    let keepalive = common.opts.keepalive_interval;
+    let dialer = Dialer::new(client.clone(), ns.clone(), common.transport, keepalive);
+    let udp = pairs.iter().any(|p| p.protocol == spec::Protocol::Udp);
+    let relay_dialer = udp.then(|| {
+        Dialer::new(
+            client.clone(),
+            common.relay.namespace.clone(),
+            common.transport,
+            keepalive,
+        )
+    });
     let resolver = Resolver::new(client, ns, target);
     // Validate before listening: a wrong name, kind, port or permission
     // fails here, with nothing bound.
     let (pod, ports) = resolver.resolve(&pairs).await?;
     let listeners = bind_all(&addrs, &pairs)?;
+    let mut lines = Vec::new();
     for (l, i) in &listeners {
-        println!("Forwarding from {} -> {}", l.local_addr()?, ports[*i]);
+        let udp = if pairs[*i].protocol == spec::Protocol::Udp {
+            "/udp"
+        } else {
+            ""
+        };
+        lines.push(format!(
+            "Forwarding from {} -> {}{udp}",
+            l.local_addr()?,
+            ports[*i]
+        ));
     }
     let shared = Arc::new(Shared {
         resolver,
         dialer,
-        setups: tokio::sync::Semaphore::new(args.max_concurrent_setups.max(1)),
+        setups: tokio::sync::Semaphore::new(common.max_concurrent_setups),
+        relay: udp.then(|| common.relay.clone()),
+        relay_dialer,
+        relay_stats: Stats::default(),
         pairs,
         stats: Stats::default(),
-        opts: tunnel::TunnelOpts {
-            half_close_timeout: args.half_close_timeout,
-            keepalive_interval: keepalive,
-        },
-        pod_wait_timeout: args.pod_wait_timeout,
+        opts: common.opts,
+        pod_wait_timeout: common.pod_wait_timeout,
         api_down_since: Mutex::new(None),
         unavailable_since: Mutex::new(None),
         current_pod: Mutex::new(pod.name.clone()),
     });
+    Ok(Prepared {
+        shared,
+        listeners,
+        lines,
+    })
+}
+
+/// Serves a prepared forward until it fails for good; returns why.
+async fn serve(p: Prepared, check_interval: Duration) -> String {
+    let shared = p.shared;
     let (fatal_tx, mut fatal_rx) = mpsc::channel::<String>(4);
     let mut tasks = JoinSet::new();
-    for (l, i) in listeners {
+    for (l, i) in p.listeners {
         let shared = shared.clone();
         let fatal = fatal_tx.clone();
-        tasks.spawn(async move {
-            let mut conns = JoinSet::new();
-            loop {
-                tokio::select! {
-                    accepted = l.accept() => match accepted {
-                        Ok((s, _)) => {
-                            conns.spawn(handle(shared.clone(), s, i, fatal.clone()));
-                        }
-                        Err(e) => {
-                            tracing::warn!("accept: {e}");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    },
-                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                }
+        match l {
+            Listener::Udp(socket) => {
+                tasks.spawn(udp::serve(socket, shared, i, fatal));
             }
-        });
+            Listener::Tcp(l) => {
+                tasks.spawn(async move {
+                    let mut conns = JoinSet::new();
+                    loop {
+                        tokio::select! {
+                            accepted = l.accept() => match accepted {
+                                Ok((s, _)) => {
+                                    conns.spawn(handle(shared.clone(), s, i, fatal.clone()));
+                                }
+                                Err(e) => {
+                                    tracing::warn!("accept: {e}");
+                                    tokio::time::sleep(Duration::from_millis(50)).await;
+                                }
+                            },
+                            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                        }
+                    }
+                });
+            }
+        }
     }
     // The monitor notices a vanished target (and the API server's state)
     // without waiting for a connection.
     {
         let shared = shared.clone();
         let fatal = fatal_tx.clone();
-        let every = args.check_interval;
         tasks.spawn(async move {
             loop {
-                tokio::time::sleep(every).await;
+                tokio::time::sleep(check_interval).await;
                 match shared.resolve(&[]).await {
                     Ok(_) => {}
                     Err(SetupError::Fatal(msg)) => {
@@ -574,13 +715,35 @@ pub async fn run(args: ForwardArgs) -> Result<(), ForwardError> {
         });
     }
     drop(fatal_tx);
+    let why = fatal_rx
+        .recv()
+        .await
+        .unwrap_or_else(|| "the forward stopped".to_string());
+    tasks.abort_all();
+    why
+}
+
+pub async fn run(args: ForwardArgs) -> Result<(), ForwardError> {
+    let common = Common::from_args(&args);
+    let spec = ForwardSpec {
+        target: args.target.clone().unwrap_or_default(),
+        ports: args.ports.clone(),
+        namespace: args.namespace.clone(),
+        context: args.context.clone(),
+        kubeconfig: args.kubeconfig.clone(),
+        address: args.address.clone(),
+    };
+    let prepared = prepare(&spec, &common).await?;
+    for line in &prepared.lines {
+        println!("{line}");
+    }
+    let shared = prepared.shared.clone();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let result = tokio::select! {
         _ = tokio::signal::ctrl_c() => Ok(()),
         _ = sigterm.recv() => Ok(()),
-        Some(msg) = fatal_rx.recv() => Err(ForwardError::Fatal(msg)),
+        msg = serve(prepared, common.check_interval) => Err(ForwardError::Fatal(msg)),
     };
-    tasks.abort_all();
     eprintln!("kproxy forward: {}", shared.stats.summary());
     result
 }

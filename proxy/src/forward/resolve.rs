@@ -10,7 +10,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::ListParams;
 use kube::{Api, Client};
 
-use super::spec::{Kind, PortPair, RemotePort, Target};
+use super::spec::{Kind, PortPair, Protocol, RemotePort, Target};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
@@ -55,16 +55,29 @@ pub struct Resolved {
 }
 
 impl Resolved {
-    /// The container port named `name`.
-    fn container_port(&self, name: &str) -> Option<u16> {
+    /// The container port named `name` of `protocol`.
+    fn container_port(&self, name: &str, protocol: Protocol) -> Option<u16> {
         self.pod
             .spec
             .as_ref()?
             .containers
             .iter()
             .flat_map(|c| c.ports.iter().flatten())
-            .find(|p| p.name.as_deref() == Some(name))
+            .find(|p| {
+                p.name.as_deref() == Some(name)
+                    && p.protocol.as_deref().unwrap_or("TCP") == protocol.k8s()
+            })
             .and_then(|p| u16::try_from(p.container_port).ok())
+    }
+
+    /// The pod's IP (`status.podIP`).
+    pub fn ip(&self) -> Option<std::net::IpAddr> {
+        self.pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()
+    }
+
+    /// The node the pod runs on (`spec.nodeName`).
+    pub fn node(&self) -> Option<&str> {
+        self.pod.spec.as_ref()?.node_name.as_deref()
     }
 }
 
@@ -224,11 +237,17 @@ pub fn pod_port(
     pod: &Resolved,
     service: Option<&Service>,
     remote: &RemotePort,
+    protocol: Protocol,
 ) -> Result<u16, ResolveError> {
+    let udp = if protocol == Protocol::Udp {
+        "UDP "
+    } else {
+        ""
+    };
     let by_name = |n: &str| {
-        pod.container_port(n).ok_or_else(|| {
+        pod.container_port(n, protocol).ok_or_else(|| {
             ResolveError::Port(format!(
-                "pod {} has no container port named {n:?}",
+                "pod {} has no {udp}container port named {n:?}",
                 pod.name
             ))
         })
@@ -247,11 +266,16 @@ pub fn pod_port(
         .unwrap_or_default();
     let sp = ports
         .iter()
-        .find(|p| match remote {
-            RemotePort::Number(n) => p.port == i32::from(*n),
-            RemotePort::Name(n) => p.name.as_deref() == Some(n.as_str()),
+        .find(|p| {
+            p.protocol.as_deref().unwrap_or("TCP") == protocol.k8s()
+                && match remote {
+                    RemotePort::Number(n) => p.port == i32::from(*n),
+                    RemotePort::Name(n) => p.name.as_deref() == Some(n.as_str()),
+                }
         })
-        .ok_or_else(|| ResolveError::Port(format!("service {svc_name} has no port {remote}")))?;
+        .ok_or_else(|| {
+            ResolveError::Port(format!("service {svc_name} has no {udp}port {remote}"))
+        })?;
     match &sp.target_port {
         None => u16::try_from(sp.port)
             .map_err(|_| ResolveError::Port(format!("service port {} is invalid", sp.port))),
@@ -269,7 +293,7 @@ impl Resolver {
         let (pod, svc) = self.pod().await?;
         let ports = pairs
             .iter()
-            .map(|p| pod_port(&pod, svc.as_ref(), &p.remote))
+            .map(|p| pod_port(&pod, svc.as_ref(), &p.remote, p.protocol))
             .collect::<Result<Vec<_>, _>>()?;
         Ok((pod, ports))
     }
@@ -311,10 +335,16 @@ mod tests {
     #[test]
     fn pod_ports_by_number_and_name() {
         let p = pod();
-        assert_eq!(pod_port(&p, None, &num(1234)).unwrap(), 1234);
-        assert_eq!(pod_port(&p, None, &name("http")).unwrap(), 8080);
-        assert_eq!(pod_port(&p, None, &name("metrics")).unwrap(), 9090);
-        let e = pod_port(&p, None, &name("grpc")).unwrap_err();
+        assert_eq!(pod_port(&p, None, &num(1234), Protocol::Tcp).unwrap(), 1234);
+        assert_eq!(
+            pod_port(&p, None, &name("http"), Protocol::Tcp).unwrap(),
+            8080
+        );
+        assert_eq!(
+            pod_port(&p, None, &name("metrics"), Protocol::Tcp).unwrap(),
+            9090
+        );
+        let e = pod_port(&p, None, &name("grpc"), Protocol::Tcp).unwrap_err();
         assert_eq!(
             e.to_string(),
             "pod web-1 has no container port named \"grpc\""
@@ -330,26 +360,87 @@ mod tests {
             {"name": "same", "port": 7000},
             {"name": "bad", "port": 81, "targetPort": "nope"}
         ]));
-        assert_eq!(pod_port(&p, Some(&s), &num(80)).unwrap(), 8080);
-        assert_eq!(pod_port(&p, Some(&s), &name("web")).unwrap(), 8080);
-        assert_eq!(pod_port(&p, Some(&s), &num(9000)).unwrap(), 9090);
-        assert_eq!(pod_port(&p, Some(&s), &name("mon")).unwrap(), 9090);
-        assert_eq!(pod_port(&p, Some(&s), &num(7000)).unwrap(), 7000);
+        assert_eq!(
+            pod_port(&p, Some(&s), &num(80), Protocol::Tcp).unwrap(),
+            8080
+        );
+        assert_eq!(
+            pod_port(&p, Some(&s), &name("web"), Protocol::Tcp).unwrap(),
+            8080
+        );
+        assert_eq!(
+            pod_port(&p, Some(&s), &num(9000), Protocol::Tcp).unwrap(),
+            9090
+        );
+        assert_eq!(
+            pod_port(&p, Some(&s), &name("mon"), Protocol::Tcp).unwrap(),
+            9090
+        );
+        assert_eq!(
+            pod_port(&p, Some(&s), &num(7000), Protocol::Tcp).unwrap(),
+            7000
+        );
         // A container port number is not a Service port.
         assert_eq!(
-            pod_port(&p, Some(&s), &num(8080)).unwrap_err().to_string(),
+            pod_port(&p, Some(&s), &num(8080), Protocol::Tcp)
+                .unwrap_err()
+                .to_string(),
             "service web has no port 8080"
         );
         assert_eq!(
-            pod_port(&p, Some(&s), &name("http"))
+            pod_port(&p, Some(&s), &name("http"), Protocol::Tcp)
                 .unwrap_err()
                 .to_string(),
             "service web has no port http"
         );
         assert!(matches!(
-            pod_port(&p, Some(&s), &num(81)),
+            pod_port(&p, Some(&s), &num(81), Protocol::Tcp),
             Err(ResolveError::Port(m)) if m.contains("no container port named \"nope\"")
         ));
+    }
+
+    #[test]
+    fn udp_ports_are_their_own() {
+        let p: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "dns-1"},
+            "spec": {"containers": [{"name": "c", "ports": [
+                {"name": "dns", "containerPort": 5353, "protocol": "UDP"},
+                {"name": "dns-tcp", "containerPort": 5353}]}]}
+        }))
+        .unwrap();
+        let p = Resolved {
+            pod: p,
+            name: "dns-1".into(),
+        };
+        let s = svc(json!([
+            {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": "dns"},
+            {"name": "dns-tcp", "port": 53, "targetPort": "dns-tcp"},
+            {"name": "tcp-only", "port": 80}
+        ]));
+        assert_eq!(
+            pod_port(&p, Some(&s), &num(53), Protocol::Udp).unwrap(),
+            5353
+        );
+        assert_eq!(
+            pod_port(&p, Some(&s), &num(53), Protocol::Tcp).unwrap(),
+            5353
+        );
+        assert_eq!(
+            pod_port(&p, Some(&s), &num(80), Protocol::Udp)
+                .unwrap_err()
+                .to_string(),
+            "service web has no UDP port 80"
+        );
+        assert_eq!(
+            pod_port(&p, None, &name("dns"), Protocol::Udp).unwrap(),
+            5353
+        );
+        assert_eq!(
+            pod_port(&p, None, &name("dns-tcp"), Protocol::Udp)
+                .unwrap_err()
+                .to_string(),
+            "pod dns-1 has no UDP container port named \"dns-tcp\""
+        );
     }
 
     #[test]

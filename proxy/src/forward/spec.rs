@@ -19,6 +19,8 @@ pub enum SpecError {
     NamedNeedsLocal { spec: String },
     #[error("invalid --address {0:?}: expected localhost or an IP address")]
     InvalidAddress(String),
+    #[error("unsupported protocol {protocol:?} in {spec:?} (expected tcp or udp)")]
+    Protocol { protocol: String, spec: String },
 }
 
 /// The kind of a forward target, with kubectl's names for it.
@@ -111,11 +113,30 @@ impl fmt::Display for RemotePort {
     }
 }
 
+/// The protocol of a port pair (`53/udp`; TCP when not said).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// As Kubernetes spells it (`TCP`, `UDP`).
+    pub fn k8s(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortPair {
     /// 0: pick a free port.
     pub local: u16,
     pub remote: RemotePort,
+    pub protocol: Protocol,
 }
 
 fn parse_number(p: &str, spec: &str) -> Option<Result<u16, SpecError>> {
@@ -161,8 +182,27 @@ fn parse_remote(p: &str, spec: &str) -> Result<RemotePort, SpecError> {
 }
 
 /// `LOCAL:REMOTE`, `:REMOTE` (a free local port), or `PORT` (the same on
-/// both sides). REMOTE may be a port name; LOCAL 0 picks a free port.
-pub fn parse_port_pair(spec: &str) -> Result<PortPair, SpecError> {
+/// both sides), optionally followed by `/udp` or `/tcp`. REMOTE may be a
+/// port name; LOCAL 0 picks a free port.
+pub fn parse_port_pair(full: &str) -> Result<PortPair, SpecError> {
+    let (spec, protocol) = match full.rsplit_once('/') {
+        Some((s, p)) if p.eq_ignore_ascii_case("udp") => (s, Protocol::Udp),
+        Some((s, p)) if p.eq_ignore_ascii_case("tcp") => (s, Protocol::Tcp),
+        Some((_, p)) => {
+            return Err(SpecError::Protocol {
+                protocol: p.to_string(),
+                spec: full.to_string(),
+            })
+        }
+        None => (full, Protocol::Tcp),
+    };
+    parse_ports(spec).map(|mut p| {
+        p.protocol = protocol;
+        p
+    })
+}
+
+fn parse_ports(spec: &str) -> Result<PortPair, SpecError> {
     match spec.split_once(':') {
         Some((local, remote)) => {
             let local = if local.is_empty() {
@@ -181,12 +221,14 @@ pub fn parse_port_pair(spec: &str) -> Result<PortPair, SpecError> {
             Ok(PortPair {
                 local,
                 remote: parse_remote(remote, spec)?,
+                protocol: Protocol::Tcp,
             })
         }
         None => match parse_remote(spec, spec)? {
             RemotePort::Number(n) => Ok(PortPair {
                 local: n,
                 remote: RemotePort::Number(n),
+                protocol: Protocol::Tcp,
             }),
             RemotePort::Name(_) => Err(SpecError::NamedNeedsLocal {
                 spec: spec.to_string(),
@@ -255,6 +297,7 @@ mod tests {
         PortPair {
             local,
             remote: RemotePort::Number(remote),
+            protocol: Protocol::Tcp,
         }
     }
 
@@ -318,15 +361,39 @@ mod tests {
             pair("8080:http").unwrap(),
             PortPair {
                 local: 8080,
-                remote: RemotePort::Name("http".into())
+                remote: RemotePort::Name("http".into()),
+                protocol: Protocol::Tcp,
             }
         );
         assert_eq!(
             pair(":web-2").unwrap(),
             PortPair {
                 local: 0,
-                remote: RemotePort::Name("web-2".into())
+                remote: RemotePort::Name("web-2".into()),
+                protocol: Protocol::Tcp,
             }
+        );
+    }
+
+    #[test]
+    fn protocols() {
+        let udp = |local, remote| PortPair {
+            protocol: Protocol::Udp,
+            ..num(local, remote)
+        };
+        assert_eq!(pair("5353:53/udp").unwrap(), udp(5353, 53));
+        assert_eq!(pair("53/UDP").unwrap(), udp(53, 53));
+        assert_eq!(pair(":53/udp").unwrap(), udp(0, 53));
+        assert_eq!(pair("8080:80/tcp").unwrap(), num(8080, 80));
+        assert_eq!(
+            pair("5353:dns/udp").unwrap().remote,
+            RemotePort::Name("dns".into())
+        );
+        let e = pair("80/sctp").unwrap_err();
+        assert!(matches!(e, SpecError::Protocol { .. }));
+        assert!(
+            e.to_string().contains("unsupported protocol \"sctp\""),
+            "{e}"
         );
     }
 

@@ -17,6 +17,7 @@
 //! ```
 
 mod healthcheck;
+pub mod udp_relay;
 
 pub use healthcheck::HealthCheckServers;
 

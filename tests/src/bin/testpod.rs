@@ -3,8 +3,10 @@
 //! `serve --name NAME [--tcp PORT]... [--udp PORT]...` answers every TCP line
 //! and every UDP datagram with `NAME CLIENT_IP:CLIENT_PORT LOCAL_PORT`, so a
 //! test sees which pod answered, on which port, and which client address
-//! that pod saw. It prints
-//! `ready` once every socket is bound.
+//! that pod saw. `--udp-echo PORT` sends every datagram back as it came;
+//! `--dns PORT` answers DNS queries for an A record of any name with
+//! 10.96.0.53 (the answer names the question, as a resolver checks). It
+//! prints `ready` once every socket is bound.
 //!
 //! `client --target IP:PORT [--udp] [--count N] [--timeout-ms T]
 //! [--interval-ms I] [--hold]` prints one JSON line per attempt:
@@ -71,12 +73,56 @@ fn serve(args: &[String]) -> Result<(), String> {
             }
         }));
     }
+    for port in values(args, "--udp-echo") {
+        let socket = UdpSocket::bind(format!("0.0.0.0:{port}"))
+            .map_err(|e| format!("bind udp {port}: {e}"))?;
+        threads.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(&buf[..n], peer);
+            }
+        }));
+    }
+    for port in values(args, "--dns") {
+        let socket = UdpSocket::bind(format!("0.0.0.0:{port}"))
+            .map_err(|e| format!("bind udp {port}: {e}"))?;
+        threads.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                if let Some(answer) = dns_answer(&buf[..n], [10, 96, 0, 53]) {
+                    let _ = socket.send_to(&answer, peer);
+                }
+            }
+        }));
+    }
     println!("ready");
     std::io::stdout().flush().ok();
     for t in threads {
         let _ = t.join();
     }
     Ok(())
+}
+
+/// A DNS response to a one-question query: the question, and one A record
+/// `ip` for it (TTL 30). None for what is not such a query.
+fn dns_answer(query: &[u8], ip: [u8; 4]) -> Option<Vec<u8>> {
+    // Header: id, flags, qdcount 1; then the question (labels, type, class).
+    if query.len() < 12 || query[4..6] != [0, 1] {
+        return None;
+    }
+    let mut i = 12;
+    while *query.get(i)? != 0 {
+        i += 1 + query[i] as usize;
+    }
+    let question_end = i + 5;
+    let question = query.get(12..question_end)?;
+    let mut out = Vec::with_capacity(question_end + 16);
+    out.extend_from_slice(&query[..2]); // id
+    out.extend_from_slice(&[0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0]); // response, RD RA; 1 question, 1 answer
+    out.extend_from_slice(question);
+    out.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4]); // name pointer, A, IN, TTL, len
+    out.extend_from_slice(&ip);
+    Some(out)
 }
 
 fn answer_tcp(conn: TcpStream, name: &str) {

@@ -7,8 +7,7 @@
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{TunnelError, CHUNK};
 use crate::forward::spdy::{Session, StreamEvent};
@@ -23,8 +22,8 @@ fn headers(kind: &str, port: u16, request_id: u64) -> Vec<(String, String)> {
 }
 
 /// Splices `local` onto a new stream pair of `session` to `port`.
-pub async fn run(
-    local: TcpStream,
+pub async fn run<L: AsyncRead + AsyncWrite>(
+    local: L,
     session: &Session,
     port: u16,
     request_id: u64,
@@ -36,7 +35,7 @@ pub async fn run(
     error_tx.send(Bytes::new(), true).await?;
     let mut data = session.open(headers("data", port, request_id)).await?;
     let data_tx = data.sender();
-    let (mut lr, mut lw) = local.into_split();
+    let (mut lr, mut lw) = tokio::io::split(local);
 
     // Pod → client, and the error stream. Ok once the pod side has ended.
     let down = async {

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
@@ -25,8 +24,8 @@ async fn read_message<R: AsyncRead + Unpin>(r: &mut R, ch: u8) -> std::io::Resul
 }
 
 /// Splices `local` and `ws` until both directions are done (or one fails).
-pub async fn run<S>(
-    local: TcpStream,
+pub async fn run<L, S>(
+    local: L,
     ws: WebSocketStream<S>,
     v5: bool,
     port: u16,
@@ -34,9 +33,10 @@ pub async fn run<S>(
     stats: &Stats,
 ) -> Result<(), TunnelError>
 where
+    L: AsyncRead + AsyncWrite,
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut lr, mut lw) = local.into_split();
+    let (mut lr, mut lw) = tokio::io::split(local);
     let (mut sink, mut stream) = ws.split();
     let mut demux = Demux::new(0, port);
     let ch = demux.data_channel();

@@ -21,6 +21,9 @@ use kproxy_tests::topo::{LAN_IP, NODE_IPS, NODE_NAMES};
 use kproxy_tests::{Mode, Topology};
 use serde_json::json;
 
+/// `kproxy run`'s default `--udp-relay-port`.
+const RELAY_PORT: u16 = 10266;
+
 /// The port-forward dialer of a container runtime: localhost inside the
 /// network namespace the pod (by its IP) lives in.
 fn runtime_dialer(namespaces: HashMap<std::net::IpAddr, String>) -> Dialer {
@@ -157,6 +160,21 @@ fn udp_through_the_node_agents_relay() -> Result<()> {
     for i in 0..topo.nodes.len() {
         topo.nodes[i].config.kubeconfig = Some(kubeconfig.clone());
         topo.start_kproxy(i)?;
+    }
+    // The agents are ready once their relays listen (as a readiness probe
+    // would say).
+    for node in &topo.nodes {
+        kproxy_tests::poll::until(
+            &format!("the UDP relay on {}", node.name),
+            Duration::from_secs(30),
+            || {
+                node.ns
+                    .enter(|| std::net::TcpStream::connect(("127.0.0.1", RELAY_PORT)))?
+                    .map(drop)
+                    .map_err(Into::into)
+            },
+        )
+        .with_context(|| topo.logs())?;
     }
     // The agents as the API server sees them: hostNetwork pods of the DaemonSet.
     for (i, node) in NODE_NAMES.iter().enumerate() {

@@ -37,13 +37,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Sub {
-    /// A backend of the measured node (answers `NAME\n`, waits for the client to close).
+    /// A backend of the measured node (answers `NAME\n`).
     #[command(hide = true)]
     Serve {
         #[arg(long)]
         name: String,
         #[arg(long)]
         port: u16,
+        /// Wait for the client to close instead of closing first.
+        #[arg(long)]
+        client_closes: bool,
     },
     /// A client of the measured node: connect | flood | follow.
     #[command(hide = true)]
@@ -101,6 +104,13 @@ struct BenchArgs {
     /// [default: 900; --quick: 120].
     #[arg(long)]
     change_budget: Option<u64>,
+    /// The client closes each connection first (TIME_WAIT on the client,
+    /// as with a keep-alive HTTP client). By default the backend closes
+    /// first, as an HTTP/1.0 server does: TIME_WAIT then sits on the
+    /// backend, where a Service connection and a direct one from the same
+    /// client can meet on one 4-tuple (which a proxy must resolve).
+    #[arg(long)]
+    client_closes_first: bool,
     /// Few samples and small counts, for a check in minutes; flags given
     /// explicitly still apply.
     #[arg(long)]
@@ -113,7 +123,11 @@ struct BenchArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Some(Sub::Serve { name, port }) => probe::serve(&name, port),
+        Some(Sub::Serve {
+            name,
+            port,
+            client_closes,
+        }) => probe::serve(&name, port, client_closes),
         Some(Sub::Probe {
             kind,
             targets,
@@ -173,6 +187,7 @@ impl BenchArgs {
                 nft_cap: Duration::from_secs(pick(self.nft_cap, 300, 120)),
                 sync_deadline: Duration::from_secs(3600),
                 change_budget: Duration::from_secs(pick(self.change_budget, 900, 120)),
+                client_closes_first: self.client_closes_first,
             },
         }
     }

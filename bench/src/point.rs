@@ -79,6 +79,8 @@ pub struct Plan {
     pub sync_deadline: Duration,
     /// Stop the endpoint changes of one point after this long.
     pub change_budget: Duration,
+    /// Who closes each connection first (see `--client-closes-first`).
+    pub client_closes_first: bool,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -211,7 +213,7 @@ pub fn measure(setup: &Setup, line: Line, repeat: usize, plan: &Plan) -> Run {
 }
 
 fn measure_into(setup: &Setup, line: Line, plan: &Plan, run: &mut Run) -> Result<()> {
-    let topo = Topology::new()?;
+    let topo = Topology::new(plan.client_closes_first)?;
     let vip = SocketAddrV4::new(PROBE_VIP, 80);
     let direct = SocketAddrV4::new(POD_A, BACKEND_PORT);
     match line {
@@ -446,18 +448,9 @@ fn probe_json<T: serde::de::DeserializeOwned>(
     for t in targets {
         cmd.args(["--target", &t.to_string()]);
     }
-    cmd.args(extra).stdin(Stdio::null());
-    let out = cmd
-        .output()
-        .with_context(|| format!("running probe {kind}"))?;
-    if !out.status.success() {
-        bail!(
-            "probe {kind} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    serde_json::from_slice(&out.stdout).with_context(|| format!("parsing probe {kind} output"))
+    cmd.args(extra);
+    let out = kproxy_tests::netns::output(&mut cmd, &format!("kproxy-bench probe {kind}"))?;
+    serde_json::from_str(&out).with_context(|| format!("parsing probe {kind} output"))
 }
 
 /// Connect latency from both clients, then the connection floods.

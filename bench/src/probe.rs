@@ -2,11 +2,11 @@
 //! and `kproxy-bench probe ...`) so each can be placed in a pod's network
 //! namespace and cgroup (the socket hooks of ebpf mode act per cgroup).
 //!
-//! Every connection: connect, read the backend's one-line name, close. The
-//! client closes first, so TIME_WAIT stays on the client, which may reuse
-//! it (`tcp_tw_reuse`, set in the pods), and never on the backend, where
-//! it would let a Service connection and a direct one clash on the same
-//! 4-tuple in ways a real client does not cause.
+//! Every connection: connect, read the backend's one-line name, close. By
+//! default the backend closes first (as an HTTP/1.0 server does), so
+//! TIME_WAIT sits on the backend; with `--client-closes-first` the backend
+//! waits for the client's close and TIME_WAIT stays on the client, which
+//! reuses it (`tcp_tw_reuse`, set in the pods).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -29,9 +29,10 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// The backend: answers every connection with `NAME\n`, then waits for the
-/// client to close. A fixed pool of threads accepts on one socket.
-pub fn serve(name: &str, port: u16) -> Result<()> {
+/// The backend: answers every connection with `NAME\n`, then closes it (or,
+/// with `client_closes`, waits for the client to close). A fixed pool of
+/// threads accepts on one socket.
+pub fn serve(name: &str, port: u16, client_closes: bool) -> Result<()> {
     let listener =
         TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("binding port {port}"))?;
     let listener = Arc::new(listener);
@@ -44,7 +45,7 @@ pub fn serve(name: &str, port: u16) -> Result<()> {
             std::thread::spawn(move || loop {
                 let Ok((mut c, _)) = l.accept() else { continue };
                 let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
-                if c.write_all(reply.as_bytes()).is_ok() {
+                if c.write_all(reply.as_bytes()).is_ok() && client_closes {
                     let mut sink = [0u8; 64];
                     while matches!(c.read(&mut sink), Ok(n) if n > 0) {}
                 }

@@ -50,6 +50,7 @@ pub struct PlanJson {
     pub flood_threads: usize,
     pub nft_cap_s: f64,
     pub change_budget_s: f64,
+    pub client_closes_first: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -160,6 +161,7 @@ impl Sweep {
                 flood_threads: plan.flood_threads,
                 nft_cap_s: plan.nft_cap.as_secs_f64(),
                 change_budget_s: plan.change_budget.as_secs_f64(),
+                client_closes_first: plan.client_closes_first,
             },
             floors: Vec::new(),
             runs: Vec::new(),
@@ -415,8 +417,13 @@ impl Sweep {
     fn connect_table(&self, m: &mut String) {
         let _ = write!(
             m,
-            "\n## Connect latency (first packet)\n\nTime for `connect()` to complete (SYN out, SYN-ACK back) from pod C, {} connections per series in alternating blocks of 100 between the Service's ClusterIP and pod A's address (each then reads the backend's name and closes, client first). `hooked`: the client is in the cgroup ebpf mode balances (socket hooks); `outside`: it is not (ebpf: the TC path). In the iptables and nftables lines both clients take the same path.\n\n",
-            self.plan.connects
+            "\n## Connect latency (first packet)\n\nTime for `connect()` to complete (SYN out, SYN-ACK back) from pod C, {} connections per series in alternating blocks of 100 between the Service's ClusterIP and pod A's address; each then reads the backend's name, and {} closes first. `hooked`: the client is in the cgroup ebpf mode balances (socket hooks); `outside`: it is not (ebpf: the TC path). In the iptables and nftables lines both clients take the same path.\n\n",
+            self.plan.connects,
+            if self.plan.client_closes_first {
+                "the client"
+            } else {
+                "the backend (TIME_WAIT on the backend: a Service connection and a direct one may meet on one 4-tuple there)"
+            }
         );
         m.push_str("| Services | line | from | via Service p50 / p99 / p99.9 (µs) | direct p50 / p99 / p99.9 (µs) | Service / direct (p50) | errors |\n|---:|---|---|---:|---:|---:|---:|\n");
         for &n in &self.services {

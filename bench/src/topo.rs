@@ -52,8 +52,9 @@ pub struct Topology {
 }
 
 impl Topology {
-    /// Builds the node, the pods and the cgroups, and starts backends A and B.
-    pub fn new() -> Result<Self> {
+    /// Builds the node, the pods and the cgroups, and starts backends A and
+    /// B (which wait for the client to close when `client_closes`).
+    pub fn new(client_closes: bool) -> Result<Self> {
         let cgroups = CgroupTree::new("node", &["hooked", "outside", "kproxy"])?;
         let node = Netns::new("node")?;
         node_address(&node)?;
@@ -111,6 +112,9 @@ impl Topology {
         for (i, name) in ["A", "B"].into_iter().enumerate() {
             let mut cmd = topo.pods[i].command_in(&exe, topo.cgroups.child("hooked"));
             cmd.args(["serve", "--name", name, "--port", &BACKEND_PORT.to_string()]);
+            if client_closes {
+                cmd.arg("--client-closes");
+            }
             cmd.stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::piped());
             let mut p = Proc::spawn(cmd, &format!("backend {name}"), None)?;

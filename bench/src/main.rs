@@ -238,7 +238,9 @@ fn bench(args: BenchArgs) -> Result<()> {
     let started = Instant::now();
     let mut services = services;
     services.sort_unstable();
-    let mut nft_capped_at: Option<usize> = None;
+    // Lines that hit their cap (iptables-nft, nftables): superlinear, so a
+    // larger count would not finish either.
+    let mut capped: Vec<Line> = Vec::new();
     let mut nft_floor_capped_at: Option<usize> = None;
     for &n in &services {
         let dir = work.0.join(format!("manifests-{n}"));
@@ -283,8 +285,7 @@ fn bench(args: BenchArgs) -> Result<()> {
                 sweep.floors.push(f);
             }
             for &line in &lines {
-                if line == Line::Nft && nft_capped_at.is_some() {
-                    // Superlinear: a larger count would not finish either.
+                if capped.contains(&line) {
                     sweep.runs.push(point::Run::skipped(n, line, repeat));
                     continue;
                 }
@@ -300,8 +301,8 @@ fn bench(args: BenchArgs) -> Result<()> {
                 for e in &run.errors {
                     eprintln!("error: {e}");
                 }
-                if run.capped && line == Line::Nft {
-                    nft_capped_at = Some(n);
+                if run.capped {
+                    capped.push(line);
                 }
                 eprintln!("bench: {}", report::one_line(&run));
                 sweep.runs.push(run);

@@ -175,7 +175,7 @@ impl Run {
     pub fn skipped(services: usize, line: Line, repeat: usize) -> Run {
         Run {
             capped: true,
-            note: Some("skipped: capped at a smaller Service count".into()),
+            note: Some("skipped: capped at this or a smaller Service count".into()),
             ..Run::empty(services, line, repeat)
         }
     }

@@ -319,17 +319,24 @@ impl Sweep {
     }
 
     fn headline(&self, m: &mut String) {
-        let lines = self.lines.clone();
         m.push_str("## Headline\n\nFull sync (s; `nftables`: the `nft -f` of the whole ruleset) and first-packet latency p99 through the Service from a pod in the hooked cgroup (µs; `direct`: to the pod):\n\n");
         let _ = write!(m, "| Services |");
-        for l in &lines {
-            let _ = write!(m, " {} sync | {} p99 |", l.name(), l.name());
+        let mut cols = 0;
+        for l in &self.lines {
+            if *l != Line::Direct {
+                let _ = write!(m, " {} sync (s) |", l.name());
+                cols += 1;
+            }
+            let _ = write!(m, " {} p99 (µs) |", l.name());
+            cols += 1;
         }
-        m.push('\n');
-        let _ = writeln!(m, "|---:|{}", "---:|---:|".repeat(lines.len()));
+        let _ = writeln!(m, "\n|---:|{}", "---:|".repeat(cols));
         for &n in &self.services {
             let _ = write!(m, "| {n} |");
-            for &l in &lines {
+            for &l in &self.lines {
+                if l != Line::Direct {
+                    let _ = write!(m, " {} |", self.cell(n, l, 3, |r| r.sync.full_sync_s));
+                }
                 let to = if l == Line::Direct {
                     "direct"
                 } else {
@@ -337,8 +344,7 @@ impl Sweep {
                 };
                 let _ = write!(
                     m,
-                    " {} | {} |",
-                    self.cell(n, l, 3, |r| r.sync.full_sync_s),
+                    " {} |",
                     self.cell(n, l, 0, |r| r.connect("hooked", to).map(|p| p.p99))
                 );
             }

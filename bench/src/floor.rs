@@ -5,7 +5,7 @@
 
 use std::fs::File;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -92,9 +92,9 @@ pub fn timed_load(
     cap: Duration,
 ) -> Result<Timed> {
     let stdin = File::open(input).with_context(|| format!("opening {}", input.display()))?;
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &ns.name, program])
-        .args(args)
+    // Entered with setns by the harness: the load dies with the bench.
+    let mut cmd = ns.command(Path::new(program));
+    cmd.args(args)
         .stdin(stdin)
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -128,7 +128,7 @@ pub fn timed_load(
 }
 
 /// One `iptables-<backend>-restore --noflush` of rendered rules into a
-/// fresh namespace (the time includes `ip netns exec`, a few ms).
+/// fresh namespace (the time includes starting the tool, about a ms).
 pub fn restore(rules: &Path, backend: Backend, cap: Duration) -> Result<Timed> {
     let ns = Netns::new("floor")?;
     timed_load(&ns, &backend.tool("restore"), &["--noflush"], rules, cap)

@@ -3,10 +3,10 @@
 //! namespace and cgroup (the socket hooks of ebpf mode act per cgroup).
 //!
 //! Every connection: connect, read the backend's one-line name, close. By
-//! default the backend closes first (as an HTTP/1.0 server does), so
-//! TIME_WAIT sits on the backend; with `--client-closes-first` the backend
-//! waits for the client's close and TIME_WAIT stays on the client, which
-//! reuses it (`tcp_tw_reuse`, set in the pods).
+//! default the backend waits for the client's close, so TIME_WAIT stays on
+//! the client, which reuses it (`tcp_tw_reuse`, set in the pods); with
+//! `--backend-closes-first` the backend closes first (as an HTTP/1.0
+//! server does) and TIME_WAIT sits on the backend.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};

@@ -7,8 +7,10 @@ use tracing_subscriber::EnvFilter;
 use kproxy::cli::{Cli, Command, OutputFormat};
 use kproxy::{model, run, source, status};
 
-fn init_logging(verbosity: u8) {
+fn init_logging(verbosity: u8, quiet: bool) {
     let default = match verbosity {
+        // `kproxy forward -f` on a terminal: its status lines say what logs would.
+        0 if quiet => "error",
         0 | 1 => "info",
         2 | 3 => "debug",
         _ => "trace",
@@ -26,7 +28,9 @@ fn init_logging(verbosity: u8) {
 /// from `main` would print its backtrace).
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbosity);
+    let status_lines = matches!(&cli.command, Command::Forward(f) if f.file.is_some())
+        && std::io::IsTerminal::is_terminal(&std::io::stdout());
+    init_logging(cli.verbosity, status_lines);
     let kernel = !matches!(cli.command, Command::Forward(_) | Command::Render(_));
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,

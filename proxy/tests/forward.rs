@@ -153,7 +153,7 @@ impl Drop for Kproxy {
 
 struct Env {
     server: TestApiServer,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     kubeconfig: std::path::PathBuf,
     /// `--transport` for every forward (None: the default, auto).
     transport: Option<&'static str>,
@@ -167,7 +167,7 @@ impl Env {
         server.write_kubeconfig(&kubeconfig).unwrap();
         Env {
             server,
-            _dir: dir,
+            dir,
             kubeconfig,
             transport: None,
         }
@@ -1107,6 +1107,74 @@ async fn set_ups_are_bounded_and_queued() {
     let max = env.server.port_forward_max_in_flight();
     assert!((1..=4).contains(&max), "{max} set-ups at once");
     assert_eq!(env.server.port_forward_requests(), 40);
+}
+
+/// The local port in a status line `NAME: [up] 127.0.0.1:PORT -> ...`.
+fn up_port(line: &str) -> Option<u16> {
+    line.split_once("[up] 127.0.0.1:")?
+        .1
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// `-f`: forwards from a file. One has a target that does not exist yet:
+/// the other serves all along; the broken one says why in its status line,
+/// is retried, and comes up once its pod exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_of_forwards_keeps_the_others_up_when_one_is_broken() {
+    let env = Env::new().await;
+    let web_port = echo_server().await;
+    let db_port = greeter("db-up").await;
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    let file = env.dir.path().join("forwards.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "forwards:\n- target: pod/web\n  ports: [':{web_port}']\n- target: pod/db\n  ports: [':{db_port}']\n"
+        ),
+    )
+    .unwrap();
+    let mut kp = env.forward(&["-f", file.to_str().unwrap(), "--address", "127.0.0.1"]);
+    let web: u16 = eventually(DEADLINE, "pod/web up", || {
+        kp.stdout_lines()
+            .iter()
+            .find(|l| l.starts_with("pod/web: [up]"))
+            .and_then(|l| up_port(l))
+    })
+    .await;
+    assert_eq!(roundtrip(web, b"one").await.unwrap(), b"one");
+    eventually(DEADLINE, "pod/db's error line", || {
+        kp.stdout_lines()
+            .iter()
+            .any(|l| {
+                l.starts_with("pod/db: [error] pod \"db\" in namespace \"default\" not found; trying again in")
+            })
+            .then_some(())
+    })
+    .await;
+    assert!(kp.child.try_wait().unwrap().is_none(), "kproxy exited");
+    // The good one is untouched by the other's retries.
+    assert_eq!(roundtrip(web, b"two").await.unwrap(), b"two");
+    env.server.apply(pod("db", json!({}), &[])).unwrap();
+    let db: u16 = eventually(Duration::from_secs(60), "pod/db up", || {
+        kp.stdout_lines()
+            .iter()
+            .find(|l| l.starts_with("pod/db: [up]"))
+            .and_then(|l| up_port(l))
+    })
+    .await;
+    assert_eq!(greeting(db, 5).await.unwrap(), "db-up");
+    // A plain line per change (stdout is not a terminal here).
+    let lines = kp.stdout_lines();
+    assert!(lines.iter().all(|l| !l.contains('\x1b')), "{lines:?}");
+    kp.signal(libc::SIGINT);
+    assert!(kp.wait_exit().await.success());
+    kp.wait_stderr("kproxy forward: pod/web: 2 connections, 6 bytes in, 6 bytes out, 0 errors")
+        .await;
+    kp.wait_stderr("kproxy forward: pod/db: 1 connections")
+        .await;
 }
 
 // ---------------------------------------------------------------- bad input

@@ -52,13 +52,17 @@ pub enum Command {
 pub struct ForwardArgs {
     /// What to forward to: pod/NAME, svc/NAME, deploy/NAME, statefulset/NAME or rs/NAME
     /// (kubectl's aliases work too; a bare NAME is a pod).
-    #[arg(value_name = "TYPE/NAME", required = true)]
+    #[arg(value_name = "TYPE/NAME", required_unless_present = "file")]
     pub target: Option<String>,
     /// Port pairs: LOCAL:REMOTE, :REMOTE (a free local port, printed) or PORT (the same both
     /// sides), with /udp for UDP (5353:53/udp). REMOTE may be a port name (a container port's,
     /// or for svc/ a Service port's).
-    #[arg(value_name = "[LOCAL]:REMOTE", required = true, num_args = 1..)]
+    #[arg(value_name = "[LOCAL]:REMOTE", required_unless_present = "file", num_args = 1..)]
     pub ports: Vec<String>,
+    /// Many forwards from a YAML file (a list of entries with target, ports, and optionally
+    /// namespace, context, kubeconfig, address), with a status line per forward.
+    #[arg(short = 'f', long = "file", value_name = "FILE", conflicts_with_all = ["target", "ports"])]
+    pub file: Option<PathBuf>,
     /// Namespace of the target. Default: the kubeconfig context's namespace.
     #[arg(short = 'n', long, value_name = "NAMESPACE")]
     pub namespace: Option<String>,

@@ -6,9 +6,11 @@
 
 pub mod channel;
 pub mod dial;
+pub mod file;
 pub mod resolve;
 pub mod spdy;
 pub mod spec;
+pub mod status;
 pub mod tunnel;
 pub mod udp;
 pub mod upgrade;
@@ -21,7 +23,7 @@ use std::time::Duration;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -29,6 +31,7 @@ use crate::cli::ForwardArgs;
 use dial::{Dialer, Opened};
 use resolve::{ResolveError, Resolved, Resolver};
 use spec::{Kind, PortPair, SpecError};
+use status::State;
 use upgrade::UpgradeError;
 
 #[derive(Debug, thiserror::Error)]
@@ -165,7 +168,7 @@ struct Shared {
     /// Bytes of the relay streams (framing included), kept apart.
     relay_stats: Stats,
     pairs: Vec<PortPair>,
-    stats: Stats,
+    stats: Arc<Stats>,
     opts: tunnel::TunnelOpts,
     pod_wait_timeout: Duration,
     /// Since when the API server has been unreachable.
@@ -174,6 +177,9 @@ struct Shared {
     unavailable_since: Mutex<Option<Instant>>,
     /// The pod last forwarded to (to say when it changes).
     current_pod: Mutex<String>,
+    /// `-f`: this forward's status line, and what its sockets listen on.
+    status: Option<watch::Sender<State>>,
+    listening: Vec<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -201,7 +207,31 @@ const THROTTLED_ATTEMPTS: u32 = 5;
 const RETRY_AFTER_MAX: Duration = Duration::from_secs(10);
 
 impl Shared {
+    fn set_status(&self, state: State) {
+        if let Some(tx) = &self.status {
+            tx.send_if_modified(|s| {
+                let changed = *s != state;
+                *s = state;
+                changed
+            });
+        }
+    }
+
+    /// Up again (after waiting or reconnecting), to the current pod.
+    fn set_up(&self) {
+        if lock(&self.api_down_since).is_some() || lock(&self.unavailable_since).is_some() {
+            return;
+        }
+        self.set_status(State::Up {
+            listening: self.listening.clone(),
+            pod: lock(&self.current_pod).clone(),
+        });
+    }
+
     fn api_down(&self, e: &str) -> Result<(), SetupError> {
+        self.set_status(State::Reconnecting(format!(
+            "lost the connection to the API server ({e}); reconnecting"
+        )));
         let mut since = lock(&self.api_down_since);
         let start = *since.get_or_insert_with(|| {
             tracing::warn!(
@@ -221,10 +251,12 @@ impl Shared {
     fn api_up(&self) {
         if lock(&self.api_down_since).take().is_some() {
             tracing::warn!("reconnected to the API server");
+            self.set_up();
         }
     }
 
     fn unavailable(&self, why: &str) -> Result<(), SetupError> {
+        self.set_status(State::Waiting(format!("{why}; new connections wait")));
         let target = &self.resolver.target;
         let mut since = lock(&self.unavailable_since);
         let start = *since.get_or_insert_with(|| {
@@ -266,6 +298,8 @@ impl Shared {
                 );
             }
             *current = pod.name.clone();
+            drop(current);
+            self.set_up();
         }
     }
 
@@ -596,13 +630,18 @@ impl Common {
 struct Prepared {
     shared: Arc<Shared>,
     listeners: Vec<(Listener, usize)>,
-    /// The `Forwarding from ...` lines.
+    /// What each socket forwards (`127.0.0.1:8080 -> 80`).
     lines: Vec<String>,
 }
 
 /// Checks the target and every port, then binds (nothing is left bound on
 /// an error).
-async fn prepare(spec: &ForwardSpec, common: &Common) -> Result<Prepared, ForwardError> {
+async fn prepare(
+    spec: &ForwardSpec,
+    common: &Common,
+    stats: Arc<Stats>,
+    status: Option<watch::Sender<State>>,
+) -> Result<Prepared, ForwardError> {
     let target = spec::parse_target(&spec.target)?;
     let pairs = spec
         .ports
@@ -634,11 +673,7 @@ async fn prepare(spec: &ForwardSpec, common: &Common) -> Result<Prepared, Forwar
         } else {
             ""
         };
-        lines.push(format!(
-            "Forwarding from {} -> {}{udp}",
-            l.local_addr()?,
-            ports[*i]
-        ));
+        lines.push(format!("{} -> {}{udp}", l.local_addr()?, ports[*i]));
     }
     let shared = Arc::new(Shared {
         resolver,
@@ -648,13 +683,16 @@ async fn prepare(spec: &ForwardSpec, common: &Common) -> Result<Prepared, Forwar
         relay_dialer,
         relay_stats: Stats::default(),
         pairs,
-        stats: Stats::default(),
+        stats,
         opts: common.opts,
         pod_wait_timeout: common.pod_wait_timeout,
         api_down_since: Mutex::new(None),
         unavailable_since: Mutex::new(None),
         current_pod: Mutex::new(pod.name.clone()),
+        status,
+        listening: lines.clone(),
     });
+    shared.set_up();
     Ok(Prepared {
         shared,
         listeners,
@@ -725,6 +763,10 @@ async fn serve(p: Prepared, check_interval: Duration) -> String {
 
 pub async fn run(args: ForwardArgs) -> Result<(), ForwardError> {
     let common = Common::from_args(&args);
+    if let Some(path) = &args.file {
+        let specs = file::load(path, &args)?;
+        return run_file(specs, common).await;
+    }
     let spec = ForwardSpec {
         target: args.target.clone().unwrap_or_default(),
         ports: args.ports.clone(),
@@ -733,17 +775,110 @@ pub async fn run(args: ForwardArgs) -> Result<(), ForwardError> {
         kubeconfig: args.kubeconfig.clone(),
         address: args.address.clone(),
     };
-    let prepared = prepare(&spec, &common).await?;
+    let stats = Arc::new(Stats::default());
+    let prepared = prepare(&spec, &common, stats.clone(), None).await?;
     for line in &prepared.lines {
-        println!("{line}");
+        println!("Forwarding from {line}");
     }
-    let shared = prepared.shared.clone();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let result = tokio::select! {
         _ = tokio::signal::ctrl_c() => Ok(()),
         _ = sigterm.recv() => Ok(()),
         msg = serve(prepared, common.check_interval) => Err(ForwardError::Fatal(msg)),
     };
-    eprintln!("kproxy forward: {}", shared.stats.summary());
+    eprintln!("kproxy forward: {}", stats.summary());
     result
+}
+
+/// Pause before a failed forward of `-f` is tried again: 1s doubling to 30s.
+const RETRY_START: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// One forward of `-f`, for ever: prepare and serve; on a failure, say so
+/// in its status and try again after a pause. The others are not touched.
+async fn supervise(
+    spec: ForwardSpec,
+    common: Common,
+    stats: Arc<Stats>,
+    status: watch::Sender<State>,
+) {
+    let mut pause = RETRY_START;
+    loop {
+        status.send_replace(State::Starting);
+        let started = Instant::now();
+        let why = match prepare(&spec, &common, stats.clone(), Some(status.clone())).await {
+            Ok(p) => serve(p, common.check_interval).await,
+            Err(e) => e.to_string(),
+        };
+        if started.elapsed() > RETRY_MAX {
+            pause = RETRY_START;
+        }
+        tracing::warn!(
+            "{}: {why}; trying again in {}",
+            spec.target,
+            fmt_duration(pause)
+        );
+        status.send_replace(State::Error(format!(
+            "{why}; trying again in {}",
+            fmt_duration(pause)
+        )));
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(RETRY_MAX);
+    }
+}
+
+/// `kproxy forward -f FILE`: every forward of the file at once, with a
+/// status line each (redrawn in place on a terminal, a plain line per
+/// change otherwise). One failing forward never stops the others.
+async fn run_file(specs: Vec<(String, ForwardSpec)>, common: Common) -> Result<(), ForwardError> {
+    use std::io::{IsTerminal, Write};
+    let mut tasks = JoinSet::new();
+    let mut forwards = Vec::new();
+    for (name, spec) in specs {
+        let (tx, rx) = watch::channel(State::Starting);
+        let stats = Arc::new(Stats::default());
+        tasks.spawn(supervise(spec, common.clone(), stats.clone(), tx));
+        forwards.push((name, rx, stats));
+    }
+    let terminal = std::io::stdout().is_terminal();
+    let mut drawn = 0;
+    let mut printed: Vec<Option<State>> = vec![None; forwards.len()];
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+            _ = tick.tick() => {}
+        }
+        let states: Vec<(String, State)> = forwards
+            .iter()
+            .map(|(name, rx, _)| (name.clone(), rx.borrow().clone()))
+            .collect();
+        let mut out = std::io::stdout().lock();
+        if terminal {
+            if printed
+                .iter()
+                .zip(&states)
+                .any(|(p, (_, s))| p.as_ref() != Some(s))
+            {
+                let _ = out
+                    .write_all(status::redraw(drawn, &states, status::terminal_width()).as_bytes());
+                drawn = states.len();
+            }
+        } else {
+            for (p, (name, s)) in printed.iter().zip(&states) {
+                if p.as_ref() != Some(s) {
+                    let _ = writeln!(out, "{}", status::line(name, s));
+                }
+            }
+        }
+        let _ = out.flush();
+        printed = states.into_iter().map(|(_, s)| Some(s)).collect();
+    }
+    tasks.abort_all();
+    for (name, _, stats) in &forwards {
+        eprintln!("kproxy forward: {name}: {}", stats.summary());
+    }
+    Ok(())
 }

@@ -1,36 +1,22 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
-use kproxy::cli::{Cli, Command, OutputFormat};
+use kproxy::cli::{Command, OutputFormat};
 use kproxy::{model, run, source, status};
-
-fn init_logging(verbosity: u8, quiet: bool) {
-    let default = match verbosity {
-        // `kproxy forward -f` on a terminal: its status lines say what logs would.
-        0 if quiet => "error",
-        0 | 1 => "info",
-        2 | 3 => "debug",
-        _ => "trace",
-    };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour only for a terminal: log files and journald get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-}
 
 /// Errors are one line, whatever RUST_BACKTRACE says (returning the error
 /// from `main` would print its backtrace).
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // The image installs this binary as /go-runner too (kops' wrapper).
+    if let Some(code) = kproxy::cli::go_runner::run_if_invoked() {
+        return code;
+    }
+    let cli = kproxy::cli::parse();
+    // `kproxy forward -f` on a terminal: its status lines say what logs would.
     let status_lines = matches!(&cli.command, Command::Forward(f) if f.file.is_some())
         && std::io::IsTerminal::is_terminal(&std::io::stdout());
-    init_logging(cli.verbosity, status_lines);
+    kproxy::cli::logging::init(cli.verbosity, status_lines);
     let kernel = !matches!(cli.command, Command::Forward(_) | Command::Render(_));
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
@@ -91,7 +77,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             run::open_dataplane(&mode, config)?.cleanup()?;
             eprintln!(
                 "removed everything kproxy programmed ({} mode)",
-                mode.proxy_mode
+                mode.mode()
             );
             Ok(())
         }

@@ -82,14 +82,13 @@ fn manifests_parse_into_their_types() {
             "ConfigMap" => {
                 let cm: ConfigMap = typed(file, v);
                 let conf = &cm.data.unwrap()["config.conf"];
-                let cli =
-                    <kproxy::cli::Cli as clap::Parser>::try_parse_from(["kproxy", "run"]).unwrap();
+                let cli = kproxy::cli::parse_from(vec!["kproxy".into(), "run".into()]).unwrap();
                 let kproxy::cli::Command::Run(mut args) = cli.command else {
                     unreachable!()
                 };
-                let applied = kproxy::cli::config::apply_str(conf, &mut args, &|_| false).unwrap();
+                let applied = kproxy::cli::config::apply_str(conf, &mut args).unwrap();
                 assert!(applied.warnings.is_empty(), "{:?}", applied.warnings);
-                assert_eq!(args.healthz_bind_address.port(), 10256);
+                assert_eq!(args.healthz_addr(), Some("0.0.0.0:10256".parse().unwrap()));
             }
             "DaemonSet" => {
                 let ds: DaemonSet = typed(file, v);
@@ -166,6 +165,39 @@ fn manifests_parse_into_their_types() {
             "DaemonSet",
             "ServiceAccount"
         ]
+    );
+}
+
+/// The "only the image changed" form of kubeadm's DaemonSet parses strictly,
+/// runs the kproxy image, and keeps kubeadm's command (which
+/// tests/tests/installers.rs starts).
+#[test]
+fn image_swap_daemonset_is_kubeadms_with_kproxys_image() {
+    let path = deploy_dir().join("kube-proxy-image-swap/daemonset.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let v: Value = serde_yaml::from_str(&text).unwrap();
+    let ds: DaemonSet = typed("kube-proxy-image-swap/daemonset.yaml", &v);
+    assert_eq!(ds.metadata.name.as_deref(), Some("kube-proxy"));
+    let pod = ds.spec.template.spec.unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some("kube-proxy"));
+    let c = &pod.containers[0];
+    assert!(
+        c.image.as_deref().unwrap().contains("kproxy"),
+        "{:?}",
+        c.image
+    );
+    assert_eq!(
+        c.command.as_deref().unwrap(),
+        [
+            "/usr/local/bin/kube-proxy",
+            "--config=/var/lib/kube-proxy/config.conf",
+            "--hostname-override=$(NODE_NAME)"
+        ]
+    );
+    let ours = std::fs::read_to_string(deploy_dir().join("Dockerfile")).unwrap();
+    assert!(
+        ours.contains("/usr/local/bin/kube-proxy") && ours.contains("/go-runner"),
+        "the image must answer to kube-proxy's paths"
     );
 }
 

@@ -1,19 +1,28 @@
-//! Command-line interface. `kproxy run` takes kube-proxy's flag names where
-//! kube-proxy has the flag, so a DaemonSet's args can be reused as they are.
+//! Command-line interface. `kproxy run` takes every kube-proxy flag (and
+//! kube-proxy's `--config` file), so a kube-proxy DaemonSet runs kproxy by
+//! changing only its image: invoked as `kube-proxy`, or with flags and no
+//! subcommand, kproxy runs `run` (see [`argv`]).
 
+pub mod argv;
+pub mod compat;
 pub mod config;
 mod duration;
+pub mod go_runner;
+pub mod logging;
+mod run_args;
+pub mod values;
 
-use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
 use crate::dataplane::iptables::Backend;
 use crate::dataplane::ProxyMode;
 pub use duration::parse_duration;
+pub use run_args::RunArgs;
+use values::{parse_proxy_mode, ProxyModeArg};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -117,8 +126,9 @@ pub struct ForwardArgs {
 #[derive(Debug, Args, Clone)]
 pub struct ModeArgs {
     /// Which dataplane: iptables, or ebpf (socket load balancing + TC packet path).
-    #[arg(long, value_enum, default_value_t = ProxyMode::Iptables)]
-    pub proxy_mode: ProxyMode,
+    /// kube-proxy's ipvs and nftables run as iptables, with a warning.
+    #[arg(long, value_name = "MODE", default_value = "iptables", value_parser = parse_proxy_mode)]
+    pub proxy_mode: ProxyModeArg,
     /// iptables binaries to use; auto picks the backend the system already uses.
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub iptables_backend: Backend,
@@ -152,6 +162,13 @@ pub struct EbpfArgs {
     pub bpf_affinity_map_max: u32,
 }
 
+impl ModeArgs {
+    /// The dataplane that runs.
+    pub fn mode(&self) -> ProxyMode {
+        self.proxy_mode.mode()
+    }
+}
+
 impl EbpfArgs {
     pub fn config(&self) -> crate::dataplane::ebpf::EbpfConfig {
         crate::dataplane::ebpf::EbpfConfig {
@@ -166,56 +183,6 @@ impl EbpfArgs {
             },
         }
     }
-}
-
-#[derive(Debug, Args)]
-pub struct RunArgs {
-    #[command(flatten)]
-    pub mode: ModeArgs,
-    /// Read Services, EndpointSlices and Nodes from this directory of YAML manifests
-    /// (watched for changes) instead of a Kubernetes API server.
-    #[arg(long, value_name = "DIR")]
-    pub manifests: Option<PathBuf>,
-    /// kubeconfig for the Kubernetes API server (without --manifests). Default: in-cluster config.
-    #[arg(long, value_name = "PATH")]
-    pub kubeconfig: Option<PathBuf>,
-    /// Address of the Kubernetes API server (overrides the kubeconfig's server).
-    #[arg(long, value_name = "URL")]
-    pub master: Option<String>,
-    /// kube-proxy configuration file (KubeProxyConfiguration v1alpha1); flags override it.
-    #[arg(long, value_name = "PATH")]
-    pub config: Option<PathBuf>,
-    /// This node's name (decides which endpoints are local). Default: $NODE_NAME, else the hostname.
-    #[arg(long, value_name = "NAME")]
-    pub hostname_override: Option<String>,
-    /// Pod CIDR(s) of the cluster, comma-separated: traffic to a ClusterIP from outside them is masqueraded.
-    #[arg(long, value_delimiter = ',', value_name = "CIDR")]
-    pub cluster_cidr: Vec<IpNet>,
-    /// Node addresses (CIDRs, comma-separated) that accept NodePort traffic. Default: every local address.
-    #[arg(long, value_delimiter = ',', value_name = "CIDR")]
-    pub nodeport_addresses: Vec<IpNet>,
-    /// SNAT all traffic sent through Service addresses.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
-    pub masquerade_all: bool,
-    /// Address of the /healthz server (ip:port, or ip for port 10256).
-    #[arg(long, default_value = "0.0.0.0:10256", value_parser = parse_healthz_addr)]
-    pub healthz_bind_address: SocketAddr,
-    /// Address of the /metrics and /proxyMode server (ip:port, or ip for port 10249).
-    #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_metrics_addr)]
-    pub metrics_bind_address: SocketAddr,
-    /// Period of full syncs that repair drift (Go duration, e.g. 30s).
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    pub iptables_sync_period: Duration,
-    /// Minimum time between syncs: changes arriving faster are coalesced.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
-    pub iptables_min_sync_period: Duration,
-    /// Remove everything kproxy programmed, then exit (as `kproxy cleanup`).
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
-    pub cleanup: bool,
-    /// Loopback port of the UDP relay that `kproxy forward ... PORT/udp` reaches through the
-    /// API's port-forward to this pod (datagrams go to --cluster-cidr only when set); 0: off.
-    #[arg(long, value_name = "PORT", default_value_t = crate::server::udp_relay::DEFAULT_PORT)]
-    pub udp_relay_port: u16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -249,54 +216,58 @@ pub struct RenderArgs {
     pub masquerade_all: bool,
 }
 
-fn parse_bind_addr(s: &str, default_port: u16) -> Result<SocketAddr, String> {
-    if let Ok(addr) = s.parse::<SocketAddr>() {
-        return Ok(addr);
+/// Parses the process's command line (see [`argv`]); exits with clap's
+/// message on a usage error, as any CLI does.
+pub fn parse() -> Cli {
+    match parse_from(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
     }
-    s.parse::<IpAddr>()
-        .map(|ip| SocketAddr::new(ip, default_port))
-        .map_err(|_| format!("{s:?} is not an address: expected ip:port or ip"))
 }
 
-fn parse_healthz_addr(s: &str) -> Result<SocketAddr, String> {
-    parse_bind_addr(s, 10256)
+/// [`parse`] for a given `argv` (program name first).
+pub fn parse_from(argv: Vec<std::ffi::OsString>) -> Result<Cli, clap::Error> {
+    let matches = Cli::command().try_get_matches_from(argv::normalize(argv))?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    if let (Command::Run(run), Some(sub)) = (&mut cli.command, matches.subcommand_matches("run")) {
+        run.given = given_ids(sub);
+        run.verbosity_given = matches.value_source("verbosity")
+            == Some(clap::parser::ValueSource::CommandLine)
+            || sub.value_source("verbosity") == Some(clap::parser::ValueSource::CommandLine);
+    }
+    Ok(cli)
 }
 
-fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
-    parse_bind_addr(s, 10249)
+/// The ids of the arguments given on the command line.
+fn given_ids(m: &clap::ArgMatches) -> std::collections::BTreeSet<String> {
+    m.ids()
+        .map(|id| id.as_str().to_string())
+        .filter(|id| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
+        .collect()
 }
 
-/// Whether the `run` flag with clap id `id` (the field name) was given on
-/// the command line, rather than coming from its default.
-pub fn given_on_command_line(run_matches: &clap::ArgMatches, id: &str) -> bool {
-    matches!(
-        run_matches
-            .try_get_raw(id)
-            .ok()
-            .flatten()
-            .map(|_| run_matches.value_source(id)),
-        Some(Some(clap::parser::ValueSource::CommandLine))
-    )
-}
-
-/// Applies `--config` to `args` (flags given in `argv` win) and returns the
-/// warnings to log. `argv` is the full command line, re-parsed to learn which
-/// flags were explicit.
-pub fn apply_config_file(
-    args: &mut RunArgs,
-    argv: impl IntoIterator<Item = std::ffi::OsString>,
-) -> anyhow::Result<Vec<String>> {
-    use clap::CommandFactory;
-    let Some(path) = args.config.clone() else {
-        return Ok(Vec::new());
-    };
-    let matches = Cli::command().try_get_matches_from(argv)?;
-    let run = matches
-        .subcommand_matches("run")
-        .cloned()
-        .unwrap_or_default();
-    let given = move |id: &str| given_on_command_line(&run, id);
-    Ok(config::apply_file(&path, args, &given)?.warnings)
+/// Prepares `run`'s settings: applies `--config` (flags given on the command
+/// line win), kube-proxy's dependent defaults, and returns the warnings to
+/// log at start (fields and flags without effect, a substituted mode).
+pub fn resolve_run(args: &mut RunArgs) -> anyhow::Result<Vec<String>> {
+    let mut warnings = Vec::new();
+    if let Some(path) = args.config.clone() {
+        let applied = config::apply_file(&path, args)?;
+        warnings.extend(applied.warnings);
+        if let Some(v) = applied.verbosity {
+            if !args.verbosity_given {
+                logging::set_verbosity(v);
+            }
+        }
+    }
+    args.apply_dependent_defaults();
+    if let Some(w) = compat::warning(args) {
+        warnings.push(w);
+    }
+    if let Some(w) = args.mode.proxy_mode.substitution() {
+        warnings.push(w);
+    }
+    Ok(warnings)
 }
 
 /// The node name: the flag, else `$NODE_NAME` (downward API), else the hostname.
@@ -316,11 +287,21 @@ pub fn node_name(flag: Option<&str>) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::ffi::OsString;
+
     use super::*;
+
+    fn run_args(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        let argv: Vec<OsString> = args.iter().map(OsString::from).collect();
+        match parse_from(argv)?.command {
+            Command::Run(run) => Ok(run),
+            other => panic!("expected run, got {other:?}"),
+        }
+    }
 
     #[test]
     fn accepts_kube_proxy_style_args() {
-        let cli = Cli::try_parse_from([
+        let run = run_args(&[
             "kproxy",
             "run",
             "--proxy-mode",
@@ -336,20 +317,105 @@ mod tests {
             "0s",
         ])
         .unwrap();
-        let Command::Run(run) = cli.command else {
-            panic!("expected run")
-        };
-        assert_eq!(run.cluster_cidr.len(), 2);
+        assert_eq!(run.cluster_cidrs().len(), 2);
         assert!(run.masquerade_all);
-        assert_eq!(run.healthz_bind_address.port(), 10256);
+        assert_eq!(run.healthz_addr(), Some("0.0.0.0:10256".parse().unwrap()));
         assert_eq!(run.iptables_min_sync_period, Duration::ZERO);
-        assert_eq!(run.metrics_bind_address, "127.0.0.1:10249".parse().unwrap());
+        assert_eq!(run.metrics_addr(), Some("127.0.0.1:10249".parse().unwrap()));
+        assert!(run.given("masquerade_all") && !run.given("metrics_bind_address"));
     }
 
     #[test]
     fn refuses_bad_cidr_with_a_message() {
-        let err =
-            Cli::try_parse_from(["kproxy", "run", "--cluster-cidr", "10.0.0.0/40"]).unwrap_err();
+        let err = run_args(&["kproxy", "run", "--cluster-cidr", "10.0.0.0/40"]).unwrap_err();
         assert!(err.to_string().contains("--cluster-cidr"), "{err}");
+    }
+
+    #[test]
+    fn no_subcommand_and_kube_proxy_name_run() {
+        let run =
+            run_args(&["/usr/local/bin/kube-proxy", "--v=2", "--oom-score-adj=-998"]).unwrap();
+        assert_eq!(run.oom_score_adj, -998);
+        let run = run_args(&["kproxy", "--hostname-override=n"]).unwrap();
+        assert_eq!(run.hostname_override.as_deref(), Some("n"));
+    }
+
+    #[test]
+    fn addresses_accept_kube_proxy_forms() {
+        let run = run_args(&[
+            "kproxy",
+            "--metrics-bind-address=",
+            "--healthz-bind-address=127.0.0.1",
+        ])
+        .unwrap();
+        assert_eq!(
+            run.metrics_addr(),
+            None,
+            "empty disables the metrics server"
+        );
+        assert_eq!(run.healthz_addr(), Some("127.0.0.1:10256".parse().unwrap()));
+        let run = run_args(&["kproxy", "--metrics-port=0"]).unwrap();
+        assert_eq!(run.metrics_addr(), None);
+        let run = run_args(&["kproxy", "--nodeport-addresses", "primary"]).unwrap();
+        assert_eq!(
+            run.nodeport_address_list(),
+            vec![values::NodePortAddress::Primary]
+        );
+        let mut run = run_args(&["kproxy", "--bind-address=fd00::1"]).unwrap();
+        run.apply_dependent_defaults();
+        assert_eq!(run.healthz_addr(), Some("[::]:10256".parse().unwrap()));
+        assert_eq!(run.metrics_addr(), Some("[::1]:10249".parse().unwrap()));
+    }
+
+    #[test]
+    fn go_booleans() {
+        let run = run_args(&["kproxy", "--masquerade-all"]).unwrap();
+        assert!(run.masquerade_all);
+        let run = run_args(&["kproxy", "--iptables-localhost-nodeports=false"]).unwrap();
+        assert!(!run.iptables_localhost_nodeports);
+        let run = run_args(&["kproxy", "--conntrack-tcp-be-liberal=1"]).unwrap();
+        assert!(run.conntrack_tcp_be_liberal);
+        assert!(run_args(&["kproxy", "--masquerade-all=yes"]).is_err());
+    }
+
+    /// Every flag of kube-proxy's `options.go` (and the logging flags it
+    /// registers), with a value of the right kind, parses; and each one is
+    /// either honoured or named in the no-effect warning.
+    #[test]
+    fn every_kube_proxy_flag_parses() {
+        let list = include_str!("testdata/kube-proxy-flags.txt");
+        let mut seen = 0;
+        for line in list.lines().map(str::trim) {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            seen += 1;
+            let mut argv = vec!["kube-proxy"];
+            argv.extend(line.split(' '));
+            let run = run_args(&argv).unwrap_or_else(|e| panic!("{line}: {e}"));
+            let flag = line.split(['=', ' ']).next().unwrap().replace('_', "-");
+            let flag = flag.as_str();
+            let id = flag.trim_start_matches("--").replace('-', "_");
+            // `--v` is a global flag, not one of run's.
+            let id = if id == "v" {
+                "verbosity".to_string()
+            } else {
+                id
+            };
+            assert!(
+                run.given(&id),
+                "{line}: not recorded as given ({:?})",
+                run.given
+            );
+            let no_effect = compat::no_effect_ids().any(|i| i == id) || id == "feature_gates";
+            let warned = compat::warning(&run).is_some_and(|w| w.contains(flag));
+            assert_eq!(
+                no_effect,
+                warned,
+                "{line}: warning {:?}",
+                compat::warning(&run)
+            );
+        }
+        assert!(seen >= 60, "only {seen} flags in the list");
     }
 }

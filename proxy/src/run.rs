@@ -1,14 +1,17 @@
 //! `kproxy run`: wires a source, the sync loop, a dataplane and the HTTP servers.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use ipnet::IpNet;
 use tokio::sync::watch;
 
+use crate::cli::values::NodePortAddress;
 use crate::cli::RunArgs;
 use crate::dataplane::ebpf::EbpfDataplane;
 use crate::dataplane::iptables::IptablesDataplane;
-use crate::dataplane::{Dataplane, DataplaneConfig, ProxyMode};
+use crate::dataplane::{Dataplane, DataplaneConfig, DetectLocalMode, ProxyMode};
 use crate::health::HealthState;
 use crate::metrics::Metrics;
 use crate::model::ModelConfig;
@@ -17,8 +20,9 @@ use crate::source::kube::KubeSource;
 use crate::source::manifest::ManifestSource;
 use crate::source::Snapshot;
 use crate::sync::{SyncLoop, SyncTiming};
+use crate::sysctl;
 
-/// Settings shared by `run`, `render` and `status`.
+/// Settings shared by `render`, `status` and `cleanup`.
 pub fn dataplane_config(
     cluster_cidrs: &[ipnet::IpNet],
     nodeport_addresses: &[ipnet::IpNet],
@@ -30,6 +34,7 @@ pub fn dataplane_config(
         nodeport_addresses: nodeport_addresses.to_vec(),
         masquerade_all,
         node_ips,
+        ..DataplaneConfig::default()
     })
 }
 
@@ -38,7 +43,7 @@ pub fn open_dataplane(
     mode: &crate::cli::ModeArgs,
     config: DataplaneConfig,
 ) -> anyhow::Result<Box<dyn Dataplane>> {
-    match mode.proxy_mode {
+    match mode.mode() {
         ProxyMode::Iptables => {
             let dp = IptablesDataplane::new(config, mode.iptables_backend)
                 .context("setting up iptables mode")?;
@@ -49,26 +54,148 @@ pub fn open_dataplane(
     }
 }
 
+/// The process settings kube-proxy applies to itself.
+fn set_up_process(args: &RunArgs) {
+    match crate::process::raise_nofile_limit() {
+        Ok((old, new)) if old != new => {
+            tracing::info!(old, new, "raised the open-files limit")
+        }
+        Ok(_) => {}
+        Err(err) => tracing::warn!(%err, "cannot raise the open-files limit"),
+    }
+    match crate::process::set_oom_score_adj(args.oom_score_adj) {
+        Ok(()) => tracing::debug!(value = args.oom_score_adj, "set oom_score_adj"),
+        Err(err) => {
+            tracing::warn!(%err, value = args.oom_score_adj, "cannot set oom_score_adj (--oom-score-adj)")
+        }
+    }
+}
+
+/// kube-proxy's `--conntrack-*` settings, and `route_localnet` for
+/// localhost node ports in iptables mode.
+fn sysctl_settings(args: &RunArgs, config: &DataplaneConfig) -> Vec<sysctl::Setting> {
+    let ct = sysctl::ConntrackConfig {
+        max_per_core: args.conntrack_max_per_core,
+        min: args.conntrack_min,
+        tcp_established: args.conntrack_tcp_timeout_established,
+        tcp_close_wait: args.conntrack_tcp_timeout_close_wait,
+        tcp_be_liberal: args.conntrack_tcp_be_liberal,
+        udp_timeout: args.conntrack_udp_timeout,
+        udp_stream_timeout: args.conntrack_udp_timeout_stream,
+    };
+    let mut settings = ct.settings(sysctl::cpu_count());
+    if args.mode.mode() == ProxyMode::Iptables && config.serves_localhost_nodeports() {
+        settings.push(sysctl::Setting {
+            name: sysctl::ROUTE_LOCALNET,
+            value: 1,
+            global: false,
+        });
+    }
+    settings
+}
+
+/// Applies `settings`; returns those whose sysctl does not exist yet
+/// (nf_conntrack not loaded): they are retried after the first sync.
+fn apply_sysctls(settings: &[sysctl::Setting]) -> Vec<sysctl::Setting> {
+    sysctl::apply(&mut sysctl::ProcSysctls, settings)
+        .into_iter()
+        .filter(|(_, o)| *o == sysctl::Outcome::Missing)
+        .map(|(s, _)| s)
+        .collect()
+}
+
+/// `--nodeport-addresses` as CIDRs: `primary` becomes the node's primary
+/// IPs (`--bind-address`, else the Node object's first InternalIP of each
+/// family).
+async fn nodeport_cidrs(
+    args: &RunArgs,
+    node_name: &str,
+    client: Option<&::kube::Client>,
+) -> anyhow::Result<Vec<IpNet>> {
+    let list = args.nodeport_address_list();
+    let mut out = Vec::new();
+    for item in &list {
+        match item {
+            NodePortAddress::Cidr(c) => out.push(*c),
+            NodePortAddress::Primary => {
+                let ips = primary_ips(args, node_name, client).await?;
+                tracing::info!(?ips, "--nodeport-addresses primary");
+                out.extend(ips.into_iter().map(IpNet::from));
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn primary_ips(
+    args: &RunArgs,
+    node_name: &str,
+    client: Option<&::kube::Client>,
+) -> anyhow::Result<Vec<IpAddr>> {
+    if let Some(ip) = args.bind_address.filter(|ip| !ip.is_unspecified()) {
+        return Ok(vec![ip]);
+    }
+    let node = match (client, &args.manifests) {
+        (Some(client), _) => {
+            let nodes: ::kube::Api<k8s_openapi::api::core::v1::Node> =
+                ::kube::Api::all(client.clone());
+            match tokio::time::timeout(std::time::Duration::from_secs(30), nodes.get_opt(node_name))
+                .await
+            {
+                Ok(Ok(node)) => node,
+                Ok(Err(err)) => {
+                    tracing::warn!(%err, node = node_name, "cannot read this node's Node object");
+                    None
+                }
+                Err(_) => None,
+            }
+        }
+        (None, Some(dir)) => crate::source::manifest::load_dir(dir).ok().and_then(|s| {
+            s.objects
+                .nodes
+                .iter()
+                .find(|n| n.metadata.name.as_deref() == Some(node_name))
+                .map(|n| (**n).clone())
+        }),
+        (None, None) => None,
+    };
+    let ips = node
+        .as_ref()
+        .map(crate::model::primary_node_ips)
+        .unwrap_or_default();
+    if ips.is_empty() {
+        bail!(
+            "--nodeport-addresses primary: the Node {node_name:?} has no InternalIP or ExternalIP (set --bind-address to the node's IP, or list CIDRs)"
+        );
+    }
+    Ok(ips)
+}
+
 pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
-    for warning in crate::cli::apply_config_file(&mut args, std::env::args_os())? {
+    for warning in crate::cli::resolve_run(&mut args)? {
         tracing::warn!("{warning}");
     }
-    let config = dataplane_config(
-        &args.cluster_cidr,
-        &args.nodeport_addresses,
-        args.masquerade_all,
-    )?;
-    let mut dataplane = match args.mode.proxy_mode {
-        ProxyMode::Ebpf if !args.cleanup => Box::new(
-            EbpfDataplane::start(config.clone(), args.mode.ebpf.config())
-                .context("setting up ebpf mode")?,
-        ),
-        _ => open_dataplane(&args.mode, config.clone())?,
-    };
-    if args.cleanup {
-        dataplane.cleanup().context("cleaning up")?;
-        tracing::info!("removed everything kproxy programmed");
+    if let Some(path) = &args.write_config_to {
+        crate::cli::config::write_effective(path, &args)?;
+        tracing::info!(file = %path.display(), "wrote the configuration");
         return Ok(());
+    }
+    set_up_process(&args);
+    let mode = args.mode.mode();
+    let detect_local = args
+        .detect_local_mode
+        .with_interfaces(&args.pod_bridge_interface, &args.pod_interface_name_prefix)
+        .map_err(anyhow::Error::msg)?;
+    if mode == ProxyMode::Ebpf
+        && matches!(
+            detect_local,
+            DetectLocalMode::BridgeInterface(_) | DetectLocalMode::InterfaceNamePrefix(_)
+        )
+    {
+        bail!("--detect-local-mode {:?} is not supported in ebpf mode yet: use ClusterCIDR or NodeCIDR, or --proxy-mode iptables", args.detect_local_mode);
+    }
+    if let Some(ip @ IpAddr::V6(_)) = args.bind_address {
+        tracing::warn!(%ip, "--bind-address is IPv6: kproxy programs IPv4 Services only (IPv6 ones are reported, not served)");
     }
     let node_name = crate::cli::node_name(args.hostname_override.as_deref());
     // Without --manifests: cluster mode. A bad kubeconfig is fatal; an
@@ -85,22 +212,72 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
             Some(::kube::Client::try_from(cfg).context("building the Kubernetes client")?)
         }
     };
-    tracing::info!(node = %node_name, mode = %args.mode.proxy_mode, manifests = ?args.manifests, "starting kproxy");
+    let nodeport_addresses = nodeport_cidrs(&args, &node_name, kube_client.as_ref()).await?;
+    let node_ips = crate::node_addrs::local_addresses().context("listing this node's addresses")?;
+    let config = DataplaneConfig {
+        cluster_cidrs: args.cluster_cidrs(),
+        detect_local,
+        masquerade_bit: args.iptables_masquerade_bit,
+        localhost_nodeports: args.iptables_localhost_nodeports,
+        nodeport_addresses,
+        masquerade_all: args.masquerade_all,
+        node_ips,
+    };
 
-    let metrics = Arc::new(Metrics::new(args.mode.proxy_mode));
+    let settings = sysctl_settings(&args, &config);
+    let mut missing_sysctls = apply_sysctls(&settings);
+    if args.init_only {
+        if !missing_sysctls.is_empty() {
+            tracing::warn!(missing = ?missing_sysctls.iter().map(|s| s.name).collect::<Vec<_>>(), "sysctls that do not exist (is nf_conntrack loaded?)");
+        }
+        tracing::info!("--init-only: settings applied, exiting");
+        return Ok(());
+    }
+
+    let mut dataplane = match mode {
+        ProxyMode::Ebpf if !args.cleanup => Box::new(
+            EbpfDataplane::start(config.clone(), args.mode.ebpf.config())
+                .context("setting up ebpf mode")?,
+        ),
+        _ => open_dataplane(&args.mode, config.clone())?,
+    };
+    if args.cleanup {
+        dataplane.cleanup().context("cleaning up")?;
+        tracing::info!("removed everything kproxy programmed");
+        return Ok(());
+    }
+    tracing::info!(node = %node_name, mode = %mode, manifests = ?args.manifests, "starting kproxy");
+
+    let metrics = Arc::new(Metrics::new(mode));
     // kube-proxy's healthz allows two full sync periods before it calls a sync stalled.
     let health = Arc::new(HealthState::new(args.iptables_sync_period * 2));
 
-    let healthz = tokio::spawn(server::serve_healthz(
-        args.healthz_bind_address,
-        health.clone(),
-    ));
-    let metrics_srv = tokio::spawn(server::serve_metrics(
-        args.metrics_bind_address,
-        metrics.clone(),
-        health.clone(),
-        args.mode.proxy_mode,
-    ));
+    let hard_fail = args.bind_address_hard_fail;
+    let healthz = match args.healthz_addr() {
+        Some(addr) => tokio::spawn(server::serve_healthz(
+            addr,
+            health.clone(),
+            metrics.clone(),
+            hard_fail,
+        )),
+        None => {
+            tracing::info!("healthz server disabled");
+            tokio::spawn(std::future::pending())
+        }
+    };
+    let metrics_srv = match args.metrics_addr() {
+        Some(addr) => tokio::spawn(server::serve_metrics(
+            addr,
+            metrics.clone(),
+            health.clone(),
+            mode,
+            hard_fail,
+        )),
+        None => {
+            tracing::info!("metrics server disabled");
+            tokio::spawn(std::future::pending())
+        }
+    };
 
     // For `kproxy forward .../udp`; dropped (stopped) when run returns.
     let _udp_relay = server::udp_relay::start(args.udp_relay_port, &args.cluster_cidr).await;
@@ -122,16 +299,17 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         }
         (None, None) => unreachable!("a client is built whenever --manifests is absent"),
     };
+    let family_check = tokio::spawn(refuse_ipv6_only(snap_rx.clone()));
 
     // healthCheckNodePorts listen on the addresses --nodeport-addresses allows (all when empty).
-    let nodeport_ips: Vec<std::net::IpAddr> = if args.nodeport_addresses.is_empty() {
+    let nodeport_ips: Vec<std::net::IpAddr> = if config.nodeport_addresses.is_empty() {
         Vec::new()
     } else {
         config
             .node_ips
             .iter()
             .copied()
-            .filter(|ip| args.nodeport_addresses.iter().any(|net| net.contains(ip)))
+            .filter(|ip| config.nodeport_addresses.iter().any(|net| net.contains(ip)))
             .collect()
     };
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -144,28 +322,91 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         },
         metrics,
         health.clone(),
-        HealthCheckServers::new(nodeport_ips, health),
+        HealthCheckServers::new(nodeport_ips, health.clone()),
     );
     let mut sync_task = tokio::spawn(sync.run(snap_rx, stop_rx));
 
+    // Once the node is programmed: settings whose sysctl appeared with
+    // nf_conntrack, and kube-proxy's rules left by the image this one
+    // replaced (they would shadow kproxy's for Services that change).
+    let backend = args.mode.iptables_backend;
+    let after_first_sync = {
+        let health = health.clone();
+        tokio::spawn(async move {
+            health.synced_once().await;
+            if !missing_sysctls.is_empty() {
+                missing_sysctls = apply_sysctls(&missing_sysctls);
+                for s in &missing_sysctls {
+                    tracing::warn!(sysctl = s.name, "sysctl does not exist; not set");
+                }
+            }
+            match tokio::task::spawn_blocking(move || {
+                crate::dataplane::iptables::kube_proxy::cleanup_kube_proxy(backend)
+            })
+            .await
+            {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => {
+                    tracing::info!(chains = n, "removed kube-proxy's leftover iptables chains")
+                }
+                Ok(Err(err)) => {
+                    tracing::warn!(%err, "cannot remove kube-proxy's leftover iptables chains (run `kproxy cleanup-kube-proxy`)")
+                }
+                Err(err) => tracing::warn!(%err, "kube-proxy leftover cleanup panicked"),
+            }
+        })
+    };
+
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping; programmed rules stay in place"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: stopping; programmed rules stay in place"),
-        res = healthz => return Err(flatten(res).context("healthz server stopped").unwrap_err()),
-        res = metrics_srv => return Err(flatten(res).context("metrics server stopped").unwrap_err()),
-        res = &mut sync_task => bail!("sync loop stopped unexpectedly: {:?}", res.err()),
+    let outcome = tokio::select! {
+        _ = term.recv() => { tracing::info!("SIGTERM: stopping; programmed rules stay in place"); Ok(()) }
+        _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted: stopping; programmed rules stay in place"); Ok(()) }
+        res = healthz => Err(flatten(res).context("healthz server stopped").unwrap_err()),
+        res = metrics_srv => Err(flatten(res).context("metrics server stopped").unwrap_err()),
+        res = &mut sync_task => Err(anyhow::anyhow!("sync loop stopped unexpectedly: {:?}", res.err())),
+        res = family_check => match res {
+            Ok(Err(err)) => Err(err),
+            _ => Err(anyhow::anyhow!("the IP family check stopped")),
+        },
         res = source_task => {
             match res {
-                Ok(Ok(())) => bail!("source stopped"),
-                Ok(Err(err)) => return Err(err),
-                Err(err) => bail!("source panicked: {err}"),
+                Ok(Ok(())) => Err(anyhow::anyhow!("source stopped")),
+                Ok(Err(err)) => Err(err),
+                Err(err) => Err(anyhow::anyhow!("source panicked: {err}")),
             }
         }
-    }
+    };
+    after_first_sync.abort();
     let _ = stop_tx.send(true);
     let _ = sync_task.await;
-    Ok(())
+    outcome
+}
+
+/// Fails once the source's first complete state shows a cluster whose
+/// Services are all IPv6 (an IPv6-only cluster): kproxy would program
+/// nothing there, and a proxy that serves nothing must not look healthy.
+/// Returns only with that error; otherwise it never completes.
+async fn refuse_ipv6_only(mut snapshots: watch::Receiver<Snapshot>) -> anyhow::Result<()> {
+    loop {
+        let objects = {
+            let snap = snapshots.borrow_and_update();
+            snap.synced.then(|| snap.objects.clone())
+        };
+        if let Some(objects) = objects {
+            let f = crate::model::service_families(&objects);
+            if f.ipv6_only > 0 && f.ipv4 == 0 {
+                bail!(
+                    "every Service of this cluster is IPv6 ({} of them, e.g. {}): kproxy supports IPv4 only, so it would serve nothing on this node; keep kube-proxy on IPv6-only clusters",
+                    f.ipv6_only,
+                    f.example.unwrap_or_default()
+                );
+            }
+            return std::future::pending().await;
+        }
+        if snapshots.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
 }
 
 fn flatten(res: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Result<()> {

@@ -373,9 +373,15 @@ fn wait_healthy(
 
 /// One value of a Prometheus text exposition.
 pub fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let rest = l.strip_prefix(name)?;
+        // Labels (kube-proxy's `{ip_family="IPv4"}`) are skipped.
+        let rest = match rest.strip_prefix('{') {
+            Some(labels) => &labels[labels.find('}')? + 1..],
+            None => rest,
+        };
+        rest.strip_prefix(' ')?.trim().parse().ok()
+    })
 }
 
 fn full_sync_seconds(topo: &Topology) -> Result<Option<f64>> {
@@ -623,7 +629,7 @@ mod tests {
 
     #[test]
     fn parses_metrics() {
-        let text = "# HELP x\nkubeproxy_sync_full_proxy_rules_duration_seconds_sum 1.5\nkubeproxy_sync_full_proxy_rules_duration_seconds_count 3\n";
+        let text = "# HELP x\nkubeproxy_sync_full_proxy_rules_duration_seconds_sum{ip_family=\"IPv4\"} 1.5\nkubeproxy_sync_full_proxy_rules_duration_seconds_count 3\n";
         let base = "kubeproxy_sync_full_proxy_rules_duration_seconds";
         assert_eq!(metric(text, &format!("{base}_sum")), Some(1.5));
         assert_eq!(metric(text, &format!("{base}_count")), Some(3.0));

@@ -122,6 +122,8 @@ struct Inner {
 pub struct HealthState {
     timeout: Duration,
     inner: Mutex<Inner>,
+    /// Woken by every successful sync (see [`HealthState::synced_once`]).
+    synced: tokio::sync::Notify,
 }
 
 impl HealthState {
@@ -138,6 +140,19 @@ impl HealthState {
                 // Eligible until a Node says otherwise, as in kube-proxy.
                 node_eligible: true,
             }),
+            synced: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Completes once a sync has succeeded (at once if one already has):
+    /// for work that needs the dataplane programmed first.
+    pub async fn synced_once(&self) {
+        loop {
+            let notified = self.synced.notified();
+            if self.lock().last_updated.is_some() {
+                return;
+            }
+            notified.await;
         }
     }
 
@@ -164,6 +179,8 @@ impl HealthState {
         inner.oldest_pending = None;
         inner.last_updated = Some(now);
         inner.last_error = None;
+        drop(inner);
+        self.synced.notify_waiters();
     }
 
     /// A sync failed. Health is unaffected until the pending change is older

@@ -1,13 +1,14 @@
-//! Prometheus metrics. kube-proxy's metric names, types and buckets where
-//! kube-proxy has them (dashboards and alerts keep working), plus `kproxy_*`
-//! ones of our own. The sync loop feeds them; `/metrics` renders them.
+//! Prometheus metrics. kube-proxy's metric names, types, labels (`ip_family`
+//! where kube-proxy has it) and buckets (dashboards and alerts keep working),
+//! the process collector (`process_*`), plus `kproxy_*` ones of our own. The
+//! sync loop and the dataplanes feed them; `/metrics` renders them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::{
-    exponential_buckets, linear_buckets, Encoder, Gauge, Histogram, HistogramOpts, IntCounter,
-    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets, linear_buckets, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts,
+    HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::dataplane::ProxyMode;
@@ -15,6 +16,9 @@ use crate::model::{DesiredState, Rejection, ServiceKey, TrafficPolicy};
 
 /// Content type of [`Metrics::render`]'s output.
 pub const CONTENT_TYPE: &str = prometheus::TEXT_FORMAT;
+
+/// The `ip_family` label value of everything kproxy programs today.
+pub const IPV4: &str = "IPv4";
 
 /// All kproxy metrics, in their own registry (no global state, so tests can
 /// make as many as they like).
@@ -33,7 +37,12 @@ pub struct Metrics {
     iptables_restore_failures: IntCounter,
     iptables_partial_restore_failures: IntCounter,
     iptables_rules: IntGaugeVec,
+    iptables_rules_last: IntGaugeVec,
     no_local_endpoints: IntGaugeVec,
+    healthz_total: IntCounterVec,
+    livez_total: IntCounterVec,
+    conntrack_deleted: IntCounter,
+    conntrack_sync_duration: Histogram,
     programmed_services: IntGauge,
     programmed_endpoints: IntGauge,
     rejected_objects: IntGaugeVec,
@@ -57,14 +66,26 @@ fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registr
     metric
 }
 
-fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
-    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
-        .expect("valid histogram");
-    register(registry, h)
+/// A histogram with an `ip_family` label; the IPv4 child.
+fn family_histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets),
+        &["ip_family"],
+    )
+    .expect("valid histogram");
+    register(registry, h).with_label_values(&[IPV4])
 }
 
-fn gauge(registry: &Registry, name: &str, help: &str) -> Gauge {
-    register(registry, Gauge::new(name, help).expect("valid gauge"))
+/// A gauge with an `ip_family` label; the IPv4 child.
+fn family_gauge(registry: &Registry, name: &str, help: &str) -> Gauge {
+    let g = GaugeVec::new(Opts::new(name, help), &["ip_family"]).expect("valid gauge");
+    register(registry, g).with_label_values(&[IPV4])
+}
+
+/// A counter with an `ip_family` label; the IPv4 child.
+fn family_counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounterVec::new(Opts::new(name, help), &["ip_family"]).expect("valid counter");
+    register(registry, c).with_label_values(&[IPV4])
 }
 
 fn int_gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
@@ -75,6 +96,13 @@ fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     register(
         registry,
         IntCounter::new(name, help).expect("valid counter"),
+    )
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(
+        registry,
+        IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter vec"),
     )
 }
 
@@ -115,35 +143,35 @@ impl Metrics {
     pub fn new(mode: ProxyMode) -> Self {
         let r = Registry::new();
         let m = Metrics {
-            sync_duration: histogram(
+            sync_duration: family_histogram(
                 &r,
                 "kubeproxy_sync_proxy_rules_duration_seconds",
                 "SyncProxyRules latency in seconds",
                 sync_buckets(),
             ),
-            sync_full_duration: histogram(
+            sync_full_duration: family_histogram(
                 &r,
                 "kubeproxy_sync_full_proxy_rules_duration_seconds",
                 "SyncProxyRules latency in seconds for full resyncs",
                 sync_buckets(),
             ),
-            sync_partial_duration: histogram(
+            sync_partial_duration: family_histogram(
                 &r,
                 "kubeproxy_sync_partial_proxy_rules_duration_seconds",
                 "SyncProxyRules latency in seconds for partial resyncs",
                 sync_buckets(),
             ),
-            last_sync_timestamp: gauge(
+            last_sync_timestamp: family_gauge(
                 &r,
                 "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
                 "The last time proxy rules were successfully synced",
             ),
-            last_queued_timestamp: gauge(
+            last_queued_timestamp: family_gauge(
                 &r,
                 "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
                 "The last time a sync of proxy rules was queued",
             ),
-            network_programming: histogram(
+            network_programming: family_histogram(
                 &r,
                 "kubeproxy_network_programming_duration_seconds",
                 "In Cluster Network Programming Latency in seconds",
@@ -169,12 +197,12 @@ impl Metrics {
                 "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
                 "Pending proxy rules Endpoint changes",
             ),
-            iptables_restore_failures: counter(
+            iptables_restore_failures: family_counter(
                 &r,
                 "kubeproxy_sync_proxy_rules_iptables_restore_failures_total",
                 "Cumulative proxy iptables restore failures",
             ),
-            iptables_partial_restore_failures: counter(
+            iptables_partial_restore_failures: family_counter(
                 &r,
                 "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total",
                 "Cumulative proxy iptables partial restore failures",
@@ -183,13 +211,42 @@ impl Metrics {
                 &r,
                 "kubeproxy_sync_proxy_rules_iptables_total",
                 "Total number of iptables rules owned by kube-proxy",
-                &["table"],
+                &["ip_family", "table"],
+            ),
+            iptables_rules_last: gauge_vec(
+                &r,
+                "kubeproxy_sync_proxy_rules_iptables_last",
+                "Number of iptables rules written by kube-proxy in last sync",
+                &["ip_family", "table"],
             ),
             no_local_endpoints: gauge_vec(
                 &r,
                 "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
                 "Number of services with a Local traffic policy and no endpoints",
-                &["traffic_policy"],
+                &["ip_family", "traffic_policy"],
+            ),
+            healthz_total: counter_vec(
+                &r,
+                "kubeproxy_proxy_healthz_total",
+                "Cumulative proxy healthz HTTP status",
+                &["code"],
+            ),
+            livez_total: counter_vec(
+                &r,
+                "kubeproxy_proxy_livez_total",
+                "Cumulative proxy livez HTTP status",
+                &["code"],
+            ),
+            conntrack_deleted: family_counter(
+                &r,
+                "kubeproxy_conntrack_reconciler_deleted_entries_total",
+                "Cumulative conntrack flows deleted by conntrack reconciler",
+            ),
+            conntrack_sync_duration: family_histogram(
+                &r,
+                "kubeproxy_conntrack_reconciler_sync_duration_seconds",
+                "ReconcileConntrackFlowsLatency latency in seconds",
+                sync_buckets(),
             ),
             programmed_services: int_gauge(
                 &r,
@@ -204,7 +261,7 @@ impl Metrics {
             rejected_objects: gauge_vec(
                 &r,
                 "kproxy_rejected_objects",
-                "Objects currently rejected as invalid, by kind and reason",
+                "Objects (or parts of them) currently not programmed, by kind and reason: invalid, IPv6 (ipv6_unsupported), a frontend another Service owns (frontend_conflict)",
                 &["kind", "reason"],
             ),
             sync_errors: counter(&r, "kproxy_sync_errors_total", "Cumulative failed syncs"),
@@ -221,13 +278,25 @@ impl Metrics {
             ),
             registry: r,
         };
-        // Both label values exist from the start so a 0 is visible.
+        // Label values that exist from the start, so a 0 is visible.
         for policy in ["internal", "external"] {
-            m.no_local_endpoints.with_label_values(&[policy]).set(0);
+            m.no_local_endpoints
+                .with_label_values(&[IPV4, policy])
+                .set(0);
         }
         if mode == ProxyMode::Iptables {
             for table in ["filter", "nat"] {
-                m.iptables_rules.with_label_values(&[table]).set(0);
+                m.iptables_rules.with_label_values(&[IPV4, table]).set(0);
+                m.iptables_rules_last
+                    .with_label_values(&[IPV4, table])
+                    .set(0);
+            }
+        }
+        #[cfg(target_os = "linux")]
+        {
+            let process = prometheus::process_collector::ProcessCollector::for_self();
+            if let Err(err) = m.registry.register(Box::new(process)) {
+                tracing::warn!(%err, "process metrics unavailable");
             }
         }
         let build_info = gauge_vec(
@@ -290,6 +359,8 @@ impl Metrics {
         self.endpoint_changes_pending.set(endpoints as i64);
     }
 
+    /// An `iptables-restore` failed; `partial` when it was a partial sync
+    /// (kube-proxy counts those in a second counter too).
     pub fn inc_iptables_restore_failures(&self) {
         self.iptables_restore_failures.inc();
     }
@@ -301,18 +372,45 @@ impl Metrics {
     /// Rules kproxy owns in `table` (`filter`, `nat`) after the last sync.
     pub fn set_iptables_rules(&self, table: &str, rules: usize) {
         self.iptables_rules
-            .with_label_values(&[table])
+            .with_label_values(&[IPV4, table])
             .set(rules as i64);
+    }
+
+    /// Rules the last sync wrote in `table`.
+    pub fn set_iptables_rules_last(&self, table: &str, rules: usize) {
+        self.iptables_rules_last
+            .with_label_values(&[IPV4, table])
+            .set(rules as i64);
+    }
+
+    /// A `/healthz` answer with this HTTP status.
+    pub fn count_healthz(&self, code: u16) {
+        self.healthz_total
+            .with_label_values(&[&code.to_string()])
+            .inc();
+    }
+
+    /// A `/livez` answer with this HTTP status.
+    pub fn count_livez(&self, code: u16) {
+        self.livez_total
+            .with_label_values(&[&code.to_string()])
+            .inc();
+    }
+
+    /// One UDP conntrack reconcile: how long it took, flows it deleted.
+    pub fn observe_conntrack_reconcile(&self, duration: Duration, deleted: usize) {
+        self.conntrack_sync_duration.observe(duration.as_secs_f64());
+        self.conntrack_deleted.inc_by(deleted as u64);
     }
 
     /// Service ports with an internal / external Local policy and no local
     /// endpoint to send that traffic to.
     pub fn set_no_local_endpoints(&self, internal: usize, external: usize) {
         self.no_local_endpoints
-            .with_label_values(&["internal"])
+            .with_label_values(&[IPV4, "internal"])
             .set(internal as i64);
         self.no_local_endpoints
-            .with_label_values(&["external"])
+            .with_label_values(&[IPV4, "external"])
             .set(external as i64);
     }
 
@@ -434,6 +532,8 @@ mod tests {
         m.observe_sync(true, Duration::from_millis(3), true);
         m.observe_network_programming(Duration::from_millis(700));
         m.set_rejected(&[rejection("Service", "invalid_port", "a")]);
+        m.count_healthz(200);
+        m.count_livez(503);
         let text = m.render();
         for (name, kind) in [
             ("kubeproxy_sync_proxy_rules_duration_seconds", "histogram"),
@@ -488,26 +588,45 @@ mod tests {
             ("kproxy_rejected_objects", "gauge"),
             ("kproxy_sync_errors_total", "counter"),
             ("kproxy_build_info", "gauge"),
+            ("kubeproxy_sync_proxy_rules_iptables_last", "gauge"),
+            ("kubeproxy_proxy_healthz_total", "counter"),
+            ("kubeproxy_proxy_livez_total", "counter"),
+            (
+                "kubeproxy_conntrack_reconciler_deleted_entries_total",
+                "counter",
+            ),
+            (
+                "kubeproxy_conntrack_reconciler_sync_duration_seconds",
+                "histogram",
+            ),
+            ("process_resident_memory_bytes", "gauge"),
+            ("process_open_fds", "gauge"),
         ] {
             assert!(
                 text.contains(&format!("# TYPE {name} {kind}\n")),
                 "{name} ({kind}) missing from:\n{text}"
             );
         }
-        assert!(text.contains("kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.004\"} 1"));
-        assert!(
-            text.contains("kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"16.384\"} 1")
-        );
-        assert!(
-            text.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"0.5\"} 0")
-        );
-        assert!(text.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"1\"} 1"));
-        assert!(
-            text.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"300\"} 1")
-        );
-        assert!(text.contains("kubeproxy_sync_proxy_rules_iptables_total{table=\"nat\"} 0"));
         assert!(text.contains(
-            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"external\"} 0"
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{ip_family=\"IPv4\",le=\"0.004\"} 1"
+        ));
+        assert!(
+            text.contains("kubeproxy_sync_proxy_rules_duration_seconds_bucket{ip_family=\"IPv4\",le=\"16.384\"} 1")
+        );
+        assert!(
+            text.contains("kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"0.5\"} 0")
+        );
+        assert!(text.contains(
+            "kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"1\"} 1"
+        ));
+        assert!(
+            text.contains("kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"300\"} 1")
+        );
+        assert!(text.contains(
+            "kubeproxy_sync_proxy_rules_iptables_total{ip_family=\"IPv4\",table=\"nat\"} 0"
+        ));
+        assert!(text.contains(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"external\"} 0"
         ));
         assert!(text.contains(&format!(
             "kproxy_build_info{{mode=\"iptables\",version=\"{}\"}} 1",
@@ -529,13 +648,18 @@ mod tests {
         m.observe_sync(false, Duration::from_millis(1), false);
         let text = m.render();
         assert!(text.contains("kproxy_sync_errors_total 2\n"));
-        assert!(text.contains("kubeproxy_sync_partial_proxy_rules_duration_seconds_count 2\n"));
-        assert!(text.contains("kubeproxy_sync_full_proxy_rules_duration_seconds_count 0\n"));
-        assert!(text.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds 0\n"));
+        assert!(text.contains(
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} 2\n"
+        ));
+        assert!(text.contains(
+            "kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} 0\n"
+        ));
+        assert!(text
+            .contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"} 0\n"));
         m.observe_sync(true, Duration::from_millis(1), true);
         assert!(!m
             .render()
-            .contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds 0\n"));
+            .contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"} 0\n"));
     }
 
     #[test]
@@ -580,12 +704,12 @@ mod tests {
             "kubeproxy_sync_proxy_rules_endpoint_changes_pending 2",
             "kproxy_programmed_services 7",
             "kproxy_programmed_endpoints 11",
-            "kubeproxy_sync_proxy_rules_iptables_total{table=\"nat\"} 42",
-            "kubeproxy_sync_proxy_rules_iptables_restore_failures_total 1",
-            "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total 1",
-            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"internal\"} 1",
-            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"external\"} 2",
-            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds 1000",
+            "kubeproxy_sync_proxy_rules_iptables_total{ip_family=\"IPv4\",table=\"nat\"} 42",
+            "kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family=\"IPv4\"} 1",
+            "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total{ip_family=\"IPv4\"} 1",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"internal\"} 1",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"external\"} 2",
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds{ip_family=\"IPv4\"} 1000",
         ] {
             assert!(
                 text.contains(&format!("{line}\n")),

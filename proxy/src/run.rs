@@ -280,7 +280,7 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     };
 
     // For `kproxy forward .../udp`; dropped (stopped) when run returns.
-    let _udp_relay = server::udp_relay::start(args.udp_relay_port, &args.cluster_cidr).await;
+    let _udp_relay = server::udp_relay::start(args.udp_relay_port, &args.cluster_cidrs()).await;
 
     let (snap_tx, snap_rx) = watch::channel(Snapshot::default());
     let source_task = match (args.manifests.clone(), kube_client) {

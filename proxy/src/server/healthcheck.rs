@@ -220,12 +220,7 @@ fn serve(addr: SocketAddr, listener: TcpListener, state: Arc<ServiceHealth>) -> 
         let shutdown = async {
             let _ = rx.await;
         };
-        if let Err(err) = axum::serve(serving, router)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            tracing::error!(service = %state.key, %addr, %err, "healthCheckNodePort server failed");
-        }
+        super::serve_connections(serving, router, shutdown).await;
     });
     Running {
         addr,

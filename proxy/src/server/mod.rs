@@ -7,8 +7,8 @@
 //! ```text
 //! let health = Arc::new(HealthState::new(2 * sync_period));
 //! let metrics = Arc::new(Metrics::new(mode));
-//! tokio::spawn(serve_healthz(healthz_addr, health.clone()));         // errors name the flag
-//! tokio::spawn(serve_metrics(metrics_addr, metrics.clone(), health.clone(), mode));
+//! tokio::spawn(serve_healthz(healthz_addr, health.clone(), metrics.clone(), hard_fail));
+//! tokio::spawn(serve_metrics(metrics_addr, metrics.clone(), health.clone(), mode, hard_fail));
 //! let mut hc = HealthCheckServers::new(nodeport_ips, health.clone()); // empty = 0.0.0.0
 //! // on every change:  health.queued(now); metrics.observe_queued(now);
 //! // after each sync:  metrics.observe_sync(full, elapsed, ok);
@@ -17,14 +17,16 @@
 //! ```
 
 mod healthcheck;
+mod http;
 pub mod udp_relay;
 
 pub use healthcheck::HealthCheckServers;
+pub use http::{serve_connections, HEADER_READ_TIMEOUT, MAX_CONNECTIONS};
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
@@ -83,23 +85,65 @@ pub async fn bind(addr: SocketAddr, flag: &str) -> Result<TcpListener, ServerErr
         .map_err(|err| ServerError::from_bind(addr, flag, err))
 }
 
-/// Serves `router` on an already bound listener until the task is dropped.
+/// Serves `router` on an already bound listener until the task is dropped,
+/// with a header-read timeout and a connection cap ([`serve_connections`]).
 pub async fn serve_on(listener: TcpListener, router: Router) -> Result<(), ServerError> {
     let addr = listener.local_addr().map_err(|source| ServerError::Serve {
         addr: SocketAddr::from(([0, 0, 0, 0], 0)),
         source,
     })?;
     tracing::info!(%addr, "serving HTTP");
-    axum::serve(listener, router)
-        .await
-        .map_err(|source| ServerError::Serve { addr, source })
+    serve_connections(listener, router, std::future::pending()).await;
+    Ok(())
+}
+
+/// How long a server whose address cannot be bound waits before trying
+/// again (without `--bind-address-hard-fail`), as kube-proxy does.
+pub const BIND_RETRY: Duration = Duration::from_secs(5);
+
+/// Binds `addr` and serves `router`. A bind failure is returned with
+/// `hard_fail` (kube-proxy's `--bind-address-hard-fail`); otherwise it is
+/// logged and retried every [`BIND_RETRY`], so a port held by a leftover
+/// process does not keep the proxy from programming the node.
+pub async fn serve_retrying(
+    addr: SocketAddr,
+    flag: &str,
+    router: Router,
+    hard_fail: bool,
+) -> anyhow::Result<()> {
+    let mut logged = false;
+    loop {
+        match bind(addr, flag).await {
+            Ok(listener) => {
+                serve_on(listener, router).await?;
+                return Ok(());
+            }
+            Err(err) if hard_fail => return Err(err.into()),
+            Err(err) => {
+                if !logged {
+                    tracing::error!(%err, "retrying every {}s (set --bind-address-hard-fail to exit instead)", BIND_RETRY.as_secs());
+                    logged = true;
+                }
+                tokio::time::sleep(BIND_RETRY).await;
+            }
+        }
+    }
 }
 
 /// The `/healthz` server on `--healthz-bind-address`.
-pub async fn serve_healthz(addr: SocketAddr, health: Arc<HealthState>) -> anyhow::Result<()> {
-    let listener = bind(addr, "--healthz-bind-address").await?;
-    serve_on(listener, healthz_router(health)).await?;
-    Ok(())
+pub async fn serve_healthz(
+    addr: SocketAddr,
+    health: Arc<HealthState>,
+    metrics: Arc<Metrics>,
+    hard_fail: bool,
+) -> anyhow::Result<()> {
+    serve_retrying(
+        addr,
+        "--healthz-bind-address",
+        healthz_router(health, metrics),
+        hard_fail,
+    )
+    .await
 }
 
 /// The metrics server on `--metrics-bind-address`.
@@ -108,29 +152,41 @@ pub async fn serve_metrics(
     metrics: Arc<Metrics>,
     health: Arc<HealthState>,
     mode: ProxyMode,
+    hard_fail: bool,
 ) -> anyhow::Result<()> {
-    let listener = bind(addr, "--metrics-bind-address").await?;
-    serve_on(listener, metrics_router(metrics, health, mode)).await?;
-    Ok(())
+    serve_retrying(
+        addr,
+        "--metrics-bind-address",
+        metrics_router(metrics, health, mode),
+        hard_fail,
+    )
+    .await
+}
+
+/// What the health handlers read: the health and the counters of answers.
+#[derive(Clone)]
+struct HealthzState {
+    health: Arc<HealthState>,
+    metrics: Arc<Metrics>,
 }
 
 /// `/healthz` and `/livez`, as kube-proxy's health server.
-pub fn healthz_router(health: Arc<HealthState>) -> Router {
+pub fn healthz_router(health: Arc<HealthState>, metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/livez", get(livez))
-        .with_state(health)
+        .with_state(HealthzState { health, metrics })
 }
 
 /// `/metrics`, `/proxyMode`, plus the health endpoints.
 pub fn metrics_router(metrics: Arc<Metrics>, health: Arc<HealthState>, mode: ProxyMode) -> Router {
     let metrics_routes = Router::new()
         .route("/metrics", get(render_metrics))
-        .with_state(metrics);
+        .with_state(metrics.clone());
     Router::new()
         .route("/proxyMode", get(move || async move { mode.to_string() }))
         .merge(metrics_routes)
-        .merge(healthz_router(health))
+        .merge(healthz_router(health, metrics))
 }
 
 async fn render_metrics(State(metrics): State<Arc<Metrics>>) -> Response {
@@ -141,12 +197,16 @@ async fn render_metrics(State(metrics): State<Arc<Metrics>>) -> Response {
         .into_response()
 }
 
-async fn healthz(State(health): State<Arc<HealthState>>) -> Response {
-    health_response(health.report(SystemTime::now()))
+async fn healthz(State(s): State<HealthzState>) -> Response {
+    let resp = health_response(s.health.report(SystemTime::now()));
+    s.metrics.count_healthz(resp.status().as_u16());
+    resp
 }
 
-async fn livez(State(health): State<Arc<HealthState>>) -> Response {
-    health_response(health.live_report(SystemTime::now()))
+async fn livez(State(s): State<HealthzState>) -> Response {
+    let resp = health_response(s.health.live_report(SystemTime::now()));
+    s.metrics.count_livez(resp.status().as_u16());
+    resp
 }
 
 fn health_response(report: HealthReport) -> Response {

@@ -115,7 +115,11 @@ async fn assert_refused(addr: SocketAddr) {
 #[tokio::test]
 async fn healthz_503_before_first_sync_then_200() {
     let health = Arc::new(HealthState::new(Duration::from_secs(60)));
-    let addr = spawn(healthz_router(health.clone())).await;
+    let addr = spawn(healthz_router(
+        health.clone(),
+        Arc::new(Metrics::new(ProxyMode::Iptables)),
+    ))
+    .await;
 
     let r = get(addr, "/healthz").await.unwrap();
     assert_eq!(r.status, 503);
@@ -148,7 +152,11 @@ async fn healthz_503_before_first_sync_then_200() {
 #[tokio::test]
 async fn healthz_stalled_sync_is_503() {
     let health = Arc::new(HealthState::new(Duration::from_secs(30)));
-    let addr = spawn(healthz_router(health.clone())).await;
+    let addr = spawn(healthz_router(
+        health.clone(),
+        Arc::new(Metrics::new(ProxyMode::Iptables)),
+    ))
+    .await;
     let now = SystemTime::now();
     health.updated(now - Duration::from_secs(120));
     health.queued(now - Duration::from_secs(60));
@@ -186,13 +194,118 @@ async fn metrics_server_routes() {
     assert_eq!(get(addr, "/nope").await.unwrap().status, 404);
 }
 
+/// Each answer of /healthz and /livez is counted by status code, so an
+/// unhealthy proxy shows in the metrics as well as in the probe.
+#[tokio::test]
+async fn health_answers_are_counted_by_code() {
+    let health = Arc::new(HealthState::new(Duration::from_secs(60)));
+    let metrics = Arc::new(Metrics::new(ProxyMode::Iptables));
+    let addr = spawn(metrics_router(metrics, health.clone(), ProxyMode::Iptables)).await;
+    // Not synced yet: 503.
+    assert_eq!(get(addr, "/healthz").await.unwrap().status, 503);
+    assert_eq!(get(addr, "/livez").await.unwrap().status, 503);
+    health.updated(SystemTime::now());
+    assert_eq!(get(addr, "/healthz").await.unwrap().status, 200);
+    let text = get(addr, "/metrics").await.unwrap().body;
+    for line in [
+        "kubeproxy_proxy_healthz_total{code=\"503\"} 1",
+        "kubeproxy_proxy_healthz_total{code=\"200\"} 1",
+        "kubeproxy_proxy_livez_total{code=\"503\"} 1",
+    ] {
+        assert!(text.contains(line), "{line} missing:\n{text}");
+    }
+    assert!(
+        text.contains("process_open_fds "),
+        "process metrics missing"
+    );
+}
+
+/// A client that connects and sends nothing is cut off after the
+/// header-read timeout instead of holding the connection.
+#[tokio::test]
+async fn silent_clients_are_disconnected() {
+    use tokio::io::AsyncReadExt;
+    let addr = spawn(healthz_router(
+        synced_health(),
+        Arc::new(Metrics::new(ProxyMode::Iptables)),
+    ))
+    .await;
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(
+        HEADER_READ_TIMEOUT + Duration::from_secs(10),
+        silent.read(&mut buf),
+    )
+    .await
+    .expect("the server must close a silent connection")
+    .unwrap_or(0);
+    let waited = started.elapsed();
+    assert!(
+        waited >= HEADER_READ_TIMEOUT - Duration::from_secs(1),
+        "closed after {waited:?}, before the timeout"
+    );
+    // hyper answers 408 or just closes; either way the connection ends.
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(n == 0 || text.starts_with("HTTP/1.1 408"), "{text}");
+}
+
+/// Past the connection cap, new connections are closed at once and the
+/// server keeps answering once connections go away.
+#[tokio::test]
+async fn connections_over_the_cap_are_closed() {
+    use tokio::io::AsyncReadExt;
+    let addr = spawn(healthz_router(
+        synced_health(),
+        Arc::new(Metrics::new(ProxyMode::Iptables)),
+    ))
+    .await;
+    let mut held = Vec::with_capacity(MAX_CONNECTIONS);
+    for _ in 0..MAX_CONNECTIONS {
+        held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // Wait until the server has taken all of them (a request on the last
+    // one is answered once it is served).
+    let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), extra.read(&mut buf))
+        .await
+        .expect("an extra connection must be closed at once")
+        .unwrap_or(0);
+    assert_eq!(
+        n, 0,
+        "the extra connection got data instead of being closed"
+    );
+    drop(held);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match get(addr, "/healthz").await {
+            Ok(r) if r.status == 200 => break,
+            other => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "server did not recover: {other:?}"
+                );
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn bind_error_names_the_flag() {
     let first = bind(SocketAddr::new(LOCALHOST, 0), "--healthz-bind-address")
         .await
         .unwrap();
     let addr = first.local_addr().unwrap();
-    let err = serve_healthz(addr, synced_health()).await.unwrap_err();
+    let err = serve_healthz(
+        addr,
+        synced_health(),
+        Arc::new(Metrics::new(ProxyMode::Iptables)),
+        true,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(
         err.to_string(),
         format!(

@@ -2,6 +2,7 @@
 //! what was applied last, and drives the dataplane. Changes are coalesced by
 //! the minimum sync period; a periodic full sync repairs drift.
 
+mod changes;
 mod memory;
 
 use std::collections::BTreeSet;
@@ -38,6 +39,9 @@ pub struct SyncLoop {
     need_full: bool,
     /// Rejections already logged, so each is logged once while it lasts.
     reported: BTreeSet<Rejection>,
+    /// The source's objects as of the last successful sync (for the
+    /// pending-change gauges and the network programming latency).
+    synced_objects: Arc<crate::model::ClusterObjects>,
 }
 
 impl SyncLoop {
@@ -59,6 +63,7 @@ impl SyncLoop {
             applied: DesiredState::default(),
             need_full: true,
             reported: BTreeSet::new(),
+            synced_objects: Arc::default(),
         }
     }
 
@@ -99,7 +104,7 @@ impl SyncLoop {
                 }
                 let snapshot = snapshots.borrow_and_update().clone();
                 let full = self.need_full || Instant::now() >= next_full;
-                let ok = self.sync_once(&snapshot, full, Some(queued));
+                let ok = self.sync_once(&snapshot, full);
                 last_sync = Some(Instant::now());
                 if full && ok {
                     next_full = Instant::now() + self.timing.full_sync_period;
@@ -126,6 +131,9 @@ impl SyncLoop {
                     }
                     queued_at = Some(Instant::now());
                     self.mark_queued();
+                    let (services, slices) =
+                        changes::pending(&self.synced_objects, &snapshots.borrow().objects);
+                    self.metrics.set_pending(services, slices);
                 }
                 _ = tokio::time::sleep_until(next_full.into()) => {
                     queued_at = Some(Instant::now());
@@ -138,7 +146,7 @@ impl SyncLoop {
     }
 
     /// One sync: model, diff, dataplane, metrics. Returns whether it succeeded.
-    fn sync_once(&mut self, snapshot: &Snapshot, full: bool, queued_at: Option<Instant>) -> bool {
+    fn sync_once(&mut self, snapshot: &Snapshot, full: bool) -> bool {
         let started = Instant::now();
         let mut desired = model::build(&snapshot.objects, &self.model_config);
         desired.rejected.extend(snapshot.rejected.iter().cloned());
@@ -156,6 +164,18 @@ impl SyncLoop {
             same
         });
         self.report_rejections(&desired.rejected);
+        if desired.node.eligible != self.health.report(SystemTime::now()).node_eligible {
+            tracing::info!(
+                eligible = desired.node.eligible,
+                "this Node is {}: /healthz follows",
+                if desired.node.eligible {
+                    "eligible again"
+                } else {
+                    "being deleted or drained (deletion timestamp or ToBeDeletedByClusterAutoscaler)"
+                }
+            );
+        }
+        self.health.set_node_eligible(desired.node.eligible);
 
         let changes = if full {
             full_changes(&self.applied, &desired)
@@ -177,8 +197,20 @@ impl SyncLoop {
         match result {
             Ok(stats) => {
                 self.metrics.observe_sync(full, elapsed, true);
-                if let Some(queued) = queued_at {
-                    self.metrics.observe_network_programming(queued.elapsed());
+                let now = SystemTime::now();
+                for t in changes::trigger_times(&self.synced_objects, &snapshot.objects) {
+                    self.metrics
+                        .observe_network_programming(now.duration_since(t).unwrap_or_default());
+                }
+                self.synced_objects = snapshot.objects.clone();
+                self.metrics.set_pending(0, 0);
+                for (table, total, written) in &stats.rules {
+                    self.metrics.set_iptables_rules(table, *total);
+                    self.metrics.set_iptables_rules_last(table, *written);
+                }
+                if let Some(ct) = &stats.conntrack {
+                    self.metrics
+                        .observe_conntrack_reconcile(ct.duration, ct.deleted);
                 }
                 self.metrics.observe_desired(&desired);
                 self.metrics.set_service_errors(&stats.errors);
@@ -208,6 +240,12 @@ impl SyncLoop {
             }
             Err(err) => {
                 self.metrics.observe_sync(full, elapsed, false);
+                if err.is_restore_failure() {
+                    self.metrics.inc_iptables_restore_failures();
+                    if !full {
+                        self.metrics.inc_iptables_partial_restore_failures();
+                    }
+                }
                 self.health.sync_failed(&err);
                 tracing::error!(full, error = %err, "sync failed; the next sync rewrites everything");
                 self.need_full = true;
@@ -274,3 +312,6 @@ fn count_changes(old: &DesiredState, new: &DesiredState, changes: &Changes) -> (
     }
     (services, endpoints)
 }
+
+#[cfg(test)]
+mod tests;

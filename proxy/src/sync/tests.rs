@@ -1,0 +1,185 @@
+//! The sync loop with a fake dataplane: each metric kube-proxy exports about
+//! syncs moves when its cause happens (a failing iptables-restore, changes
+//! that wait, a programmed EndpointSlice change with a trigger time, rule
+//! counts and conntrack reconciles reported by the dataplane).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use tokio::sync::watch;
+
+use super::*;
+use crate::dataplane::{
+    ConntrackReconcile, DataplaneError, ProgrammedFrontend, ProxyMode, SyncStats,
+};
+use crate::model::ClusterObjects;
+
+type Outcome = Result<SyncStats, DataplaneError>;
+
+/// Returns queued outcomes in order, then success.
+struct FakeDataplane {
+    outcomes: Arc<Mutex<VecDeque<Outcome>>>,
+}
+
+impl Dataplane for FakeDataplane {
+    fn mode(&self) -> ProxyMode {
+        ProxyMode::Iptables
+    }
+    fn sync(&mut self, _: &DesiredState, _: &Changes, full: bool) -> Outcome {
+        let next = self.outcomes.lock().unwrap().pop_front();
+        next.unwrap_or(Ok(SyncStats {
+            full,
+            ..SyncStats::default()
+        }))
+    }
+    fn cleanup(&mut self) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+    fn programmed(&self) -> Result<Vec<ProgrammedFrontend>, DataplaneError> {
+        Ok(vec![])
+    }
+}
+
+fn objects(endpoint_ip: &str, trigger: &str) -> Arc<ClusterObjects> {
+    let svc: Service = serde_yaml::from_str(
+        "metadata: {name: web, namespace: default}\nspec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80, protocol: UDP}]}",
+    )
+    .unwrap();
+    let slice: EndpointSlice = serde_yaml::from_str(&format!(
+        "metadata:\n  name: web-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: web}}\n  annotations: {{endpoints.kubernetes.io/last-change-trigger-time: '{trigger}'}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: UDP}}]\nendpoints: [{{addresses: ['{endpoint_ip}'], conditions: {{ready: true}}}}]"
+    ))
+    .unwrap();
+    Arc::new(ClusterObjects::from_owned(vec![svc], vec![slice], vec![]))
+}
+
+fn restore_error() -> DataplaneError {
+    DataplaneError::Command {
+        tool: "iptables-nft-restore --noflush".into(),
+        message: "line 3 failed".into(),
+    }
+}
+
+/// Polls `metrics` until `line` appears (bounded).
+async fn wait_for(metrics: &Metrics, line: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = metrics.render();
+        if text.contains(line) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{line} never appeared:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_and_progress_metrics_move_with_their_causes() {
+    let outcomes = Arc::new(Mutex::new(VecDeque::new()));
+    let metrics = Arc::new(Metrics::new(ProxyMode::Iptables));
+    let health = Arc::new(HealthState::new(Duration::from_secs(60)));
+    let sync = SyncLoop::new(
+        Box::new(FakeDataplane {
+            outcomes: outcomes.clone(),
+        }),
+        ModelConfig {
+            node_name: "node1".into(),
+        },
+        SyncTiming {
+            full_sync_period: Duration::from_secs(3600),
+            min_sync_period: Duration::ZERO,
+        },
+        metrics.clone(),
+        health.clone(),
+        HealthCheckServers::new(vec![], health.clone()),
+    );
+    let (snap_tx, snap_rx) = watch::channel(Snapshot::default());
+    let (_stop_tx, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(sync.run(snap_rx, stop_rx));
+
+    // First sync: the dataplane reports its rules and a conntrack reconcile.
+    outcomes.lock().unwrap().push_back(Ok(SyncStats {
+        full: true,
+        rules: vec![("nat", 40, 40), ("filter", 7, 7)],
+        conntrack: Some(ConntrackReconcile {
+            duration: Duration::from_millis(2),
+            examined: 10,
+            deleted: 3,
+        }),
+        ..SyncStats::default()
+    }));
+    let trigger = "2020-01-01T00:00:00Z";
+    snap_tx.send_replace(Snapshot {
+        objects: objects("10.244.1.5", trigger),
+        rejected: vec![],
+        synced: true,
+    });
+    wait_for(
+        &metrics,
+        "kubeproxy_sync_proxy_rules_iptables_total{ip_family=\"IPv4\",table=\"nat\"} 40",
+    )
+    .await;
+    let text = metrics.render();
+    for line in [
+        "kubeproxy_sync_proxy_rules_iptables_last{ip_family=\"IPv4\",table=\"filter\"} 7",
+        "kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family=\"IPv4\"} 3",
+        "kubeproxy_conntrack_reconciler_sync_duration_seconds_count{ip_family=\"IPv4\"} 1",
+        // The slice changed with a trigger time years ago: one observation in +Inf.
+        "kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"} 1",
+        "kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"300\"} 0",
+    ] {
+        assert!(text.contains(line), "{line} missing:\n{text}");
+    }
+
+    // Partial syncs now fail in iptables-restore: the failure counters move
+    // and the change stays pending.
+    {
+        let mut q = outcomes.lock().unwrap();
+        for _ in 0..3 {
+            q.push_back(Err(restore_error()));
+        }
+    }
+    snap_tx.send_replace(Snapshot {
+        objects: objects("10.244.1.6", "2020-01-01T00:00:01Z"),
+        rejected: vec![],
+        synced: true,
+    });
+    wait_for(
+        &metrics,
+        "kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family=\"IPv4\"} 1",
+    )
+    .await;
+    let text = metrics.render();
+    assert!(
+        text.contains("kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total{ip_family=\"IPv4\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kubeproxy_sync_proxy_rules_endpoint_changes_pending 1\n"),
+        "the slice change waits:\n{text}"
+    );
+    // Retries fail until the queue is empty, then the change goes through.
+    wait_for(
+        &metrics,
+        "kubeproxy_sync_proxy_rules_endpoint_changes_pending 0\n",
+    )
+    .await;
+    let text = metrics.render();
+    assert!(
+        text.contains(
+            "kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family=\"IPv4\"} 3"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"} 2"),
+        "{text}"
+    );
+    assert!(text.contains("kproxy_sync_errors_total 3\n"), "{text}");
+    task.abort();
+}

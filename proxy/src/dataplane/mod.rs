@@ -29,11 +29,45 @@ impl fmt::Display for ProxyMode {
     }
 }
 
+/// `--detect-local-mode`: how traffic from this node's pods is told from
+/// other traffic (it decides masquerading, as in kube-proxy).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum DetectLocalMode {
+    /// Sources inside `--cluster-cidr`.
+    #[default]
+    ClusterCidr,
+    /// Sources inside the Node's `spec.podCIDRs`.
+    NodeCidr,
+    /// Packets that arrive on this bridge.
+    BridgeInterface(String),
+    /// Packets that arrive on interfaces whose name starts with this.
+    InterfaceNamePrefix(String),
+}
+
+/// What "local traffic" means for one sync, [`DetectLocalMode`] resolved
+/// against the Node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalTraffic {
+    /// Nothing is known to be local (no CIDR yet): nothing is masqueraded
+    /// for being non-local, as kube-proxy's no-op detector does.
+    Unknown,
+    Cidrs(Vec<IpNet>),
+    Bridge(String),
+    InterfacePrefix(String),
+}
+
 /// Node-level settings every dataplane needs, from the command line.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct DataplaneConfig {
     /// `--cluster-cidr`: traffic from outside it to a ClusterIP is masqueraded.
     pub cluster_cidrs: Vec<IpNet>,
+    /// `--detect-local-mode` (with its interface).
+    pub detect_local: DetectLocalMode,
+    /// `--iptables-masquerade-bit`: the packet mark bit asking for SNAT.
+    pub masquerade_bit: u8,
+    /// `--iptables-localhost-nodeports`: node ports answer on 127.0.0.1
+    /// (iptables mode; needs `route_localnet`).
+    pub localhost_nodeports: bool,
     /// `--nodeport-addresses`: empty means every local address.
     pub nodeport_addresses: Vec<IpNet>,
     /// `--masquerade-all`.
@@ -41,6 +75,55 @@ pub struct DataplaneConfig {
     /// Addresses of this node (for NodePort when `nodeport_addresses` is set,
     /// and for status). Discovered from the interfaces at start.
     pub node_ips: Vec<IpAddr>,
+}
+
+impl Default for DataplaneConfig {
+    fn default() -> Self {
+        DataplaneConfig {
+            cluster_cidrs: Vec::new(),
+            detect_local: DetectLocalMode::ClusterCidr,
+            masquerade_bit: 14,
+            localhost_nodeports: true,
+            nodeport_addresses: Vec::new(),
+            masquerade_all: false,
+            node_ips: Vec::new(),
+        }
+    }
+}
+
+impl DataplaneConfig {
+    /// What counts as local traffic, given the Node's pod CIDRs (NodeCIDR mode).
+    pub fn local_traffic(&self, node_pod_cidrs: &[IpNet]) -> LocalTraffic {
+        let cidrs = match &self.detect_local {
+            DetectLocalMode::ClusterCidr => &self.cluster_cidrs,
+            DetectLocalMode::NodeCidr => node_pod_cidrs,
+            DetectLocalMode::BridgeInterface(b) => return LocalTraffic::Bridge(b.clone()),
+            DetectLocalMode::InterfaceNamePrefix(p) => {
+                return LocalTraffic::InterfacePrefix(p.clone())
+            }
+        };
+        if cidrs.is_empty() {
+            LocalTraffic::Unknown
+        } else {
+            LocalTraffic::Cidrs(cidrs.to_vec())
+        }
+    }
+
+    /// Node ports answer on 127.0.0.1: `--iptables-localhost-nodeports` and
+    /// `--nodeport-addresses` admitting loopback (empty admits everything).
+    pub fn serves_localhost_nodeports(&self) -> bool {
+        self.localhost_nodeports
+            && (self.nodeport_addresses.is_empty()
+                || self
+                    .nodeport_addresses
+                    .iter()
+                    .any(|n| n.contains(&IpAddr::from([127, 0, 0, 1]))))
+    }
+
+    /// The mark value of [`DataplaneConfig::masquerade_bit`], as iptables writes it.
+    pub fn masquerade_mark(&self) -> String {
+        format!("{:#x}", 1u32 << self.masquerade_bit)
+    }
 }
 
 /// What one sync did, for logs and metrics.
@@ -54,6 +137,20 @@ pub struct SyncStats {
     /// Service ports that could not be programmed (e.g. a full BPF map);
     /// every other Service stays programmed.
     pub errors: Vec<ServiceError>,
+    /// iptables: rules kproxy owns per table after the sync, and how many
+    /// the sync wrote: (table, total, written).
+    pub rules: Vec<(&'static str, usize, usize)>,
+    /// The UDP conntrack reconcile this sync ran, if it ran.
+    pub conntrack: Option<ConntrackReconcile>,
+}
+
+/// One pass over the conntrack table removing UDP flows whose backend left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ConntrackReconcile {
+    pub duration: std::time::Duration,
+    /// Flows examined (UDP, this family).
+    pub examined: usize,
+    pub deleted: usize,
 }
 
 /// One Service port a sync could not program, and why.
@@ -77,6 +174,14 @@ pub struct ProgrammedFrontend {
     pub frontend: String,
     /// `10.244.1.5:8080`, in programmed order; empty when traffic is rejected.
     pub backends: Vec<String>,
+}
+
+impl DataplaneError {
+    /// An `iptables-restore` that failed (kube-proxy counts these in
+    /// `sync_proxy_rules_iptables_restore_failures_total`).
+    pub fn is_restore_failure(&self) -> bool {
+        matches!(self, DataplaneError::Command { tool, .. } if tool.contains("-restore"))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

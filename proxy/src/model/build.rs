@@ -19,7 +19,7 @@ pub(crate) fn build(objects: &ClusterObjects, config: &ModelConfig) -> DesiredSt
     // Our Node: addresses and zone. Every Node is checked so bad ones show up.
     let mut node = NodeInfo {
         name: config.node_name.clone(),
-        addresses: Vec::new(),
+        ..NodeInfo::default()
     };
     let mut zone: Option<String> = None;
     let mut found_node = false;
@@ -31,6 +31,8 @@ pub(crate) fn build(objects: &ClusterObjects, config: &ModelConfig) -> DesiredSt
             if p.name == config.node_name && !found_node {
                 found_node = true;
                 node.addresses = p.addresses;
+                node.pod_cidrs = p.pod_cidrs;
+                node.eligible = p.eligible;
                 zone = p.labels.get(LABEL_ZONE).cloned();
             }
         }

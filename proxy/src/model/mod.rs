@@ -85,6 +85,70 @@ pub fn validate_node(node: &Node) -> Vec<Rejection> {
     validate::parse_node(node).1
 }
 
+/// How many Services of `objects` have an IPv4 ClusterIP and how many have
+/// only IPv6 ones (headless and ExternalName Services are not counted).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceFamilies {
+    pub ipv4: usize,
+    pub ipv6_only: usize,
+    /// `namespace/name` of one IPv6-only Service, for messages.
+    pub example: Option<String>,
+}
+
+pub fn service_families(objects: &ClusterObjects) -> ServiceFamilies {
+    let mut f = ServiceFamilies::default();
+    for svc in &objects.services {
+        let Some(spec) = &svc.spec else { continue };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            continue;
+        }
+        let ips: Vec<std::net::IpAddr> = spec
+            .cluster_ips
+            .iter()
+            .flatten()
+            .chain(spec.cluster_ip.iter())
+            .filter_map(|ip| ip.parse().ok())
+            .collect();
+        if ips.iter().any(std::net::IpAddr::is_ipv4) {
+            f.ipv4 += 1;
+        } else if !ips.is_empty() {
+            f.ipv6_only += 1;
+            if f.example.is_none() {
+                f.example = Some(format!(
+                    "{}/{}",
+                    svc.metadata.namespace.as_deref().unwrap_or("default"),
+                    svc.metadata.name.as_deref().unwrap_or("")
+                ));
+            }
+        }
+    }
+    f
+}
+
+/// A Node's primary IPs, as kube-proxy picks them for `--nodeport-addresses
+/// primary`: the first InternalIP of each family, else the first ExternalIP.
+pub fn primary_node_ips(node: &Node) -> Vec<std::net::IpAddr> {
+    let addrs: Vec<(String, std::net::IpAddr)> = node
+        .status
+        .iter()
+        .flat_map(|s| s.addresses.iter().flatten())
+        .filter_map(|a| Some((a.type_.clone(), a.address.parse().ok()?)))
+        .collect();
+    let mut out = Vec::new();
+    for v4 in [true, false] {
+        let pick = |kind: &str| {
+            addrs
+                .iter()
+                .find(|(t, ip)| t == kind && ip.is_ipv4() == v4)
+                .map(|(_, ip)| *ip)
+        };
+        if let Some(ip) = pick("InternalIP").or_else(|| pick("ExternalIP")) {
+            out.push(ip);
+        }
+    }
+    out
+}
+
 /// What changed between the last applied state and the new one, by Service port.
 pub fn diff(old: &DesiredState, new: &DesiredState) -> Changes {
     diff::diff(old, new)

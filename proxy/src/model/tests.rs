@@ -519,13 +519,50 @@ status:
 }
 
 #[test]
+fn node_pod_cidrs_and_eligibility() {
+    let build_one = |yaml: &str| {
+        build(
+            &ClusterObjects::from_owned(vec![], vec![], vec![node(yaml)]),
+            &cfg(),
+        )
+    };
+    let st = build_one("metadata: {name: node-a}\nspec: {podCIDR: 10.244.1.0/24, podCIDRs: [10.244.1.0/24, 'fd00:1::/64']}");
+    assert_eq!(
+        st.node.pod_cidrs,
+        vec![
+            "10.244.1.0/24".parse::<ipnet::IpNet>().unwrap(),
+            "fd00:1::/64".parse().unwrap()
+        ]
+    );
+    assert!(st.node.eligible);
+    // Older Nodes have only spec.podCIDR.
+    let st = build_one("metadata: {name: node-a}\nspec: {podCIDR: 10.244.2.0/24}");
+    assert_eq!(st.node.pod_cidrs.len(), 1);
+    let st = build_one("metadata: {name: node-a}\nspec: {podCIDRs: [10.244.2.0/33]}");
+    assert_eq!(reasons(&st.rejected), [("spec.podCIDRs[0]", "invalid_ip")]);
+    // KEP-3836: being deleted, or drained by the cluster autoscaler.
+    let st = build_one("metadata: {name: node-a, deletionTimestamp: '2024-01-01T00:00:00Z'}");
+    assert!(!st.node.eligible);
+    let st = build_one(
+        "metadata: {name: node-a}\nspec: {taints: [{key: ToBeDeletedByClusterAutoscaler, value: '1700000000', effect: NoSchedule}]}",
+    );
+    assert!(!st.node.eligible);
+    let st =
+        build_one("metadata: {name: node-a}\nspec: {taints: [{key: other, effect: NoSchedule}]}");
+    assert!(st.node.eligible);
+    // Another node's state does not matter.
+    let st = build_one("metadata: {name: node-b, deletionTimestamp: '2024-01-01T00:00:00Z'}");
+    assert!(st.node.eligible);
+}
+
+#[test]
 fn node_info_without_node_object() {
     let state = build(&ClusterObjects::default(), &cfg());
     assert_eq!(
         state.node,
         NodeInfo {
             name: "node-a".into(),
-            addresses: vec![]
+            ..NodeInfo::default()
         }
     );
     assert!(state.services.is_empty() && state.rejected.is_empty());

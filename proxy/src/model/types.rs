@@ -203,12 +203,39 @@ impl fmt::Display for Rejection {
 }
 
 /// Node facts the model needs.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {
     /// This node's name (`--hostname-override` or hostname).
     pub name: String,
     /// Addresses from the Node object's status (InternalIP/ExternalIP), if known.
     pub addresses: Vec<IpAddr>,
+    /// The Node's `spec.podCIDRs` (for `--detect-local-mode NodeCIDR`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pod_cidrs: Vec<IpNet>,
+    /// `false` when the Node is being deleted or carries the cluster
+    /// autoscaler's `ToBeDeletedByClusterAutoscaler` taint: `/healthz` then
+    /// answers 503 so load balancers drain the node (KEP-3836).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub eligible: bool,
+}
+
+impl Default for NodeInfo {
+    fn default() -> Self {
+        NodeInfo {
+            name: String::new(),
+            addresses: Vec::new(),
+            pod_cidrs: Vec::new(),
+            eligible: true,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 /// The whole desired state of the dataplane, derived from objects by

@@ -727,7 +727,14 @@ pub(crate) struct ParsedNode {
     pub name: String,
     pub addresses: Vec<IpAddr>,
     pub labels: BTreeMap<String, String>,
+    /// `spec.podCIDRs` (or the older `spec.podCIDR`), valid ones.
+    pub pod_cidrs: Vec<IpNet>,
+    /// Not being deleted nor drained by the cluster autoscaler (KEP-3836).
+    pub eligible: bool,
 }
+
+/// The taint the cluster autoscaler puts on a Node it is about to delete.
+pub(crate) const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
 
 /// Checks a Node. A bad address is reported and left out; a bad name drops
 /// the Node.
@@ -753,10 +760,39 @@ pub(crate) fn parse_node(node: &Node) -> (Option<ParsedNode>, Vec<Rejection>) {
             ),
         }
     }
+    let spec = node.spec.as_ref();
+    let mut pod_cidrs = Vec::new();
+    let listed: Vec<(String, &String)> = match spec.and_then(|s| s.pod_cidrs.as_ref()) {
+        Some(list) if !list.is_empty() => list
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (format!("spec.podCIDRs[{i}]"), c))
+            .collect(),
+        _ => spec
+            .and_then(|s| s.pod_cidr.as_ref())
+            .map(|c| vec![("spec.podCIDR".to_string(), c)])
+            .unwrap_or_default(),
+    };
+    for (field, c) in listed {
+        match c.parse::<IpNet>() {
+            Ok(net) => pod_cidrs.push(net),
+            Err(_) => r.reject(
+                field,
+                REASON_INVALID_IP,
+                format!("invalid pod CIDR {c:?}: must be a CIDR"),
+            ),
+        }
+    }
+    let draining = spec
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == TAINT_TO_BE_DELETED));
+    let eligible = node.metadata.deletion_timestamp.is_none() && !draining;
     let parsed = name_ok.then(|| ParsedNode {
         name: r.name.clone(),
         addresses,
         labels: node.metadata.labels.clone().unwrap_or_default(),
+        pod_cidrs,
+        eligible,
     });
     (parsed, r.rejections)
 }

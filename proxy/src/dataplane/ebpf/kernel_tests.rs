@@ -259,6 +259,7 @@ impl World {
             nodeport_addresses: vec![],
             masquerade_all: false,
             node_ips: vec![NODE_IP.parse().unwrap(), NODE_UNDERLAY_IP.parse().unwrap()],
+            ..DataplaneConfig::default()
         }
     }
 

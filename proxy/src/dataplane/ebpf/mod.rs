@@ -251,6 +251,7 @@ fn to_stats(full: bool, c: writer::Counts, errors: Vec<PortError>) -> SyncStats 
                 message: e.message,
             })
             .collect(),
+        ..SyncStats::default()
     }
 }
 

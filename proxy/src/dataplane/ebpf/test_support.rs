@@ -57,7 +57,7 @@ pub fn state(ports: Vec<ServicePort>) -> DesiredState {
     DesiredState {
         node: NodeInfo {
             name: "node1".into(),
-            addresses: vec![],
+            ..NodeInfo::default()
         },
         services: ports
             .into_iter()
@@ -73,5 +73,6 @@ pub fn config() -> DataplaneConfig {
         nodeport_addresses: vec![],
         masquerade_all: false,
         node_ips: vec!["192.168.1.10".parse().unwrap()],
+        ..DataplaneConfig::default()
     }
 }

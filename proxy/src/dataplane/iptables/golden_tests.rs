@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::render::{self, Mode, PortChains};
 use super::{readback, render_full};
-use crate::dataplane::DataplaneConfig;
+use crate::dataplane::{DataplaneConfig, DetectLocalMode};
 use crate::model::{
     Changes, DesiredState, Endpoint, NodeInfo, Protocol, ServiceKey, ServicePort, ServicePortName,
     TrafficPolicy,
@@ -64,7 +64,7 @@ pub(super) fn state(ports: Vec<ServicePort>) -> DesiredState {
     DesiredState {
         node: NodeInfo {
             name: "node1".into(),
-            addresses: vec![],
+            ..NodeInfo::default()
         },
         services: ports
             .into_iter()
@@ -80,6 +80,7 @@ pub(super) fn config() -> DataplaneConfig {
         nodeport_addresses: vec![],
         masquerade_all: false,
         node_ips: vec!["192.168.1.10".parse().unwrap()],
+        ..DataplaneConfig::default()
     }
 }
 
@@ -346,6 +347,75 @@ fn golden_config_variants() {
     let mut cfg = config();
     cfg.masquerade_all = true;
     check_golden("masquerade_all", &render_full(&state(vec![p]), &cfg));
+}
+
+/// `--detect-local-mode` decides which sources are "local" (not
+/// masqueraded towards ClusterIPs, short-circuited for externalTrafficPolicy
+/// Local), and `--iptables-masquerade-bit` / `--iptables-localhost-nodeports`
+/// change the mark and the node-port match.
+#[test]
+fn golden_detect_local_modes() {
+    let mut p = svc(
+        "default",
+        "web",
+        "",
+        Protocol::Tcp,
+        "10.96.0.10",
+        80,
+        three_eps(),
+    );
+    p.node_port = Some(30080);
+    p.external_policy = TrafficPolicy::Local;
+    p.external_endpoints = p
+        .cluster_endpoints
+        .iter()
+        .filter(|e| e.is_local)
+        .cloned()
+        .collect();
+
+    let mut cfg = config();
+    cfg.detect_local = DetectLocalMode::BridgeInterface("cbr0".into());
+    cfg.masquerade_bit = 5;
+    cfg.localhost_nodeports = false;
+    check_golden(
+        "detect_local_bridge",
+        &render_full(&state(vec![p.clone()]), &cfg),
+    );
+
+    let mut cfg = config();
+    cfg.detect_local = DetectLocalMode::InterfaceNamePrefix("veth".into());
+    let text = render_full(&state(vec![p.clone()]), &cfg);
+    assert!(text.contains("! -i veth+ -d 10.96.0.10/32"), "{text}");
+    assert!(
+        text.contains(
+            " -i veth+ -m comment --comment \"pod traffic for default/web external destinations\""
+        ),
+        "{text}"
+    );
+
+    // NodeCIDR: the Node's podCIDRs; none yet means no local traffic known.
+    let mut cfg = config();
+    cfg.detect_local = DetectLocalMode::NodeCidr;
+    let mut st = state(vec![p.clone()]);
+    let text = render_full(&st, &cfg);
+    assert!(
+        !text.contains("10.244.0.0/16"),
+        "cluster CIDR unused in NodeCIDR mode: {text}"
+    );
+    assert!(
+        !text.contains("! -s 10.") && !text.contains("pod traffic"),
+        "no pod CIDR known yet: nothing is local: {text}"
+    );
+    st.node.pod_cidrs = vec!["10.244.1.0/24".parse().unwrap()];
+    let text = render_full(&st, &cfg);
+    assert!(
+        text.contains("! -s 10.244.1.0/24 -d 10.96.0.10/32"),
+        "{text}"
+    );
+    assert!(
+        text.contains("-s 10.244.1.0/24 -m comment --comment \"pod traffic"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -443,10 +443,11 @@ fn kernel_traffic_cluster_ip() {
 }
 
 /// UDP has no teardown: when the endpoint a flow was DNATed to goes away,
-/// the sync deletes the flow's conntrack entry so the next datagram is
-/// balanced again instead of following the stale entry.
+/// the sync deletes that flow's conntrack entry (through netlink) so the
+/// next datagram is balanced again; a long-lived flow to an endpoint that
+/// stays is left alone and keeps reaching it.
 #[test]
-fn kernel_udp_conntrack_cleared_when_endpoint_removed() {
+fn kernel_udp_conntrack_cleared_only_for_the_removed_endpoint() {
     let ns = NetNs::new("udp");
     ns.exec(&[
         "ip", "link", "add", "kpx0", "type", "veth", "peer", "name", "kpx1",
@@ -456,59 +457,98 @@ fn kernel_udp_conntrack_cleared_when_endpoint_removed() {
     ns.exec(&["ip", "addr", "add", "10.244.1.2/32", "dev", "kpx0"]);
     ns.exec(&["ip", "addr", "add", "10.244.1.3/32", "dev", "kpx0"]);
     ns.exec(&["ip", "route", "add", "10.96.0.0/16", "dev", "kpx0"]);
-    let a = svc(
-        "kube-system",
-        "dns",
-        "dns",
-        Protocol::Udp,
-        "10.96.0.53",
-        53,
-        vec![ep("10.244.1.2", 5353, true)],
-    );
-    let mut b = a.clone();
-    b.cluster_endpoints = vec![ep("10.244.1.3", 5353, true)];
-    b.external_endpoints = b.cluster_endpoints.clone();
-    let (s1, s2) = (state(vec![a.clone()]), state(vec![b]));
-    let name = a.name.clone();
-    let entries = |ns: &NetNs| -> String {
-        // `conntrack -L` prints entries on stdout and a summary on stderr.
-        ns.exec(&["conntrack", "-L", "-p", "udp", "--orig-dst", "10.96.0.53"])
+    let with = |eps: &[&str]| {
+        state(vec![svc(
+            "kube-system",
+            "dns",
+            "dns",
+            Protocol::Udp,
+            "10.96.0.53",
+            53,
+            eps.iter().map(|ip| ep(ip, 5353, true)).collect(),
+        )])
     };
-    let dp = ns.enter(move || {
-        let mut dp = IptablesDataplane::new(config(), Backend::Nft).unwrap();
-        dp.sync(&s1, &Changes::default(), true).unwrap();
-        let receiver = std::net::UdpSocket::bind("10.244.1.2:5353").unwrap();
-        receiver
-            .set_read_timeout(Some(Duration::from_secs(3)))
-            .unwrap();
-        let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-        sock.send_to(b"q", "10.96.0.53:53").unwrap();
-        let mut buf = [0u8; 8];
-        let (n, _) = receiver
-            .recv_from(&mut buf)
-            .expect("datagram DNATed to the endpoint");
-        assert_eq!(&buf[..n], b"q");
-        dp
-    });
-    assert!(
-        entries(&ns).contains("10.244.1.2"),
-        "a flow to the first endpoint exists"
+    let (only_a, both, only_a_again) = (
+        with(&["10.244.1.2"]),
+        with(&["10.244.1.2", "10.244.1.3"]),
+        with(&["10.244.1.2"]),
     );
+    let name = only_a.services.keys().next().unwrap().clone();
+    let changed = Changes {
+        added: vec![],
+        updated: vec![name],
+        removed: vec![],
+    };
     ns.enter(move || {
-        let mut dp = dp;
-        let changes = Changes {
-            added: vec![],
-            updated: vec![name],
-            removed: vec![],
+        let recv_a = std::net::UdpSocket::bind("10.244.1.2:5353").unwrap();
+        let recv_b = std::net::UdpSocket::bind("10.244.1.3:5353").unwrap();
+        for r in [&recv_a, &recv_b] {
+            r.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+        }
+        let got = |r: &std::net::UdpSocket| {
+            let mut buf = [0u8; 8];
+            r.recv_from(&mut buf)
+                .ok()
+                .map(|(n, from)| (buf[..n].to_vec(), from))
         };
-        dp.sync(&s2, &changes, false).unwrap();
-        dp
+        let mut dp = IptablesDataplane::new(config(), Backend::Nft).unwrap();
+        dp.sync(&only_a, &Changes::default(), true).unwrap();
+        // The long-lived flow: one socket, talking to A.
+        let long_lived = std::net::UdpSocket::bind("10.244.1.2:0").unwrap();
+        long_lived.send_to(b"1", "10.96.0.53:53").unwrap();
+        assert_eq!(got(&recv_a).expect("DNATed to A").0, b"1");
+
+        // B joins; find a flow that the balancer sent to B.
+        let stats = dp.sync(&both, &changed, false).unwrap();
+        assert_eq!(
+            stats.conntrack.map(|c| c.deleted),
+            Some(0),
+            "adding B clears nothing"
+        );
+        let mut to_b = None;
+        for _ in 0..64 {
+            let s = std::net::UdpSocket::bind("10.244.1.2:0").unwrap();
+            s.send_to(b"2", "10.96.0.53:53").unwrap();
+            if got(&recv_b).is_some() {
+                to_b = Some(s);
+                break;
+            }
+            let _ = got(&recv_a);
+        }
+        let to_b = to_b.expect("one of 64 flows balanced to B");
+        let to_b_port = to_b.local_addr().unwrap().port();
+
+        // B leaves: exactly its flows go; the long-lived flow to A stays.
+        let stats = dp.sync(&only_a_again, &changed, false).unwrap();
+        let ct = stats.conntrack.expect("a UDP change reconciles");
+        assert!(ct.deleted >= 1, "the flow to B is deleted: {ct:?}");
+        let text = ns_entries_here();
+        assert!(
+            !text.contains("src=10.244.1.3"),
+            "no flow to B left:\n{text}"
+        );
+        assert!(
+            !text.contains(&format!("sport={to_b_port} ")),
+            "the B flow's entry is gone:\n{text}"
+        );
+        long_lived.send_to(b"3", "10.96.0.53:53").unwrap();
+        let (data, _) = got(&recv_a).expect("the long-lived flow still reaches A");
+        assert_eq!(data, b"3");
+        // The flow that went to B is balanced again, to A.
+        to_b.send_to(b"4", "10.96.0.53:53").unwrap();
+        assert_eq!(got(&recv_a).expect("re-balanced to A").0, b"4");
+        dp.cleanup().unwrap();
     });
-    assert!(
-        !entries(&ns).contains("10.244.1.2"),
-        "stale flow removed: {}",
-        entries(&ns)
-    );
+}
+
+/// `conntrack -L` for the VIP, from inside the namespace this thread is in.
+fn ns_entries_here() -> String {
+    let out = Command::new("conntrack")
+        .args(["-L", "-p", "udp", "--orig-dst", "10.96.0.53"])
+        .output()
+        .expect("conntrack installed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A server that answers each connection with the peer address it saw,

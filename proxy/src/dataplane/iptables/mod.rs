@@ -5,7 +5,7 @@
 //!   tested under `testdata/`; `UPDATE_GOLDEN=1` regenerates).
 //! - `exec` runs the save/restore tools and detects the backend.
 //! - `readback` parses save output for `status`, cleanup and drift repair.
-//! - `conntrack` clears stale UDP flows after endpoint changes.
+//! - `conntrack` clears stale UDP flows whose backend left (netlink).
 //!
 //! Chains (hash = 16 base32 chars of sha256 of the Service port name and
 //! protocol, plus the endpoint for SEP):
@@ -28,12 +28,13 @@
 //! ```
 //!
 //! Assumptions about the namespace kproxy runs in: forwarding
-//! (`net.ipv4.ip_forward`) is the CNI's job; `route_localnet` stays off, so
-//! node ports are not served on 127.0.0.0/8; IPv4 only (IPv6 addresses in
-//! the desired state are skipped); the `conntrack` tool is installed for UDP
-//! flow clearing (a warning is logged when it is not).
+//! (`net.ipv4.ip_forward`) is the CNI's job; node ports are served on
+//! 127.0.0.1 with `--iptables-localhost-nodeports` (default, as kube-proxy:
+//! `kproxy run` sets `route_localnet`, and KPROXY-FIREWALL drops martians
+//! that were not translated); IPv4 only (IPv6 addresses in the desired state
+//! are skipped); stale UDP flows are cleared through ctnetlink.
 
-mod conntrack;
+pub mod conntrack;
 mod exec;
 pub mod kube_proxy;
 mod names;
@@ -62,8 +63,8 @@ pub struct IptablesDataplane {
     backend: Backend,
     /// Chains written per Service port by the last successful sync.
     ports: HashMap<ServicePortName, PortChains>,
-    /// UDP frontends and endpoints as of the last successful sync.
-    udp: conntrack::UdpState,
+    /// Clears UDP conntrack entries whose backend left.
+    udp: conntrack::UdpReconciler,
     /// Set when nothing was synced yet or the last sync failed.
     needs_full: bool,
 }
@@ -80,7 +81,7 @@ impl IptablesDataplane {
             config,
             backend,
             ports: HashMap::new(),
-            udp: conntrack::UdpState::default(),
+            udp: conntrack::UdpReconciler::default(),
             needs_full: true,
         })
     }
@@ -135,11 +136,13 @@ impl IptablesDataplane {
         );
         exec::restore(self.backend, &rendered.payload)?;
         self.ports = rendered.ports;
-        self.udp.apply(desired);
+        let conntrack = self.udp.after_sync(desired, &self.config, full);
         Ok(SyncStats {
             full,
             objects_written: rendered.chains_written,
             objects_deleted: rendered.chains_deleted,
+            rules: rendered.rules.to_vec(),
+            conntrack,
             ..SyncStats::default()
         })
     }
@@ -183,7 +186,7 @@ impl Dataplane for IptablesDataplane {
             }
         }
         self.ports.clear();
-        self.udp = conntrack::UdpState::default();
+        self.udp = conntrack::UdpReconciler::default();
         self.needs_full = true;
         result
     }

@@ -11,11 +11,8 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::names::*;
-use crate::dataplane::DataplaneConfig;
+use crate::dataplane::{DataplaneConfig, LocalTraffic};
 use crate::model::{Changes, DesiredState, Endpoint, ServicePort, ServicePortName, TrafficPolicy};
-
-/// The packet mark asking KPROXY-POSTROUTING to masquerade.
-pub const MASQ_MARK: &str = "0x4000";
 
 /// A rule kproxy keeps in a built-in chain, jumping to one of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +74,9 @@ pub enum Mode<'a> {
 #[derive(Debug, Clone)]
 pub struct Rendered {
     pub payload: String,
+    /// Rules kproxy owns after this payload, per table (`nat`, `filter`):
+    /// (total, written by this payload).
+    pub rules: [(&'static str, usize, usize); 2],
     pub ports: HashMap<ServicePortName, PortChains>,
     pub chains_written: usize,
     pub chains_deleted: usize,
@@ -101,8 +101,25 @@ pub fn render_full(desired: &DesiredState, config: &DataplaneConfig) -> String {
 enum Masq {
     None,
     All,
-    NotFrom(IpNet),
+    /// Everything not matching this (`! -s CIDR`, `! -i br0`, `! -i veth+`).
+    NotLocal(String),
+    /// Several local CIDRs: through KPROXY-MASQ-NONCLUSTER, which returns
+    /// for each of them.
     Chain,
+}
+
+/// iptables matches for traffic from this node's pods, per `--detect-local-mode`.
+fn local_matches(local: &LocalTraffic) -> Vec<String> {
+    match local {
+        LocalTraffic::Unknown => Vec::new(),
+        LocalTraffic::Cidrs(cidrs) => cidrs
+            .iter()
+            .filter(|c| matches!(c, IpNet::V4(_)))
+            .map(|c| format!("-s {c}"))
+            .collect(),
+        LocalTraffic::Bridge(b) => vec![format!("-i {b}")],
+        LocalTraffic::InterfacePrefix(p) => vec![format!("-i {p}+")],
+    }
 }
 
 /// Per-table output buffers; assembled at the end.
@@ -133,25 +150,20 @@ pub fn render(desired: &DesiredState, config: &DataplaneConfig, mode: Mode<'_>) 
         filter_external: String::new(),
         filter_firewall: String::new(),
     };
-    let cluster_v4: Vec<IpNet> = config
-        .cluster_cidrs
-        .iter()
-        .copied()
-        .filter(|c| matches!(c, IpNet::V4(_)))
-        .collect();
+    let local = local_matches(&config.local_traffic(&desired.node.pod_cidrs));
     let masq = if config.masquerade_all {
         Masq::All
     } else {
-        match cluster_v4.as_slice() {
+        match local.as_slice() {
             [] => Masq::None,
-            [one] => Masq::NotFrom(*one),
+            [one] => Masq::NotLocal(negate(one)),
             _ => Masq::Chain,
         }
     };
     let nodeport_dsts = nodeport_destinations(config);
     let ctx = Ctx {
         masq: &masq,
-        cluster_v4: &cluster_v4,
+        local: &local,
         nodeport_dsts: &nodeport_dsts,
     };
 
@@ -167,6 +179,8 @@ pub fn render(desired: &DesiredState, config: &DataplaneConfig, mode: Mode<'_>) 
 
     let mut ports = HashMap::with_capacity(n);
     let mut chains_written = NAT_FIXED.len() + FILTER_FIXED.len();
+    // Rules of port chains rendered but not written (unchanged in a partial sync).
+    let mut unwritten_rules = 0;
     let mut scratch = String::with_capacity(4096);
     let mut chains: Vec<String> = Vec::new();
     for sp in desired.services.values() {
@@ -189,6 +203,8 @@ pub fn render(desired: &DesiredState, config: &DataplaneConfig, mode: Mode<'_>) 
             }
             out.nat_ports.push_str(&scratch);
             chains_written += chains.len();
+        } else {
+            unwritten_rules += scratch.lines().count();
         }
         ports.insert(
             sp.name.clone(),
@@ -257,18 +273,42 @@ pub fn render(desired: &DesiredState, config: &DataplaneConfig, mode: Mode<'_>) 
     let payload = assemble(
         out,
         &masq,
-        &cluster_v4,
+        &local,
+        &config.masquerade_mark(),
+        config.serves_localhost_nodeports(),
         &nodeport_dsts,
         &delete_nat,
         &delete_filter,
         missing_jumps,
     );
+    let (nat_written, filter_written) = count_rules(&payload);
     Rendered {
+        rules: [
+            ("nat", nat_written + unwritten_rules, nat_written),
+            ("filter", filter_written, filter_written),
+        ],
         payload,
         ports,
         chains_written,
         chains_deleted: delete_nat.len() + delete_filter.len(),
     }
+}
+
+/// Rules (`-A`, `-I`) in the nat and filter parts of a payload.
+fn count_rules(payload: &str) -> (usize, usize) {
+    let (mut nat, mut filter, mut table) = (0, 0, "");
+    for line in payload.lines() {
+        if let Some(t) = line.strip_prefix('*') {
+            table = if t == "nat" { "nat" } else { "filter" };
+        } else if line.starts_with("-A ") || line.starts_with("-I ") {
+            if table == "nat" {
+                nat += 1;
+            } else {
+                filter += 1;
+            }
+        }
+    }
+    (nat, filter)
 }
 
 fn extra_nat_fixed(masq: &Masq) -> impl Iterator<Item = &'static str> {
@@ -277,12 +317,22 @@ fn extra_nat_fixed(masq: &Masq) -> impl Iterator<Item = &'static str> {
         .into_iter()
 }
 
-/// Destination matches that select node-port traffic.
+/// `-s X` -> `! -s X`.
+fn negate(m: &str) -> String {
+    format!("! {m}")
+}
+
+/// Destination matches that select node-port traffic. 127.0.0.1 is one of
+/// them with localhost node ports (kproxy then sets route_localnet=1, as
+/// kube-proxy does); without, loopback is excluded.
 fn nodeport_destinations(config: &DataplaneConfig) -> Vec<String> {
+    let localhost = config.serves_localhost_nodeports();
     if config.nodeport_addresses.is_empty() {
-        // Loopback is excluded: DNAT of 127.0.0.0/8 needs route_localnet,
-        // which kproxy does not turn on.
-        return vec!["! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL".to_string()];
+        return vec![if localhost {
+            "-m addrtype --dst-type LOCAL".to_string()
+        } else {
+            "! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL".to_string()
+        }];
     }
     let mut ips: Vec<IpAddr> = config
         .node_ips
@@ -290,6 +340,9 @@ fn nodeport_destinations(config: &DataplaneConfig) -> Vec<String> {
         .copied()
         .filter(|ip| ip.is_ipv4() && config.nodeport_addresses.iter().any(|n| n.contains(ip)))
         .collect();
+    if localhost {
+        ips.push(IpAddr::from([127, 0, 0, 1]));
+    }
     ips.sort();
     ips.dedup();
     ips.into_iter().map(|ip| format!("-d {ip}/32")).collect()
@@ -297,7 +350,8 @@ fn nodeport_destinations(config: &DataplaneConfig) -> Vec<String> {
 
 struct Ctx<'a> {
     masq: &'a Masq,
-    cluster_v4: &'a [IpNet],
+    /// Matches for traffic from this node's pods (`--detect-local-mode`).
+    local: &'a [String],
     nodeport_dsts: &'a [String],
 }
 
@@ -446,7 +500,7 @@ fn render_port(
             let m = match ctx.masq {
                 Masq::None => continue,
                 Masq::All => String::new(),
-                Masq::NotFrom(net) => format!("! -s {net} "),
+                Masq::NotLocal(m) => format!("{m} "),
                 Masq::Chain => String::new(),
             };
             let target = if matches!(ctx.masq, Masq::Chain) {
@@ -472,10 +526,10 @@ fn render_port(
         chains.push(ext.clone());
         if local {
             if has_cluster {
-                for net in ctx.cluster_v4 {
+                for m in ctx.local {
                     let _ = writeln!(
                         scratch,
-                        "-A {ext} -s {net} -m comment --comment \"pod traffic for {label} external destinations\" -j {svc}"
+                        "-A {ext} {m} -m comment --comment \"pod traffic for {label} external destinations\" -j {svc}"
                     );
                 }
                 let _ = writeln!(
@@ -581,10 +635,13 @@ fn endpoint_jumps(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn assemble(
     out: Out,
     masq: &Masq,
-    cluster_v4: &[IpNet],
+    local: &[String],
+    mark: &str,
+    localhost_nodeports: bool,
     nodeport_dsts: &[String],
     delete_nat: &[String],
     delete_filter: &[String],
@@ -614,18 +671,18 @@ fn assemble(
     push_jumps(&mut s, "nat", missing_jumps);
     let _ = writeln!(
         s,
-        "-A {POSTROUTING} -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN"
+        "-A {POSTROUTING} -m mark ! --mark {mark}/{mark} -j RETURN"
     );
     // Clear the mark so a re-routed packet is not masqueraded twice.
-    let _ = writeln!(s, "-A {POSTROUTING} -j MARK --xor-mark {MASQ_MARK}");
+    let _ = writeln!(s, "-A {POSTROUTING} -j MARK --xor-mark {mark}");
     let _ = writeln!(
         s,
         "-A {POSTROUTING} -m comment --comment \"kproxy service traffic requiring SNAT\" -j MASQUERADE --random-fully"
     );
-    let _ = writeln!(s, "-A {MARK_MASQ} -j MARK --or-mark {MASQ_MARK}");
+    let _ = writeln!(s, "-A {MARK_MASQ} -j MARK --or-mark {mark}");
     if matches!(masq, Masq::Chain) {
-        for net in cluster_v4 {
-            let _ = writeln!(s, "-A {MASQ_NONCLUSTER} -s {net} -j RETURN");
+        for m in local {
+            let _ = writeln!(s, "-A {MASQ_NONCLUSTER} {m} -j RETURN");
         }
         let _ = writeln!(s, "-A {MASQ_NONCLUSTER} -j {MARK_MASQ}");
     }
@@ -657,10 +714,18 @@ fn assemble(
     s.push_str(&out.filter_services);
     s.push_str(&out.filter_external);
     s.push_str(&out.filter_firewall);
+    if localhost_nodeports {
+        // route_localnet lets packets to 127.0.0.0/8 arrive from outside;
+        // only those node ports translated may pass (CVE-2020-8558).
+        let _ = writeln!(
+            s,
+            "-A {FIREWALL} -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -m comment --comment \"block incoming localnet connections\" -j DROP"
+        );
+    }
     let _ = writeln!(s, "-A {FORWARD} -m conntrack --ctstate INVALID -j DROP");
     let _ = writeln!(
         s,
-        "-A {FORWARD} -m mark --mark {MASQ_MARK}/{MASQ_MARK} -m comment --comment \"kproxy forwarding rules\" -j ACCEPT"
+        "-A {FORWARD} -m mark --mark {mark}/{mark} -m comment --comment \"kproxy forwarding rules\" -j ACCEPT"
     );
     let _ = writeln!(
         s,

@@ -48,6 +48,13 @@ enum Sub {
         #[arg(long)]
         client_closes: bool,
     },
+    /// Writes the Markdown report and the plots again from a sweep's JSON
+    /// (into the JSON's directory unless --out says otherwise).
+    Report {
+        json: PathBuf,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// A client of the measured node: connect | flood | follow.
     #[command(hide = true)]
     Probe {
@@ -147,6 +154,7 @@ fn main() -> ExitCode {
                 threads,
             },
         ),
+        Some(Sub::Report { json, out }) => report_again(&json, out),
         None => bench(cli.bench),
     };
     // One line, whatever RUST_BACKTRACE says.
@@ -193,6 +201,21 @@ impl BenchArgs {
             },
         }
     }
+}
+
+fn report_again(json: &std::path::Path, out: Option<PathBuf>) -> Result<()> {
+    let text =
+        std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+    let sweep: Sweep = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a sweep's JSON", json.display()))?;
+    let out = match out {
+        Some(dir) => dir,
+        None => json.parent().map(PathBuf::from).unwrap_or_default(),
+    };
+    std::fs::create_dir_all(&out)?;
+    let plots = plot::draw_all(&sweep, &out)?;
+    println!("{}", sweep.markdown(&plots));
+    Ok(())
 }
 
 fn bench(args: BenchArgs) -> Result<()> {

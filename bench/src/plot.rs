@@ -24,18 +24,30 @@ struct Chart {
     title: &'static str,
     y: &'static str,
     log_y: bool,
+    /// Sync charts: capped points drawn at the cap (seconds).
+    capped: bool,
     series: fn(&Sweep) -> Vec<Series>,
 }
 
-const COLOURS: [RGBColor; 7] = [
-    RGBColor(0x1f, 0x77, 0xb4),
-    RGBColor(0xd6, 0x27, 0x28),
-    RGBColor(0xff, 0x7f, 0x0e),
-    RGBColor(0x2c, 0xa0, 0x2c),
-    RGBColor(0x55, 0x55, 0x55),
-    RGBColor(0x94, 0x67, 0xbd),
-    RGBColor(0x8c, 0x56, 0x4b),
-];
+/// The same colour for a line in every chart, by its label.
+fn colour(label: &str) -> RGBColor {
+    const TABLE: [(&str, RGBColor); 9] = [
+        ("ebpf (TC", RGBColor(0x6b, 0xae, 0xd6)),
+        ("ebpf BPF", RGBColor(0x6b, 0xae, 0xd6)),
+        ("ebpf", RGBColor(0x1f, 0x77, 0xb4)),
+        ("iptables-legacy", RGBColor(0xff, 0x7f, 0x0e)),
+        ("iptables-nft", RGBColor(0xd6, 0x27, 0x28)),
+        ("nftables", RGBColor(0x2c, 0xa0, 0x2c)),
+        ("floor: nft -f", RGBColor(0x2c, 0xa0, 0x2c)),
+        ("floor: iptables-legacy", RGBColor(0xc4, 0x9c, 0x94)),
+        ("floor: iptables-nft", RGBColor(0xe3, 0x77, 0xc2)),
+    ];
+    TABLE
+        .iter()
+        .find(|(prefix, _)| label.starts_with(prefix))
+        .map(|(_, c)| *c)
+        .unwrap_or(RGBColor(0x33, 0x33, 0x33))
+}
 
 fn line_series(s: &Sweep, line: Line, label: &str, f: impl Fn(&Run) -> Option<f64>) -> Series {
     Series {
@@ -114,6 +126,7 @@ fn charts() -> Vec<Chart> {
             title: "Full sync against the number of Services",
             y: "seconds",
             log_y: true,
+            capped: true,
             series: |s| {
                 let mut v = kproxy_lines(s, |r| r.sync.full_sync_s);
                 if s.lines.contains(&Line::Nftables) {
@@ -143,6 +156,7 @@ fn charts() -> Vec<Chart> {
             title: "kproxy start to healthy",
             y: "seconds",
             log_y: true,
+            capped: true,
             series: |s| kproxy_lines(s, |r| r.sync.start_to_healthy_s),
         },
         Chart {
@@ -150,6 +164,7 @@ fn charts() -> Vec<Chart> {
             title: "Endpoint change to traffic, p50",
             y: "ms",
             log_y: true,
+            capped: false,
             series: |s| kproxy_lines(s, |r| r.changes.as_ref().map(|c| c.percentiles.p50)),
         },
         Chart {
@@ -157,6 +172,7 @@ fn charts() -> Vec<Chart> {
             title: "Endpoint change to traffic, p99",
             y: "ms",
             log_y: true,
+            capped: false,
             series: |s| kproxy_lines(s, |r| r.changes.as_ref().map(|c| c.percentiles.p99)),
         },
         Chart {
@@ -164,6 +180,7 @@ fn charts() -> Vec<Chart> {
             title: "First-packet (connect) latency, p50",
             y: "µs",
             log_y: true,
+            capped: false,
             series: |s| datapath_lines(s, |r, from, to| r.connect(from, to).map(|p| p.p50)),
         },
         Chart {
@@ -171,6 +188,7 @@ fn charts() -> Vec<Chart> {
             title: "First-packet (connect) latency, p99",
             y: "µs",
             log_y: true,
+            capped: false,
             series: |s| datapath_lines(s, |r, from, to| r.connect(from, to).map(|p| p.p99)),
         },
         Chart {
@@ -178,6 +196,7 @@ fn charts() -> Vec<Chart> {
             title: "First-packet (connect) latency, p99.9",
             y: "µs",
             log_y: true,
+            capped: false,
             series: |s| datapath_lines(s, |r, from, to| r.connect(from, to).map(|p| p.p999)),
         },
         Chart {
@@ -185,6 +204,7 @@ fn charts() -> Vec<Chart> {
             title: "New connections per second",
             y: "connections/s",
             log_y: false,
+            capped: false,
             series: |s| datapath_lines(s, |r, from, to| r.flood(from, to).map(|f| f.conns_per_s)),
         },
         Chart {
@@ -192,6 +212,7 @@ fn charts() -> Vec<Chart> {
             title: "Node CPU per 1,000 new connections",
             y: "CPU ms",
             log_y: false,
+            capped: false,
             series: |s| datapath_lines(s, |r, from, to| r.flood(from, to).map(|f| f.cpu_ms_per_1k)),
         },
         Chart {
@@ -199,6 +220,7 @@ fn charts() -> Vec<Chart> {
             title: "kproxy memory after the first sync",
             y: "MiB",
             log_y: true,
+            capped: false,
             series: |s| {
                 let mut v = kproxy_lines(s, |r| r.sync.rss_kib.map(|k| k as f64 / 1024.0));
                 for v in &mut v {
@@ -292,15 +314,23 @@ fn range(values: impl Iterator<Item = f64>, log: bool) -> (f64, f64) {
 fn draw(path: &Path, chart: &Chart, series: &[Series], cap: f64) -> Result<()> {
     let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Capped points only count where they are drawn (sync charts).
+    let capped = |s: &Series| -> Vec<f64> {
+        if chart.capped {
+            s.capped.clone()
+        } else {
+            Vec::new()
+        }
+    };
     let xs = series
         .iter()
-        .flat_map(|s| s.points.iter().map(|p| p.0).chain(s.capped.iter().copied()));
+        .flat_map(|s| s.points.iter().map(|p| p.0).chain(capped(s)));
     let (x0, x1) = range(xs, true);
     let ys = series.iter().flat_map(|s| {
         s.points
             .iter()
             .flat_map(|(_, sp)| [sp.min, sp.max])
-            .chain(s.capped.iter().map(|_| cap))
+            .chain(capped(s).into_iter().map(|_| cap))
     });
     let (y0, y1) = range(ys, chart.log_y);
     let mut builder = ChartBuilder::on(&root);
@@ -320,8 +350,9 @@ fn draw(path: &Path, chart: &Chart, series: &[Series], cap: f64) -> Result<()> {
                 .y_desc(chart.y)
                 .draw()
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            for (i, s) in series.iter().enumerate() {
-                let colour = COLOURS[i % COLOURS.len()];
+            for s in series {
+                let colour = colour(&s.label);
+                let capped = capped(s);
                 let dashed = s.label.starts_with("floor") || s.label == "direct";
                 let style = ShapeStyle::from(&colour).stroke_width(if dashed { 1 } else { 2 });
                 let pts: Vec<(f64, f64)> = s.points.iter().map(|(x, sp)| (*x, sp.median)).collect();
@@ -338,12 +369,12 @@ fn draw(path: &Path, chart: &Chart, series: &[Series], cap: f64) -> Result<()> {
                 ))
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
                 ctx.draw_series(
-                    s.capped
+                    capped
                         .iter()
                         .map(|&x| TriangleMarker::new((x, cap), 7, colour.filled())),
                 )
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-                ctx.draw_series(s.capped.iter().map(|&x| {
+                ctx.draw_series(capped.iter().map(|&x| {
                     Text::new(
                         format!("> {cap:.0} s"),
                         (x, cap),
@@ -425,6 +456,7 @@ mod tests {
             title: "Full sync",
             y: "seconds",
             log_y: true,
+            capped: false,
             series: |_| vec![],
         };
         draw(&path, &chart, &series, 300.0).unwrap();

@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::floor::{timed_load, Backend, Timed};
 use crate::manifests::{self, CLUSTER_CIDR, NODE_NAME};
@@ -24,7 +24,7 @@ const HEALTHZ: &str = "127.0.0.1:10256";
 const METRICS: &str = "127.0.0.1:10249";
 
 /// A line of the plots.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Line {
     /// kproxy --proxy-mode ebpf.
@@ -83,7 +83,7 @@ pub struct Plan {
     pub client_closes_first: bool,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct SyncSample {
     /// kproxy: spawn until the first 200 on /healthz.
     pub start_to_healthy_s: Option<f64>,
@@ -98,12 +98,12 @@ pub struct SyncSample {
     pub bpf_memlock_bytes: Option<u64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ConnectSeries {
     /// `hooked` (a pod in the cgroup ebpf mode balances) or `outside`.
-    pub from: &'static str,
+    pub from: String,
     /// `service` (the probe's ClusterIP) or `direct` (pod A's address).
-    pub to: &'static str,
+    pub to: String,
     /// µs.
     pub connect: Percentiles,
     pub histogram: Histogram,
@@ -111,10 +111,10 @@ pub struct ConnectSeries {
     pub errors: std::collections::BTreeMap<String, usize>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct FloodSample {
-    pub from: &'static str,
-    pub to: &'static str,
+    pub from: String,
+    pub to: String,
     pub conns_per_s: f64,
     pub failed: u64,
     /// CPU time of every process of the node's cgroup (backends, client,
@@ -122,7 +122,7 @@ pub struct FloodSample {
     pub cpu_ms_per_1k: f64,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct ChangeSample {
     /// ms from the atomic rename of the EndpointSlice file until the first
     /// answer from the new backend, one per change.
@@ -135,7 +135,7 @@ pub struct ChangeSample {
     pub budget_hit: bool,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Run {
     pub services: usize,
     pub line: Line,
@@ -485,8 +485,8 @@ fn datapath(topo: &Topology, targets: &[SocketAddrV4], plan: &Plan, run: &mut Ru
         )?;
         for (t, s) in targets.iter().zip(series) {
             run.connect.push(ConnectSeries {
-                from,
-                to: names(t),
+                from: from.into(),
+                to: names(t).into(),
                 connect: Percentiles::of(&s.connect_us),
                 histogram: Histogram::of(&s.connect_us),
                 wrong_backend: s.wrong_backend,
@@ -517,8 +517,8 @@ fn datapath(topo: &Topology, targets: &[SocketAddrV4], plan: &Plan, run: &mut Ru
         )?;
         let cpu_ms = (cgroup_cpu_usec(topo.node_cgroup())? - cpu0) as f64 / 1000.0;
         run.floods.push(FloodSample {
-            from,
-            to: names(&target),
+            from: from.into(),
+            to: names(&target).into(),
             conns_per_s: r.ok as f64 / r.secs.max(1e-9),
             failed: r.failed,
             cpu_ms_per_1k: if r.ok > 0 {

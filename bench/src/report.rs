@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::manifests::ENDPOINTS_PER_SERVICE;
 use crate::point::{Line, Plan, Run};
@@ -15,7 +15,7 @@ use crate::sys::{load_average, Machine};
 
 /// One floor measurement: a whole ruleset loaded by the kernel interface's
 /// own tool into a fresh namespace.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct FloorRun {
     pub services: usize,
     pub tool: String,
@@ -41,7 +41,7 @@ impl FloorRun {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct PlanJson {
     pub repeat: usize,
     pub connects: usize,
@@ -50,10 +50,16 @@ pub struct PlanJson {
     pub flood_threads: usize,
     pub nft_cap_s: f64,
     pub change_budget_s: f64,
+    /// Sweeps written before the flag existed closed client first.
+    #[serde(default = "client_first")]
     pub client_closes_first: bool,
 }
 
-#[derive(Debug, Serialize)]
+fn client_first() -> bool {
+    true
+}
+
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Sweep {
     pub started_unix: u64,
     pub machine: Machine,
@@ -580,4 +586,70 @@ pub fn one_line(r: &Run) -> String {
         let _ = write!(s, ", {:.0} conn/s", f.conns_per_s);
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::point::{Line, Run};
+    use crate::stats::Percentiles;
+
+    fn plan() -> Plan {
+        Plan {
+            connects: 10,
+            changes: 2,
+            flood_secs: 1.0,
+            flood_threads: 2,
+            nft_cap: Duration::from_secs(60),
+            sync_deadline: Duration::from_secs(60),
+            change_budget: Duration::from_secs(60),
+            client_closes_first: true,
+        }
+    }
+
+    fn run(n: usize, line: Line, repeat: usize, sync: f64) -> Run {
+        let mut r: Run = serde_json::from_value(serde_json::json!({
+            "services": n, "line": line, "repeat": repeat, "capped": false,
+            "sync": {"full_sync_s": sync, "start_to_healthy_s": sync + 1.0},
+            "connect": [], "floods": [], "changes": null, "rss_after_changes_kib": null,
+            "errors": [], "note": null, "wall_s": 1.0
+        }))
+        .unwrap();
+        r.connect.push(crate::point::ConnectSeries {
+            from: "hooked".into(),
+            to: "service".into(),
+            connect: Percentiles::of(&[10.0, 20.0, 30.0 * sync]),
+            histogram: Default::default(),
+            wrong_backend: 0,
+            errors: Default::default(),
+        });
+        r
+    }
+
+    #[test]
+    fn json_round_trip_and_tables_of_the_repeats() {
+        let mut s = Sweep::new(
+            Path::new("/k"),
+            &[1000],
+            &[Line::Ebpf, Line::Nft],
+            3,
+            &plan(),
+        );
+        for (i, v) in [0.2, 0.1, 0.3].into_iter().enumerate() {
+            s.runs.push(run(1000, Line::Ebpf, i, v));
+        }
+        s.runs.push(Run::skipped(1000, Line::Nft, 0));
+        let text = serde_json::to_string(&s).unwrap();
+        let back: Sweep = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.runs.len(), 4);
+        let sp = back
+            .spread(1000, Line::Ebpf, |r| r.sync.full_sync_s)
+            .unwrap();
+        assert_eq!((sp.min, sp.median, sp.max), (0.1, 0.2, 0.3));
+        assert!(back.capped(1000, Line::Nft));
+        let md = back.markdown(&[]);
+        assert!(md.contains("| 1000 | ebpf | 0.200 (0.100–0.300) |"), "{md}");
+        assert!(md.contains("capped (> 60 s)"), "{md}");
+        assert!(md.contains("## Published anchors"));
+    }
 }

@@ -245,7 +245,7 @@ impl Drop for CgroupTree {
 }
 
 /// The machine a run measured on.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Machine {
     pub cpu_model: String,
     pub cpus: usize,

@@ -456,7 +456,7 @@ mod tests {
             title: "Full sync",
             y: "seconds",
             log_y: true,
-            capped: false,
+            capped: true,
             series: |_| vec![],
         };
         draw(&path, &chart, &series, 300.0).unwrap();

@@ -1,13 +1,15 @@
 //! `kproxy forward` against the ceiling (a direct connection to the "pod"):
 //! bulk throughput, connection set-up latency, and many concurrent
-//! connections. The API server is the in-process test server (its
+//! connections, over WebSocket and over SPDY; and UDP datagrams per second
+//! and loss through the relay (the agent's relay runs in this process, as
+//! the node agent would). The API server is the in-process test server (its
 //! port-forward plays the kubelet); the pod is an echo listener on loopback.
 //!
 //! ```text
 //! cargo build --release -p kproxy --bin kproxy --example forward_bench
 //! ./target/release/examples/forward_bench --mib 1024 --conns 1000 --concurrent 200
 //! ```
-//! Prints a markdown table, and the CPU seconds kproxy and this process
+//! Prints markdown tables, and the CPU seconds kproxy and this process
 //! (test API server + clients + pod) used in each phase.
 
 use std::process::{Child, Command, Stdio};
@@ -22,6 +24,8 @@ struct Opts {
     conns: usize,
     concurrent: usize,
     each_kib: usize,
+    transports: Vec<String>,
+    datagrams: usize,
     kproxy: std::path::PathBuf,
 }
 
@@ -31,6 +35,8 @@ fn opts() -> Opts {
         conns: 1000,
         concurrent: 200,
         each_kib: 1024,
+        transports: vec!["websocket".into(), "spdy".into()],
+        datagrams: 20_000,
         kproxy: std::env::current_exe()
             .unwrap()
             .parent()
@@ -48,7 +54,9 @@ fn opts() -> Opts {
             "--concurrent" => o.concurrent = v.parse().unwrap(),
             "--each-kib" => o.each_kib = v.parse().unwrap(),
             "--kproxy" => o.kproxy = v.into(),
-            other => panic!("unknown argument {other} (--mib N --conns M --concurrent C --each-kib K --kproxy PATH)"),
+            "--transports" => o.transports = v.split(',').map(str::to_string).collect(),
+            "--datagrams" => o.datagrams = v.parse().unwrap(),
+            other => panic!("unknown argument {other} (--mib N --conns M --concurrent C --each-kib K --transports websocket,spdy --datagrams D --kproxy PATH)"),
         }
         i += 2;
     }
@@ -187,6 +195,103 @@ impl Drop for Guard {
     }
 }
 
+/// Starts `kproxy forward ARGS`; returns it and the local port of its first
+/// `Forwarding from 127.0.0.1:PORT` line.
+async fn forward(o: &Opts, kc: &std::path::Path, args: &[&str]) -> (Guard, u16) {
+    let mut child = Command::new(&o.kproxy)
+        .args(["forward", "--kubeconfig"])
+        .arg(kc)
+        .args(args)
+        .args(["--address", "127.0.0.1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {}: {e}", o.kproxy.display()));
+    let stdout = child.stdout.take().unwrap();
+    let guard = Guard(child);
+    let mut lines = BufReader::new(tokio::process::ChildStdout::from_std(stdout).unwrap()).lines();
+    let line = lines.next_line().await.unwrap().expect("a Forwarding line");
+    let local: u16 = line
+        .strip_prefix("Forwarding from 127.0.0.1:")
+        .and_then(|r| r.split(' ').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected output {line:?}"));
+    (guard, local)
+}
+
+async fn udp_echo() -> u16 {
+    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let port = s.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, peer)) = s.recv_from(&mut buf).await {
+            let _ = s.send_to(&buf[..n], peer).await;
+        }
+    });
+    port
+}
+
+struct UdpRow {
+    per_s: f64,
+    lost: usize,
+    reordered: usize,
+    cpu: f64,
+}
+
+/// `n` numbered datagrams of 512 bytes to `port` and back, at most 256 in
+/// flight (a lost one frees its slot after 50 ms): echoed per second, lost,
+/// and out of order.
+async fn udp_measure(port: u16, n: usize, pid: Option<u32>) -> UdpRow {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let cpu0 = pid.map(cpu_seconds).unwrap_or(0.0);
+    let s = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    s.connect(("127.0.0.1", port)).await.unwrap();
+    let got = Arc::new(AtomicUsize::new(0));
+    let receiver = {
+        let (s, got) = (s.clone(), got.clone());
+        tokio::spawn(async move {
+            let mut seqs = Vec::with_capacity(n);
+            let mut buf = [0u8; 2048];
+            while seqs.len() < n {
+                match tokio::time::timeout(Duration::from_secs(1), s.recv(&mut buf)).await {
+                    Ok(Ok(len)) if len >= 4 => {
+                        seqs.push(u32::from_be_bytes(buf[..4].try_into().unwrap()));
+                        got.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            seqs
+        })
+    };
+    let start = Instant::now();
+    let mut d = vec![0xabu8; 512];
+    for seq in 0..n {
+        let wait = Instant::now();
+        while seq >= got.load(Ordering::Relaxed) + 256 && wait.elapsed() < Duration::from_millis(50)
+        {
+            tokio::task::yield_now().await;
+        }
+        d[..4].copy_from_slice(&(seq as u32).to_be_bytes());
+        let _ = s.send(&d).await;
+    }
+    let seqs = receiver.await.unwrap();
+    // The receiver ends 1s after the last datagram when some are lost.
+    let elapsed = if seqs.len() < n {
+        start.elapsed() - Duration::from_secs(1)
+    } else {
+        start.elapsed()
+    };
+    UdpRow {
+        per_s: seqs.len() as f64 / elapsed.as_secs_f64(),
+        lost: n - seqs.len(),
+        reordered: seqs.windows(2).filter(|w| w[1] < w[0]).count(),
+        cpu: pid.map(cpu_seconds).unwrap_or(0.0) - cpu0,
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let o = opts();
@@ -198,54 +303,93 @@ async fn main() {
     server
         .apply(json!({"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": "bench", "namespace": "default"},
-            "spec": {"containers": [{"name": "c", "image": "x"}]},
+            "spec": {"nodeName": "bench-node", "containers": [{"name": "c", "image": "x"}]},
             "status": {"phase": "Running", "podIP": "127.0.0.1"}}))
         .unwrap();
-    let mut child = Command::new(&o.kproxy)
-        .args(["forward", "--kubeconfig"])
-        .arg(&kc)
-        .args(["pod/bench", &format!(":{port}"), "--address", "127.0.0.1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap_or_else(|e| panic!("running {}: {e}", o.kproxy.display()));
-    let stdout = child.stdout.take().unwrap();
-    let pid = child.id();
-    let _guard = Guard(child);
-    let mut lines = BufReader::new(tokio::process::ChildStdout::from_std(stdout).unwrap()).lines();
-    let line = lines.next_line().await.unwrap().expect("a Forwarding line");
-    let local: u16 = line
-        .strip_prefix("Forwarding from 127.0.0.1:")
-        .and_then(|r| r.split(' ').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected output {line:?}"));
 
     let direct = measure(port, &o, None).await;
-    let fwd = measure(local, &o, Some(pid)).await;
+    let mut rows = vec![("direct (ceiling)".to_string(), direct)];
+    for t in &o.transports {
+        let (guard, local) = forward(
+            &o,
+            &kc,
+            &["pod/bench", &format!(":{port}"), "--transport", t],
+        )
+        .await;
+        let row = measure(local, &o, Some(guard.0.id())).await;
+        rows.push((format!("kproxy forward, {t}"), row));
+    }
+
+    // UDP: the node agent's relay, here in this process, reached through a
+    // port-forward to its "pod" (a hostNetwork agent at 127.0.0.1).
+    let relay = kproxy::server::udp_relay::bind(0).await.unwrap();
+    let relay_port = relay[0].local_addr().unwrap().port();
+    tokio::spawn(kproxy::server::udp_relay::serve(relay, Default::default()));
+    server
+        .apply(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "kproxy-bench-node", "namespace": "kube-system",
+                "labels": {"app.kubernetes.io/name": "kproxy"}},
+            "spec": {"nodeName": "bench-node", "hostNetwork": true, "containers": [{"name": "kproxy", "image": "kproxy"}]},
+            "status": {"phase": "Running", "podIP": "127.0.0.1"}}))
+        .unwrap();
+    let udp_port = udp_echo().await;
+    let udp_direct = udp_measure(udp_port, o.datagrams, None).await;
+    let (guard, local) = forward(
+        &o,
+        &kc,
+        &[
+            "pod/bench",
+            &format!(":{udp_port}/udp"),
+            "--udp-relay-port",
+            &relay_port.to_string(),
+        ],
+    )
+    .await;
+    let udp_fwd = udp_measure(local, o.datagrams, Some(guard.0.id())).await;
+    drop(guard);
 
     println!(
         "bulk: {} MiB each way on one connection; set-up: {} sequential connections (connect, 1 byte echoed); concurrent: {} connections x {} KiB each way\n",
         o.mib, o.conns, o.concurrent, o.each_kib
     );
-    println!("| path | bulk MiB/s (each way) | set-up p50 ms | set-up p99 ms | {}x{}KiB time s | failures |", o.concurrent, o.each_kib);
-    println!("|---|---:|---:|---:|---:|---:|");
-    for (name, r) in [("direct (ceiling)", &direct), ("kproxy forward", &fwd)] {
+    println!("| path | bulk MiB/s (each way) | ratio | set-up p50 ms | set-up p99 ms | {}x{}KiB time s | failures |", o.concurrent, o.each_kib);
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let ceiling = rows[0].1.bulk_mibs;
+    for (name, r) in &rows {
         println!(
-            "| {name} | {:.0} | {:.3} | {:.3} | {:.2} | {} |",
-            r.bulk_mibs, r.p50, r.p99, r.conc_time, r.conc_fail
+            "| {name} | {:.0} | {:.2} | {:.3} | {:.3} | {:.2} | {} |",
+            r.bulk_mibs,
+            r.bulk_mibs / ceiling,
+            r.p50,
+            r.p99,
+            r.conc_time,
+            r.conc_fail
         );
     }
     println!("\nCPU seconds per phase (bulk / set-up / concurrent):");
+    for (name, r) in &rows[1..] {
+        println!(
+            "- {name}: kproxy {:.2} / {:.2} / {:.2}; bench process (test API server + clients + pod) {:.2} / {:.2} / {:.2}",
+            r.cpu[0], r.cpu[1], r.cpu[2], r.self_cpu[0], r.self_cpu[1], r.self_cpu[2]
+        );
+    }
     println!(
-        "- kproxy forward process: {:.2} / {:.2} / {:.2}",
-        fwd.cpu[0], fwd.cpu[1], fwd.cpu[2]
+        "- direct: bench process {:.2} / {:.2} / {:.2}",
+        rows[0].1.self_cpu[0], rows[0].1.self_cpu[1], rows[0].1.self_cpu[2]
     );
     println!(
-        "- bench process (test API server + clients + pod), through kproxy: {:.2} / {:.2} / {:.2}",
-        fwd.self_cpu[0], fwd.self_cpu[1], fwd.self_cpu[2]
+        "\nUDP: {} datagrams of 512 bytes echoed, at most 256 in flight\n",
+        o.datagrams
     );
-    println!(
-        "- bench process, direct: {:.2} / {:.2} / {:.2}",
-        direct.self_cpu[0], direct.self_cpu[1], direct.self_cpu[2]
-    );
+    println!("| path | datagrams/s (each way) | lost | out of order | kproxy CPU s |");
+    println!("|---|---:|---:|---:|---:|");
+    for (name, r) in [
+        ("direct (ceiling)", &udp_direct),
+        ("kproxy forward, relay", &udp_fwd),
+    ] {
+        println!(
+            "| {name} | {:.0} | {} | {} | {:.2} |",
+            r.per_s, r.lost, r.reordered, r.cpu
+        );
+    }
 }

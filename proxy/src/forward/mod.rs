@@ -4,6 +4,7 @@
 //! connection only; a replaced pod is followed (or waited for); a dropped
 //! API connection is re-established; idle streams are kept alive.
 
+pub mod cache;
 pub mod channel;
 pub mod dial;
 pub mod file;
@@ -661,10 +662,12 @@ async fn prepare(
             keepalive,
         )
     });
-    let resolver = Resolver::new(client, ns, target);
+    let mut resolver = Resolver::new(client, ns, target);
     // Validate before listening: a wrong name, kind, port or permission
     // fails here, with nothing bound.
     let (pod, ports) = resolver.resolve(&pairs).await?;
+    // From now on new connections resolve from a watch cache.
+    resolver.start_cache();
     let listeners = bind_all(&addrs, &pairs)?;
     let mut lines = Vec::new();
     for (l, i) in &listeners {

@@ -10,6 +10,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::ListParams;
 use kube::{Api, Client};
 
+use super::cache::{Cache, Cached};
 use super::spec::{Kind, PortPair, Protocol, RemotePort, Target};
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +84,7 @@ impl Resolved {
 
 pub struct Resolver {
     client: Client,
+    cache: Option<Cache>,
     pub namespace: String,
     pub target: Target,
     /// The last pod chosen for a workload (kept while it stays ready).
@@ -114,6 +116,7 @@ impl Resolver {
     pub fn new(client: Client, namespace: String, target: Target) -> Self {
         Resolver {
             client,
+            cache: None,
             namespace,
             target,
             last: Default::default(),
@@ -141,34 +144,103 @@ impl Resolver {
         )
     }
 
-    /// The pod to forward to now, and the Service (for svc/ targets).
+    /// The pod to forward to now, and the Service (for svc/ targets): from
+    /// the watch cache when it knows, else with GET/LIST requests.
     pub async fn pod(&self) -> Result<(Resolved, Option<Service>), ResolveError> {
+        let cached = match &self.cache {
+            Some(c) => c.lookup(),
+            None => Cached::Unknown,
+        };
+        match cached {
+            Cached::Unknown => self.pod_from_api().await,
+            // A watch failed: ask the API server itself. When it answers, it
+            // is back (a re-established watch says nothing until a change).
+            Cached::Unreachable(_) => {
+                let r = self.pod_from_api().await;
+                if !matches!(r, Err(ResolveError::Unreachable(_))) {
+                    if let Some(c) = &self.cache {
+                        c.reachable();
+                    }
+                }
+                r
+            }
+            Cached::Gone => Err(ResolveError::Gone(format!("{} not found", self.what()))),
+            Cached::Pod(pod) => self.check_pod((*pod).clone()).map(|r| (r, None)),
+            Cached::Selected {
+                selector: _,
+                service,
+                pods,
+            } => self
+                .choose(pods.iter().map(|p| p.as_ref()))
+                .map(|r| (r, service.map(|s| *s))),
+        }
+    }
+
+    /// Starts the watch cache (GET/LIST stay the fallback).
+    pub fn start_cache(&mut self) {
+        self.cache = Some(Cache::start(
+            self.client.clone(),
+            self.namespace.clone(),
+            self.target.clone(),
+        ));
+    }
+
+    /// `pod/NAME`: the pod, if it can be forwarded to.
+    fn check_pod(&self, pod: Pod) -> Result<Resolved, ResolveError> {
+        let name = &self.target.name;
+        if pod.metadata.deletion_timestamp.is_some() {
+            return Err(ResolveError::NotReady(format!("pod {name} is terminating")));
+        }
+        let phase = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.clone())
+            .unwrap_or_else(|| "Unknown".into());
+        if phase != "Running" {
+            return Err(ResolveError::NotReady(format!(
+                "pod {name} is not running (phase {phase})"
+            )));
+        }
+        Ok(Resolved {
+            pod,
+            name: name.clone(),
+        })
+    }
+
+    /// A Running, Ready pod among `pods`: the last one chosen while it
+    /// stays ready, else the first by name.
+    fn choose<'a>(&self, pods: impl Iterator<Item = &'a Pod>) -> Result<Resolved, ResolveError> {
+        let mut ready: Vec<&Pod> = pods.filter(|p| pod_ready(p)).collect();
+        if ready.is_empty() {
+            return Err(ResolveError::NotReady(format!(
+                "{} has no running and ready pod",
+                self.what()
+            )));
+        }
+        ready.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let i = last
+            .as_ref()
+            .and_then(|l| {
+                ready
+                    .iter()
+                    .position(|p| p.metadata.name.as_ref() == Some(l))
+            })
+            .unwrap_or(0);
+        let pod = ready[i].clone();
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        *last = Some(name.clone());
+        Ok(Resolved { pod, name })
+    }
+
+    async fn pod_from_api(&self) -> Result<(Resolved, Option<Service>), ResolveError> {
         let name = &self.target.name;
         let what = self.what();
         let err = |e| ResolveError::from_kube(&what, e);
         let (selector, service) = match self.target.kind {
             Kind::Pod => {
                 let pod = self.api::<Pod>().get(name).await.map_err(err)?;
-                if pod.metadata.deletion_timestamp.is_some() {
-                    return Err(ResolveError::NotReady(format!("pod {name} is terminating")));
-                }
-                let phase = pod
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.phase.clone())
-                    .unwrap_or_else(|| "Unknown".into());
-                if phase != "Running" {
-                    return Err(ResolveError::NotReady(format!(
-                        "pod {name} is not running (phase {phase})"
-                    )));
-                }
-                return Ok((
-                    Resolved {
-                        pod,
-                        name: name.clone(),
-                    },
-                    None,
-                ));
+                return self.check_pod(pod).map(|r| (r, None));
             }
             Kind::Service => {
                 let svc = self.api::<Service>().get(name).await.map_err(err)?;
@@ -208,27 +280,7 @@ impl Resolver {
             .list(&ListParams::default().labels(&label_selector(&selector)))
             .await
             .map_err(|e| ResolveError::from_kube("pods", e))?;
-        let mut ready: Vec<Pod> = pods.items.into_iter().filter(pod_ready).collect();
-        if ready.is_empty() {
-            return Err(ResolveError::NotReady(format!(
-                "{} has no running and ready pod",
-                self.what()
-            )));
-        }
-        ready.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        let i = last
-            .as_ref()
-            .and_then(|l| {
-                ready
-                    .iter()
-                    .position(|p| p.metadata.name.as_ref() == Some(l))
-            })
-            .unwrap_or(0);
-        let pod = ready.swap_remove(i);
-        let name = pod.metadata.name.clone().unwrap_or_default();
-        *last = Some(name.clone());
-        Ok((Resolved { pod, name }, service))
+        self.choose(pods.items.iter()).map(|r| (r, service))
     }
 }
 

@@ -90,9 +90,20 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Status(args) => {
             let config = run::dataplane_config(&[], &[], false)?;
             let frontends = run::open_dataplane(&args.mode, config)?.programmed()?;
+            let rejected = (!args.metrics_bind_address.is_empty())
+                .then(|| status::rejections(&args.metrics_bind_address))
+                .flatten();
             match args.output {
-                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&frontends)?),
-                OutputFormat::Table => print!("{}", status::table(&frontends)),
+                OutputFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status::json(
+                        &frontends,
+                        rejected.as_deref().unwrap_or_default()
+                    ))?
+                ),
+                OutputFormat::Table => {
+                    print!("{}", status::report(&frontends, rejected.as_deref()))
+                }
             }
             Ok(())
         }

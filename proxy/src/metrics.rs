@@ -49,6 +49,8 @@ pub struct Metrics {
     sync_errors: IntCounter,
     service_program_errors: IntGaugeVec,
     service_program_failures: IntCounter,
+    /// The current rejections, for `/kproxy/rejections` (`kproxy status`).
+    rejections: std::sync::Mutex<Vec<Rejection>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -276,6 +278,7 @@ impl Metrics {
                 "kproxy_service_program_failures_total",
                 "Cumulative Service ports a sync could not program",
             ),
+            rejections: std::sync::Mutex::new(Vec::new()),
             registry: r,
         };
         // Label values that exist from the start, so a 0 is visible.
@@ -422,6 +425,7 @@ impl Metrics {
     /// Replaces the rejection gauges with the current rejections (a fixed
     /// object disappears from the metric).
     pub fn set_rejected(&self, rejected: &[Rejection]) {
+        *self.rejections.lock().unwrap_or_else(|e| e.into_inner()) = rejected.to_vec();
         let mut counts: BTreeMap<(&str, &str), i64> = BTreeMap::new();
         for r in rejected {
             *counts
@@ -454,6 +458,14 @@ impl Metrics {
         self.set_programmed(counts.service_ports, counts.endpoints);
         self.set_no_local_endpoints(counts.no_local_internal, counts.no_local_external);
         self.set_rejected(&desired.rejected);
+    }
+
+    /// The current rejections (objects or parts of them not programmed).
+    pub fn rejections(&self) -> Vec<Rejection> {
+        self.rejections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Text exposition format, for `/metrics`.

@@ -1,6 +1,86 @@
-//! `kproxy status` table output.
+//! `kproxy status`: the frontends as read back from the kernel, plus what
+//! the running `kproxy run` left out (asked on its metrics address): IPv6
+//! parts of Services are marked, never silently absent.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
 
 use crate::dataplane::ProgrammedFrontend;
+use crate::model::Rejection;
+
+/// The current rejections of the kproxy whose metrics server is at `addr`;
+/// `None` when it cannot be asked (not running, metrics disabled).
+pub fn rejections(addr: &str) -> Option<Vec<Rejection>> {
+    let addr: SocketAddr = addr.parse().ok()?;
+    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        conn,
+        "GET /kproxy/rejections HTTP/1.0\r\nHost: {addr}\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    conn.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return None;
+    }
+    serde_json::from_str(body).ok()
+}
+
+/// Rejections that mean "this part of a Service is not programmed because
+/// kproxy does not support it": IPv6.
+fn unsupported(rejected: &[Rejection]) -> impl Iterator<Item = &Rejection> {
+    rejected.iter().filter(|r| r.reason == "ipv6_unsupported")
+}
+
+/// `-o json`: the programmed frontends, then one entry per Service whose
+/// IPv6 part is not programmed (`"programmed": false` and why).
+pub fn json(frontends: &[ProgrammedFrontend], rejected: &[Rejection]) -> serde_json::Value {
+    let mut rows: Vec<serde_json::Value> = frontends
+        .iter()
+        .map(|f| serde_json::to_value(f).unwrap_or_default())
+        .collect();
+    for r in unsupported(rejected) {
+        rows.push(serde_json::json!({
+            "service": format!("{}/{}", r.namespace, r.name),
+            "kind": "IPv6",
+            "frontend": r.field,
+            "backends": [],
+            "programmed": false,
+            "reason": r.message,
+        }));
+    }
+    serde_json::Value::Array(rows)
+}
+
+/// The table, then the parts left out by the running kproxy (`None`:
+/// it could not be asked).
+pub fn report(frontends: &[ProgrammedFrontend], rejected: Option<&[Rejection]>) -> String {
+    let mut out = table(frontends);
+    match rejected {
+        None => out.push_str(
+            "\n(the running kproxy could not be asked what it left out: is its metrics server on --metrics-bind-address?)\n",
+        ),
+        Some(rejected) if !rejected.is_empty() => {
+            out.push_str("\nNOT PROGRAMMED (as the running kproxy reports)\n");
+            for r in rejected {
+                let marker = if r.reason == "ipv6_unsupported" {
+                    "IPv6"
+                } else {
+                    r.reason.as_str()
+                };
+                out.push_str(&format!(
+                    "{}/{}  [{marker}]  {}: {}\n",
+                    r.namespace, r.name, r.field, r.message
+                ));
+            }
+        }
+        Some(_) => {}
+    }
+    out
+}
 
 /// A plain aligned table: SERVICE, TYPE, FRONTEND, BACKENDS (one backend per line).
 pub fn table(frontends: &[ProgrammedFrontend]) -> String {
@@ -47,6 +127,28 @@ pub fn table(frontends: &[ProgrammedFrontend]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn v6() -> Rejection {
+        Rejection {
+            kind: "Service".into(),
+            namespace: "default".into(),
+            name: "web6".into(),
+            field: "spec.clusterIPs".into(),
+            reason: "ipv6_unsupported".into(),
+            message: "ClusterIP fd00::10 not programmed".into(),
+            origin: None,
+        }
+    }
+
+    #[test]
+    fn ipv6_services_are_marked() {
+        let rows = json(&[], &[v6()]);
+        assert_eq!(rows[0]["service"], "default/web6");
+        assert_eq!(rows[0]["programmed"], false);
+        let text = report(&[], Some(&[v6()]));
+        assert!(text.contains("default/web6  [IPv6]"), "{text}");
+        assert!(report(&[], None).contains("could not be asked"));
+    }
 
     #[test]
     fn aligns_columns() {

@@ -198,6 +198,10 @@ pub struct StatusArgs {
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
+    /// Metrics address of the running `kproxy run`, asked what it left out
+    /// (IPv6 parts, invalid objects, lost frontends); empty: do not ask.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10249")]
+    pub metrics_bind_address: String,
 }
 
 #[derive(Debug, Args)]

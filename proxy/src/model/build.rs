@@ -55,6 +55,7 @@ pub(crate) fn build(objects: &ClusterObjects, config: &ModelConfig) -> DesiredSt
 
     let mut services = BTreeMap::new();
     let mut seen = BTreeSet::new();
+    let mut created = BTreeMap::new();
     for svc in &objects.services {
         let (parsed, errs) = validate::parse_service(svc);
         rejected.extend(errs);
@@ -74,12 +75,15 @@ pub(crate) fn build(objects: &ClusterObjects, config: &ModelConfig) -> DesiredSt
             });
             continue;
         }
+        created.insert(p.key.clone(), p.created);
+        rejected.extend(ipv6_parts(&p));
         let svc_slices = slices.get(&p.key).map(Vec::as_slice).unwrap_or(&[]);
         for sp in service_ports(&p, svc_slices, config, zone.as_deref()) {
             services.insert(sp.name.clone(), sp);
         }
     }
 
+    rejected.extend(super::conflicts::resolve(&mut services, &created));
     rejected.sort();
     rejected.dedup();
     DesiredState {
@@ -88,6 +92,53 @@ pub(crate) fn build(objects: &ClusterObjects, config: &ModelConfig) -> DesiredSt
         rejected,
     }
 }
+
+/// IPv6 is not programmed yet; rather than dropping it silently, one
+/// rejection per Service with IPv6 addresses (reason `ipv6_unsupported`)
+/// says which are left out and whether the IPv4 part is served.
+fn ipv6_parts(svc: &ParsedService) -> Option<Rejection> {
+    if svc.foreign || svc.headless || svc.type_ == ServiceType::ExternalName {
+        return None;
+    }
+    let lb: &[IpAddr] = if svc.type_ == ServiceType::LoadBalancer {
+        &svc.load_balancer_ips
+    } else {
+        &[]
+    };
+    let mut parts = Vec::new();
+    let mut field = None;
+    for (what, f, ips) in [
+        ("ClusterIP", "spec.clusterIPs", &svc.cluster_ips[..]),
+        ("externalIP", "spec.externalIPs", &svc.external_ips[..]),
+        ("load-balancer IP", "status.loadBalancer.ingress", lb),
+    ] {
+        for ip in ips.iter().filter(|ip| ip.is_ipv6()) {
+            parts.push(format!("{what} {ip}"));
+            field.get_or_insert(f);
+        }
+    }
+    let field = field?;
+    let served = if svc.cluster_ips.iter().any(IpAddr::is_ipv4) {
+        "the IPv4 part of this dual-stack Service is programmed"
+    } else {
+        "this IPv6-only Service is not served on this node"
+    };
+    Some(Rejection {
+        kind: "Service".into(),
+        namespace: svc.key.namespace.clone(),
+        name: svc.key.name.clone(),
+        field: field.into(),
+        reason: REASON_IPV6_UNSUPPORTED.into(),
+        message: format!(
+            "{} not programmed: kproxy supports IPv4 only for now; {served}",
+            parts.join(", ")
+        ),
+        origin: None,
+    })
+}
+
+/// Reason of [`ipv6_parts`] rejections.
+pub(crate) const REASON_IPV6_UNSUPPORTED: &str = "ipv6_unsupported";
 
 /// The ServicePorts of one valid Service; empty for Services kube-proxy
 /// does not program.

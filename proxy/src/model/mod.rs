@@ -2,6 +2,7 @@
 //! and the [`diff`] between two states. No I/O here.
 
 mod build;
+mod conflicts;
 mod diff;
 mod types;
 mod validate;
@@ -57,7 +58,10 @@ pub struct ModelConfig {
 /// are the ready ones, or the serving+terminating ones when none is ready,
 /// restricted to local ones where the traffic policy is Local. The result
 /// does not depend on the order of the slices. If one Service appears twice,
-/// the first copy is used and the second is rejected.
+/// the first copy is used and the second is rejected. When two Services
+/// claim one frontend (address, port, protocol; or a node port), one keeps
+/// it (see `conflicts`) and the other is reported with reason
+/// `frontend_conflict`.
 pub fn build(objects: &ClusterObjects, config: &ModelConfig) -> DesiredState {
     build::build(objects, config)
 }

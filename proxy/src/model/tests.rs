@@ -581,7 +581,38 @@ fn skipped_services_are_silent() {
     ];
     let state = build_one(services, vec![]);
     assert!(state.services.is_empty(), "{:?}", state.services.keys());
-    assert!(state.rejected.is_empty());
+    // Only the IPv6 one is reported: never dropped silently.
+    assert_eq!(state.rejected.len(), 1, "{:?}", state.rejected);
+    let r = &state.rejected[0];
+    assert_eq!(
+        (r.name.as_str(), r.reason.as_str()),
+        ("v6", "ipv6_unsupported")
+    );
+    assert!(
+        r.message.contains("fd00::10") && r.message.contains("IPv6-only"),
+        "{}",
+        r.message
+    );
+}
+
+#[test]
+fn dual_stack_services_report_their_ipv6_part() {
+    let st = build_one(
+        vec![svc("metadata: {name: ds}\nspec: {type: LoadBalancer, clusterIP: 10.96.0.7, clusterIPs: [10.96.0.7, 'fd00::7'], externalIPs: ['2001:db8::9'], ports: [{port: 80}]}\nstatus: {loadBalancer: {ingress: [{ip: '2001:db8::5'}]}}")],
+        vec![],
+    );
+    assert_eq!(st.services.len(), 1, "the IPv4 part is programmed");
+    assert_eq!(st.rejected.len(), 1);
+    let m = &st.rejected[0].message;
+    for part in [
+        "ClusterIP fd00::7",
+        "externalIP 2001:db8::9",
+        "load-balancer IP 2001:db8::5",
+        "IPv4 part",
+    ] {
+        assert!(m.contains(part), "{part}: {m}");
+    }
+    assert_eq!(st.rejected[0].field, "spec.clusterIPs");
 }
 
 #[test]
@@ -1126,4 +1157,151 @@ fn rejection_display_quotes_names() {
         "{shown}"
     );
     assert!(!shown.contains('\n'));
+}
+
+// ------------------------------------------------------------ frontend conflicts
+
+/// CVE-2020-8554: a Service naming another Service's ClusterIP as its
+/// externalIP does not get it, whatever the order of the objects; the
+/// winner is unchanged and the loser keeps its other frontends.
+#[test]
+fn external_ip_equal_to_another_cluster_ip_loses() {
+    let victim = svc(
+        "metadata: {name: db, namespace: prod, creationTimestamp: '2024-06-01T00:00:00Z'}\nspec: {clusterIP: 10.96.0.50, ports: [{name: sql, port: 5432}]}",
+    );
+    let thief = svc(
+        "metadata: {name: thief, namespace: evil, creationTimestamp: '2020-01-01T00:00:00Z'}\nspec: {clusterIP: 10.96.0.99, externalIPs: [10.96.0.50, 198.51.100.7], ports: [{name: sql, port: 5432}]}",
+    );
+    for services in [vec![victim.clone(), thief.clone()], vec![thief, victim]] {
+        let st = build_one(services, vec![]);
+        let db = &st.services[&port_name("prod", "db", "sql", Protocol::Tcp)];
+        assert_eq!(db.cluster_ips, [ip("10.96.0.50")]);
+        let t = &st.services[&port_name("evil", "thief", "sql", Protocol::Tcp)];
+        assert_eq!(
+            t.external_ips,
+            [ip("198.51.100.7")],
+            "the other externalIP stays"
+        );
+        assert_eq!(t.cluster_ips, [ip("10.96.0.99")]);
+        assert_eq!(st.rejected.len(), 1, "{:?}", st.rejected);
+        let r = &st.rejected[0];
+        assert_eq!(
+            (
+                r.namespace.as_str(),
+                r.name.as_str(),
+                r.reason.as_str(),
+                r.field.as_str()
+            ),
+            ("evil", "thief", "frontend_conflict", "spec.externalIPs")
+        );
+        assert!(
+            r.message.contains("prod/db:sql") && r.message.contains("10.96.0.50:5432/tcp"),
+            "{}",
+            r.message
+        );
+    }
+}
+
+/// Same kind of frontend twice: the older Service wins; without creation
+/// times (manifests), the first by namespace/name. Different ports or
+/// protocols on one address are no conflict.
+#[test]
+fn same_kind_conflicts_go_to_the_older_service() {
+    let lb = |name: &str, created: &str, vip: u8, port: u16, proto: &str| {
+        svc(&format!(
+            "metadata: {{name: {name}{created}}}\nspec: {{type: LoadBalancer, clusterIP: 10.96.0.{vip}, ports: [{{name: p, port: {port}, protocol: {proto}, nodePort: 3{port}}}]}}\nstatus: {{loadBalancer: {{ingress: [{{ip: 203.0.113.5}}]}}}}"
+        ))
+    };
+    let st = build_one(
+        vec![
+            lb(
+                "b-new",
+                ", creationTimestamp: '2024-01-01T00:00:00Z'",
+                1,
+                80,
+                "TCP",
+            ),
+            lb(
+                "z-old",
+                ", creationTimestamp: '2023-01-01T00:00:00Z'",
+                2,
+                80,
+                "TCP",
+            ),
+            lb("c-udp", "", 3, 80, "UDP"),
+            lb("d-other-port", "", 4, 81, "TCP"),
+        ],
+        vec![],
+    );
+    let get = |name: &str, proto| &st.services[&port_name("default", name, "p", proto)];
+    assert_eq!(
+        get("z-old", Protocol::Tcp).load_balancer_ips,
+        [ip("203.0.113.5")]
+    );
+    assert_eq!(get("z-old", Protocol::Tcp).node_port, Some(380));
+    let loser = get("b-new", Protocol::Tcp);
+    assert!(loser.load_balancer_ips.is_empty());
+    assert_eq!(
+        loser.node_port, None,
+        "the node port 380/TCP is z-old's too"
+    );
+    assert_eq!(
+        loser.cluster_ips,
+        [ip("10.96.0.1")],
+        "its own ClusterIP stays"
+    );
+    assert_eq!(
+        get("c-udp", Protocol::Udp).load_balancer_ips,
+        [ip("203.0.113.5")]
+    );
+    assert_eq!(
+        get("d-other-port", Protocol::Tcp).load_balancer_ips,
+        [ip("203.0.113.5")]
+    );
+    let r: Vec<(&str, &str)> = st
+        .rejected
+        .iter()
+        .map(|r| (r.name.as_str(), r.field.as_str()))
+        .collect();
+    assert_eq!(
+        r,
+        [
+            ("b-new", "spec.ports[].nodePort"),
+            ("b-new", "status.loadBalancer.ingress"),
+        ]
+    );
+    assert!(
+        st.rejected[1].message.contains("older Service"),
+        "{}",
+        st.rejected[1].message
+    );
+
+    // Manifests have no creation time: a before b. Two Services with one
+    // ClusterIP: the loser's port is not programmed at all.
+    let manifests = build_one(
+        vec![lb("b", "", 7, 80, "TCP"), lb("a", "", 7, 80, "TCP")],
+        vec![],
+    );
+    let a = &manifests.services[&port_name("default", "a", "p", Protocol::Tcp)];
+    assert_eq!(
+        (a.node_port, a.cluster_ips.as_slice()),
+        (Some(380), &[ip("10.96.0.7")][..])
+    );
+    assert!(!manifests
+        .services
+        .contains_key(&port_name("default", "b", "p", Protocol::Tcp)));
+    assert!(manifests
+        .rejected
+        .iter()
+        .any(|r| r.name == "b" && r.field == "spec.clusterIPs"));
+}
+
+/// A Service naming its own ClusterIP as externalIP conflicts with no one.
+#[test]
+fn own_addresses_twice_are_no_conflict() {
+    let st = build_one(
+        vec![svc("metadata: {name: self}\nspec: {clusterIP: 10.96.0.5, externalIPs: [10.96.0.5], ports: [{port: 80}]}")],
+        vec![],
+    );
+    assert!(st.rejected.is_empty(), "{:?}", st.rejected);
 }

@@ -204,6 +204,9 @@ pub(crate) struct ParsedService {
     pub session_affinity_seconds: Option<u32>,
     pub health_check_node_port: Option<u16>,
     pub ports: Vec<ParsedServicePort>,
+    /// `metadata.creationTimestamp`: the older of two Services claiming one
+    /// frontend keeps it.
+    pub created: Option<jiff::Timestamp>,
 }
 
 /// Checks a Service; `Some` only when it has no problem at all.
@@ -250,6 +253,7 @@ pub(crate) fn parse_service(svc: &Service) -> (Option<ParsedService>, Vec<Reject
         itp_local: false,
         session_affinity_seconds: None,
         health_check_node_port: None,
+        created: svc.metadata.creation_timestamp.as_ref().map(|t| t.0),
         ports: Vec::new(),
     };
     if foreign || type_ == ServiceType::ExternalName {

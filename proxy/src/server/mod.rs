@@ -1,5 +1,6 @@
 //! HTTP servers: `/healthz` (kube-proxy's health endpoint), the metrics
-//! server (`/metrics`, `/proxyMode`, `/healthz`, `/livez`) and the
+//! server (`/metrics`, `/proxyMode`, `/healthz`, `/livez`, and kproxy's
+//! `/kproxy/rejections` for `kproxy status`) and the
 //! per-Service healthCheckNodePort servers ([`HealthCheckServers`]).
 //!
 //! Wiring, for the sync loop (inside a tokio runtime):
@@ -182,6 +183,7 @@ pub fn healthz_router(health: Arc<HealthState>, metrics: Arc<Metrics>) -> Router
 pub fn metrics_router(metrics: Arc<Metrics>, health: Arc<HealthState>, mode: ProxyMode) -> Router {
     let metrics_routes = Router::new()
         .route("/metrics", get(render_metrics))
+        .route("/kproxy/rejections", get(rejections))
         .with_state(metrics.clone());
     Router::new()
         .route("/proxyMode", get(move || async move { mode.to_string() }))
@@ -195,6 +197,13 @@ async fn render_metrics(State(metrics): State<Arc<Metrics>>) -> Response {
         metrics.render(),
     )
         .into_response()
+}
+
+/// What the last sync left out and why (invalid objects, IPv6 parts,
+/// frontends another Service owns), as JSON: read by `kproxy status`.
+async fn rejections(State(metrics): State<Arc<Metrics>>) -> Response {
+    let body = serde_json::to_string(&metrics.rejections()).unwrap_or_default();
+    json_response(StatusCode::OK, body, &[])
 }
 
 async fn healthz(State(s): State<HealthzState>) -> Response {

@@ -378,3 +378,104 @@ fn rke2() -> Result<()> {
     );
     Ok(())
 }
+
+/// A cluster whose Services are all IPv6: kproxy would serve nothing there,
+/// so it refuses to start, saying why, instead of looking healthy.
+#[test]
+fn ipv6_only_cluster_is_refused_at_start() -> Result<()> {
+    let id = unique_id();
+    let ns = NetNs::new(format!("{id}-v6"))?;
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{id}-v6"))
+        .tempdir()?;
+    std::fs::write(
+        dir.path().join("svc.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: kubernetes, namespace: default}\nspec: {clusterIP: 'fd00::1', clusterIPs: ['fd00::1'], ipFamilies: [IPv6], ports: [{name: https, port: 443}]}\n",
+    )?;
+    let bin = kproxy_tests::kproxy::binary()?;
+    let mut cmd = ns.command(bin.to_str().context("path")?, None);
+    cmd.args(["run", "--manifests"])
+        .arg(dir.path())
+        .args(["--hostname-override", NODE])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
+    let out = cmd.output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "must fail: {stderr}");
+    ensure!(
+        stderr.contains("every Service of this cluster is IPv6")
+            && stderr.contains("default/kubernetes"),
+        "{stderr}"
+    );
+    Ok(())
+}
+
+/// kube-proxy's conntrack settings, applied by `--init-only` in a network
+/// namespace: the per-namespace sysctls change there (and nowhere else);
+/// the kernel-wide nf_conntrack_max is left alone outside the initial
+/// namespace, with a log line saying so.
+#[test]
+fn conntrack_sysctls_in_a_namespace() -> Result<()> {
+    let id = unique_id();
+    let ns = NetNs::new(format!("{id}-ct"))?;
+    let read = |ns: Option<&NetNs>, name: &str| -> Result<String> {
+        let path = format!("/proc/sys/net/netfilter/{name}");
+        Ok(match ns {
+            Some(ns) => ns.exec("cat", &[&path])?,
+            None => std::fs::read_to_string(&path)?,
+        }
+        .trim()
+        .to_string())
+    };
+    // The per-namespace conntrack sysctls exist once nf_conntrack is loaded.
+    ensure!(
+        read(Some(&ns), "nf_conntrack_tcp_timeout_established").is_ok(),
+        "nf_conntrack is not loaded: `modprobe nf_conntrack` (the test needs its sysctls)"
+    );
+    let host_max = read(None, "nf_conntrack_max")?;
+    let host_established = read(None, "nf_conntrack_tcp_timeout_established")?;
+    let bin = kproxy_tests::kproxy::binary()?;
+    let mut cmd = ns.command(bin.to_str().context("path")?, None);
+    cmd.args([
+        "--init-only",
+        "--conntrack-max-per-core=1000000",
+        "--conntrack-tcp-timeout-established=2h",
+        "--conntrack-tcp-timeout-close-wait=30m",
+        "--conntrack-tcp-be-liberal",
+        "--conntrack-udp-timeout=45s",
+        "--conntrack-udp-timeout-stream=3m",
+        "--master=https://127.0.0.1:6443",
+    ])
+    .env_remove("RUST_LOG")
+    .stdin(Stdio::null());
+    let out = cmd.output()?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "--init-only failed:\n{log}");
+    for (name, want) in [
+        ("nf_conntrack_tcp_timeout_established", "7200"),
+        ("nf_conntrack_tcp_timeout_close_wait", "1800"),
+        ("nf_conntrack_tcp_be_liberal", "1"),
+        ("nf_conntrack_udp_timeout", "45"),
+        ("nf_conntrack_udp_timeout_stream", "180"),
+    ] {
+        let got = read(Some(&ns), name)?;
+        ensure!(
+            got == want,
+            "{name} in the namespace: {got}, want {want}\n{log}"
+        );
+        ensure!(log.contains(name), "the change of {name} is logged:\n{log}");
+    }
+    ensure!(
+        log.contains("not in the initial network namespace") && log.contains("nf_conntrack_max"),
+        "the kernel-wide setting is skipped, and said so:\n{log}"
+    );
+    ensure!(
+        read(None, "nf_conntrack_max")? == host_max,
+        "the host's nf_conntrack_max changed"
+    );
+    ensure!(
+        read(None, "nf_conntrack_tcp_timeout_established")? == host_established,
+        "the host's namespace changed"
+    );
+    Ok(())
+}

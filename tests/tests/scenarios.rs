@@ -640,6 +640,333 @@ pub fn broken_file_keeps_last_good_state(mode: Mode) -> Result<()> {
     Ok(())
 }
 
+/// Two Services claiming one frontend (CVE-2020-8554): `thief` names
+/// `web`'s ClusterIP as its externalIP. Whoever comes first, `web` keeps
+/// it, `thief` is reported, and deleting `thief` leaves `web` working.
+pub fn frontend_conflict_has_one_winner(mode: Mode) -> Result<()> {
+    let topo = Topology::start(mode)?;
+    let thief = service("thief", "10.96.0.11", vec![m::tcp("http", 80, 8080)]).external_ips(&[VIP]);
+    topo.write(
+        "thief.yaml",
+        &[
+            thief.to_json(),
+            slice("thief-1", "thief", &[("http", "TCP", 8080)], &[b()]),
+        ],
+    )?;
+    topo.wait_backends("default/thief:http", "ClusterIP", &[&ep(B)])?;
+    topo.write("web.yaml", &web(web_svc(), &[a()]))?;
+    topo.wait_backends(SVC, "ClusterIP", &[&ep(A)])?;
+    topo.wait_for("thief without web's address", |_, fs| {
+        fs.iter()
+            .filter(|f| f.service == "default/thief:http")
+            .all(|f| !f.frontend.starts_with(&format!("{VIP}:")))
+    })?;
+    let out = topo.from_pod("pod-c", &ClientSpec::tcp(format!("{VIP}:80"), 20))?;
+    out.expect_all_ok("web's ClusterIP while thief claims it")?;
+    ensure!(
+        out.by_pod().keys().eq(["pod-a"]),
+        "only web's endpoint answers: {}",
+        out.summary()
+    );
+    let node = &topo.nodes[0].ns;
+    poll::until(
+        "the conflict counted in /metrics",
+        Duration::from_secs(10),
+        || {
+            let (_, text) = Topology::http_get(node, "127.0.0.1:10249", "/metrics")?;
+            ensure!(
+                text.contains(
+                    "kproxy_rejected_objects{kind=\"Service\",reason=\"frontend_conflict\"} 1"
+                ),
+                "not yet"
+            );
+            Ok(())
+        },
+    )?;
+    ensure!(
+        topo.log(0).contains("frontend_conflict") && topo.log(0).contains("default/web:http"),
+        "the log names the conflict and the winner:\n{}",
+        topo.logs()
+    );
+    // The loser goes away: the winner's rules and map entries stay.
+    topo.remove("thief.yaml")?;
+    topo.wait_gone("default/thief:http")?;
+    topo.wait_backends(SVC, "ClusterIP", &[&ep(A)])?;
+    topo.from_pod("pod-c", &ClientSpec::tcp(format!("{VIP}:80"), 20))?
+        .expect_all_ok("web after thief was deleted")?;
+    Ok(())
+}
+
+/// KEP-3836: a Node being drained by the cluster autoscaler (or deleted)
+/// answers 503 on /healthz with nodeEligible false, so load balancers move
+/// away; /livez stays 200; the Services keep working.
+pub fn draining_node_is_not_eligible(mode: Mode) -> Result<()> {
+    let topo = Topology::start(mode)?;
+    topo.write("web.yaml", &web(web_svc(), &[a(), b()]))?;
+    topo.wait_backends(SVC, "ClusterIP", &[&ep(A), &ep(B)])?;
+    let node = |taint: bool| {
+        let taints = if taint {
+            serde_json::json!([{"key": "ToBeDeletedByClusterAutoscaler", "value": "1700000000", "effect": "NoSchedule"}])
+        } else {
+            serde_json::json!([])
+        };
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node1"},
+            "spec": {"taints": taints},
+        })
+    };
+    let healthz =
+        |i: usize, path: &str| Topology::http_get(&topo.nodes[i].ns, "127.0.0.1:10256", path);
+    topo.write("node1.yaml", &[node(true)])?;
+    poll::until(
+        "node1 /healthz 503, not eligible",
+        Duration::from_secs(10),
+        || {
+            let (code, body) = healthz(0, "/healthz")?;
+            ensure!(
+                code == 503 && body.contains("\"nodeEligible\":false"),
+                "{code} {body}"
+            );
+            Ok(())
+        },
+    )
+    .with_context(|| topo.logs())?;
+    let (code, body) = healthz(0, "/livez")?;
+    ensure!(code == 200, "/livez ignores eligibility: {code} {body}");
+    let (code, body) = healthz(1, "/healthz")?;
+    ensure!(code == 200, "node2 is not drained: {code} {body}");
+    topo.from_pod("pod-c", &ClientSpec::tcp(format!("{VIP}:80"), 10))?
+        .expect_all_ok("Services on a draining node")?;
+    topo.write("node1.yaml", &[node(false)])?;
+    poll::until("node1 eligible again", Duration::from_secs(10), || {
+        let (code, body) = healthz(0, "/healthz")?;
+        ensure!(
+            code == 200 && body.contains("\"nodeEligible\":true"),
+            "{code} {body}"
+        );
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// `--detect-local-mode`: traffic from `ext` to a ClusterIP, routed to
+/// node1 and sent to pod-a there, is masqueraded (pod-a sees node1's
+/// address) unless the mode counts `ext` as a local source (pod-a sees
+/// `ext`). Each mode once with a setting that includes `ext`, once with one
+/// that does not: the answer proves which sources the rules treat as local.
+pub fn detect_local_modes_decide_masquerading(mode: Mode) -> Result<()> {
+    let mut topo = Topology::build(mode)?;
+    for i in 0..topo.pods.len() {
+        topo.serve(i, &["--tcp", "8080"])?;
+    }
+    topo.start_kproxy(1)?;
+    topo.route_from_ext(&format!("{VIP}/32"), 0)?;
+    let node1 = |pod_cidrs: &[&str]| {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node1"},
+            "spec": {"podCIDRs": pod_cidrs},
+        })
+    };
+    topo.write("web.yaml", &web(web_svc(), &[a()]))?;
+    let lan = "172.30.0.0/24";
+    let mut cases: Vec<(&str, Vec<String>, Option<Value>, &str)> = vec![
+        (
+            "ClusterCIDR without ext",
+            vec!["--detect-local-mode=ClusterCIDR".into()],
+            None,
+            NODE_IPS[0],
+        ),
+        (
+            "ClusterCIDR with ext",
+            vec![
+                "--detect-local-mode=ClusterCIDR".into(),
+                format!("--cluster-cidr=10.244.0.0/16,{lan}"),
+            ],
+            None,
+            EXT_IP,
+        ),
+        (
+            "NodeCIDR without ext",
+            vec!["--detect-local-mode=NodeCIDR".into()],
+            Some(node1(&["10.244.1.0/24"])),
+            NODE_IPS[0],
+        ),
+        (
+            "NodeCIDR with ext",
+            vec!["--detect-local-mode=NodeCIDR".into()],
+            Some(node1(&[lan])),
+            EXT_IP,
+        ),
+    ];
+    if mode == Mode::Iptables {
+        cases.extend([
+            (
+                "InterfaceNamePrefix without ext",
+                vec![
+                    "--detect-local-mode=InterfaceNamePrefix".into(),
+                    "--pod-interface-name-prefix=v-".into(),
+                ],
+                None,
+                NODE_IPS[0],
+            ),
+            (
+                "InterfaceNamePrefix with ext",
+                vec![
+                    "--detect-local-mode=InterfaceNamePrefix".into(),
+                    "--pod-interface-name-prefix=eth".into(),
+                ],
+                None,
+                EXT_IP,
+            ),
+            (
+                "BridgeInterface without ext",
+                vec![
+                    "--detect-local-mode=BridgeInterface".into(),
+                    "--pod-bridge-interface=cbr0".into(),
+                ],
+                None,
+                NODE_IPS[0],
+            ),
+            (
+                "BridgeInterface with ext",
+                vec![
+                    "--detect-local-mode=BridgeInterface".into(),
+                    "--pod-bridge-interface=eth0".into(),
+                ],
+                None,
+                EXT_IP,
+            ),
+        ]);
+    }
+    for (what, args, node, want) in cases {
+        topo.stop_kproxy(0)?;
+        match node {
+            Some(n) => topo.write("node1.yaml", &[n])?,
+            None => {
+                let _ = topo.remove("node1.yaml");
+            }
+        }
+        topo.nodes[0].config.extra_args = args;
+        topo.start_kproxy(0)?;
+        let ns = &topo.nodes[0].ns;
+        poll::until(
+            &format!("{what}: kproxy synced"),
+            Duration::from_secs(15),
+            || {
+                let (code, body) = Topology::http_get(ns, "127.0.0.1:10256", "/healthz")?;
+                ensure!(code == 200, "{code} {body}");
+                Ok(())
+            },
+        )
+        .with_context(|| topo.logs())?;
+        let out = topo.from_ext(&ClientSpec::tcp(format!("{VIP}:80"), 5))?;
+        out.expect_all_ok(what)?;
+        for a in &out.attempts {
+            ensure!(
+                a.seen_client_ip() == Some(want),
+                "{what}: pod-a saw {:?}, want {want}\n{}",
+                a.reply,
+                topo.logs()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `--iptables-localhost-nodeports` (kube-proxy's default): the node's own
+/// processes reach node ports on 127.0.0.1 (iptables mode; kproxy sets
+/// route_localnet and masquerades the loopback source). With the flag off,
+/// they do not.
+pub fn localhost_node_ports_from_the_node(mode: Mode) -> Result<()> {
+    let mut topo = Topology::start(mode)?;
+    topo.write("web.yaml", &web(web_nodeport(30080), &[a(), b()]))?;
+    topo.wait_backends(SVC, "NodePort", &[&ep(A), &ep(B)])?;
+    let out = topo.from_node(0, &ClientSpec::tcp("127.0.0.1:30080", 20))?;
+    out.expect_all_ok("127.0.0.1:30080 from node1")?;
+    ensure!(
+        out.by_pod().len() == 2,
+        "both endpoints, local and remote: {}",
+        out.summary()
+    );
+    topo.stop_kproxy(0)?;
+    topo.nodes[0].config.extra_args = vec!["--iptables-localhost-nodeports=false".into()];
+    topo.start_kproxy(0)?;
+    let ns = &topo.nodes[0].ns;
+    poll::until("restarted kproxy synced", Duration::from_secs(15), || {
+        let (code, body) = Topology::http_get(ns, "127.0.0.1:10256", "/healthz")?;
+        ensure!(code == 200, "{code} {body}");
+        Ok(())
+    })?;
+    let out = topo.from_node(0, &ClientSpec::tcp("127.0.0.1:30080", 2).timeout_ms(500))?;
+    ensure!(
+        out.failures().len() == 2,
+        "with --iptables-localhost-nodeports=false 127.0.0.1:30080 must not answer: {}",
+        out.summary()
+    );
+    Ok(())
+}
+
+/// IPv6 is not programmed yet, and never silently: a dual-stack Service is
+/// served on its IPv4 address and reported for its IPv6 one; an IPv6-only
+/// Service is reported; both in the log (once), in /metrics and in
+/// `kproxy status`.
+pub fn ipv6_is_reported_not_dropped(mode: Mode) -> Result<()> {
+    let topo = Topology::start(mode)?;
+    let mut dual = web_svc().to_json();
+    dual["spec"]["clusterIPs"] = serde_json::json!([VIP, "fd00::10"]);
+    dual["spec"]["ipFamilies"] = serde_json::json!(["IPv4", "IPv6"]);
+    let mut v6 = service("web6", "fd00::20", vec![m::tcp("http", 80, 8080)]).to_json();
+    v6["spec"]["clusterIPs"] = serde_json::json!(["fd00::20"]);
+    topo.write(
+        "web.yaml",
+        &[
+            dual,
+            slice("web-1", "web", &[("http", "TCP", 8080)], &[a()]),
+        ],
+    )?;
+    topo.write("web6.yaml", &[v6])?;
+    topo.wait_backends(SVC, "ClusterIP", &[&ep(A)])?;
+    topo.from_pod("pod-c", &ClientSpec::tcp(format!("{VIP}:80"), 5))?
+        .expect_all_ok("the IPv4 part of a dual-stack Service")?;
+    let node = &topo.nodes[0].ns;
+    poll::until("IPv6 counted in /metrics", Duration::from_secs(10), || {
+        let (_, text) = Topology::http_get(node, "127.0.0.1:10249", "/metrics")?;
+        ensure!(
+            text.contains(
+                "kproxy_rejected_objects{kind=\"Service\",reason=\"ipv6_unsupported\"} 2"
+            ),
+            "not yet"
+        );
+        Ok(())
+    })?;
+    let log = topo.log(0);
+    for name in ["\"web\"", "\"web6\""] {
+        let lines = log
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains("ipv6_unsupported") && l.contains(name))
+            .count();
+        ensure!(
+            lines == 1,
+            "{name}: one warning at first sight, got {lines}:\n{log}"
+        );
+    }
+    let out =
+        kproxy_tests::kproxy::run_command(node, &topo.nodes[0].config, &["status", "-o", "json"])?;
+    let rows: Vec<Value> = serde_json::from_str(&out)?;
+    for svc in ["default/web", "default/web6"] {
+        ensure!(
+            rows.iter()
+                .any(|r| r["service"] == svc && r["kind"] == "IPv6" && r["programmed"] == false),
+            "status must mark {svc}'s IPv6 part: {out}"
+        );
+    }
+    let table = kproxy_tests::kproxy::run_command(node, &topo.nodes[0].config, &["status"])?;
+    ensure!(table.contains("default/web6  [IPv6]"), "{table}");
+    Ok(())
+}
+
 /// Writes a `#[test]` per scenario for one mode.
 macro_rules! scenario_tests {
     ($mode:expr; $($scenario:ident),* $(,)?) => {
@@ -676,6 +1003,10 @@ macro_rules! all_scenarios {
             cleanup_restores_the_namespace,
             bad_input_is_rejected_and_contained,
             broken_file_keeps_last_good_state,
+            frontend_conflict_has_one_winner,
+            draining_node_is_not_eligible,
+            detect_local_modes_decide_masquerading,
+            ipv6_is_reported_not_dropped,
         );
     };
 }
@@ -683,6 +1014,7 @@ macro_rules! all_scenarios {
 mod iptables {
     use super::*;
     all_scenarios!(Mode::Iptables);
+    scenario_tests!(Mode::Iptables; localhost_node_ports_from_the_node);
 }
 
 mod ebpf {

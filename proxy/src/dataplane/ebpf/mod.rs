@@ -110,6 +110,10 @@ pub struct EbpfDataplane {
     /// The network namespace `start` ran in (its inode): devices are only
     /// followed from there, never from a thread that is elsewhere.
     netns: Option<u64>,
+    /// `config` with `cluster_cidrs` replaced by the CIDRs whose sources are
+    /// local (`--detect-local-mode`: the cluster CIDRs, or the Node's pod
+    /// CIDRs), as the maps have them.
+    effective: DataplaneConfig,
 }
 
 /// The inode of the calling thread's network namespace.
@@ -123,6 +127,7 @@ fn current_netns() -> Option<u64> {
 impl EbpfDataplane {
     pub fn open(config: DataplaneConfig, ebpf: EbpfConfig) -> EbpfDataplane {
         EbpfDataplane {
+            effective: config_for_local(&config, &[]),
             config,
             ebpf,
             writer: None,
@@ -180,7 +185,7 @@ impl EbpfDataplane {
             snat_ports: checks::snat_port_range(),
         };
         let mut writer = Writer::open(&ebpf.pin_path)?;
-        writer.sync_node(&node, &config)?;
+        writer.sync_node(&node, &config_for_local(&config, &[]))?;
         info!(
             pin = %ebpf.pin_path.display(),
             adopted = adopting,
@@ -188,6 +193,7 @@ impl EbpfDataplane {
             "ebpf dataplane ready"
         );
         Ok(EbpfDataplane {
+            effective: config_for_local(&config, &[]),
             config,
             ebpf,
             writer: Some(writer),
@@ -220,7 +226,7 @@ impl EbpfDataplane {
         loader::attach_tc(obj, &self.ebpf.pin_path, &now)?;
         self.node.if_addrs = if_addrs(&now);
         if let Some(writer) = self.writer.as_mut() {
-            writer.sync_node(&self.node, &self.config)?;
+            writer.sync_node(&self.node, &self.effective)?;
         }
         self.devices = now;
         Ok(())
@@ -228,6 +234,20 @@ impl EbpfDataplane {
 
     pub fn pin_path(&self) -> &Path {
         &self.ebpf.pin_path
+    }
+}
+
+/// `config` with `cluster_cidrs` set to the local-source CIDRs the maps and
+/// frontend flags use (`--detect-local-mode ClusterCIDR` or `NodeCIDR`;
+/// the interface modes are refused at start in ebpf mode).
+fn config_for_local(config: &DataplaneConfig, node_pod_cidrs: &[ipnet::IpNet]) -> DataplaneConfig {
+    let cluster_cidrs = match config.local_traffic(node_pod_cidrs) {
+        super::LocalTraffic::Cidrs(c) => c,
+        _ => Vec::new(),
+    };
+    DataplaneConfig {
+        cluster_cidrs,
+        ..config.clone()
     }
 }
 
@@ -266,7 +286,14 @@ impl Dataplane for EbpfDataplane {
         changes: &Changes,
         full: bool,
     ) -> Result<SyncStats, DataplaneError> {
-        let full = full || self.needs_full;
+        let mut full = full || self.needs_full;
+        // Local sources decide SNAT of ClusterIP traffic: a change (the
+        // Node's pod CIDRs in NodeCIDR mode) rewrites every frontend.
+        let effective = config_for_local(&self.config, &desired.node.pod_cidrs);
+        if effective.cluster_cidrs != self.effective.cluster_cidrs {
+            full = true;
+        }
+        self.effective = effective;
         // A device problem must not hold back the Services: retried next sync.
         if let Err(e) = self.follow_devices() {
             warn!(error = %e, "following devices; TC programs stay on the devices they had");
@@ -277,9 +304,9 @@ impl Dataplane for EbpfDataplane {
             ));
         };
         if full {
-            writer.sync_node(&self.node, &self.config)?;
+            writer.sync_node(&self.node, &self.effective)?;
         }
-        match writer.sync(desired, changes, full, &self.config) {
+        match writer.sync(desired, changes, full, &self.effective) {
             Ok((counts, errors)) => {
                 self.needs_full = false;
                 Ok(to_stats(full, counts, errors))

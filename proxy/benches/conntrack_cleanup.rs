@@ -43,6 +43,25 @@ impl NetNs {
             .expect("ip netns exec")
     }
 
+    /// Runs a shell script (given on stdin: it can be long) in the namespace.
+    fn script(&self, text: &str) -> std::process::Output {
+        use std::io::Write;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.0, "sh", "-s"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("ip netns exec sh");
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(text.as_bytes())
+            .expect("script written");
+        child.wait_with_output().expect("sh")
+    }
+
     /// Runs `f` on a thread inside the namespace.
     fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         let path = format!("/var/run/netns/{}", self.0);
@@ -123,7 +142,7 @@ fn insert(ns: &NetNs, services: usize) {
              -t 600 -u SEEN_REPLY 2>/dev/null\n"
         ));
     }
-    let out = ns.exec(&["sh", "-c", &script]);
+    let out = ns.script(&script);
     assert!(out.status.success());
     let count = ns.exec(&["sh", "-c", "conntrack -L -p udp 2>/dev/null | wc -l"]);
     let n: usize = String::from_utf8_lossy(&count.stdout)
@@ -176,7 +195,7 @@ fn main() {
                 ));
             }
             let started = Instant::now();
-            let out = ns.exec(&["sh", "-c", &script]);
+            let out = ns.script(&script);
             cli.push(started.elapsed());
             assert!(out.status.success() || services > 1);
             let left = ns.exec(&["sh", "-c", "conntrack -L -p udp 2>/dev/null | wc -l"]);

@@ -479,3 +479,69 @@ fn conntrack_sysctls_in_a_namespace() -> Result<()> {
     );
     Ok(())
 }
+
+/// `--nodeport-addresses primary`: node ports only on the Node's primary
+/// IP (its InternalIP), not on the node's other addresses.
+#[test]
+fn nodeport_addresses_primary() -> Result<()> {
+    let id = unique_id();
+    let ns = NetNs::new(format!("{id}-prim"))?;
+    // A veth pair inside the namespace (no dummy module on every kernel).
+    ns.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+    ])?;
+    ns.ip(&["addr", "add", "192.168.77.10/24", "dev", "eth0"])?;
+    ns.ip(&["addr", "add", "192.168.88.10/24", "dev", "eth0"])?;
+    ns.ip(&["link", "set", "eth0", "up"])?;
+    ns.ip(&["link", "set", "eth1", "up"])?;
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{id}-prim"))
+        .tempdir()?;
+    std::fs::write(
+        dir.path().join("objects.yaml"),
+        "apiVersion: v1\nkind: Node\nmetadata: {name: node-1}\nstatus: {addresses: [{type: InternalIP, address: 192.168.77.10}, {type: Hostname, address: node-1}]}\n\
+         ---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec: {type: NodePort, clusterIP: 10.96.0.10, ports: [{port: 80, nodePort: 30080}]}\n",
+    )?;
+    let bin = kproxy_tests::kproxy::binary()?;
+    let log = dir.path().join("log");
+    let mut cmd = ns.command(bin.to_str().context("path")?, None);
+    cmd.args(["--manifests"])
+        .arg(dir.path())
+        .args([
+            "--hostname-override=node-1",
+            "--nodeport-addresses=primary",
+            "--iptables-backend=nft",
+        ])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log)?)
+        .stderr(std::fs::File::create(dir.path().join("err"))?);
+    let mut child = cmd.spawn()?;
+    let result = poll::until(
+        "node ports on the primary IP",
+        Duration::from_secs(30),
+        || {
+            let nat = ns.exec("iptables-nft-save", &["-t", "nat"])?;
+            let jumps: Vec<&str> = nat
+                .lines()
+                .filter(|l| l.contains("-j KPROXY-NODEPORTS"))
+                .collect();
+            ensure!(
+                jumps.iter().any(|l| l.contains("-d 192.168.77.10/32")),
+                "no jump for the primary IP yet: {jumps:?}"
+            );
+            ensure!(
+                !jumps
+                    .iter()
+                    .any(|l| l.contains("192.168.88.10") || l.contains("addrtype")),
+                "node ports on other addresses: {jumps:?}"
+            );
+            Ok(())
+        },
+    )
+    .with_context(|| std::fs::read_to_string(dir.path().join("err")).unwrap_or_default());
+    // SAFETY: our child, not reaped yet.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    result
+}

@@ -231,3 +231,72 @@ fn ekss_config_names_the_removed_field() {
     assert_eq!(args.metrics_addr(), Some("0.0.0.0:10249".parse().unwrap()));
     assert_eq!(args.oom_score_adj, -998);
 }
+
+/// `--write-config-to` writes what `--config` reads back to the same settings.
+#[test]
+fn written_config_reads_back() {
+    let (args, _) = run_with(
+        &[
+            "--proxy-mode=ebpf",
+            "--cluster-cidr=10.1.0.0/16",
+            "--nodeport-addresses=primary,10.0.0.0/8",
+            "--detect-local-mode=InterfaceNamePrefix",
+            "--pod-interface-name-prefix=veth",
+            "--conntrack-max-per-core=0",
+            "--iptables-masquerade-bit=5",
+            "--metrics-bind-address=0.0.0.0:9100",
+            "--feature-gates=A=true",
+        ],
+        HEAD,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.yaml");
+    write_effective(&path, &args).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let (back, applied) = run_with(&[], &text).unwrap();
+    assert!(
+        applied.warnings.is_empty(),
+        "{:?}\n{text}",
+        applied.warnings
+    );
+    assert_eq!(back.mode.mode(), ProxyMode::Ebpf);
+    assert_eq!(back.cluster_cidrs(), args.cluster_cidrs());
+    assert_eq!(back.nodeport_address_list(), args.nodeport_address_list());
+    assert_eq!(back.pod_interface_name_prefix, "veth");
+    assert_eq!(back.conntrack_max_per_core, 0);
+    assert_eq!(back.iptables_masquerade_bit, 5);
+    assert_eq!(back.metrics_addr(), args.metrics_addr());
+    assert_eq!(back.feature_gate_map(), args.feature_gate_map());
+    assert_eq!(
+        back.conntrack_tcp_timeout_established,
+        args.conntrack_tcp_timeout_established
+    );
+}
+
+/// kube-proxy's ipvs and nftables modes run iptables mode, with a warning.
+#[test]
+fn ipvs_and_nftables_run_iptables_mode_with_a_warning() {
+    for mode in ["ipvs", "nftables"] {
+        let cli = parse_from(
+            ["kube-proxy", &format!("--proxy-mode={mode}")]
+                .iter()
+                .map(OsString::from)
+                .collect(),
+        )
+        .unwrap();
+        let Command::Run(mut args) = cli.command else {
+            panic!()
+        };
+        let warnings = crate::cli::resolve_run(&mut args).unwrap();
+        assert_eq!(args.mode.mode(), ProxyMode::Iptables);
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains(mode) && w.contains("iptables mode")),
+            "{warnings:?}"
+        );
+    }
+    let (args, _) = run_with(&[], &format!("{HEAD}mode: ipvs\n")).unwrap();
+    assert_eq!(args.mode.mode(), ProxyMode::Iptables);
+}

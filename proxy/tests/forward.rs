@@ -413,7 +413,18 @@ async fn half_close_with_v5_still_gets_the_full_reply() {
 /// closed after --half-close-timeout (default 1s, the runtime's own grace).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_on_v4_waits_for_the_pod_then_times_out() {
-    let env = Env::new().await;
+    half_close_gives_the_pod_a_second(Env::with("websocket").await).await;
+}
+
+/// SPDY carries the half-close (a FIN on the data stream). As containerd,
+/// the test server then gives the pod one second to answer (it never
+/// shuts the pod's side down): the same outcome as above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_over_spdy_gives_the_pod_the_runtime_grace() {
+    half_close_gives_the_pod_a_second(Env::with("spdy").await).await;
+}
+
+async fn half_close_gives_the_pod_a_second(env: Env) {
     // Answers after 5 bytes, then closes.
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let answers = l.local_addr().unwrap().port();
@@ -447,7 +458,6 @@ async fn half_close_on_v4_waits_for_the_pod_then_times_out() {
         .unwrap()
         .unwrap();
     assert_eq!(reply, b"hello".repeat(100_000));
-    kp.wait_stderr("v5=false").await;
     // The second pair: the pod never closes; the connection ends after the timeout.
     let second: u16 = eventually(DEADLINE, "the second Forwarding line", || {
         kp.stdout_lines().get(1).and_then(|l| {
@@ -474,6 +484,12 @@ async fn half_close_on_v4_waits_for_the_pod_then_times_out() {
         waited >= Duration::from_millis(800) && waited < Duration::from_secs(5),
         "{waited:?}"
     );
+    if env.transport == Some("websocket") {
+        kp.wait_stderr("v5=false").await;
+    }
+    kp.signal(libc::SIGINT);
+    assert!(kp.wait_exit().await.success());
+    kp.wait_stderr(" 0 errors").await;
 }
 
 /// A request written in two small pieces gets its reply without a Nagle +
@@ -978,75 +994,6 @@ async fn in_1_35_mode_a_get_only_role_fails_with_both_reasons() {
         ("pods/portforward", &["get", "create"][..]),
     ]));
     assert_eq!(roundtrip(local, b"y").await.unwrap(), b"y");
-}
-
-/// SPDY carries the half-close (a FIN on the data stream). As containerd,
-/// the test server then gives the pod one second to answer (it never
-/// shuts the pod's side down): a pod that answers without waiting for EOF
-/// is heard in full; one that waits for EOF is closed after that second.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn half_close_over_spdy_gives_the_pod_the_runtime_grace() {
-    let env = Env::with("spdy").await;
-    // Answers after 5 bytes, then closes.
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let answers = l.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut b = [0u8; 5];
-                s.read_exact(&mut b).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                s.write_all(&b.repeat(100_000)).await.unwrap();
-            });
-        }
-    });
-    let waits = greeter("").await;
-    env.server.apply(pod("web", json!({}), &[])).unwrap();
-    let mut kp = env.forward(&[
-        "pod/web",
-        &format!(":{answers}"),
-        &format!(":{waits}"),
-        "--address",
-        "127.0.0.1",
-    ]);
-    let local = kp.local_port().await;
-    let mut s = TcpStream::connect(("127.0.0.1", local)).await.unwrap();
-    s.write_all(b"hello").await.unwrap();
-    s.shutdown().await.unwrap();
-    let mut reply = Vec::new();
-    tokio::time::timeout(DEADLINE, s.read_to_end(&mut reply))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(reply, b"hello".repeat(100_000));
-    let second: u16 = eventually(DEADLINE, "the second Forwarding line", || {
-        kp.stdout_lines().get(1).and_then(|l| {
-            l.strip_prefix("Forwarding from 127.0.0.1:")?
-                .split(' ')
-                .next()?
-                .parse()
-                .ok()
-        })
-    })
-    .await;
-    let mut s = TcpStream::connect(("127.0.0.1", second)).await.unwrap();
-    s.write_all(b"ping").await.unwrap();
-    s.shutdown().await.unwrap();
-    let started = Instant::now();
-    let mut echoed = Vec::new();
-    tokio::time::timeout(DEADLINE, s.read_to_end(&mut echoed))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(echoed, b"ping");
-    let waited = started.elapsed();
-    assert!(
-        waited >= Duration::from_millis(800) && waited < Duration::from_secs(5),
-        "{waited:?}"
-    );
-    kp.signal(libc::SIGINT);
-    assert!(kp.wait_exit().await.success());
-    kp.wait_stderr(" 0 errors").await;
 }
 
 /// The API server has the pod, the kubelet says it does not exist: the

@@ -437,6 +437,22 @@ impl Topology {
         Ok(out)
     }
 
+    /// Creates listening sockets inside the LAN namespace (for a test API
+    /// server, reachable from both nodes and from nowhere outside the
+    /// test's namespaces): a socket keeps the namespace it was created in.
+    #[allow(clippy::type_complexity)]
+    pub fn lan_binder(
+        &self,
+    ) -> std::sync::Arc<
+        dyn Fn(std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> + Send + Sync,
+    > {
+        let lan = self.lan.name.clone();
+        std::sync::Arc::new(move |addr| {
+            crate::netns::enter(&lan, move || std::net::TcpListener::bind(addr))
+                .map_err(std::io::Error::other)?
+        })
+    }
+
     /// Node `i`'s whole kproxy log.
     pub fn log(&self, i: usize) -> String {
         std::fs::read_to_string(&self.nodes[i].config.log).unwrap_or_default()

@@ -3,7 +3,6 @@
 //! traffic follows. Run once per dataplane mode.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -46,15 +45,9 @@ impl Cluster {
             .worker_threads(2)
             .enable_all()
             .build()?;
-        let lan = topo.lan.name.clone();
-        let bind: kproxy_test_apiserver::Binder = Arc::new(move |addr| {
-            // A socket keeps the namespace it was created in.
-            kproxy_tests::netns::enter(&lan, move || std::net::TcpListener::bind(addr))
-                .map_err(std::io::Error::other)?
-        });
         let opts = Options {
             addr: format!("{LAN_IP}:0").parse()?,
-            bind: Some(bind),
+            bind: Some(topo.lan_binder()),
             ..Options::default()
         };
         let server = rt.block_on(TestApiServer::start_with(opts))?;

@@ -144,14 +144,9 @@ fn udp_through_the_node_agents_relay() -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let lan = topo.lan.name.clone();
-    let bind: kproxy_test_apiserver::Binder = Arc::new(move |addr| {
-        kproxy_tests::netns::enter(&lan, move || std::net::TcpListener::bind(addr))
-            .map_err(std::io::Error::other)?
-    });
     let server = rt.block_on(TestApiServer::start_with(Options {
         addr: format!("{LAN_IP}:0").parse()?,
-        bind: Some(bind),
+        bind: Some(topo.lan_binder()),
         port_forward: Some(portforward::hook(runtime_dialer(namespaces))),
         ..Options::default()
     }))?;

@@ -16,6 +16,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
 
+use super::resolve::label_selector;
 use super::spec::{Kind, Target};
 
 /// A reflector running in a task, and whether its first list is in.
@@ -157,14 +158,6 @@ pub struct Cache {
     object: Option<TargetWatch>,
     /// Pods: of `pod/NAME` by name, else of the current selector.
     pods: Mutex<Option<(String, Watch<Pod>)>>,
-}
-
-fn label_selector(labels: &BTreeMap<String, String>) -> String {
-    labels
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 impl Cache {

@@ -104,7 +104,8 @@ fn pod_ready(p: &Pod) -> bool {
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-fn label_selector(labels: &BTreeMap<String, String>) -> String {
+/// `k=v,k2=v2`, as a label selector query says it.
+pub(super) fn label_selector(labels: &BTreeMap<String, String>) -> String {
     labels
         .iter()
         .map(|(k, v)| format!("{k}={v}"))

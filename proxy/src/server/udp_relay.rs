@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use ipnet::IpNet;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -148,23 +148,9 @@ pub async fn relay<S>(stream: S, cfg: &RelayConfig) -> Result<(), String>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let (mut r, mut w) = tokio::io::split(stream);
-    let (out_tx, mut out_rx) = mpsc::channel::<Frame>(256);
-    let writer = tokio::spawn(async move {
-        let mut buf = BytesMut::with_capacity(64 * 1024);
-        while let Some(f) = out_rx.recv().await {
-            frame::encode(&f, &mut buf);
-            while let Ok(f) = out_rx.try_recv() {
-                frame::encode(&f, &mut buf);
-                if buf.len() > 256 * 1024 {
-                    break;
-                }
-            }
-            if w.write_all_buf(&mut buf).await.is_err() {
-                return;
-            }
-        }
-    });
+    let (mut r, w) = tokio::io::split(stream);
+    let (out_tx, out_rx) = mpsc::channel::<Frame>(256);
+    let writer = tokio::spawn(crate::forward::udp::write_frames(w, out_rx, &[]));
     let mut sessions: HashMap<u32, Session> = HashMap::new();
     let mut buf = BytesMut::with_capacity(128 * 1024);
     let mut greeted = false;
@@ -311,6 +297,7 @@ async fn open(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
 
     async fn udp_echo() -> SocketAddr {
         let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();

@@ -298,6 +298,18 @@ async fn kubelet_errors_are_plain_text() {
     assert!(body.contains("\"kind\":\"Status\""), "{body}");
 }
 
+/// A WebSocket port-forward of pod web is refused for want of `verb`.
+async fn forbidden_as(server: &TestApiServer, port: u16, verb: &str) {
+    let (code, body) = refusal(
+        ws_connect(server, "web", port, "v4.channel.k8s.io")
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 403);
+    let cause = format!("cannot {verb} resource \\\"pods/portforward\\\"");
+    assert!(body.contains(&cause), "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_port_forward_is_authorised_as_get_then_also_create_from_1_35() {
     let (server, _pods) = setup().await;
@@ -308,16 +320,7 @@ async fn websocket_port_forward_is_authorised_as_get_then_also_create_from_1_35(
         ("pods", &["get", "list"][..]),
         ("pods/portforward", &["create"][..]),
     ]));
-    let (code, body) = refusal(
-        ws_connect(&server, "web", port, "v4.channel.k8s.io")
-            .await
-            .unwrap_err(),
-    );
-    assert_eq!(code, 403);
-    assert!(
-        body.contains("cannot get resource \\\"pods/portforward\\\""),
-        "{body}"
-    );
+    forbidden_as(&server, port, "get").await;
     // get only: enough before 1.35.
     server.set_role(Some(&[("pods/portforward", &["get"][..])]));
     ws_connect(&server, "web", port, "v4.channel.k8s.io")
@@ -325,16 +328,7 @@ async fn websocket_port_forward_is_authorised_as_get_then_also_create_from_1_35(
         .unwrap();
     // 1.35: create is checked as well.
     server.set_websocket_create_check(true);
-    let (code, body) = refusal(
-        ws_connect(&server, "web", port, "v4.channel.k8s.io")
-            .await
-            .unwrap_err(),
-    );
-    assert_eq!(code, 403);
-    assert!(
-        body.contains("cannot create resource \\\"pods/portforward\\\""),
-        "{body}"
-    );
+    forbidden_as(&server, port, "create").await;
     server.set_role(Some(&[("pods/portforward", &["get", "create"][..])]));
     ws_connect(&server, "web", port, "v4.channel.k8s.io")
         .await

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -291,14 +291,14 @@ async fn write_loop<W: AsyncWrite>(
                         payload,
                     } => {
                         let header = frame::data_header(stream_id, flags, payload.len());
+                        buf.extend_from_slice(&header);
                         if payload.len() <= COPY_LIMIT {
-                            buf.extend_from_slice(&header);
                             buf.extend_from_slice(&payload);
                         } else {
-                            buf.extend_from_slice(&header);
-                            w.write_all_buf(&mut buf).await?;
-                            let mut payload = payload;
-                            w.write_all_buf(&mut payload).await?;
+                            // What is buffered, then the payload from its own
+                            // buffer: one vectored write, no copy.
+                            let mut both = buf.split().freeze().chain(payload);
+                            w.write_all_buf(&mut both).await?;
                         }
                     }
                 }

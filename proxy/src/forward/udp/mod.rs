@@ -116,30 +116,10 @@ async fn connect(
             tracing::debug!("UDP relay stream: {e}");
         }
     });
-    let (mut r, mut w) = tokio::io::split(ours);
-    let (out_tx, mut out_rx) = mpsc::channel::<Frame>(256);
+    let (mut r, w) = tokio::io::split(ours);
+    let (out_tx, out_rx) = mpsc::channel::<Frame>(256);
     let (in_tx, in_rx) = mpsc::channel::<Frame>(256);
-    tasks.spawn(async move {
-        let mut buf = BytesMut::with_capacity(64 * 1024);
-        buf.extend_from_slice(frame::MAGIC);
-        loop {
-            if buf.is_empty() {
-                match out_rx.recv().await {
-                    Some(f) => frame::encode(&f, &mut buf),
-                    None => return,
-                }
-            }
-            while let Ok(f) = out_rx.try_recv() {
-                frame::encode(&f, &mut buf);
-                if buf.len() > 256 * 1024 {
-                    break;
-                }
-            }
-            if w.write_all_buf(&mut buf).await.is_err() {
-                return;
-            }
-        }
-    });
+    tasks.spawn(write_frames(w, out_rx, frame::MAGIC));
     tasks.spawn(async move {
         let mut buf = BytesMut::with_capacity(128 * 1024);
         loop {
@@ -171,6 +151,34 @@ async fn connect(
         rx: in_rx,
         _tasks: tasks,
     })
+}
+
+/// Writes `first`, then the frames of `rx` (batched) to `w`, until `rx`
+/// ends or a write fails. Both ends of a relay stream use it.
+pub async fn write_frames<W: tokio::io::AsyncWrite + Unpin>(
+    mut w: W,
+    mut rx: mpsc::Receiver<Frame>,
+    first: &[u8],
+) {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    buf.extend_from_slice(first);
+    loop {
+        if buf.is_empty() {
+            match rx.recv().await {
+                Some(f) => frame::encode(&f, &mut buf),
+                None => return,
+            }
+        }
+        while let Ok(f) = rx.try_recv() {
+            frame::encode(&f, &mut buf);
+            if buf.len() > 256 * 1024 {
+                break;
+            }
+        }
+        if w.write_all_buf(&mut buf).await.is_err() {
+            return;
+        }
+    }
 }
 
 struct Client {

@@ -236,6 +236,17 @@ impl Activity {
     }
 }
 
+/// The comma-separated values of every `name` header, in order.
+fn header_values(req: &Request, name: &str) -> Vec<String> {
+    req.headers()
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|p| p.trim().to_string()))
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
 /// An error the kubelet (or its runtime) answers: plain text, not a `Status`.
 fn kubelet_error(code: StatusCode, text: &str) -> Response {
     (

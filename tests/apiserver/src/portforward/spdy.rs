@@ -26,7 +26,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use super::{kubelet_error, spawn_stream, Activity, Dialer, Faults};
+use super::{header_values, kubelet_error, spawn_stream, Activity, Dialer, Faults};
 
 pub(super) const PROTOCOL: &str = "portforward.k8s.io";
 /// containerd's grace for the second direction once the first ended.
@@ -54,13 +54,7 @@ pub(super) fn serve(
     faults: Arc<Faults>,
 ) -> Response {
     // httpstream.Handshake: the client's X-Stream-Protocol-Version values.
-    let offered: Vec<String> = req
-        .headers()
-        .get_all("X-Stream-Protocol-Version")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|p| p.trim().to_string()))
-        .collect();
+    let offered = header_values(&req, "x-stream-protocol-version");
     if !offered.iter().any(|p| p == PROTOCOL) {
         return kubelet_error(
             StatusCode::FORBIDDEN,
@@ -463,12 +457,13 @@ async fn forward(
             };
             let from_pod = async {
                 loop {
-                    let mut buf = vec![0u8; 8 + 128 * 1024];
-                    let n = match pr.read(&mut buf[8..]).await {
+                    // The frame header, then the payload read in place.
+                    let mut buf = Vec::with_capacity(8 + 128 * 1024);
+                    buf.extend_from_slice(&[0; 8]);
+                    let n = match pr.read_buf(&mut buf).await {
                         Ok(0) | Err(_) => return,
                         Ok(n) => n,
                     };
-                    buf.truncate(8 + n);
                     buf[..4].copy_from_slice(&d_id.to_be_bytes());
                     buf[4] = 0;
                     buf[5..8].copy_from_slice(&(n as u32).to_be_bytes()[1..]);

@@ -23,7 +23,7 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use super::{kubelet_error, spawn_stream, Activity, Dialer, Faults};
+use super::{header_values, kubelet_error, spawn_stream, Activity, Dialer, Faults};
 
 const V4: &str = "v4.channel.k8s.io";
 const V5: &str = "v5.channel.k8s.io";
@@ -37,17 +37,6 @@ pub(super) fn is_websocket(req: &Request) -> bool {
         .get(header::UPGRADE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
-}
-
-/// The subprotocols the client offers, in its order.
-pub(super) fn offered(req: &Request) -> Vec<String> {
-    req.headers()
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|p| p.trim().to_string()))
-        .filter(|p| !p.is_empty())
-        .collect()
 }
 
 /// The `ports` query (kubelet: required for WebSocket port-forward).
@@ -94,7 +83,7 @@ pub(super) fn serve(
     let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
         return kubelet_error(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
     };
-    let offered = offered(&req);
+    let offered = header_values(&req, "sec-websocket-protocol");
     // The first protocol the client offers that is served (wsstream's
     // handshake); none offered is the raw v4 codec.
     let v5 = faults.v5();

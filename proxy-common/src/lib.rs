@@ -185,6 +185,10 @@ pub struct Config {
     /// SNAT source on a device without an address of its own (a pod's)
     /// when the client did not dial a node address.
     pub node_ip: u32,
+    /// Network namespace cookie of the node (kproxy's own): its sockets
+    /// reach node ports on 127.0.0.1 (kube-proxy's localhost node ports).
+    /// A pod's 127.0.0.1 is its own. 0: off.
+    pub localhost_netns: u64,
 }
 
 /// Name of a Service port for status read-back (`ns/name:port`, NUL padded).

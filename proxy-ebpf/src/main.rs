@@ -123,7 +123,7 @@ fn select(fe: &Frontend, client: u64, now: u64) -> Option<(u32, Backend)> {
 // ---------------------------------------------------------------- sockets
 
 #[inline(always)]
-fn sock_frontend(ip: u32, port: u16, proto: u8) -> Option<Frontend> {
+fn sock_frontend(ctx: &SockAddrContext, ip: u32, port: u16, proto: u8) -> Option<Frontend> {
     let mut key = FrontendKey {
         ip,
         port,
@@ -134,9 +134,30 @@ fn sock_frontend(ip: u32, port: u16, proto: u8) -> Option<Frontend> {
     if let Some(fe) = unsafe { FRONTENDS.get(&key) } {
         return Some(*fe);
     }
-    unsafe { NODE_IPS.get(&ip) }?;
+    if unsafe { NODE_IPS.get(&ip) }.is_none() && !localhost_nodeport(ctx, ip) {
+        return None;
+    }
     key.ip = 0;
     unsafe { FRONTENDS.get(&key) }.copied()
+}
+
+/// 127.0.0.1 in network order, as `user_ip4` holds it.
+const LOCALHOST: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+
+/// 127.0.0.1 is a node-port address for the sockets of the node's own
+/// network namespace (localhost node ports). It is not in `NODE_IPS`: the
+/// TC path must never take a packet to 127.0.0.1 from outside for a node
+/// port.
+#[inline(always)]
+fn localhost_nodeport(ctx: &SockAddrContext, ip: u32) -> bool {
+    if ip != LOCALHOST {
+        return false;
+    }
+    let Some(cfg) = CONFIG.get(0) else {
+        return false;
+    };
+    // SAFETY: helper valid for cgroup sock_addr programs.
+    cfg.localhost_netns != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == cfg.localhost_netns
 }
 
 /// connect4 and sendmsg4: rewrite the destination to a backend.
@@ -151,7 +172,7 @@ fn sock_forward(ctx: &SockAddrContext) -> i32 {
     let ip = sa.user_ip4;
     // Network order in the low 16 bits.
     let port = sa.user_port as u16;
-    let Some(fe) = sock_frontend(ip, port, proto) else {
+    let Some(fe) = sock_frontend(ctx, ip, port, proto) else {
         return 1;
     };
     // SAFETY: helpers valid for cgroup sock_addr programs.

@@ -876,9 +876,10 @@ pub fn detect_local_modes_decide_masquerading(mode: Mode) -> Result<()> {
 }
 
 /// `--iptables-localhost-nodeports` (kube-proxy's default): the node's own
-/// processes reach node ports on 127.0.0.1 (iptables mode; kproxy sets
-/// route_localnet and masquerades the loopback source). With the flag off,
-/// they do not.
+/// processes reach node ports on 127.0.0.1 (iptables mode: kproxy sets
+/// route_localnet and masquerades the loopback source; ebpf mode: the
+/// socket programs, for sockets of the node's network namespace only). A
+/// pod's 127.0.0.1 stays its own. With the flag off, the node's does too.
 pub fn localhost_node_ports_from_the_node(mode: Mode) -> Result<()> {
     let mut topo = Topology::start(mode)?;
     topo.write("web.yaml", &web(web_nodeport(30080), &[a(), b()]))?;
@@ -888,6 +889,15 @@ pub fn localhost_node_ports_from_the_node(mode: Mode) -> Result<()> {
     ensure!(
         out.by_pod().len() == 2,
         "both endpoints, local and remote: {}",
+        out.summary()
+    );
+    let out = topo.from_pod(
+        "pod-c",
+        &ClientSpec::tcp("127.0.0.1:30080", 2).timeout_ms(500),
+    )?;
+    ensure!(
+        out.failures().len() == 2,
+        "a pod's own 127.0.0.1:30080 is no node port: {}",
         out.summary()
     );
     topo.stop_kproxy(0)?;
@@ -1007,6 +1017,7 @@ macro_rules! all_scenarios {
             draining_node_is_not_eligible,
             detect_local_modes_decide_masquerading,
             ipv6_is_reported_not_dropped,
+            localhost_node_ports_from_the_node,
         );
     };
 }
@@ -1014,7 +1025,6 @@ macro_rules! all_scenarios {
 mod iptables {
     use super::*;
     all_scenarios!(Mode::Iptables);
-    scenario_tests!(Mode::Iptables; localhost_node_ports_from_the_node);
 }
 
 mod ebpf {

@@ -71,7 +71,7 @@ pub struct RunArgs {
     /// The packet mark bit that asks for SNAT (0-31).
     #[arg(long, value_name = "BIT", default_value = "14", value_parser = parse_masquerade_bit)]
     pub iptables_masquerade_bit: u8,
-    /// Serve node ports on 127.0.0.1 too (iptables mode; sets net.ipv4.conf.all.route_localnet=1).
+    /// Serve node ports on 127.0.0.1 too, to the node's own processes (iptables mode sets net.ipv4.conf.all.route_localnet=1).
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "true", action = ArgAction::Set, value_parser = go_bool!())]
     pub iptables_localhost_nodeports: bool,
     /// Address of the /healthz server: ip:port, ip (port 10256), or empty to disable.

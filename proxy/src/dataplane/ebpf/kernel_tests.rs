@@ -868,6 +868,39 @@ fn restart_adopts_pinned_state_and_keeps_connections() {
     assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
 }
 
+/// A map pinned by a kproxy whose layout differs (here CONFIG with an
+/// older, shorter value) is created anew: start-up succeeds and Services
+/// work, instead of the verifier rejecting the programs.
+#[test]
+fn pinned_map_of_another_layout_is_created_anew() {
+    let mut w = World::new();
+    w.serve(Which::Pod, "pod", POD_IP, 8080, Protocol::Tcp);
+    let maps = w.pin.join("maps");
+    std::fs::create_dir_all(&maps).unwrap();
+    let config = maps.join(proxy_common::maps::CONFIG);
+    let path = config.to_str().unwrap();
+    run(
+        "bpftool",
+        &[
+            "map", "create", path, "type", "array", "key", "4", "value", "8", "entries", "1",
+            "name", "CONFIG",
+        ],
+    );
+    w.start();
+    w.sync(&state(vec![web(vec![ep(POD_IP, 8080, true)])]));
+    for r in w.socket_client("tcp", "10.96.0.10", 80, 5) {
+        assert!(r["reply"].as_str().is_some(), "failed: {r}");
+    }
+    let info = aya::maps::MapData::from_pin(&config)
+        .unwrap()
+        .info()
+        .unwrap();
+    assert_eq!(
+        info.value_size() as usize,
+        std::mem::size_of::<proxy_common::Config>()
+    );
+}
+
 #[test]
 fn full_map_names_the_service_and_keeps_the_others() {
     let mut w = World::new();

@@ -70,6 +70,7 @@ pub fn load(pin: &Path, sizes: &MapSizes) -> Result<Ebpf, DataplaneError> {
         .map_err(|e| other(format!("creating {}: {e}", maps.display())))?;
     std::fs::create_dir_all(links_dir(pin))
         .map_err(|e| other(format!("creating {}: {e}", links_dir(pin).display())))?;
+    unpin_other_layouts(&maps)?;
     let paths: Vec<(&str, PathBuf)> = names::ALL.iter().map(|n| (*n, maps.join(n))).collect();
     let mut loader = EbpfLoader::new();
     for (name, path) in &paths {
@@ -94,6 +95,35 @@ pub fn load(pin: &Path, sizes: &MapSizes) -> Result<Ebpf, DataplaneError> {
         }
     }
     Ok(ebpf)
+}
+
+/// A pinned map whose key or value size is not this build's (a kproxy of
+/// another version left it) would be reused as it is and the verifier would
+/// reject the programs: it is unpinned instead, with a warning, and created
+/// anew (its state is lost, as after `kproxy cleanup`).
+fn unpin_other_layouts(maps: &Path) -> Result<(), DataplaneError> {
+    let obj = aya_obj::Object::parse(PROGRAMS)
+        .map_err(|e| other(format!("reading kproxy's eBPF object: {e}")))?;
+    for (name, def) in &obj.maps {
+        let path = maps.join(name);
+        let Ok(pinned) = aya::maps::MapData::from_pin(&path) else {
+            continue;
+        };
+        let Ok(info) = pinned.info() else {
+            continue;
+        };
+        if (info.key_size(), info.value_size()) != (def.key_size(), def.value_size()) {
+            warn!(
+                map = %name,
+                pinned = ?(info.key_size(), info.value_size()),
+                wanted = ?(def.key_size(), def.value_size()),
+                "pinned map has another layout (left by another kproxy version): created anew, its entries are lost"
+            );
+            std::fs::remove_file(&path)
+                .map_err(|e| other(format!("unpinning {}: {e}", path.display())))?;
+        }
+    }
+    Ok(())
 }
 
 /// Attaches the socket programs to `cgroup`, replacing (and releasing) a

@@ -178,11 +178,22 @@ impl EbpfDataplane {
             IpAddr::V4(v4) if !v4.is_loopback() => Some(*v4),
             _ => None,
         });
+        // Localhost node ports: the sockets of this (the node's) network
+        // namespace reach node ports on 127.0.0.1, no one else's.
+        let localhost_netns = if config.serves_localhost_nodeports() {
+            checks::netns_cookie().unwrap_or_else(|e| {
+                warn!(error = %e, "localhost node ports are off: no network namespace cookie (SO_NETNS_COOKIE needs Linux 5.14)");
+                0
+            })
+        } else {
+            0
+        };
         let node = NodeSettings {
             node_ip,
             nodeport_ips,
             if_addrs: if_addrs(&devices),
             snat_ports: checks::snat_port_range(),
+            localhost_netns,
         };
         let mut writer = Writer::open(&ebpf.pin_path)?;
         writer.sync_node(&node, &config_for_local(&config, &[]))?;

@@ -35,6 +35,9 @@ pub struct NodeSettings {
     pub snat_ports: (u16, u16),
     /// SNAT source on devices without an address.
     pub node_ip: Option<std::net::Ipv4Addr>,
+    /// Cookie of the network namespace whose sockets reach node ports on
+    /// 127.0.0.1 (the node's); 0: none.
+    pub localhost_netns: u64,
 }
 
 /// A Service port that could not be programmed, and why.
@@ -264,6 +267,7 @@ impl Writer {
                     snat_port_min: node.snat_ports.0,
                     snat_port_max: node.snat_ports.1,
                     node_ip: node.node_ip.map_or(0, ip_key),
+                    localhost_netns: node.localhost_netns,
                 },
                 0,
             )

@@ -55,6 +55,14 @@ enum Sub {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Writes the sweep's synthetic Services (10 endpoints each, files of
+    /// 1,000) into DIR, to load them elsewhere (the test API server,
+    /// `kproxy --manifests`).
+    Manifests {
+        dir: PathBuf,
+        #[arg(long)]
+        services: usize,
+    },
     /// A client of the measured node: connect | flood | follow.
     #[command(hide = true)]
     Probe {
@@ -155,6 +163,7 @@ fn main() -> ExitCode {
             },
         ),
         Some(Sub::Report { json, out }) => report_again(&json, out),
+        Some(Sub::Manifests { dir, services }) => manifests::generate(&dir, services),
         None => bench(cli.bench),
     };
     // One line, whatever RUST_BACKTRACE says.

@@ -1,9 +1,8 @@
 //! kproxy's eBPF programs.
 //!
 //! - Socket load balancing (cgroup `connect4`, `sendmsg4`, `recvmsg4`,
-//!   `getpeername4`): a socket that dials a Service frontend is pointed at a
-//!   backend once, at connect/send time; replies and `getpeername` show the
-//!   address the application dialled.
+//!   `getpeername4`, and `connect6`, `recvmsg6`, `getpeername6` for
+//!   v4-mapped destinations; in [`sock`]).
 //! - TC packet path (clsact ingress/egress on the node's devices) for traffic
 //!   that no hooked socket made: frontend lookup, backend selection, DNAT
 //!   with checksum updates, conntrack (LRU) so a flow keeps its backend,
@@ -19,16 +18,14 @@
 use aya_ebpf::bindings::{
     BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT,
 };
-use aya_ebpf::helpers::{
-    bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
-    bpf_set_retval,
-};
-use aya_ebpf::macros::{cgroup_sock_addr, classifier, map};
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use aya_ebpf::macros::{classifier, map};
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap};
-use aya_ebpf::programs::{SockAddrContext, TcContext};
-use aya_ebpf::EbpfContext;
+use aya_ebpf::programs::TcContext;
 use proxy_common::*;
+
+mod sock;
 
 // Sizes here are placeholders: userspace sets every size from its flags.
 #[map]
@@ -61,7 +58,6 @@ static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map]
 static SVC_INFO: HashMap<u32, SvcInfo> = HashMap::with_max_entries(1024, 1);
 
-const ECONNREFUSED: i32 = 111;
 const NS_PER_SEC: u64 = 1_000_000_000;
 
 /// Picks a backend for a new connection: the affinity entry when it is
@@ -118,124 +114,6 @@ fn select(fe: &Frontend, client: u64, now: u64) -> Option<(u32, Backend)> {
         );
     }
     Some((id, b))
-}
-
-// ---------------------------------------------------------------- sockets
-
-#[inline(always)]
-fn sock_frontend(ctx: &SockAddrContext, ip: u32, port: u16, proto: u8) -> Option<Frontend> {
-    let mut key = FrontendKey {
-        ip,
-        port,
-        proto,
-        scope: SCOPE_INTERNAL,
-    };
-    // SAFETY: values are copied out at once.
-    if let Some(fe) = unsafe { FRONTENDS.get(&key) } {
-        return Some(*fe);
-    }
-    if unsafe { NODE_IPS.get(&ip) }.is_none() && !localhost_nodeport(ctx, ip) {
-        return None;
-    }
-    key.ip = 0;
-    unsafe { FRONTENDS.get(&key) }.copied()
-}
-
-/// 127.0.0.1 in network order, as `user_ip4` holds it.
-const LOCALHOST: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
-
-/// 127.0.0.1 is a node-port address for the sockets of the node's own
-/// network namespace (localhost node ports). It is not in `NODE_IPS`: the
-/// TC path must never take a packet to 127.0.0.1 from outside for a node
-/// port.
-#[inline(always)]
-fn localhost_nodeport(ctx: &SockAddrContext, ip: u32) -> bool {
-    if ip != LOCALHOST {
-        return false;
-    }
-    let Some(cfg) = CONFIG.get(0) else {
-        return false;
-    };
-    // SAFETY: helper valid for cgroup sock_addr programs.
-    cfg.localhost_netns != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == cfg.localhost_netns
-}
-
-/// connect4 and sendmsg4: rewrite the destination to a backend.
-#[inline(always)]
-fn sock_forward(ctx: &SockAddrContext) -> i32 {
-    // SAFETY: the kernel hands a valid bpf_sock_addr to this program type.
-    let sa = unsafe { &mut *ctx.sock_addr };
-    let proto = sa.protocol as u8;
-    if proto != PROTO_TCP && proto != PROTO_UDP {
-        return 1;
-    }
-    let ip = sa.user_ip4;
-    // Network order in the low 16 bits.
-    let port = sa.user_port as u16;
-    let Some(fe) = sock_frontend(ctx, ip, port, proto) else {
-        return 1;
-    };
-    // SAFETY: helpers valid for cgroup sock_addr programs.
-    let client = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } | (1u64 << 63);
-    let now = unsafe { bpf_ktime_get_ns() };
-    let Some((_, b)) = select(&fe, client, now) else {
-        // No usable backend: refuse, like iptables mode's REJECT.
-        unsafe { bpf_set_retval(-ECONNREFUSED) };
-        return 0;
-    };
-    sa.user_ip4 = b.ip;
-    sa.user_port = b.port as u32;
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let _ = SOCK_REV.insert(
-        &SockRevKey {
-            cookie,
-            ip: b.ip,
-            port: b.port,
-            _pad: 0,
-        },
-        &SockRevValue { ip, port, _pad: 0 },
-        0,
-    );
-    1
-}
-
-/// recvmsg4 and getpeername4: show the frontend the socket dialled.
-#[inline(always)]
-fn sock_reverse(ctx: &SockAddrContext) -> i32 {
-    // SAFETY: as in sock_forward.
-    let sa = unsafe { &mut *ctx.sock_addr };
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let key = SockRevKey {
-        cookie,
-        ip: sa.user_ip4,
-        port: sa.user_port as u16,
-        _pad: 0,
-    };
-    if let Some(v) = unsafe { SOCK_REV.get(&key) } {
-        sa.user_ip4 = v.ip;
-        sa.user_port = v.port as u32;
-    }
-    1
-}
-
-#[cgroup_sock_addr(connect4)]
-pub fn kproxy_connect4(ctx: SockAddrContext) -> i32 {
-    sock_forward(&ctx)
-}
-
-#[cgroup_sock_addr(sendmsg4)]
-pub fn kproxy_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock_forward(&ctx)
-}
-
-#[cgroup_sock_addr(recvmsg4)]
-pub fn kproxy_recvmsg4(ctx: SockAddrContext) -> i32 {
-    sock_reverse(&ctx)
-}
-
-#[cgroup_sock_addr(getpeername4)]
-pub fn kproxy_getpeername4(ctx: SockAddrContext) -> i32 {
-    sock_reverse(&ctx)
 }
 
 // ---------------------------------------------------------------- TC path

@@ -40,6 +40,11 @@ pub struct Attempt {
     /// `pod-a 10.244.1.30:40000 8080`: who answered, the client address it
     /// saw, and the port it answered on.
     pub reply: Option<String>,
+    /// The address the client's socket said it talked to (`getpeername`,
+    /// or an unconnected UDP answer's source), as `10.96.0.10:80` or
+    /// `[::ffff:10.96.0.10]:80`.
+    #[serde(default)]
+    pub peer: Option<String>,
     /// `refused`, `timeout`, `unreachable`, `reset`, `closed`, `other: ...`.
     pub error: Option<String>,
     pub ms: f64,
@@ -125,6 +130,8 @@ impl Outcome {
 pub struct ClientSpec {
     pub target: String,
     pub udp: bool,
+    /// UDP with sendto/recvfrom instead of connect/send/recv.
+    pub unconnected: bool,
     pub count: usize,
     pub timeout_ms: u64,
     pub interval_ms: u64,
@@ -136,6 +143,7 @@ impl ClientSpec {
         ClientSpec {
             target: target.into(),
             udp: false,
+            unconnected: false,
             count,
             timeout_ms: 1000,
             interval_ms: 0,
@@ -160,6 +168,12 @@ impl ClientSpec {
         self
     }
 
+    /// UDP over an unconnected socket (`sendto`/`recvfrom`).
+    pub fn unconnected(mut self) -> Self {
+        self.unconnected = true;
+        self
+    }
+
     pub fn hold(mut self) -> Self {
         self.hold = true;
         self
@@ -179,6 +193,9 @@ impl ClientSpec {
         ];
         if self.udp {
             args.push("--udp".into());
+        }
+        if self.unconnected {
+            args.push("--unconnected".into());
         }
         if self.hold {
             args.push("--hold".into());

@@ -438,6 +438,115 @@ pub fn hairpin_pod_reaches_itself(mode: Mode) -> Result<()> {
     Ok(())
 }
 
+/// AF_INET6 sockets dialling an IPv4 Service as a v4-mapped address
+/// (`::ffff:10.96.0.10`, Java's default) are balanced like AF_INET ones:
+/// TCP (connect6, getpeername6), connected UDP, and unconnected UDP whose
+/// answer comes from the address dialled (recvmsg6). From the node itself
+/// (in ebpf mode only the socket hooks can serve it: the node's own
+/// packets meet no TC DNAT), from a pod, and from a pod reaching itself
+/// through a Service whose only endpoint it is.
+pub fn v4_mapped_ipv6_sockets_are_balanced(mode: Mode) -> Result<()> {
+    let topo = Topology::start(mode)?;
+    let solo = "10.96.0.12";
+    let dns = "10.96.0.53";
+    topo.write("web.yaml", &web(web_svc(), &[a(), b()]))?;
+    topo.write(
+        "solo.yaml",
+        &[
+            service("solo", solo, vec![m::tcp("http", 80, 8080)]).to_json(),
+            slice("solo-1", "solo", &[("http", "TCP", 8080)], &[a()]),
+        ],
+    )?;
+    topo.write(
+        "dns.yaml",
+        &[
+            service("dns", dns, vec![m::udp("dns", 53, 5353)]).to_json(),
+            slice("dns-1", "dns", &[("dns", "UDP", 5353)], &[a(), b()]),
+        ],
+    )?;
+    topo.wait_backends(SVC, "ClusterIP", &[&ep(A), &ep(B)])?;
+    topo.wait_backends("default/solo:http", "ClusterIP", &[&ep(A)])?;
+    let dns_backends = [format!("{A}:5353"), format!("{B}:5353")];
+    topo.wait_backends(
+        "default/dns:dns",
+        "ClusterIP",
+        &[&dns_backends[0], &dns_backends[1]],
+    )?;
+    let web_mapped = format!("[::ffff:{VIP}]:80");
+    let dns_mapped = format!("[::ffff:{dns}]:53");
+    let check = |what: &str, out: &kproxy_tests::client::Outcome, peer: &str, pods: usize| {
+        out.expect_all_ok(what)?;
+        ensure!(
+            out.by_pod().len() == pods,
+            "{what}: want {pods} backends answering: {}",
+            out.summary()
+        );
+        for a in &out.attempts {
+            ensure!(
+                a.peer.as_deref() == Some(peer),
+                "{what}: the socket must show the address it dialled ({peer}), got {:?}",
+                a.peer
+            );
+        }
+        Ok(())
+    };
+    let from_node = [
+        (
+            "TCP from node1",
+            ClientSpec::tcp(&web_mapped, 40),
+            &web_mapped,
+        ),
+        (
+            "UDP from node1",
+            ClientSpec::udp(&dns_mapped, 40),
+            &dns_mapped,
+        ),
+        (
+            "unconnected UDP from node1",
+            ClientSpec::udp(&dns_mapped, 40).unconnected(),
+            &dns_mapped,
+        ),
+    ];
+    for (what, spec, peer) in &from_node {
+        let out = topo.from_node(0, spec)?;
+        check(what, &out, peer, 2)?;
+        for a in &out.attempts {
+            ensure!(
+                a.seen_client_ip() == Some(NODE_IPS[0]),
+                "{what}: backend saw {:?}, want node1's address",
+                a.reply
+            );
+        }
+    }
+    for (what, spec, peer) in [
+        (
+            "TCP from pod-c",
+            ClientSpec::tcp(&web_mapped, 40),
+            &web_mapped,
+        ),
+        (
+            "unconnected UDP from pod-c",
+            ClientSpec::udp(&dns_mapped, 40).unconnected(),
+            &dns_mapped,
+        ),
+    ] {
+        let out = topo.from_pod("pod-c", &spec)?;
+        check(what, &out, peer, 2)?;
+        for a in &out.attempts {
+            ensure!(
+                a.seen_client_ip() == Some(C),
+                "{what}: backend saw {:?}, want pod-c's own address",
+                a.reply
+            );
+        }
+    }
+    let solo_mapped = format!("[::ffff:{solo}]:80");
+    let out = topo.from_pod("pod-a", &ClientSpec::tcp(&solo_mapped, 10))?;
+    check("pod-a through its own Service", &out, &solo_mapped, 1)?;
+    ensure!(out.by_pod().keys().eq(["pod-a"]), "{}", out.summary());
+    Ok(())
+}
+
 pub fn restart_keeps_traffic_flowing(mode: Mode) -> Result<()> {
     let mut topo = Topology::start(mode)?;
     topo.write("web.yaml", &web(web_svc(), &[a(), b()]))?;
@@ -1009,6 +1118,7 @@ macro_rules! all_scenarios {
             external_ips_from_outside,
             load_balancer_source_ranges,
             hairpin_pod_reaches_itself,
+            v4_mapped_ipv6_sockets_are_balanced,
             restart_keeps_traffic_flowing,
             cleanup_restores_the_namespace,
             bad_input_is_rejected_and_contained,

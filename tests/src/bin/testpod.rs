@@ -8,13 +8,16 @@
 //! 10.96.0.53 (the answer names the question, as a resolver checks). It
 //! prints `ready` once every socket is bound.
 //!
-//! `client --target IP:PORT [--udp] [--count N] [--timeout-ms T]
+//! `client --target IP:PORT [--udp [--unconnected]] [--count N] [--timeout-ms T]
 //! [--interval-ms I] [--hold]` prints one JSON line per attempt:
-//! `{"i":0,"t":1763900000000.0,"ok":true,"reply":"pod-a 10.244.1.30:40000 8080","ms":0.4}`
+//! `{"i":0,"t":1763900000000.0,"ok":true,"reply":"pod-a 10.244.1.30:40000 8080","peer":"10.96.0.10:80","ms":0.4}`
 //! or `{"i":1,"t":...,"ok":false,"error":"refused","ms":0.1}` (`t`: start of
-//! the attempt, ms since the Unix epoch). With `--hold` all attempts
-//! go over one TCP connection (a long-lived client). Loops are bounded by
-//! `--count` and stop by themselves.
+//! the attempt, ms since the Unix epoch; `peer`: the address the socket
+//! says it talks to, from `getpeername`, or for `--unconnected` UDP
+//! (`sendto`/`recvfrom`) the source of the answer). An IPv6 target
+//! (`[::ffff:10.96.0.10]:80`) makes an AF_INET6 socket, as Java does for an
+//! IPv4 address. With `--hold` all attempts go over one TCP connection (a
+//! long-lived client). Loops are bounded by `--count` and stop by themselves.
 
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -165,6 +168,7 @@ fn client(args: &[String]) -> Result<(), String> {
     let timeout = Duration::from_millis(value(args, "--timeout-ms", 1000)?);
     let interval = Duration::from_millis(value(args, "--interval-ms", 0)?);
     let udp = args.iter().any(|a| a == "--udp");
+    let unconnected = args.iter().any(|a| a == "--unconnected");
     let hold = args.iter().any(|a| a == "--hold");
     let mut held: Option<(TcpStream, BufReader<TcpStream>)> = None;
     let out = std::io::stdout();
@@ -175,7 +179,7 @@ fn client(args: &[String]) -> Result<(), String> {
             .map(|d| d.as_secs_f64() * 1000.0)
             .unwrap_or(0.0);
         let result = if udp {
-            udp_attempt(target, timeout)
+            udp_attempt(target, timeout, unconnected)
         } else if hold {
             held_attempt(&mut held, target, timeout)
         } else {
@@ -183,7 +187,9 @@ fn client(args: &[String]) -> Result<(), String> {
         };
         let ms = start.elapsed().as_secs_f64() * 1000.0;
         let line = match result {
-            Ok(reply) => serde_json::json!({"i": i, "t": t, "ok": true, "reply": reply, "ms": ms}),
+            Ok((reply, peer)) => {
+                serde_json::json!({"i": i, "t": t, "ok": true, "reply": reply, "peer": peer.to_string(), "ms": ms})
+            }
             Err(err) => serde_json::json!({"i": i, "t": t, "ok": false, "error": err, "ms": ms}),
         };
         let mut out = out.lock();
@@ -196,7 +202,10 @@ fn client(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-fn tcp_attempt(target: SocketAddr, timeout: Duration) -> Result<String, String> {
+/// An answer and the peer address the socket reported.
+type Answer = Result<(String, SocketAddr), String>;
+
+fn tcp_attempt(target: SocketAddr, timeout: Duration) -> Answer {
     let conn = TcpStream::connect_timeout(&target, timeout).map_err(|e| classify(&e))?;
     exchange(
         &conn,
@@ -209,7 +218,7 @@ fn held_attempt(
     held: &mut Option<(TcpStream, BufReader<TcpStream>)>,
     target: SocketAddr,
     timeout: Duration,
-) -> Result<String, String> {
+) -> Answer {
     if held.is_none() {
         let conn = TcpStream::connect_timeout(&target, timeout).map_err(|e| classify(&e))?;
         let reader = BufReader::new(conn.try_clone().map_err(|e| classify(&e))?);
@@ -224,30 +233,42 @@ fn held_attempt(
     result
 }
 
-fn exchange(
-    conn: &TcpStream,
-    reader: &mut BufReader<TcpStream>,
-    timeout: Duration,
-) -> Result<String, String> {
+fn exchange(conn: &TcpStream, reader: &mut BufReader<TcpStream>, timeout: Duration) -> Answer {
     conn.set_read_timeout(Some(timeout))
         .map_err(|e| classify(&e))?;
     (&*conn).write_all(b"hello\n").map_err(|e| classify(&e))?;
     let mut line = String::new();
     match reader.read_line(&mut line) {
         Ok(0) => Err("closed".into()),
-        Ok(_) => Ok(line.trim_end().to_string()),
+        Ok(_) => Ok((
+            line.trim_end().to_string(),
+            conn.peer_addr().map_err(|e| classify(&e))?,
+        )),
         Err(e) => Err(classify(&e)),
     }
 }
 
-fn udp_attempt(target: SocketAddr, timeout: Duration) -> Result<String, String> {
-    let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| classify(&e))?;
-    socket.connect(target).map_err(|e| classify(&e))?;
+/// Connected: connect, send, recv. Unconnected: sendto, recvfrom (each
+/// datagram names its destination; the answer names its source).
+fn udp_attempt(target: SocketAddr, timeout: Duration, unconnected: bool) -> Answer {
+    let any = if target.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    };
+    let socket = UdpSocket::bind(any).map_err(|e| classify(&e))?;
     socket
         .set_read_timeout(Some(timeout))
         .map_err(|e| classify(&e))?;
-    socket.send(b"hello").map_err(|e| classify(&e))?;
     let mut buf = [0u8; 1500];
-    let n = socket.recv(&mut buf).map_err(|e| classify(&e))?;
-    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    let (n, peer) = if unconnected {
+        socket.send_to(b"hello", target).map_err(|e| classify(&e))?;
+        socket.recv_from(&mut buf).map_err(|e| classify(&e))?
+    } else {
+        socket.connect(target).map_err(|e| classify(&e))?;
+        socket.send(b"hello").map_err(|e| classify(&e))?;
+        let n = socket.recv(&mut buf).map_err(|e| classify(&e))?;
+        (n, socket.peer_addr().map_err(|e| classify(&e))?)
+    };
+    Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), peer))
 }

@@ -37,6 +37,10 @@ const CGROUP_PROGRAMS: &[&str] = &[
     "kproxy_sendmsg4",
     "kproxy_recvmsg4",
     "kproxy_getpeername4",
+    // AF_INET6 sockets dialling v4-mapped Service addresses.
+    "kproxy_connect6",
+    "kproxy_recvmsg6",
+    "kproxy_getpeername6",
 ];
 const TC_INGRESS: &str = "kproxy_tc_ingress";
 const TC_EGRESS: &str = "kproxy_tc_egress";

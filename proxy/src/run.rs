@@ -316,10 +316,11 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     let sync = SyncLoop::new(
         dataplane,
         ModelConfig { node_name },
-        SyncTiming {
-            full_sync_period: args.iptables_sync_period,
-            min_sync_period: args.iptables_min_sync_period,
-        },
+        SyncTiming::for_mode(
+            mode,
+            args.iptables_sync_period,
+            args.iptables_min_sync_period,
+        ),
         metrics,
         health.clone(),
         HealthCheckServers::new(nodeport_ips, health.clone()),

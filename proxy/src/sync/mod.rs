@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 
-use crate::dataplane::Dataplane;
+use crate::dataplane::{Dataplane, ProxyMode};
 use crate::health::HealthState;
 use crate::metrics::Metrics;
 use crate::model::{self, Changes, DesiredState, ModelConfig, Rejection};
@@ -20,10 +20,33 @@ use crate::source::Snapshot;
 
 /// Timing settings of the loop (kube-proxy's `--iptables-sync-period` and
 /// `--iptables-min-sync-period`).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SyncTiming {
     pub full_sync_period: Duration,
     pub min_sync_period: Duration,
+}
+
+impl SyncTiming {
+    /// The latency policy of each mode. iptables mode keeps kube-proxy's
+    /// rate limit: every sync is an `iptables-restore`, so changes wait out
+    /// `--iptables-min-sync-period` and go together. In ebpf mode a change
+    /// costs a few map updates, so it is applied as soon as it arrives; a
+    /// burst still coalesces, because the changes arriving while one sync
+    /// runs are taken together by the next (the loop always reads the latest
+    /// snapshot), with no fixed delay added.
+    pub fn for_mode(
+        mode: ProxyMode,
+        full_sync_period: Duration,
+        min_sync_period: Duration,
+    ) -> SyncTiming {
+        SyncTiming {
+            full_sync_period,
+            min_sync_period: match mode {
+                ProxyMode::Iptables => min_sync_period,
+                ProxyMode::Ebpf => Duration::ZERO,
+            },
+        }
+    }
 }
 
 pub struct SyncLoop {

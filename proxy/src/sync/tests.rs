@@ -183,3 +183,16 @@ async fn failure_and_progress_metrics_move_with_their_causes() {
     assert!(text.contains("kproxy_sync_errors_total 3\n"), "{text}");
     task.abort();
 }
+
+#[test]
+fn ebpf_mode_applies_changes_at_once_and_iptables_keeps_its_rate_limit() {
+    let (full, min) = (Duration::from_secs(30), Duration::from_secs(1));
+    let ipt = SyncTiming::for_mode(ProxyMode::Iptables, full, min);
+    assert_eq!(ipt.min_sync_period, min);
+    let ebpf = SyncTiming::for_mode(ProxyMode::Ebpf, full, min);
+    assert_eq!(ebpf.min_sync_period, Duration::ZERO);
+    assert_eq!(
+        ebpf.full_sync_period, full,
+        "drift repair stays in both modes"
+    );
+}

@@ -321,6 +321,11 @@ fn is_ignored(name: &str) -> bool {
     name.starts_with('.') || name.ends_with('~') || name.ends_with(".swp")
 }
 
+/// A file the scan reads, by its name (the directories on its way aside).
+fn is_read(name: &str) -> bool {
+    !is_ignored(name) && is_manifest(name)
+}
+
 fn is_manifest(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
     lower.ends_with(".yaml") || lower.ends_with(".yml") || lower.ends_with(".json")

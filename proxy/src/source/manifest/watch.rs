@@ -1,9 +1,11 @@
 //! Watching the manifest directory with inotify and publishing snapshots.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher};
+use notify::event::{AccessKind, AccessMode, ModifyKind};
+use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -11,8 +13,11 @@ use tracing::{debug, info, warn};
 use super::{DirState, SourceError};
 use crate::source::Snapshot;
 
-/// Quiet time that ends a burst of events (an editor's save is several).
-const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(75);
+/// Quiet time that ends a burst of events. An editor's save or an atomic
+/// rename is several events within a millisecond; a file caught half
+/// written fails to parse, keeps its last good objects, and its next write
+/// event brings a rescan.
+const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(5);
 /// A continuous stream of events still yields a scan this often, so changes
 /// show up within a second even while something keeps writing.
 const MAX_DELAY: Duration = Duration::from_millis(400);
@@ -85,24 +90,42 @@ impl ManifestSource {
         loop {
             // Wait for a relevant event (or for the consumer to go away).
             let mut rewatch = false;
+            let mut writing = Writing::default();
             loop {
                 tokio::select! {
                     _ = tx.closed() => return Ok(()),
                     ev = ev_rx.recv() => {
                         let ev = ev.ok_or_else(|| SourceError::WatcherStopped { path: dir.clone() })?;
+                        writing.note(&dir, &ev);
                         let (relevant, dir_itself) = classify(&dir, ev);
                         rewatch |= dir_itself;
                         if relevant { break; }
                     }
                 }
             }
-            // Coalesce the rest of the burst.
+            // Coalesce the rest of the burst: only relevant events extend
+            // the quiet time (reads, ours included, and the parent's other
+            // entries must not hold a change back).
             let start = Instant::now();
-            while start.elapsed() < MAX_DELAY {
-                match tokio::time::timeout(self.debounce, ev_rx.recv()).await {
-                    Ok(Some(ev)) => rewatch |= classify(&dir, ev).1,
+            let mut quiet_until = start + self.debounce;
+            loop {
+                let until = quiet_until.min(start + MAX_DELAY);
+                match tokio::time::timeout_at(until, ev_rx.recv()).await {
+                    Ok(Some(ev)) => {
+                        let closed = writing.note(&dir, &ev);
+                        let (relevant, dir_itself) = classify(&dir, ev);
+                        rewatch |= dir_itself;
+                        if relevant || closed {
+                            quiet_until = Instant::now() + self.debounce;
+                        }
+                    }
                     Ok(None) => return Err(SourceError::WatcherStopped { path: dir.clone() }),
-                    Err(_) => break, // quiet: the burst is over
+                    // A file written in place and not closed yet is read
+                    // when its writer closes it (or at the cap).
+                    Err(_) if !writing.is_empty() && Instant::now() < start + MAX_DELAY => {
+                        quiet_until = start + MAX_DELAY;
+                    }
+                    Err(_) => break, // quiet, or at the cap
                 }
             }
 
@@ -153,6 +176,46 @@ impl ManifestSource {
                 return Ok(());
             }
         }
+    }
+}
+
+/// Files written in place whose writer has not closed them yet (a write
+/// seen, its close-after-write not), so a slow writer's half-written file
+/// (which may parse, with objects missing) is not read.
+#[derive(Default)]
+struct Writing(HashSet<PathBuf>);
+
+impl Writing {
+    /// Records `ev`; true when it closed the last file being written.
+    fn note(&mut self, dir: &Path, ev: &notify::Result<notify::Event>) -> bool {
+        let Ok(ev) = ev else { return false };
+        match ev.kind {
+            EventKind::Modify(ModifyKind::Data(_)) => {
+                // Only files the scan reads: an editor's swap file stays open.
+                let read = |p: &&PathBuf| {
+                    p.starts_with(dir)
+                        && p.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(super::is_read)
+                };
+                self.0.extend(ev.paths.iter().filter(read).cloned());
+                false
+            }
+            EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Remove(_)
+            | EventKind::Modify(ModifyKind::Name(_)) => {
+                let before = self.0.len();
+                for p in &ev.paths {
+                    self.0.remove(p);
+                }
+                before > 0 && self.0.is_empty()
+            }
+            _ => false,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 

@@ -967,6 +967,27 @@ async fn a_create_only_role_falls_back_to_spdy() {
         .await;
 }
 
+/// A server (or a proxy on the way) that answers the WebSocket upgrade
+/// with 400: kproxy falls back to SPDY as kubectl does, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_refused_with_400_falls_back_to_spdy() {
+    let env = Env::new().await;
+    env.server.refuse_websocket_port_forwards(true);
+    let port = echo_server().await;
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    let mut kp = env.forward(&["pod/web", &format!(":{port}")]);
+    let local = kp.local_port().await;
+    for i in 0..3u8 {
+        assert_eq!(roundtrip(local, &[i; 100]).await.unwrap(), vec![i; 100]);
+    }
+    kp.wait_stderr("refused the WebSocket port-forward (400")
+        .await;
+    kp.wait_stderr("using SPDY from now on").await;
+    assert_eq!(kp.stderr_text().matches("refused the WebSocket").count(), 1);
+    // One WebSocket try, then one SPDY session for all three connections.
+    assert_eq!(env.server.port_forward_requests(), 2);
+}
+
 /// 1.35: a WebSocket also needs create. A get-only role fails both ways,
 /// and the message says what each protocol needs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1038,6 +1059,28 @@ async fn a_throttled_set_up_waits_for_retry_after() {
     kp.wait_stderr("retrying in 1s").await;
 }
 
+/// A server that keeps answering 429: the connection gives up after a
+/// bounded number of tries with a message naming the cause and the remedy;
+/// the forward goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_up_throttled_for_good_fails_that_connection_only() {
+    let env = Env::new().await;
+    let port = echo_server().await;
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    let mut kp = env.forward(&["pod/web", &format!(":{port}")]);
+    let local = kp.local_port().await;
+    env.server.throttle_port_forwards(1000);
+    assert!(roundtrip(local, b"x").await.is_err());
+    kp.wait_stderr("the API server kept refusing the port-forward with 429 Too Many Requests")
+        .await;
+    kp.wait_stderr("6 attempts").await;
+    kp.wait_stderr("a lower --max-concurrent-setups").await;
+    assert_eq!(env.server.port_forward_requests(), 6);
+    assert!(kp.child.try_wait().unwrap().is_none(), "kproxy exited");
+    env.server.throttle_port_forwards(0);
+    assert_eq!(roundtrip(local, b"y").await.unwrap(), b"y");
+}
+
 /// A burst of local connections is set up at most --max-concurrent-setups
 /// at a time (the rest queue), so it cannot flood the API server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1064,6 +1107,43 @@ async fn set_ups_are_bounded_and_queued() {
     let max = env.server.port_forward_max_in_flight();
     assert!((1..=4).contains(&max), "{max} set-ups at once");
     assert_eq!(env.server.port_forward_requests(), 40);
+}
+
+/// The watch cache: once it is filled, a new connection costs no API
+/// request before its port-forward (no GET of the Service, no LIST of its
+/// pods). (That a replaced pod is followed: `svc_follows_a_replaced_pod`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_resolve_from_the_watch_cache() {
+    let env = Env::new().await;
+    let port = echo_server().await;
+    env.server
+        .apply(pod("web-1", json!({"app": "web"}), &[]))
+        .unwrap();
+    env.server.apply(service("web", 80, json!(port))).unwrap();
+    let mut kp = env.forward(&["svc/web", ":80"]);
+    let local = kp.local_port().await;
+    // API requests other than port-forwards (the watches count once each).
+    let other = || env.server.requests() - env.server.port_forward_requests();
+    // Until the watches have listed, connections ask the API server.
+    let started = Instant::now();
+    loop {
+        let before = other();
+        assert_eq!(roundtrip(local, b"warm").await.unwrap(), b"warm");
+        if other() == before {
+            break;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "every connection still makes API requests ({} so far)",
+            other()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = other();
+    for i in 0..50u8 {
+        assert_eq!(roundtrip(local, &[i; 10]).await.unwrap(), vec![i; 10]);
+    }
+    assert_eq!(other(), before, "API requests for 50 connections");
 }
 
 /// The local port in a status line `NAME: [up] 127.0.0.1:PORT -> ...`.

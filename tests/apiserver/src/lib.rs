@@ -248,6 +248,13 @@ impl TestApiServer {
         self.shared.port_forward_faults.set_v5(on);
     }
 
+    /// Fault: WebSocket port-forward upgrades are answered `400 Bad
+    /// Request` (a server, or a proxy on the way, that takes SPDY only);
+    /// SPDY still works.
+    pub fn refuse_websocket_port_forwards(&self, on: bool) {
+        self.shared.port_forward_faults.set_websocket_refused(on);
+    }
+
     /// Fault: the kubelet does not know pod `name` (the API server has it):
     /// its port-forward is answered `404 pod does not exist`, in plain text
     /// as the kubelet writes it.

@@ -102,6 +102,8 @@ pub struct Faults {
     idle_cut: AtomicU64,
     /// Opt-in: negotiate `v5.channel.k8s.io` (no real server does for port-forward).
     v5: AtomicBool,
+    /// WebSocket upgrades answered 400 (a server or proxy that takes SPDY only).
+    websocket_refused: AtomicBool,
     /// Pods the kubelet does not know (answered `404 pod does not exist`).
     unknown_to_kubelet: Mutex<HashSet<String>>,
     /// How many of the next requests get 429 Too Many Requests.
@@ -122,6 +124,7 @@ impl Default for Faults {
             opened: AtomicU64::new(0),
             idle_cut: AtomicU64::new(0),
             v5: AtomicBool::new(false),
+            websocket_refused: AtomicBool::new(false),
             unknown_to_kubelet: Mutex::new(HashSet::new()),
             throttle: AtomicU64::new(0),
             setup_delay: Mutex::new(None),
@@ -145,6 +148,9 @@ impl Faults {
     }
     pub fn set_v5(&self, on: bool) {
         self.v5.store(on, Ordering::Relaxed);
+    }
+    pub fn set_websocket_refused(&self, on: bool) {
+        self.websocket_refused.store(on, Ordering::Relaxed);
     }
     pub fn set_unknown_to_kubelet(&self, pod: &str, unknown: bool) {
         let mut set = lock(&self.unknown_to_kubelet);
@@ -324,6 +330,12 @@ fn handle(pod: Arc<Value>, req: Request, dialer: Dialer, faults: Arc<Faults>) ->
         );
     };
     if websocket::is_websocket(&req) {
+        if faults.websocket_refused.load(Ordering::Relaxed) {
+            return kubelet_error(
+                StatusCode::BAD_REQUEST,
+                "unable to upgrade connection: WebSocket port-forward is not served here",
+            );
+        }
         return websocket::serve(name, ip, req, dialer, faults);
     }
     if spdy::is_spdy(&req) {

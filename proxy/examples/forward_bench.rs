@@ -146,6 +146,10 @@ async fn concurrent(port: u16, n: usize, each: usize) -> (Duration, usize) {
     while let Some(r) = set.join_next().await {
         if !matches!(r, Ok(Ok(_))) {
             failures += 1;
+            // The first few say why.
+            if failures <= 3 {
+                eprintln!("concurrent connection failed: {r:?}");
+            }
         }
     }
     (start.elapsed(), failures)

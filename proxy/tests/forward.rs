@@ -416,6 +416,52 @@ async fn half_close_on_v4_waits_for_the_pod_then_times_out() {
     half_close_gives_the_pod_a_second(Env::with("websocket").await).await;
 }
 
+/// v4 again: a reply that is still streaming when the timeout has passed
+/// since the client's EOF is not cut; the connection is closed once the pod
+/// has been quiet for --half-close-timeout. (Cut at 1s after the EOF, 200
+/// concurrent 1 MiB echoes on a busy machine lost their tails.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_on_v4_keeps_a_reply_that_is_still_coming() {
+    let env = Env::with("websocket").await;
+    // After 5 bytes: 8 chunks 300 ms apart (2.4 s), then stays open.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slow = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut b = [0u8; 5];
+                s.read_exact(&mut b).await.unwrap();
+                for i in 0..8u8 {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    if s.write_all(&[i; 1000]).await.is_err() {
+                        return;
+                    }
+                }
+                let mut rest = Vec::new();
+                let _ = s.read_to_end(&mut rest).await;
+            });
+        }
+    });
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    let mut kp = env.forward(&["pod/web", &format!(":{slow}"), "--half-close-timeout", "1s"]);
+    let local = kp.local_port().await;
+    let mut s = TcpStream::connect(("127.0.0.1", local)).await.unwrap();
+    s.write_all(b"hello").await.unwrap();
+    s.shutdown().await.unwrap();
+    let started = Instant::now();
+    let mut reply = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    let want: Vec<u8> = (0..8u8).flat_map(|i| [i; 1000]).collect();
+    assert_eq!(reply.len(), want.len(), "reply cut short");
+    assert_eq!(reply, want);
+    // Closed about a second after the last chunk (2.4 s + 1 s).
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(8), "{waited:?}");
+}
+
 /// SPDY carries the half-close (a FIN on the data stream). As containerd,
 /// the test server then gives the pod one second to answer (it never
 /// shuts the pod's side down): the same outcome as above.

@@ -88,7 +88,7 @@ pub struct ForwardArgs {
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     pub pod_wait_timeout: Duration,
     /// Where the pod cannot be told that the local client half-closed (WebSocket v4), how long
-    /// to wait for the pod's reply before closing (the container runtime's own grace is 1s).
+    /// the pod may send nothing before the connection is closed (the runtime's own grace is 1s).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub half_close_timeout: Duration,
     /// Keepalive period on each forwarded connection: an empty data message, which resets the

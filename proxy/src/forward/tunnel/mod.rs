@@ -29,7 +29,7 @@ pub enum TunnelError {
 #[derive(Debug, Clone, Copy)]
 pub struct TunnelOpts {
     /// Where the pod cannot be told that the client half-closed (WebSocket
-    /// v4), how long to wait for it to close.
+    /// v4), how long the pod may stay quiet before the connection is closed.
     pub half_close_timeout: Duration,
     /// Keepalive period: an empty data message, which resets the runtime's
     /// stream idle timer (a WebSocket ping would not: the kubelet's wsstream

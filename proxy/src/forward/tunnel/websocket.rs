@@ -1,7 +1,7 @@
 //! One forwarded connection over a WebSocket port-forward stream of its
 //! own (channel protocol, one port: index 0).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
@@ -40,6 +40,11 @@ where
     let (mut sink, mut stream) = ws.split();
     let mut demux = Demux::new(0, port);
     let ch = demux.data_channel();
+    // When the pod last sent data (ms since `base`): after a v4 half-close
+    // the connection is closed only once the pod has been quiet for the
+    // half-close timeout, so a reply still streaming is never cut short.
+    let base = Instant::now();
+    let last_down = AtomicU64::new(0);
 
     // Pod → client.
     let down = async {
@@ -56,6 +61,7 @@ where
                         break Err(TunnelError::Local(e));
                     }
                     stats.bytes_out.fetch_add(d.len() as u64, Ordering::Relaxed);
+                    last_down.store(base.elapsed().as_millis() as u64, Ordering::Relaxed);
                 }
                 Ok(Event::Nothing) => {}
                 Ok(Event::DataClosed) => {
@@ -111,7 +117,15 @@ where
                     }
                 }
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                    tracing::debug!("pod did not close within the half-close timeout; closing");
+                    let quiet_until = base
+                        + Duration::from_millis(last_down.load(Ordering::Relaxed))
+                        + opts.half_close_timeout;
+                    if quiet_until > Instant::now() {
+                        // The reply is still coming: wait on.
+                        deadline = Some(quiet_until);
+                        continue;
+                    }
+                    tracing::debug!("pod quiet for the half-close timeout after the client's EOF; closing");
                     break Ok(());
                 }
             }

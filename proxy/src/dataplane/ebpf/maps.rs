@@ -8,6 +8,7 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError};
 use proxy_common::maps as names;
 use proxy_common::*;
 
+use super::tables::{KernelHash, KernelRanges, Tables};
 use crate::dataplane::DataplaneError;
 
 pub fn maps_dir(pin: &Path) -> PathBuf {
@@ -54,7 +55,35 @@ macro_rules! typed {
     };
 }
 
+/// The node-wide maps (addresses, CIDRs, settings), written at start and
+/// on node changes.
+pub struct NodeMaps {
+    pub cluster_cidrs: LpmTrie<MapData, u32, u8>,
+    pub node_ips: HashMap<MapData, u32, u8>,
+    pub if_addrs: HashMap<MapData, u32, u32>,
+    pub config: Array<MapData, Config>,
+}
+
 impl Maps {
+    /// The writer's tables (batched where the kernel can) and the node maps.
+    pub fn split(self) -> (Tables, NodeMaps) {
+        (
+            Tables {
+                frontends: Box::new(KernelHash::new(names::FRONTENDS, self.frontends)),
+                slots: Box::new(KernelHash::new(names::SLOTS, self.slots)),
+                backends: Box::new(KernelHash::new(names::BACKENDS, self.backends)),
+                svc_info: Box::new(KernelHash::new(names::SVC_INFO, self.svc_info)),
+                src_ranges: Box::new(KernelRanges::new(self.src_ranges)),
+            },
+            NodeMaps {
+                cluster_cidrs: self.cluster_cidrs,
+                node_ips: self.node_ips,
+                if_addrs: self.if_addrs,
+                config: self.config,
+            },
+        )
+    }
+
     pub fn open(pin: &Path) -> Result<Maps, DataplaneError> {
         Ok(Maps {
             frontends: typed!(pin, names::FRONTENDS),

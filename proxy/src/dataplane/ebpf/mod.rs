@@ -7,6 +7,7 @@
 //! - `loader`: load, attach, pin, adopt, clean up.
 //! - `plan`: one Service port to map entries (pure).
 //! - `writer`: map updates in an order that keeps lookups atomic.
+//! - `tables`: the maps under the writer (kernel, batched; in-memory fake).
 //! - `readback`: the service table as the kernel holds it (`kproxy status`).
 //!
 //! Known differences from iptables mode: a flow SNATed to a backend on
@@ -20,12 +21,15 @@ pub mod loader;
 mod maps;
 pub mod plan;
 pub mod readback;
+pub mod tables;
 pub mod writer;
 
 #[cfg(test)]
 mod kernel_tests;
 #[cfg(test)]
 pub(crate) mod test_support;
+#[cfg(test)]
+mod writer_tests;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};

@@ -11,17 +11,17 @@
 //! and a restarted process starts above the highest id in the maps.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use aya::maps::lpm_trie::Key as LpmKey;
-use aya::maps::MapError;
 use ipnet::Ipv4Net;
 use proxy_common::maps as names;
 use proxy_common::*;
-use tracing::{debug, warn};
+use tracing::debug;
 
-use super::maps::{map_err, Maps};
+use super::maps::{map_err, Maps, NodeMaps};
 use super::plan::{self, ip_key, PortPlan, Set};
+use super::tables::{PutError, TableError, Tables};
 use crate::dataplane::{DataplaneConfig, DataplaneError};
 use crate::model::{Changes, DesiredState, ServicePortName};
 
@@ -62,8 +62,9 @@ pub struct Counts {
 }
 
 pub struct Writer {
-    pin: PathBuf,
-    maps: Maps,
+    maps: Tables,
+    /// Node-wide maps (absent over fake tables).
+    node_maps: Option<NodeMaps>,
     frontends: HashMap<FrontendKey, Frontend>,
     groups: HashMap<u32, Vec<u32>>,
     group_refs: HashMap<u32, u32>,
@@ -91,27 +92,42 @@ fn size_flag(map: &str) -> &'static str {
     }
 }
 
-fn is_full(e: &MapError) -> bool {
-    match e {
-        MapError::SyscallError(s) => matches!(
-            s.io_error.raw_os_error(),
-            Some(libc::E2BIG) | Some(libc::ENOSPC) | Some(libc::ENOMEM)
-        ),
-        _ => false,
-    }
-}
-
 enum WriteError {
     Full(&'static str),
     Other(DataplaneError),
 }
 
+impl From<TableError> for WriteError {
+    fn from(e: TableError) -> Self {
+        match e {
+            TableError::Full { map } => WriteError::Full(map),
+            e => WriteError::Other(table_err(e)),
+        }
+    }
+}
+
+impl From<PutError> for WriteError {
+    fn from(e: PutError) -> Self {
+        e.error.into()
+    }
+}
+
+fn table_err(e: TableError) -> DataplaneError {
+    DataplaneError::Other(e.to_string())
+}
+
 impl Writer {
+    /// Over the pinned maps under `pin`.
     pub fn open(pin: &Path) -> Result<Writer, DataplaneError> {
-        let maps = Maps::open(pin)?;
+        let (tables, node) = Maps::open(pin)?.split();
+        Writer::over(tables, Some(node))
+    }
+
+    /// Over any tables (the fake ones in tests); reads what they hold.
+    pub fn over(maps: Tables, node_maps: Option<NodeMaps>) -> Result<Writer, DataplaneError> {
         let mut w = Writer {
-            pin: pin.to_path_buf(),
             maps,
+            node_maps,
             frontends: HashMap::new(),
             groups: HashMap::new(),
             group_refs: HashMap::new(),
@@ -134,14 +150,9 @@ impl Writer {
     /// Reads the kernel's maps into the mirror.
     fn reload(&mut self) -> Result<(), DataplaneError> {
         let m = &self.maps;
-        self.frontends.clear();
-        for r in m.frontends.iter() {
-            let (k, v) = r.map_err(|e| map_err(names::FRONTENDS, e))?;
-            self.frontends.insert(k, v);
-        }
+        self.frontends = m.frontends.dump().map_err(table_err)?.into_iter().collect();
         let mut slots: HashMap<u32, Vec<(u32, u32)>> = HashMap::new();
-        for r in m.slots.iter() {
-            let (k, v) = r.map_err(|e| map_err(names::SLOTS, e))?;
+        for (k, v) in m.slots.dump().map_err(table_err)? {
             slots.entry(k.group).or_default().push((k.slot, v));
         }
         self.groups = slots
@@ -151,26 +162,22 @@ impl Writer {
                 (g, s.into_iter().map(|(_, id)| id).collect())
             })
             .collect();
-        self.backends.clear();
-        for r in m.backends.iter() {
-            let (k, v) = r.map_err(|e| map_err(names::BACKENDS, e))?;
-            self.backends.insert(k, v);
-        }
+        self.backends = m.backends.dump().map_err(table_err)?.into_iter().collect();
         self.backend_ids = self.backends.iter().map(|(id, b)| (*b, *id)).collect();
-        self.svc_names.clear();
-        for r in m.svc_info.iter() {
-            let (k, v) = r.map_err(|e| map_err(names::SVC_INFO, e))?;
-            self.svc_names.insert(k, plan::svc_info_name(&v));
-        }
-        self.ranges.clear();
-        for r in m.src_ranges.iter() {
-            let (k, _) = r.map_err(|e| map_err(names::SRC_RANGES, e))?;
-            let data = k.data();
-            let prefix = k.prefix_len().saturating_sub(32).min(32) as u8;
-            if let Ok(net) = Ipv4Net::new(plan::ip_from_key(data.ip), prefix) {
-                self.ranges.insert((u32::from_be(data.svc_id_be), net));
-            }
-        }
+        self.svc_names = m
+            .svc_info
+            .dump()
+            .map_err(table_err)?
+            .into_iter()
+            .map(|(k, v)| (k, plan::svc_info_name(&v)))
+            .collect();
+        self.ranges = m
+            .src_ranges
+            .dump()
+            .map_err(table_err)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
         self.recount();
         self.next_group = self
             .next_group
@@ -210,7 +217,9 @@ impl Writer {
         node: &NodeSettings,
         config: &DataplaneConfig,
     ) -> Result<(), DataplaneError> {
-        let m = &mut self.maps;
+        let Some(m) = self.node_maps.as_mut() else {
+            return Ok(());
+        };
         let want: HashSet<u32> = node.nodeport_ips.iter().map(|ip| ip_key(*ip)).collect();
         let have: Vec<u32> = m.node_ips.keys().filter_map(Result::ok).collect();
         for k in have.iter().filter(|k| !want.contains(k)) {
@@ -395,7 +404,7 @@ impl Writer {
         self.failed.insert(name.clone());
         match e {
             WriteError::Full(map) => {
-                let cap = Maps::capacity(&self.pin, map).unwrap_or(0);
+                let cap = self.capacity(map);
                 Ok(PortError {
                     service: p.display.clone(),
                     reason: "map_full",
@@ -411,6 +420,18 @@ impl Writer {
         }
     }
 
+    fn capacity(&self, map: &str) -> u32 {
+        let m = &self.maps;
+        match map {
+            names::FRONTENDS => m.frontends.capacity(),
+            names::SLOTS => m.slots.capacity(),
+            names::BACKENDS => m.backends.capacity(),
+            names::SVC_INFO => m.svc_info.capacity(),
+            names::SRC_RANGES => m.src_ranges.capacity(),
+            _ => 0,
+        }
+    }
+
     fn alloc_svc(&mut self, claimed: &HashSet<u32>) -> u32 {
         while claimed.contains(&self.next_svc) || self.svc_names.contains_key(&self.next_svc) {
             self.next_svc += 1;
@@ -420,46 +441,65 @@ impl Writer {
         id
     }
 
-    fn ensure_backend(&mut self, b: Backend) -> Result<u32, WriteError> {
-        if let Some(id) = self.backend_ids.get(&b) {
-            return Ok(*id);
+    /// The ids of `list`, writing the backends not in the map yet (one
+    /// batch); on failure nothing new is left behind.
+    fn ensure_backends(&mut self, list: &[Backend]) -> Result<Vec<u32>, WriteError> {
+        let mut new: Vec<(u32, Backend)> = Vec::new();
+        let mut ids = Vec::with_capacity(list.len());
+        for b in list {
+            let id = match self.backend_ids.get(b) {
+                Some(id) => *id,
+                None => match new.iter().find(|(_, n)| n == b) {
+                    Some((id, _)) => *id,
+                    None => {
+                        let id = self.next_backend;
+                        self.next_backend += 1;
+                        new.push((id, *b));
+                        id
+                    }
+                },
+            };
+            ids.push(id);
         }
-        let id = self.next_backend;
-        self.next_backend += 1;
-        match self.maps.backends.insert(id, b, 0) {
-            Ok(()) => {}
-            Err(e) if is_full(&e) => return Err(WriteError::Full(names::BACKENDS)),
-            Err(e) => return Err(WriteError::Other(map_err(names::BACKENDS, e))),
+        if new.is_empty() {
+            return Ok(ids);
         }
-        self.counts.written += 1;
-        self.backends.insert(id, b);
-        self.backend_ids.insert(b, id);
-        self.backend_refs.insert(id, 0);
-        Ok(id)
+        if let Err(e) = self.maps.backends.put(&new) {
+            let written: Vec<u32> = new[..e.written].iter().map(|(id, _)| *id).collect();
+            let _ = self.maps.backends.delete(&written);
+            return Err(e.into());
+        }
+        self.counts.written += new.len();
+        for (id, b) in new {
+            self.backends.insert(id, b);
+            self.backend_ids.insert(b, id);
+            self.backend_refs.insert(id, 0);
+        }
+        Ok(ids)
     }
 
-    /// Writes a complete new slot group; on failure removes what it wrote.
+    /// Writes a complete new slot group (one batch); on failure removes
+    /// what it wrote.
     fn new_group(&mut self, ids: &[u32]) -> Result<u32, WriteError> {
         let g = self.next_group;
         self.next_group += 1;
-        for (i, id) in ids.iter().enumerate() {
-            let key = SlotKey {
-                group: g,
-                slot: i as u32,
-            };
-            if let Err(e) = self.maps.slots.insert(key, id, 0) {
-                for j in 0..i {
-                    let _ = self.maps.slots.remove(&SlotKey {
+        let entries: Vec<(SlotKey, u32)> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                (
+                    SlotKey {
                         group: g,
-                        slot: j as u32,
-                    });
-                }
-                return Err(if is_full(&e) {
-                    WriteError::Full(names::SLOTS)
-                } else {
-                    WriteError::Other(map_err(names::SLOTS, e))
-                });
-            }
+                        slot: i as u32,
+                    },
+                    *id,
+                )
+            })
+            .collect();
+        if let Err(e) = self.maps.slots.put(&entries) {
+            let written: Vec<SlotKey> = entries[..e.written].iter().map(|(k, _)| *k).collect();
+            let _ = self.maps.slots.delete(&written);
+            return Err(e.into());
         }
         self.counts.written += ids.len();
         for id in unique(ids) {
@@ -479,9 +519,13 @@ impl Writer {
         svc_id: u32,
     ) -> Result<(), WriteError> {
         let mut touched_groups = Vec::new();
+        let backends_before = self.next_backend;
         let result = self.apply_port_inner(name, p, svc_id, &mut touched_groups);
         let gc = self.gc_groups(&touched_groups).map_err(WriteError::Other);
-        result.and(gc)
+        // Backends this call wrote that no group took (a later step failed).
+        let fresh: Vec<u32> = (backends_before..self.next_backend).collect();
+        let gc_backends = self.gc_backends(&fresh).map_err(WriteError::Other);
+        result.and(gc).and(gc_backends)
     }
 
     fn apply_port_inner(
@@ -504,10 +548,7 @@ impl Writer {
                     continue;
                 }
             }
-            let mut ids = Vec::with_capacity(list.len());
-            for b in list {
-                ids.push(self.ensure_backend(*b)?);
-            }
+            let ids = self.ensure_backends(list)?;
             // Keep the group a frontend of this port already uses when it
             // holds exactly these backends (a restart or a no-op rewrite).
             let existing = p
@@ -529,34 +570,30 @@ impl Writer {
         }
         // 2. Status name and source ranges.
         if self.svc_names.get(&svc_id) != Some(&p.display) {
-            match self
-                .maps
+            self.maps
                 .svc_info
-                .insert(svc_id, plan::svc_info(&p.display), 0)
-            {
-                Ok(()) => {}
-                Err(e) if is_full(&e) => return Err(WriteError::Full(names::SVC_INFO)),
-                Err(e) => return Err(WriteError::Other(map_err(names::SVC_INFO, e))),
-            }
+                .put(&[(svc_id, plan::svc_info(&p.display))])?;
             self.counts.written += 1;
             self.svc_names.insert(svc_id, p.display.clone());
         }
-        for net in &p.src_ranges {
-            if self.ranges.contains(&(svc_id, *net)) {
-                continue;
-            }
-            match self.maps.src_ranges.insert(&range_key(svc_id, *net), 1, 0) {
-                Ok(()) => {}
-                Err(e) if is_full(&e) => return Err(WriteError::Full(names::SRC_RANGES)),
-                Err(e) => return Err(WriteError::Other(map_err(names::SRC_RANGES, e))),
-            }
-            self.counts.written += 1;
-            self.ranges.insert((svc_id, *net));
+        let ranges: Vec<((u32, Ipv4Net), u8)> = p
+            .src_ranges
+            .iter()
+            .filter(|net| !self.ranges.contains(&(svc_id, **net)))
+            .map(|net| ((svc_id, *net), 1))
+            .collect();
+        if !ranges.is_empty() {
+            let put = self.maps.src_ranges.put(&ranges);
+            let written = put.as_ref().err().map_or(ranges.len(), |e| e.written);
+            self.counts.written += written;
+            self.ranges
+                .extend(ranges[..written].iter().map(|(k, _)| *k));
+            put?;
         }
-        // 3. Switch the frontends: one update each.
+        // 3. Switch the frontends: one update each, in one batch.
         let old = self.ports.remove(name);
         let mut keys = Vec::with_capacity(p.frontends.len());
-        let mut result = Ok(());
+        let mut changed: Vec<(FrontendKey, Frontend)> = Vec::new();
         for f in &p.frontends {
             let (group, count) = group_of[&f.set];
             let value = Frontend {
@@ -568,31 +605,35 @@ impl Writer {
                 kind: f.kind,
                 _pad: [0; 2],
             };
-            let prev = self.frontends.get(&f.key).copied();
-            if prev == Some(value) {
+            if self.frontends.get(&f.key) == Some(&value) {
                 keys.push(f.key);
-                continue;
+            } else {
+                changed.push((f.key, value));
             }
-            match self.maps.frontends.insert(f.key, value, 0) {
-                Ok(()) => {}
-                Err(e) => {
-                    result = Err(if is_full(&e) {
-                        WriteError::Full(names::FRONTENDS)
-                    } else {
-                        WriteError::Other(map_err(names::FRONTENDS, e))
-                    });
-                    continue;
+        }
+        let mut result = Ok(());
+        let mut rest = &changed[..];
+        while !rest.is_empty() {
+            let (written, failed) = match self.maps.frontends.put(rest) {
+                Ok(()) => (rest.len(), None),
+                Err(e) => (e.written, Some(e.error)),
+            };
+            for (k, value) in &rest[..written] {
+                self.counts.written += 1;
+                keys.push(*k);
+                let prev = self.frontends.insert(*k, *value);
+                *self.group_refs.entry(value.group).or_insert(0) += 1;
+                if let Some(prev) = prev {
+                    if let Some(r) = self.group_refs.get_mut(&prev.group) {
+                        *r = r.saturating_sub(1);
+                    }
+                    touched.push(prev.group);
                 }
             }
-            self.counts.written += 1;
-            keys.push(f.key);
-            self.frontends.insert(f.key, value);
-            *self.group_refs.entry(group).or_insert(0) += 1;
-            if let Some(prev) = prev {
-                if let Some(r) = self.group_refs.get_mut(&prev.group) {
-                    *r = r.saturating_sub(1);
-                }
-                touched.push(prev.group);
+            // The one that failed is left out; the others are still tried.
+            rest = &rest[(written + 1).min(rest.len())..];
+            if let Some(e) = failed {
+                result = Err(e.into());
             }
         }
         // 4. Old frontends and ranges of this port that are gone.
@@ -642,7 +683,7 @@ impl Writer {
         let Some(v) = self.frontends.remove(k) else {
             return Ok(());
         };
-        ignore_missing(self.maps.frontends.remove(k), names::FRONTENDS)?;
+        self.maps.frontends.delete(&[*k]).map_err(table_err)?;
         self.counts.deleted += 1;
         if let Some(r) = self.group_refs.get_mut(&v.group) {
             *r = r.saturating_sub(1);
@@ -652,10 +693,10 @@ impl Writer {
 
     fn delete_range(&mut self, svc_id: u32, net: Ipv4Net) -> Result<(), DataplaneError> {
         if self.ranges.remove(&(svc_id, net)) {
-            ignore_missing(
-                self.maps.src_ranges.remove(&range_key(svc_id, net)),
-                names::SRC_RANGES,
-            )?;
+            self.maps
+                .src_ranges
+                .delete(&[(svc_id, net)])
+                .map_err(table_err)?;
             self.counts.deleted += 1;
         }
         Ok(())
@@ -663,16 +704,17 @@ impl Writer {
 
     fn delete_name(&mut self, svc_id: u32) -> Result<(), DataplaneError> {
         if self.svc_names.remove(&svc_id).is_some() {
-            ignore_missing(self.maps.svc_info.remove(&svc_id), names::SVC_INFO)?;
+            self.maps.svc_info.delete(&[svc_id]).map_err(table_err)?;
             self.counts.deleted += 1;
         }
         Ok(())
     }
 
-    /// Deletes the given groups if no frontend uses them, then the backends
-    /// only they used.
+    /// Deletes the given groups if no frontend uses them (one batch), then
+    /// the backends only they used.
     fn gc_groups(&mut self, groups: &[u32]) -> Result<(), DataplaneError> {
         let mut freed = Vec::new();
+        let mut slots = Vec::new();
         for g in groups {
             if self.group_refs.get(g).copied().unwrap_or(0) > 0 {
                 continue;
@@ -681,16 +723,10 @@ impl Writer {
                 continue;
             };
             self.group_refs.remove(g);
-            for i in 0..ids.len() {
-                ignore_missing(
-                    self.maps.slots.remove(&SlotKey {
-                        group: *g,
-                        slot: i as u32,
-                    }),
-                    names::SLOTS,
-                )?;
-            }
-            self.counts.deleted += ids.len();
+            slots.extend((0..ids.len()).map(|i| SlotKey {
+                group: *g,
+                slot: i as u32,
+            }));
             for id in unique(&ids) {
                 if let Some(r) = self.backend_refs.get_mut(&id) {
                     *r = r.saturating_sub(1);
@@ -698,10 +734,16 @@ impl Writer {
                 freed.push(id);
             }
         }
+        if !slots.is_empty() {
+            self.maps.slots.delete(&slots).map_err(table_err)?;
+            self.counts.deleted += slots.len();
+        }
         self.gc_backends(&freed)
     }
 
+    /// Deletes the given backends if no group uses them (one batch).
     fn gc_backends(&mut self, ids: &[u32]) -> Result<(), DataplaneError> {
+        let mut gone = Vec::new();
         for id in ids {
             if self.backend_refs.get(id).copied().unwrap_or(0) > 0 {
                 continue;
@@ -709,10 +751,13 @@ impl Writer {
             if let Some(b) = self.backends.remove(id) {
                 self.backend_ids.remove(&b);
                 self.backend_refs.remove(id);
-                ignore_missing(self.maps.backends.remove(id), names::BACKENDS)?;
-                self.counts.deleted += 1;
+                gone.push(*id);
                 debug!(id, "backend removed");
             }
+        }
+        if !gone.is_empty() {
+            self.maps.backends.delete(&gone).map_err(table_err)?;
+            self.counts.deleted += gone.len();
         }
         Ok(())
     }
@@ -727,29 +772,7 @@ impl Writer {
     }
 }
 
-fn range_key(svc_id: u32, net: Ipv4Net) -> LpmKey<SrcRangeKey> {
-    LpmKey::new(
-        32 + net.prefix_len() as u32,
-        SrcRangeKey {
-            svc_id_be: svc_id.to_be(),
-            ip: ip_key(net.network()),
-        },
-    )
-}
-
 fn unique(ids: &[u32]) -> impl Iterator<Item = u32> {
     let set: BTreeSet<u32> = ids.iter().copied().collect();
     set.into_iter()
-}
-
-fn ignore_missing(r: Result<(), MapError>, map: &str) -> Result<(), DataplaneError> {
-    match r {
-        Ok(()) => Ok(()),
-        Err(MapError::ElementNotFound) | Err(MapError::KeyNotFound) => Ok(()),
-        Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => {
-            warn!(map, "entry already gone");
-            Ok(())
-        }
-        Err(e) => Err(map_err(map, e)),
-    }
 }

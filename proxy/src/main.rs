@@ -3,6 +3,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 use kproxy::cli::{Command, OutputFormat};
+use kproxy::dataplane::ProxyMode;
 use kproxy::{model, run, source, status};
 
 /// Errors are one line, whatever RUST_BACKTRACE says (returning the error
@@ -123,10 +124,16 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 &args.nodeport_addresses,
                 args.masquerade_all,
             )?;
-            print!(
-                "{}",
-                kproxy::dataplane::iptables::render_full(&desired, &config)
-            );
+            match args.proxy_mode {
+                ProxyMode::Iptables => print!(
+                    "{}",
+                    kproxy::dataplane::iptables::render_full(&desired, &config)
+                ),
+                ProxyMode::Ebpf => print!(
+                    "{}",
+                    kproxy::dataplane::ebpf::render::render_maps(&desired, &config)?
+                ),
+            }
             Ok(())
         }
     }

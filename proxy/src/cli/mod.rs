@@ -50,7 +50,8 @@ pub enum Command {
     CleanupKubeProxy(ModeArgs),
     /// Print the Services as the kernel has them programmed.
     Status(StatusArgs),
-    /// Print the iptables-restore input kproxy would apply for a manifest directory.
+    /// Print what kproxy would program for a manifest directory: the
+    /// iptables-restore input, or with --proxy-mode ebpf the BPF map entries.
     Render(RenderArgs),
     /// Forward local ports to a pod (as `kubectl port-forward`), surviving pod restarts and API drops.
     Forward(ForwardArgs),
@@ -209,6 +210,10 @@ pub struct RenderArgs {
     /// Directory of manifests to render.
     #[arg(long, value_name = "DIR")]
     pub manifests: PathBuf,
+    /// iptables: the iptables-restore input; ebpf: the BPF map entries a
+    /// fresh kproxy writes.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = ProxyMode::Iptables)]
+    pub proxy_mode: ProxyMode,
     /// Node name used to decide local endpoints. Default: $NODE_NAME, else the hostname.
     #[arg(long, value_name = "NAME")]
     pub hostname_override: Option<String>,

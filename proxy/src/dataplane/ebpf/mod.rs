@@ -9,6 +9,7 @@
 //! - `writer`: map updates in an order that keeps lookups atomic.
 //! - `tables`: the maps under the writer (kernel, batched; in-memory fake).
 //! - `readback`: the service table as the kernel holds it (`kproxy status`).
+//! - `render`: the entries a desired state produces (`kproxy render`).
 //!
 //! Known differences from iptables mode: a flow SNATed to a backend on
 //! *this* node needs the pod's device among `--devices` (the default takes
@@ -21,9 +22,12 @@ pub mod loader;
 mod maps;
 pub mod plan;
 pub mod readback;
+pub mod render;
 pub mod tables;
 pub mod writer;
 
+#[cfg(test)]
+mod golden_tests;
 #[cfg(test)]
 mod kernel_tests;
 #[cfg(test)]

@@ -11,7 +11,7 @@ use super::maps::{map_err, Maps};
 use super::plan::{ip_from_key, port_from_key, svc_info_name};
 use crate::dataplane::{DataplaneError, ProgrammedFrontend};
 
-fn kind_name(kind: u8) -> &'static str {
+pub(crate) fn kind_name(kind: u8) -> &'static str {
     match kind {
         KIND_CLUSTER_IP => "ClusterIP",
         KIND_NODE_PORT => "NodePort",
@@ -21,7 +21,7 @@ fn kind_name(kind: u8) -> &'static str {
     }
 }
 
-fn proto_name(p: u8) -> &'static str {
+pub(crate) fn proto_name(p: u8) -> &'static str {
     match p {
         PROTO_TCP => "tcp",
         PROTO_UDP => "udp",

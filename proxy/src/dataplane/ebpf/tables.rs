@@ -356,9 +356,8 @@ impl Table<RangeKey, u8> for KernelRanges {
 
 // ------------------------------------------------------------------ fake
 
-/// In-memory tables with a log of every operation, for the writer's tests.
-#[cfg(test)]
-pub mod fake {
+/// In-memory tables with a log of every operation.
+pub mod memory {
     use std::collections::BTreeMap;
     use std::fmt::Debug;
     use std::sync::{Arc, Mutex};
@@ -368,7 +367,7 @@ pub mod fake {
     /// One operation: (map, "put" | "delete", keys).
     pub type Op = (&'static str, &'static str, usize);
 
-    /// Shared state of the fake maps: their capacities and the operations
+    /// Shared state of the in-memory maps: their capacities and the operations
     /// so far.
     #[derive(Default)]
     pub struct State {
@@ -383,7 +382,7 @@ pub mod fake {
 
     pub type Shared = Arc<Mutex<State>>;
 
-    pub struct FakeTable<K, V> {
+    pub struct MemoryTable<K, V> {
         name: &'static str,
         state: Shared,
         check: Check,
@@ -395,7 +394,7 @@ pub mod fake {
         format!("{k:?}")
     }
 
-    impl<K: Copy + Debug, V: Copy> FakeTable<K, V> {
+    impl<K: Copy + Debug, V: Copy> MemoryTable<K, V> {
         fn put_inner(&mut self, entries: &[(K, V)]) -> Result<(), PutError> {
             let mut st = self.state.lock().unwrap();
             st.log.push((self.name, "put", entries.len()));
@@ -422,7 +421,7 @@ pub mod fake {
     }
 
     impl<K: Copy + Debug + Send + 'static, V: Copy + Debug + Send + 'static> Table<K, V>
-        for FakeTable<K, V>
+        for MemoryTable<K, V>
     {
         fn name(&self) -> &'static str {
             self.name
@@ -458,9 +457,9 @@ pub mod fake {
         }
     }
 
-    /// Fake maps that keep their contents across writers (a restart).
+    /// In-memory maps that keep their contents across writers (a restart).
     #[derive(Clone, Default)]
-    pub struct FakeMaps {
+    pub struct MemoryMaps {
         pub state: Shared,
         frontends: Arc<Mutex<BTreeMap<String, (FrontendKey, Frontend)>>>,
         slots: Arc<Mutex<BTreeMap<String, (SlotKey, u32)>>>,
@@ -469,7 +468,7 @@ pub mod fake {
         src_ranges: Arc<Mutex<BTreeMap<String, (RangeKey, u8)>>>,
     }
 
-    impl FakeMaps {
+    impl MemoryMaps {
         /// A frontend whose group lacks a slot, or a slot whose backend is
         /// missing: what a lookup must never see.
         fn check(&self) -> Check {
@@ -511,31 +510,31 @@ pub mod fake {
             use proxy_common::maps as n;
             let st = || self.state.clone();
             Tables {
-                frontends: Box::new(FakeTable {
+                frontends: Box::new(MemoryTable {
                     name: n::FRONTENDS,
                     state: st(),
                     check: self.check(),
                     typed: self.frontends.clone(),
                 }),
-                slots: Box::new(FakeTable {
+                slots: Box::new(MemoryTable {
                     name: n::SLOTS,
                     state: st(),
                     check: self.check(),
                     typed: self.slots.clone(),
                 }),
-                backends: Box::new(FakeTable {
+                backends: Box::new(MemoryTable {
                     name: n::BACKENDS,
                     state: st(),
                     check: self.check(),
                     typed: self.backends.clone(),
                 }),
-                svc_info: Box::new(FakeTable {
+                svc_info: Box::new(MemoryTable {
                     name: n::SVC_INFO,
                     state: st(),
                     check: self.check(),
                     typed: self.svc_info.clone(),
                 }),
-                src_ranges: Box::new(FakeTable {
+                src_ranges: Box::new(MemoryTable {
                     name: n::SRC_RANGES,
                     state: st(),
                     check: self.check(),
@@ -566,6 +565,19 @@ pub mod fake {
                 self.svc_info.lock().unwrap().len(),
                 self.src_ranges.lock().unwrap().len(),
             )
+        }
+
+        pub fn svc_info(&self) -> Vec<(u32, SvcInfo)> {
+            self.svc_info.lock().unwrap().values().copied().collect()
+        }
+
+        pub fn src_ranges(&self) -> Vec<RangeKey> {
+            self.src_ranges
+                .lock()
+                .unwrap()
+                .values()
+                .map(|(k, _)| *k)
+                .collect()
         }
 
         pub fn frontends(&self) -> Vec<(FrontendKey, Frontend)> {

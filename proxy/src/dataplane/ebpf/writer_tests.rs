@@ -3,7 +3,7 @@
 
 use proxy_common::maps as names;
 
-use super::tables::fake::FakeMaps;
+use super::tables::memory::MemoryMaps;
 use super::test_support::{config, ep, state, svc};
 use super::writer::Writer;
 use crate::model::{Changes, DesiredState, Protocol, ServicePort};
@@ -70,7 +70,7 @@ fn sync(w: &mut Writer, old: &DesiredState, new: &DesiredState, full: bool) -> u
 
 #[test]
 fn a_new_port_writes_backends_then_slots_then_its_name_then_frontends() {
-    let fake = FakeMaps::default();
+    let fake = MemoryMaps::default();
     let mut w = Writer::over(fake.tables(), None).unwrap();
     let empty = state(vec![]);
     let one = state(vec![web(&["10.244.2.1", "10.244.2.2"])]);
@@ -96,7 +96,7 @@ fn a_new_port_writes_backends_then_slots_then_its_name_then_frontends() {
 
 #[test]
 fn an_endpoint_change_switches_then_frees_only_what_nobody_uses() {
-    let fake = FakeMaps::default();
+    let fake = MemoryMaps::default();
     let mut w = Writer::over(fake.tables(), None).unwrap();
     let empty = state(vec![]);
     // 10.244.2.2 is a backend of both Services.
@@ -152,7 +152,7 @@ fn an_endpoint_change_switches_then_frees_only_what_nobody_uses() {
 
 #[test]
 fn a_full_map_fails_one_port_leaves_nothing_behind_and_is_retried() {
-    let fake = FakeMaps::default();
+    let fake = MemoryMaps::default();
     fake.set_capacity(names::SLOTS, 3);
     let mut w = Writer::over(fake.tables(), None).unwrap();
     let empty = state(vec![]);
@@ -185,7 +185,7 @@ fn a_full_map_fails_one_port_leaves_nothing_behind_and_is_retried() {
 
 #[test]
 fn a_restart_over_unchanged_maps_writes_nothing() {
-    let fake = FakeMaps::default();
+    let fake = MemoryMaps::default();
     let s = state(vec![
         web(&["10.244.2.1", "10.244.2.2"]),
         api(&["10.244.2.2"]),
@@ -211,7 +211,7 @@ fn a_restart_over_unchanged_maps_writes_nothing() {
 fn lookups_never_see_a_frontend_without_its_backends() {
     // The fake checks after every single map operation that each
     // frontend's slots and backends exist.
-    let fake = FakeMaps::default();
+    let fake = MemoryMaps::default();
     let mut w = Writer::over(fake.tables(), None).unwrap();
     let steps = [
         state(vec![web(&["10.244.2.1"]), lb()]),

@@ -281,6 +281,21 @@ async fn greeting(port: u16, n: usize) -> std::io::Result<String> {
     Ok(String::from_utf8_lossy(&back).into_owned())
 }
 
+/// Sends `msg`, half-closes, reads until EOF: the reply and how long the
+/// reply took after the half-close.
+async fn half_closed_exchange(port: u16, msg: &[u8]) -> (Vec<u8>, Duration) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(msg).await.unwrap();
+    s.shutdown().await.unwrap();
+    let started = Instant::now();
+    let mut reply = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut reply))
+        .await
+        .expect("no EOF after the half-close")
+        .unwrap();
+    (reply, started.elapsed())
+}
+
 fn listening(port: u16) -> bool {
     std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
 }
@@ -445,20 +460,11 @@ async fn half_close_on_v4_keeps_a_reply_that_is_still_coming() {
     env.server.apply(pod("web", json!({}), &[])).unwrap();
     let mut kp = env.forward(&["pod/web", &format!(":{slow}"), "--half-close-timeout", "1s"]);
     let local = kp.local_port().await;
-    let mut s = TcpStream::connect(("127.0.0.1", local)).await.unwrap();
-    s.write_all(b"hello").await.unwrap();
-    s.shutdown().await.unwrap();
-    let started = Instant::now();
-    let mut reply = Vec::new();
-    tokio::time::timeout(DEADLINE, s.read_to_end(&mut reply))
-        .await
-        .unwrap()
-        .unwrap();
+    let (reply, waited) = half_closed_exchange(local, b"hello").await;
     let want: Vec<u8> = (0..8u8).flat_map(|i| [i; 1000]).collect();
     assert_eq!(reply.len(), want.len(), "reply cut short");
     assert_eq!(reply, want);
     // Closed about a second after the last chunk (2.4 s + 1 s).
-    let waited = started.elapsed();
     assert!(waited < Duration::from_secs(8), "{waited:?}");
 }
 
@@ -495,14 +501,7 @@ async fn half_close_gives_the_pod_a_second(env: Env) {
         "127.0.0.1",
     ]);
     let local = kp.local_port().await;
-    let mut s = TcpStream::connect(("127.0.0.1", local)).await.unwrap();
-    s.write_all(b"hello").await.unwrap();
-    s.shutdown().await.unwrap();
-    let mut reply = Vec::new();
-    tokio::time::timeout(DEADLINE, s.read_to_end(&mut reply))
-        .await
-        .unwrap()
-        .unwrap();
+    let (reply, _) = half_closed_exchange(local, b"hello").await;
     assert_eq!(reply, b"hello".repeat(100_000));
     // The second pair: the pod never closes; the connection ends after the timeout.
     let second: u16 = eventually(DEADLINE, "the second Forwarding line", || {
@@ -515,17 +514,8 @@ async fn half_close_gives_the_pod_a_second(env: Env) {
         })
     })
     .await;
-    let mut s = TcpStream::connect(("127.0.0.1", second)).await.unwrap();
-    s.write_all(b"ping").await.unwrap();
-    s.shutdown().await.unwrap();
-    let started = Instant::now();
-    let mut echoed = Vec::new();
-    tokio::time::timeout(DEADLINE, s.read_to_end(&mut echoed))
-        .await
-        .unwrap()
-        .unwrap();
+    let (echoed, waited) = half_closed_exchange(second, b"ping").await;
     assert_eq!(echoed, b"ping");
-    let waited = started.elapsed();
     assert!(
         waited >= Duration::from_millis(800) && waited < Duration::from_secs(5),
         "{waited:?}"

@@ -73,7 +73,9 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(run::run(args)),
-        Command::Cleanup(mode) => {
+        Command::Cleanup(args) => {
+            let mode = args.mode;
+            let _owner = run::claim_for_cleanup(&mode, args.force)?;
             let config = run::dataplane_config(&[], &[], false)?;
             run::open_dataplane(&mode, config)?.cleanup()?;
             eprintln!(

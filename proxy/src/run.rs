@@ -9,7 +9,7 @@ use tokio::sync::watch;
 
 use crate::cli::values::NodePortAddress;
 use crate::cli::RunArgs;
-use crate::dataplane::ebpf::EbpfDataplane;
+use crate::dataplane::ebpf::{owner, EbpfDataplane};
 use crate::dataplane::iptables::IptablesDataplane;
 use crate::dataplane::{Dataplane, DataplaneConfig, DetectLocalMode, ProxyMode};
 use crate::health::HealthState;
@@ -51,6 +51,44 @@ pub fn open_dataplane(
         }
         // Touches nothing: enough for status and cleanup; `run` starts it.
         ProxyMode::Ebpf => Ok(Box::new(EbpfDataplane::open(config, mode.ebpf.config()))),
+    }
+}
+
+/// ebpf mode: the lock that makes this process the only kproxy on its
+/// `--bpf-pin-path` (see `dataplane::ebpf::owner`), taken before anything
+/// is touched. `kproxy run --cleanup` takes it as `kproxy cleanup` does.
+fn claim_for_run(args: &RunArgs) -> anyhow::Result<Option<owner::PinLock>> {
+    if args.mode.mode() != ProxyMode::Ebpf || args.init_only {
+        return Ok(None);
+    }
+    if args.cleanup {
+        return claim_for_cleanup(&args.mode, false);
+    }
+    let pin = &args.mode.ebpf.bpf_pin_path;
+    crate::dataplane::ebpf::checks::check_bpffs(pin)?;
+    match owner::lock(pin)? {
+        Ok(lock) => Ok(Some(lock)),
+        Err(busy) => Err(busy.for_run().into()),
+    }
+}
+
+/// ebpf mode: the pin path's lock for a cleanup; a running kproxy holding
+/// it refuses the cleanup unless `force`.
+pub fn claim_for_cleanup(
+    mode: &crate::cli::ModeArgs,
+    force: bool,
+) -> anyhow::Result<Option<owner::PinLock>> {
+    if mode.mode() != ProxyMode::Ebpf {
+        return Ok(None);
+    }
+    match owner::lock_existing(&mode.ebpf.bpf_pin_path)? {
+        None => Ok(None),
+        Some(Ok(lock)) => Ok(Some(lock)),
+        Some(Err(busy)) if force => {
+            tracing::warn!(pid = ?busy.pid, pin = %busy.pin.display(), "--force: cleaning up under a running kproxy");
+            Ok(None)
+        }
+        Some(Err(busy)) => Err(busy.for_cleanup().into()),
     }
 }
 
@@ -180,6 +218,8 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         tracing::info!(file = %path.display(), "wrote the configuration");
         return Ok(());
     }
+    // One kproxy per pin path, checked before anything is touched.
+    let _owner = claim_for_run(&args)?;
     set_up_process(&args);
     let mode = args.mode.mode();
     let detect_local = args

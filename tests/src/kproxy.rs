@@ -97,6 +97,32 @@ impl KproxyConfig {
         }
         args
     }
+
+    /// `run` with its flags, as [`KproxyProcess::start`] passes them.
+    pub fn run_args(&self) -> Result<Vec<String>> {
+        let mut args = vec!["run".to_string()];
+        args.extend(self.mode_args());
+        match &self.kubeconfig {
+            Some(kc) => args.extend(["--kubeconfig".into(), path_text(kc)?]),
+            None => args.extend(["--manifests".into(), path_text(&self.manifests)?]),
+        }
+        args.extend([
+            "--hostname-override".into(),
+            self.node_name.clone(),
+            "--cluster-cidr".into(),
+            self.cluster_cidr.clone(),
+            "--iptables-min-sync-period".into(),
+            "100ms".into(),
+        ]);
+        args.extend(self.extra_args.iter().cloned());
+        Ok(args)
+    }
+}
+
+fn path_text(p: &Path) -> Result<String> {
+    p.to_str()
+        .map(str::to_string)
+        .with_context(|| format!("{} is not UTF-8", p.display()))
 }
 
 /// A running `kproxy run` in a node namespace; SIGTERMed and reaped on drop.
@@ -113,15 +139,7 @@ impl KproxyProcess {
             .open(&config.log)
             .with_context(|| format!("opening {}", config.log.display()))?;
         let mut cmd = ns.command(bin.to_str().context("kproxy path is not UTF-8")?, None);
-        cmd.arg("run").args(config.mode_args());
-        match &config.kubeconfig {
-            Some(kc) => cmd.args(["--kubeconfig", kc.to_str().context("kubeconfig path")?]),
-            None => cmd.args(["--manifests", config.manifests.to_str().unwrap()]),
-        };
-        cmd.args(["--hostname-override", &config.node_name])
-            .args(["--cluster-cidr", &config.cluster_cidr])
-            .args(["--iptables-min-sync-period", "100ms"])
-            .args(&config.extra_args)
+        cmd.args(config.run_args()?)
             .env("RUST_LOG", "kproxy=debug,info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -178,4 +196,47 @@ pub fn run_command(ns: &NetNs, config: &KproxyConfig, args: &[&str]) -> Result<S
     let mut cmd = ns.command(bin.to_str().context("kproxy path is not UTF-8")?, None);
     cmd.args(args).args(config.mode_args());
     crate::netns::output(&mut cmd, &format!("kproxy {}", args.join(" ")))
+}
+
+/// Runs `kproxy ARGS` in a namespace as a user would (`RUST_BACKTRACE=1`,
+/// default logging) and waits for it to end, killing it (our own child, by
+/// PID) after `timeout`: (exit status, stderr). For commands expected to
+/// refuse, so a test fails instead of hanging when one does not.
+pub fn run_bounded(
+    ns: &NetNs,
+    args: &[String],
+    timeout: std::time::Duration,
+) -> Result<(std::process::ExitStatus, String)> {
+    use std::io::Read;
+    let bin = binary()?;
+    let mut child = ns
+        .command(bin.to_str().context("kproxy path is not UTF-8")?, None)
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting kproxy")?;
+    let mut pipe = child.stderr.take().context("kproxy stderr")?;
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = pipe.read_to_string(&mut text);
+        text
+    });
+    let deadline = std::time::Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("kproxy {} still running after {timeout:?}", args.join(" "));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let stderr = reader.join().unwrap_or_default();
+    Ok((status, stderr))
 }

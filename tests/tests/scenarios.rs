@@ -1086,6 +1086,229 @@ pub fn ipv6_is_reported_not_dropped(mode: Mode) -> Result<()> {
     Ok(())
 }
 
+/// A user error of kproxy: one line on stderr (with `RUST_BACKTRACE=1`),
+/// containing every one of `want`.
+fn one_line_error(
+    what: &str,
+    status: std::process::ExitStatus,
+    stderr: &str,
+    want: &[&str],
+) -> Result<()> {
+    ensure!(
+        !status.success(),
+        "{what} must fail, it exited with {status}: {stderr}"
+    );
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    ensure!(
+        lines.len() == 1 && lines[0].starts_with("error: "),
+        "{what}: want one error line, got:\n{stderr}"
+    );
+    for w in want {
+        ensure!(
+            lines[0].contains(w),
+            "{what}: the error must name {w:?}: {}",
+            lines[0]
+        );
+    }
+    Ok(())
+}
+
+/// `bpftool -j map show pinned PATH`'s id: which map a pin holds.
+fn pinned_map_id(path: &std::path::Path) -> Result<u64> {
+    let out = kproxy_tests::netns::run(
+        "bpftool",
+        &[
+            "-j",
+            "map",
+            "show",
+            "pinned",
+            path.to_str().context("pin path")?,
+        ],
+    )?;
+    let v: Value = serde_json::from_str(&out)?;
+    v["id"].as_u64().with_context(|| format!("no id in {out}"))
+}
+
+/// The u64 in entry 0 of a pinned array (the layout stamp).
+fn pinned_stamp(path: &std::path::Path) -> Result<u64> {
+    let out = kproxy_tests::netns::run(
+        "bpftool",
+        &[
+            "-j",
+            "map",
+            "lookup",
+            "pinned",
+            path.to_str().context("pin path")?,
+            "key",
+            "0",
+            "0",
+            "0",
+            "0",
+        ],
+    )?;
+    let v: Value = serde_json::from_str(&out)?;
+    let bytes = v["value"]
+        .as_array()
+        .with_context(|| format!("no value in {out}"))?
+        .iter()
+        .map(|b| {
+            let text = b.as_str().unwrap_or_default().trim_start_matches("0x");
+            u8::from_str_radix(text, 16).with_context(|| format!("byte {b} in {out}"))
+        })
+        .collect::<Result<Vec<u8>>>()?;
+    Ok(u64::from_le_bytes(
+        bytes
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("not 8 bytes: {out}"))?,
+    ))
+}
+
+/// One kproxy per pin path: a second `kproxy run` on the same
+/// --bpf-pin-path is refused before it touches anything, naming the
+/// running one's PID; `kproxy cleanup` is refused while it runs, and with
+/// --force removes everything.
+pub fn pin_path_has_one_owner(mode: Mode) -> Result<()> {
+    let topo = Topology::start(mode)?;
+    topo.write("web.yaml", &web(web_svc(), &[a(), b()]))?;
+    topo.wait_backends(SVC, "ClusterIP", &[&ep(A), &ep(B)])?;
+    let node = &topo.nodes[0];
+    let pid = node.kproxy.as_ref().context("kproxy on node1")?.pid();
+    let pin = node.config.pin_path.clone().context("ebpf pin path")?;
+    let pin_text = pin.display().to_string();
+    let frontends_id = pinned_map_id(&pin.join("maps/FRONTENDS"))?;
+    let snapshot = topo.dataplane_snapshot(0)?;
+    let timeout = Duration::from_secs(30);
+
+    let (status, stderr) =
+        kproxy_tests::kproxy::run_bounded(&node.ns, &node.config.run_args()?, timeout)?;
+    one_line_error(
+        "a second kproxy run",
+        status,
+        &stderr,
+        &[&format!("pid {pid}"), &pin_text],
+    )?;
+    ensure!(
+        pinned_map_id(&pin.join("maps/FRONTENDS"))? == frontends_id
+            && topo.dataplane_snapshot(0)? == snapshot,
+        "the refused instance touched the pinned state"
+    );
+    topo.from_pod("pod-c", &ClientSpec::tcp(format!("{VIP}:80"), 20))?
+        .expect_all_ok("the first instance after the second was refused")?;
+
+    let mut cleanup: Vec<String> = vec!["cleanup".into()];
+    cleanup.extend(node.config.mode_args());
+    let (status, stderr) = kproxy_tests::kproxy::run_bounded(&node.ns, &cleanup, timeout)?;
+    one_line_error(
+        "kproxy cleanup under a live kproxy",
+        status,
+        &stderr,
+        &[&format!("pid {pid}"), "--force"],
+    )?;
+    ensure!(
+        pin.join("maps/FRONTENDS").exists(),
+        "the refused cleanup removed pins"
+    );
+    topo.from_pod("pod-c", &ClientSpec::tcp(format!("{VIP}:80"), 20))?
+        .expect_all_ok("after the refused cleanup")?;
+
+    cleanup.push("--force".into());
+    let (status, stderr) = kproxy_tests::kproxy::run_bounded(&node.ns, &cleanup, timeout)?;
+    ensure!(
+        status.success(),
+        "kproxy cleanup --force: {status}: {stderr}"
+    );
+    ensure!(!pin.exists(), "kproxy cleanup --force left {pin_text}");
+    let progs = kproxy_tests::netns::run(
+        "bpftool",
+        &["cgroup", "show", &node.cgroup.path().display().to_string()],
+    )?;
+    ensure!(
+        progs.trim().is_empty(),
+        "programs left on the cgroup: {progs}"
+    );
+    Ok(())
+}
+
+/// A kproxy that finds pinned maps of another layout (here: the stamp map
+/// rewritten while kproxy was stopped, its programs still running) takes
+/// over with fresh maps and programs, with a warning naming both stamps,
+/// instead of failing to start while the old programs serve frozen state.
+pub fn changed_layout_stamp_takes_over_with_fresh_maps(mode: Mode) -> Result<()> {
+    let mut topo = Topology::start(mode)?;
+    topo.write("web.yaml", &web(web_svc(), &[a(), b()]))?;
+    topo.wait_backends(SVC, "ClusterIP", &[&ep(A), &ep(B)])?;
+    let pin = topo.nodes[0]
+        .config
+        .pin_path
+        .clone()
+        .context("ebpf pin path")?;
+    let stamp_map = pin.join("maps/LAYOUT");
+    let ours = pinned_stamp(&stamp_map)?;
+    topo.stop_kproxy(0)?;
+    let frontends_id = pinned_map_id(&pin.join("maps/FRONTENDS"))?;
+    let other: u64 = 0x0807_0605_0403_0201;
+    kproxy_tests::netns::run(
+        "bpftool",
+        &[
+            "map",
+            "update",
+            "pinned",
+            stamp_map.to_str().context("pin path")?,
+            "key",
+            "0",
+            "0",
+            "0",
+            "0",
+            "value",
+            "1",
+            "2",
+            "3",
+            "4",
+            "5",
+            "6",
+            "7",
+            "8",
+        ],
+    )?;
+    ensure!(
+        pinned_stamp(&stamp_map)? == other,
+        "the test could not change the stamp"
+    );
+    topo.start_kproxy(0)?;
+    poll::until("the take-over logged", Duration::from_secs(20), || {
+        let log = topo.log(0);
+        ensure!(log.contains("replaced_other_layout=true"), "not yet");
+        Ok(())
+    })
+    .with_context(|| topo.logs())?;
+    let log = topo.log(0);
+    ensure!(
+        log.lines().any(|l| l.contains("WARN")
+            && l.contains("another layout")
+            && l.contains(&format!("{other:016x}"))
+            && l.contains(&format!("{ours:016x}"))),
+        "a warning must name the pinned and the new layout:\n{log}"
+    );
+    ensure!(
+        pinned_map_id(&pin.join("maps/FRONTENDS"))? != frontends_id,
+        "the maps of the other layout were kept"
+    );
+    ensure!(
+        pinned_stamp(&stamp_map)? == ours,
+        "the stamp was not rewritten"
+    );
+    ensure!(
+        !pin.join("maps_retired").exists(),
+        "the retired pins were left"
+    );
+    topo.wait_backends(SVC, "ClusterIP", &[&ep(A), &ep(B)])?;
+    topo.from_pod("pod-c", &ClientSpec::tcp(format!("{VIP}:80"), 20))?
+        .expect_all_ok("ClusterIP after the take-over")?;
+    topo.from_node(0, &ClientSpec::tcp(format!("{VIP}:80"), 20))?
+        .expect_all_ok("ClusterIP from node1 after the take-over")?;
+    Ok(())
+}
+
 /// Writes a `#[test]` per scenario for one mode.
 macro_rules! scenario_tests {
     ($mode:expr; $($scenario:ident),* $(,)?) => {
@@ -1140,4 +1363,9 @@ mod iptables {
 mod ebpf {
     use super::*;
     all_scenarios!(Mode::Ebpf);
+    scenario_tests!(
+        Mode::Ebpf;
+        pin_path_has_one_owner,
+        changed_layout_stamp_takes_over_with_fresh_maps,
+    );
 }

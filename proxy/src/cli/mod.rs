@@ -45,7 +45,7 @@ pub enum Command {
     /// Run the node agent: watch Services and EndpointSlices and program the dataplane.
     Run(RunArgs),
     /// Remove everything kproxy programmed on this node, then exit.
-    Cleanup(ModeArgs),
+    Cleanup(CleanupArgs),
     /// Remove kube-proxy's iptables rules (its KUBE-* chains) after migrating to kproxy.
     CleanupKubeProxy(ModeArgs),
     /// Print the Services as the kernel has them programmed.
@@ -122,6 +122,15 @@ pub struct ForwardArgs {
     /// UDP: a client address's session is closed after this long without datagrams.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub udp_idle_timeout: Duration,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct CleanupArgs {
+    #[command(flatten)]
+    pub mode: ModeArgs,
+    /// ebpf mode: clean up even while a kproxy runs on --bpf-pin-path (its Services stop being served).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args, Clone)]

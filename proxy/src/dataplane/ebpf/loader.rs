@@ -3,7 +3,8 @@
 //!
 //! Layout under the pin path: `maps/<MAP>` and `links/<hook>`. Maps found
 //! pinned are reused as they are (their contents are the previous
-//! instance's state: conntrack, NAT, affinity, services). TC links are TCX
+//! instance's state: conntrack, NAT, affinity, services) when their layout
+//! stamp is this build's (see `layout`). TC links are TCX
 //! links: a pinned one gets the new program by an atomic link update, so
 //! packets never see a moment without a program. cgroup links get the new
 //! program attached next to the old one before the old link is released;
@@ -45,6 +46,11 @@ const CGROUP_PROGRAMS: &[&str] = &[
 const TC_INGRESS: &str = "kproxy_tc_ingress";
 const TC_EGRESS: &str = "kproxy_tc_egress";
 
+/// The eBPF object (for its map layouts).
+pub fn object() -> &'static [u8] {
+    PROGRAMS
+}
+
 fn other(msg: String) -> DataplaneError {
     DataplaneError::Other(msg)
 }
@@ -74,7 +80,6 @@ pub fn load(pin: &Path, sizes: &MapSizes) -> Result<Ebpf, DataplaneError> {
         .map_err(|e| other(format!("creating {}: {e}", maps.display())))?;
     std::fs::create_dir_all(links_dir(pin))
         .map_err(|e| other(format!("creating {}: {e}", links_dir(pin).display())))?;
-    unpin_other_layouts(&maps)?;
     let paths: Vec<(&str, PathBuf)> = names::ALL.iter().map(|n| (*n, maps.join(n))).collect();
     let mut loader = EbpfLoader::new();
     for (name, path) in &paths {
@@ -99,35 +104,6 @@ pub fn load(pin: &Path, sizes: &MapSizes) -> Result<Ebpf, DataplaneError> {
         }
     }
     Ok(ebpf)
-}
-
-/// A pinned map whose key or value size is not this build's (a kproxy of
-/// another version left it) would be reused as it is and the verifier would
-/// reject the programs: it is unpinned instead, with a warning, and created
-/// anew (its state is lost, as after `kproxy cleanup`).
-fn unpin_other_layouts(maps: &Path) -> Result<(), DataplaneError> {
-    let obj = aya_obj::Object::parse(PROGRAMS)
-        .map_err(|e| other(format!("reading kproxy's eBPF object: {e}")))?;
-    for (name, def) in &obj.maps {
-        let path = maps.join(name);
-        let Ok(pinned) = aya::maps::MapData::from_pin(&path) else {
-            continue;
-        };
-        let Ok(info) = pinned.info() else {
-            continue;
-        };
-        if (info.key_size(), info.value_size()) != (def.key_size(), def.value_size()) {
-            warn!(
-                map = %name,
-                pinned = ?(info.key_size(), info.value_size()),
-                wanted = ?(def.key_size(), def.value_size()),
-                "pinned map has another layout (left by another kproxy version): created anew, its entries are lost"
-            );
-            std::fs::remove_file(&path)
-                .map_err(|e| other(format!("unpinning {}: {e}", path.display())))?;
-        }
-    }
-    Ok(())
 }
 
 /// Attaches the socket programs to `cgroup`, replacing (and releasing) a

@@ -18,8 +18,10 @@
 //! not source address; SCTP is only balanced by the socket hooks; IPv4 only.
 
 pub mod checks;
+pub mod layout;
 pub mod loader;
 mod maps;
+pub mod owner;
 pub mod plan;
 pub mod readback;
 pub mod render;
@@ -163,10 +165,28 @@ impl EbpfDataplane {
         checks::check_cgroup(&cgroup)?;
         checks::check_tcx()?;
         let devices = checks::resolve_devices(&ebpf.devices)?;
-        let adopting = ebpf.pin_path.join("maps").exists();
+        let stamp = layout::stamp_of(loader::object())?;
+        let take_over = match layout::inspect(&ebpf.pin_path, stamp)? {
+            layout::Pinned::Other(pinned) => {
+                warn!(
+                    pin = %ebpf.pin_path.display(),
+                    pinned_layout = %pinned.map_or("none (a kproxy before layout stamps)".into(), |p| format!("{p:016x}")),
+                    layout = %format!("{stamp:016x}"),
+                    "the pinned maps have another layout (another kproxy version): replacing them and their programs with fresh ones; conntrack, NAT and affinity state starts empty"
+                );
+                layout::retire(&ebpf.pin_path)?;
+                true
+            }
+            layout::Pinned::Same | layout::Pinned::Nothing => false,
+        };
+        let adopting = layout::inspect(&ebpf.pin_path, stamp)? == layout::Pinned::Same;
         let mut obj = loader::load(&ebpf.pin_path, &ebpf.map_sizes)?;
+        layout::write(&ebpf.pin_path, stamp)?;
         loader::attach_cgroup(&mut obj, &ebpf.pin_path, &cgroup)?;
         loader::attach_tc(&mut obj, &ebpf.pin_path, &devices)?;
+        // The old programs are gone (their links now run ours): drop the
+        // old maps' pins. Also the leftovers of an interrupted take-over.
+        layout::remove_retired(&ebpf.pin_path)?;
         let nodeport_ips = config
             .node_ips
             .iter()
@@ -208,6 +228,7 @@ impl EbpfDataplane {
         info!(
             pin = %ebpf.pin_path.display(),
             adopted = adopting,
+            replaced_other_layout = take_over,
             snat_ports = ?node.snat_ports,
             "ebpf dataplane ready"
         );
@@ -341,6 +362,7 @@ impl Dataplane for EbpfDataplane {
         self.writer = None;
         self.programs = None;
         self.needs_full = true;
+        layout::remove_retired(&self.ebpf.pin_path)?;
         loader::cleanup(&self.ebpf.pin_path)
     }
 

@@ -137,6 +137,47 @@ fn manifests_parse_into_their_types() {
                 for m in ["/sys/fs/bpf", "/run/xtables.lock", "/lib/modules"] {
                     assert!(mounts.contains(&m), "missing mount {m}");
                 }
+                // ebpf mode hooks the host's cgroup2 root: --cgroup-root
+                // names a mount of the host's /sys/fs/cgroup, never the
+                // container's own cgroup namespace at /sys/fs/cgroup.
+                let command = c.command.as_ref().unwrap();
+                let cgroup_root = command
+                    .iter()
+                    .find_map(|a| a.strip_prefix("--cgroup-root="))
+                    .expect("the DaemonSet passes --cgroup-root");
+                assert_ne!(cgroup_root, "/sys/fs/cgroup");
+                let mount = c
+                    .volume_mounts
+                    .as_ref()
+                    .unwrap()
+                    .iter()
+                    .find(|m| m.mount_path == cgroup_root)
+                    .unwrap_or_else(|| panic!("nothing mounted at --cgroup-root {cgroup_root}"));
+                let volume = pod
+                    .volumes
+                    .as_ref()
+                    .unwrap()
+                    .iter()
+                    .find(|v| v.name == mount.name)
+                    .unwrap();
+                assert_eq!(
+                    volume.host_path.as_ref().map(|h| h.path.as_str()),
+                    Some("/sys/fs/cgroup"),
+                    "--cgroup-root must be the host's /sys/fs/cgroup"
+                );
+                let cli = kproxy::cli::parse_from(
+                    std::iter::once("kproxy".into())
+                        .chain(command[1..].iter().map(Into::into))
+                        .collect(),
+                )
+                .unwrap();
+                let kproxy::cli::Command::Run(args) = cli.command else {
+                    panic!("the DaemonSet runs `kproxy run`")
+                };
+                assert_eq!(
+                    args.mode.ebpf.cgroup_root.as_deref(),
+                    Some(Path::new(cgroup_root))
+                );
                 let caps = c
                     .security_context
                     .as_ref()

@@ -17,6 +17,7 @@
 //! sessionAffinity from this node's sockets is keyed by network namespace,
 //! not source address; SCTP is only balanced by the socket hooks; IPv4 only.
 
+mod cgroupns;
 pub mod checks;
 pub mod layout;
 pub mod loader;
@@ -163,6 +164,7 @@ impl EbpfDataplane {
             })?,
         };
         checks::check_cgroup(&cgroup)?;
+        cgroupns::check_host_cgroup(&cgroup)?;
         checks::check_tcx()?;
         let devices = checks::resolve_devices(&ebpf.devices)?;
         let stamp = layout::stamp_of(loader::object())?;

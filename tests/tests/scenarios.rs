@@ -490,52 +490,55 @@ pub fn v4_mapped_ipv6_sockets_are_balanced(mode: Mode) -> Result<()> {
         }
         Ok(())
     };
-    let from_node = [
+    // (what, the pod it runs in or node1 itself, spec, peer it must show,
+    // client address the backend must see)
+    let cases = [
         (
             "TCP from node1",
+            None,
             ClientSpec::tcp(&web_mapped, 40),
             &web_mapped,
+            NODE_IPS[0],
         ),
         (
             "UDP from node1",
+            None,
             ClientSpec::udp(&dns_mapped, 40),
             &dns_mapped,
+            NODE_IPS[0],
         ),
         (
             "unconnected UDP from node1",
+            None,
             ClientSpec::udp(&dns_mapped, 40).unconnected(),
             &dns_mapped,
+            NODE_IPS[0],
         ),
-    ];
-    for (what, spec, peer) in &from_node {
-        let out = topo.from_node(0, spec)?;
-        check(what, &out, peer, 2)?;
-        for a in &out.attempts {
-            ensure!(
-                a.seen_client_ip() == Some(NODE_IPS[0]),
-                "{what}: backend saw {:?}, want node1's address",
-                a.reply
-            );
-        }
-    }
-    for (what, spec, peer) in [
         (
             "TCP from pod-c",
+            Some("pod-c"),
             ClientSpec::tcp(&web_mapped, 40),
             &web_mapped,
+            C,
         ),
         (
             "unconnected UDP from pod-c",
+            Some("pod-c"),
             ClientSpec::udp(&dns_mapped, 40).unconnected(),
             &dns_mapped,
+            C,
         ),
-    ] {
-        let out = topo.from_pod("pod-c", &spec)?;
+    ];
+    for (what, pod, spec, peer, client) in &cases {
+        let out = match pod {
+            Some(pod) => topo.from_pod(pod, spec)?,
+            None => topo.from_node(0, spec)?,
+        };
         check(what, &out, peer, 2)?;
         for a in &out.attempts {
             ensure!(
-                a.seen_client_ip() == Some(C),
-                "{what}: backend saw {:?}, want pod-c's own address",
+                a.seen_client_ip() == Some(*client),
+                "{what}: backend saw {:?}, want {client}",
                 a.reply
             );
         }
@@ -1113,54 +1116,36 @@ fn one_line_error(
     Ok(())
 }
 
-/// `bpftool -j map show pinned PATH`'s id: which map a pin holds.
+/// `bpftool -j ARGS`, parsed.
+fn bpftool_json(args: &[&str]) -> Result<Value> {
+    let out = kproxy_tests::netns::run("bpftool", &[&["-j"], args].concat())?;
+    serde_json::from_str(&out).with_context(|| format!("bpftool {args:?}: {out}"))
+}
+
+/// Which map a pin holds (its id).
 fn pinned_map_id(path: &std::path::Path) -> Result<u64> {
-    let out = kproxy_tests::netns::run(
-        "bpftool",
-        &[
-            "-j",
-            "map",
-            "show",
-            "pinned",
-            path.to_str().context("pin path")?,
-        ],
-    )?;
-    let v: Value = serde_json::from_str(&out)?;
-    v["id"].as_u64().with_context(|| format!("no id in {out}"))
+    let path = path.to_str().context("pin path")?;
+    let v = bpftool_json(&["map", "show", "pinned", path])?;
+    v["id"].as_u64().with_context(|| format!("no id in {v}"))
 }
 
 /// The u64 in entry 0 of a pinned array (the layout stamp).
 fn pinned_stamp(path: &std::path::Path) -> Result<u64> {
-    let out = kproxy_tests::netns::run(
-        "bpftool",
-        &[
-            "-j",
-            "map",
-            "lookup",
-            "pinned",
-            path.to_str().context("pin path")?,
-            "key",
-            "0",
-            "0",
-            "0",
-            "0",
-        ],
-    )?;
-    let v: Value = serde_json::from_str(&out)?;
+    let path = path.to_str().context("pin path")?;
+    let v = bpftool_json(&["map", "lookup", "pinned", path, "key", "0", "0", "0", "0"])?;
     let bytes = v["value"]
         .as_array()
-        .with_context(|| format!("no value in {out}"))?
+        .with_context(|| format!("no value in {v}"))?
         .iter()
         .map(|b| {
             let text = b.as_str().unwrap_or_default().trim_start_matches("0x");
-            u8::from_str_radix(text, 16).with_context(|| format!("byte {b} in {out}"))
+            u8::from_str_radix(text, 16).with_context(|| format!("byte {b} in {v}"))
         })
         .collect::<Result<Vec<u8>>>()?;
-    Ok(u64::from_le_bytes(
-        bytes
-            .try_into()
-            .map_err(|_| anyhow::anyhow!("not 8 bytes: {out}"))?,
-    ))
+    let bytes: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("not 8 bytes: {v}"))?;
+    Ok(u64::from_le_bytes(bytes))
 }
 
 /// One kproxy per pin path: a second `kproxy run` on the same

@@ -1,11 +1,7 @@
 //! Objects -> DesiredState, with kube-proxy's endpoint semantics.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::sync::Arc;
-
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::validate::{self, ParsedService, ParsedSlice, ServiceType};
 use super::{ClusterObjects, ModelConfig};
@@ -17,59 +13,7 @@ use crate::model::types::{
 /// Node label carrying the node's zone, matched against topology hints.
 const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 
-/// What validating an object gave, kept with the object it came from.
-type Parsed<T, P> = (Arc<T>, Option<P>, Vec<Rejection>);
-
-/// Services and EndpointSlices as validated by the last build, by object
-/// identity. Sources replace an object's `Arc` when the object changes
-/// (and keep it when it does not), so an object whose `Arc` was seen last
-/// time is not validated again. The cache holds the `Arc`s, so an address
-/// is never reused by another object while cached; it keeps only the
-/// objects of the last build.
-#[derive(Default)]
-pub struct ParseCache {
-    services: HashMap<usize, Parsed<Service, ParsedService>>,
-    slices: HashMap<usize, Parsed<EndpointSlice, ParsedSlice>>,
-}
-
-fn refresh<T, P>(
-    old: &mut HashMap<usize, Parsed<T, P>>,
-    objects: &[Arc<T>],
-    parse: impl Fn(&T) -> (Option<P>, Vec<Rejection>),
-) -> HashMap<usize, Parsed<T, P>> {
-    let mut next = HashMap::with_capacity(objects.len());
-    for o in objects {
-        let key = Arc::as_ptr(o) as usize;
-        if next.contains_key(&key) {
-            continue;
-        }
-        let entry = match old.remove(&key) {
-            Some(hit) => hit,
-            None => {
-                let (p, errs) = parse(o);
-                (o.clone(), p, errs)
-            }
-        };
-        next.insert(key, entry);
-    }
-    next
-}
-
 pub(crate) fn build(objects: &ClusterObjects, config: &ModelConfig) -> DesiredState {
-    build_cached(objects, config, &mut ParseCache::default())
-}
-
-pub(crate) fn build_cached(
-    objects: &ClusterObjects,
-    config: &ModelConfig,
-    cache: &mut ParseCache,
-) -> DesiredState {
-    cache.services = refresh(&mut cache.services, &objects.services, |s| {
-        validate::parse_service(s)
-    });
-    cache.slices = refresh(&mut cache.slices, &objects.endpoint_slices, |s| {
-        validate::parse_slice(s)
-    });
     let mut rejected: Vec<Rejection> = Vec::new();
 
     // Our Node: addresses and zone. Every Node is checked so bad ones show up.
@@ -96,12 +40,10 @@ pub(crate) fn build_cached(
 
     // Slices grouped by Service, sorted by slice name so merging does not
     // depend on input order.
-    let mut slices: BTreeMap<ServiceKey, Vec<&ParsedSlice>> = BTreeMap::new();
+    let mut slices: BTreeMap<ServiceKey, Vec<ParsedSlice>> = BTreeMap::new();
     for s in &objects.endpoint_slices {
-        let Some((_, parsed, errs)) = cache.slices.get(&(Arc::as_ptr(s) as usize)) else {
-            continue;
-        };
-        rejected.extend(errs.iter().cloned());
+        let (parsed, errs) = validate::parse_slice(s);
+        rejected.extend(errs);
         if let Some(p) = parsed {
             let key = ServiceKey::new(p.namespace.clone(), p.service_name.clone());
             slices.entry(key).or_default().push(p);
@@ -115,10 +57,8 @@ pub(crate) fn build_cached(
     let mut seen = BTreeSet::new();
     let mut created = BTreeMap::new();
     for svc in &objects.services {
-        let Some((_, parsed, errs)) = cache.services.get(&(Arc::as_ptr(svc) as usize)) else {
-            continue;
-        };
-        rejected.extend(errs.iter().cloned());
+        let (parsed, errs) = validate::parse_service(svc);
+        rejected.extend(errs);
         let Some(p) = parsed else { continue };
         if !seen.insert(p.key.clone()) {
             rejected.push(Rejection {
@@ -136,9 +76,9 @@ pub(crate) fn build_cached(
             continue;
         }
         created.insert(p.key.clone(), p.created);
-        rejected.extend(ipv6_parts(p));
+        rejected.extend(ipv6_parts(&p));
         let svc_slices = slices.get(&p.key).map(Vec::as_slice).unwrap_or(&[]);
-        for sp in service_ports(p, svc_slices, config, zone.as_deref()) {
+        for sp in service_ports(&p, svc_slices, config, zone.as_deref()) {
             services.insert(sp.name.clone(), sp);
         }
     }
@@ -204,7 +144,7 @@ pub(crate) const REASON_IPV6_UNSUPPORTED: &str = "ipv6_unsupported";
 /// does not program.
 fn service_ports(
     svc: &ParsedService,
-    slices: &[&ParsedSlice],
+    slices: &[ParsedSlice],
     config: &ModelConfig,
     zone: Option<&str>,
 ) -> Vec<ServicePort> {
@@ -310,7 +250,7 @@ type Hinted = (Endpoint, Option<Vec<String>>);
 /// by (ip, port) and sorted. The slice port serving a Service port is the
 /// one with the same name and protocol.
 fn merge_endpoints(
-    slices: &[&ParsedSlice],
+    slices: &[ParsedSlice],
     port: &validate::ParsedServicePort,
     config: &ModelConfig,
 ) -> Vec<Hinted> {

@@ -7,7 +7,6 @@ mod diff;
 mod types;
 mod validate;
 
-pub use build::ParseCache;
 pub use types::*;
 
 use std::sync::Arc;
@@ -65,17 +64,6 @@ pub struct ModelConfig {
 /// `frontend_conflict`.
 pub fn build(objects: &ClusterObjects, config: &ModelConfig) -> DesiredState {
     build::build(objects, config)
-}
-
-/// [`build`], validating only the objects not seen by the previous call
-/// with the same cache (sources share unchanged objects by `Arc`).
-/// Gives the same result as [`build`].
-pub fn build_cached(
-    objects: &ClusterObjects,
-    config: &ModelConfig,
-    cache: &mut ParseCache,
-) -> DesiredState {
-    build::build_cached(objects, config, cache)
 }
 
 /// Validates one Service as the model would; an empty list means valid.

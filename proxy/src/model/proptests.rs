@@ -467,30 +467,6 @@ proptest! {
         prop_assert_eq!(a, b);
     }
 
-    /// Events: each step keeps, drops or brings back objects of a pool
-    /// (shared by `Arc`, as sources share unchanged objects); the cached
-    /// build must always equal a build from scratch.
-    #[test]
-    fn cached_build_equals_build_from_scratch_after_any_sequence(
-        a in objects(),
-        b in objects(),
-        steps in vec(any::<u64>(), 1..8),
-    ) {
-        let services: Vec<_> = a.services.iter().chain(&b.services).cloned().collect();
-        let slices: Vec<_> = a.endpoint_slices.iter().chain(&b.endpoint_slices).cloned().collect();
-        let mut cache = crate::model::ParseCache::default();
-        for mask in steps {
-            let bit = |i: usize| mask & (1 << (i % 64)) != 0;
-            let objects = ClusterObjects {
-                services: services.iter().enumerate().filter(|(i, _)| bit(*i)).map(|(_, s)| s.clone()).collect(),
-                endpoint_slices: slices.iter().enumerate().filter(|(i, _)| bit(i + 20)).map(|(_, s)| s.clone()).collect(),
-                nodes: vec![],
-            };
-            let cached = crate::model::build_cached(&objects, &cfg(), &mut cache);
-            prop_assert_eq!(cached, build(&objects, &cfg()));
-        }
-    }
-
     #[test]
     fn diff_is_consistent(a in objects(), b in objects()) {
         let a = build(&a, &cfg());

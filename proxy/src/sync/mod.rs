@@ -62,9 +62,6 @@ pub struct SyncLoop {
     need_full: bool,
     /// Rejections already logged, so each is logged once while it lasts.
     reported: BTreeSet<Rejection>,
-    /// Objects validated by the last model build (unchanged ones are not
-    /// validated again).
-    parsed: model::ParseCache,
     /// The source's objects as of the last successful sync (for the
     /// pending-change gauges and the network programming latency).
     synced_objects: Arc<crate::model::ClusterObjects>,
@@ -89,7 +86,6 @@ impl SyncLoop {
             applied: DesiredState::default(),
             need_full: true,
             reported: BTreeSet::new(),
-            parsed: model::ParseCache::default(),
             synced_objects: Arc::default(),
         }
     }
@@ -175,8 +171,7 @@ impl SyncLoop {
     /// One sync: model, diff, dataplane, metrics. Returns whether it succeeded.
     fn sync_once(&mut self, snapshot: &Snapshot, full: bool) -> bool {
         let started = Instant::now();
-        let mut desired =
-            model::build_cached(&snapshot.objects, &self.model_config, &mut self.parsed);
+        let mut desired = model::build(&snapshot.objects, &self.model_config);
         desired.rejected.extend(snapshot.rejected.iter().cloned());
         desired.rejected.sort();
         // The source and the model may report the same problem (a slice

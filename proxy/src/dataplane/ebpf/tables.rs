@@ -506,40 +506,27 @@ pub mod memory {
             })
         }
 
+        fn table<K, V>(
+            &self,
+            name: &'static str,
+            typed: &Arc<Mutex<BTreeMap<String, (K, V)>>>,
+        ) -> Box<MemoryTable<K, V>> {
+            Box::new(MemoryTable {
+                name,
+                state: self.state.clone(),
+                check: self.check(),
+                typed: typed.clone(),
+            })
+        }
+
         pub fn tables(&self) -> Tables {
             use proxy_common::maps as n;
-            let st = || self.state.clone();
             Tables {
-                frontends: Box::new(MemoryTable {
-                    name: n::FRONTENDS,
-                    state: st(),
-                    check: self.check(),
-                    typed: self.frontends.clone(),
-                }),
-                slots: Box::new(MemoryTable {
-                    name: n::SLOTS,
-                    state: st(),
-                    check: self.check(),
-                    typed: self.slots.clone(),
-                }),
-                backends: Box::new(MemoryTable {
-                    name: n::BACKENDS,
-                    state: st(),
-                    check: self.check(),
-                    typed: self.backends.clone(),
-                }),
-                svc_info: Box::new(MemoryTable {
-                    name: n::SVC_INFO,
-                    state: st(),
-                    check: self.check(),
-                    typed: self.svc_info.clone(),
-                }),
-                src_ranges: Box::new(MemoryTable {
-                    name: n::SRC_RANGES,
-                    state: st(),
-                    check: self.check(),
-                    typed: self.src_ranges.clone(),
-                }),
+                frontends: self.table(n::FRONTENDS, &self.frontends),
+                slots: self.table(n::SLOTS, &self.slots),
+                backends: self.table(n::BACKENDS, &self.backends),
+                svc_info: self.table(n::SVC_INFO, &self.svc_info),
+                src_ranges: self.table(n::SRC_RANGES, &self.src_ranges),
             }
         }
 

@@ -124,36 +124,111 @@ pub struct Tuple {
     pub _pad: [u8; 3],
 }
 
-/// Conntrack entry of a flow that arrived at a frontend (TC path),
-/// keyed by the original tuple.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct CtValue {
-    pub backend_id: u32,
-    pub svc_id: u32,
+/// TC-path connection states (`Flow::state`). Userspace's garbage collector
+/// turns a state and the time of the last packet into an expiry.
+pub mod ct_state {
+    /// A client SYN was seen (retransmissions keep the flow).
+    pub const TCP_SYN_SENT: u8 = 1;
+    /// The backend answered the SYN.
+    pub const TCP_SYN_RECV: u8 = 2;
+    /// The client acknowledged the backend's SYN-ACK: an assured flow.
+    pub const TCP_ESTABLISHED: u8 = 3;
+    /// One side sent a FIN.
+    pub const TCP_CLOSE_WAIT: u8 = 4;
+    /// Both sides sent a FIN, or one a RST: only late packets are left.
+    pub const TCP_CLOSED: u8 = 5;
+    /// UDP (or SCTP), no reply yet.
+    pub const UDP_NEW: u8 = 6;
+    /// The backend replied.
+    pub const UDP_REPLIED: u8 = 7;
+    /// The client sent again after a reply: an assured stream.
+    pub const UDP_STREAM: u8 = 8;
 }
 
-/// Reverse NAT: rewrite a reply's source and destination (each when non-zero).
+/// `Flow::flags`: SNAT to a node address (decided at ingress, the address
+/// itself on the first packet out).
+pub const FLOW_SNAT: u8 = 1;
+/// The client sent a FIN.
+pub const FLOW_FIN_CLIENT: u8 = 2;
+/// The backend sent a FIN.
+pub const FLOW_FIN_BACKEND: u8 = 4;
+/// A connection to no frontend whose 4-tuple clashed with a Service flow
+/// at the same backend: only its source port is translated.
+pub const FLOW_PASSTHROUGH: u8 = 8;
+
+/// Conntrack entry of a TC-path flow, keyed by the tuple the client sent
+/// (client -> frontend). It carries the backend itself, so a backend that
+/// leaves its Service keeps its established flows (as netfilter does).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct RevNat {
+pub struct Flow {
+    pub backend_ip: u32,
+    pub backend_port: u16,
+    /// Source port towards the backend: the client's own unless it clashed.
+    pub nat_port: u16,
+    /// SNAT source address, 0 until the first packet leaves (or no SNAT).
+    pub snat_ip: u32,
+    pub svc_id: u32,
+    /// `bpf_ktime_get_ns` of the last packet (refreshed at most once a second).
+    pub last_ns: u64,
+    /// One of [`ct_state`].
+    pub state: u8,
+    pub flags: u8,
+    pub _pad: [u8; 6],
+}
+
+/// NAT index: a tuple on the backend side leads to its flow. Two kinds of
+/// key exist per flow, both with the backend as `src`:
+/// - (backend, client, backend port, nat port): every flow; the reply
+///   towards the client on egress, and (swapped) the forward packet there;
+/// - (backend, 0, backend port, nat port): SNAT flows; the reply to the node
+///   address on ingress. It also makes the nat port unique per backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NatValue {
+    /// The flow's key in `CT` / `CT_NEW`.
+    pub flow: Tuple,
+    /// When the entry was made: the garbage collector removes orphans only
+    /// after a grace period (the flow is written after its NAT entries).
+    pub created_ns: u64,
+}
+
+/// Key of `FRAGS`: the first fragment's ports are found by IP id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey {
     pub src: u32,
     pub dst: u32,
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Ports of a fragmented datagram (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragPorts {
     pub sport: u16,
     pub dport: u16,
 }
 
-/// SNAT state of a DNATed flow, keyed by the tuple after DNAT. `ip == 0`
-/// means "SNAT wanted, not allocated yet" (done on egress, where the device
-/// and so the node address are known).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct SnatValue {
-    pub ip: u32,
-    pub port: u16,
-    /// The frontend the client dialled, for the reverse entry.
-    pub orig_dport: u16,
-    pub orig_dst: u32,
+/// Indexes of the per-CPU `STATS` counters.
+pub mod stats {
+    /// No free NAT port for a flow towards its backend: the packet was dropped.
+    pub const NAT_PORT_EXHAUSTED: u32 = 0;
+    /// A flow could not be recorded (CT_NEW full and not evictable): dropped.
+    pub const CT_INSERT_FAILED: u32 = 1;
+    /// A NAT entry could not be written (NAT map full).
+    pub const NAT_INSERT_FAILED: u32 = 2;
+    /// Established flows could not be promoted to `CT` (full): they stay in `CT_NEW`.
+    pub const CT_PROMOTE_FAILED: u32 = 3;
+    /// A later fragment whose first fragment was not seen: passed untranslated.
+    pub const FRAG_UNKNOWN: u32 = 4;
+    /// Flows whose source port was translated around a clash.
+    pub const PORT_TRANSLATED: u32 = 5;
+    /// ICMP errors translated for a flow.
+    pub const ICMP_TRANSLATED: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 /// Socket reverse-NAT key: a socket and the backend it was sent to.
@@ -211,9 +286,21 @@ pub mod maps {
     pub const CLUSTER_CIDRS: &str = "CLUSTER_CIDRS";
     pub const NODE_IPS: &str = "NODE_IPS";
     pub const IF_ADDRS: &str = "IF_ADDRS";
+    /// Assured flows (hash: never evicted; the garbage collector expires them).
     pub const CT: &str = "CT";
-    pub const REVNAT: &str = "REVNAT";
-    pub const SNAT: &str = "SNAT";
+    /// Flows not yet assured (LRU: a flood evicts only its own kind).
+    pub const CT_NEW: &str = "CT_NEW";
+    /// NAT index of assured flows (hash).
+    pub const NAT: &str = "NAT";
+    /// NAT index of flows not yet assured (LRU).
+    pub const NAT_NEW: &str = "NAT_NEW";
+    /// Recent connections to no frontend (LRU), so a Service flow never
+    /// reuses their 4-tuple at a backend.
+    pub const DIRECT: &str = "DIRECT";
+    /// First-fragment ports by IP id (LRU).
+    pub const FRAGS: &str = "FRAGS";
+    /// Per-CPU counters, see [`super::stats`].
+    pub const STATS: &str = "STATS";
     pub const SOCK_REV: &str = "SOCK_REV";
     pub const CONFIG: &str = "CONFIG";
     pub const SVC_INFO: &str = "SVC_INFO";
@@ -228,8 +315,12 @@ pub mod maps {
         NODE_IPS,
         IF_ADDRS,
         CT,
-        REVNAT,
-        SNAT,
+        CT_NEW,
+        NAT,
+        NAT_NEW,
+        DIRECT,
+        FRAGS,
+        STATS,
         SOCK_REV,
         CONFIG,
         SVC_INFO,
@@ -248,9 +339,10 @@ mod pod {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SrcRangeKey {}
     unsafe impl aya::Pod for Tuple {}
-    unsafe impl aya::Pod for CtValue {}
-    unsafe impl aya::Pod for RevNat {}
-    unsafe impl aya::Pod for SnatValue {}
+    unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for NatValue {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragPorts {}
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRevValue {}
     unsafe impl aya::Pod for Config {}

@@ -57,7 +57,8 @@ pub struct MapSizes {
     pub lb: u32,
     /// SLOTS and BACKENDS.
     pub backend: u32,
-    /// CT, REVNAT, SNAT, SOCK_REV.
+    /// Assured flows (CT, SOCK_REV); the other conntrack maps are sized
+    /// from it (see [`MapSizes::by_map`]).
     pub ct: u32,
     /// AFFINITY.
     pub affinity: u32,
@@ -83,8 +84,14 @@ impl MapSizes {
             (names::SLOTS, self.backend),
             (names::BACKENDS, self.backend),
             (names::CT, self.ct),
-            (names::REVNAT, self.ct),
-            (names::SNAT, self.ct),
+            // New flows churn here; a quarter of the assured tier holds
+            // the embryonic ones of a busy node (they last a round trip).
+            (names::CT_NEW, (self.ct / 4).max(1024)),
+            // Up to two NAT keys per flow (SNAT flows have two).
+            (names::NAT, self.ct.saturating_mul(2)),
+            (names::NAT_NEW, (self.ct / 2).max(2048)),
+            (names::DIRECT, (self.ct / 4).max(1024)),
+            (names::FRAGS, 8192),
             (names::SOCK_REV, self.ct),
             (names::AFFINITY, self.affinity),
         ]

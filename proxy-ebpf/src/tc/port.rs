@@ -1,0 +1,199 @@
+//! Choosing the source port of a flow towards its backend (the "nat port")
+//! and claiming it in the NAT index.
+//!
+//! The client's own port is kept when its 4-tuple at the backend is free
+//! (with SNAT only when it lies in the NAT port range: the node's own
+//! connections use the ports outside it, and they are not tracked here).
+//! Otherwise the whole range is scanned from a random start with
+//! `bpf_loop`, so a free port is found whenever one exists, at a cost
+//! bounded by the range. A port whose flow has closed (or whose flow is
+//! gone) counts as free: ports are reused as soon as their flow ends.
+
+use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::cty::c_void;
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_loop};
+use proxy_common::ct_state::TCP_CLOSED;
+use proxy_common::*;
+
+use super::ct::{count, flow_get, flow_remove, NAT, NAT_NEW};
+use crate::CONFIG;
+
+/// What a port must be free for; on `bpf_loop`'s stack.
+#[repr(C)]
+struct Claim {
+    flow: Tuple,
+    backend_ip: u32,
+    backend_port: u16,
+    snat: u8,
+    _pad: u8,
+    created_ns: u64,
+    lo: u32,
+    span: u32,
+    start: u32,
+    /// The port found (network order), 0 while none.
+    got: u16,
+    _pad2: u16,
+}
+
+/// `key` is free in both NAT tiers, or held by a flow that closed or no
+/// longer exists (whose entries are then removed).
+#[inline(always)]
+fn free(key: &Tuple) -> bool {
+    // SAFETY: copied out at once.
+    let v = match unsafe { NAT.get(key) } {
+        Some(v) => *v,
+        None => match unsafe { NAT_NEW.get(key) } {
+            Some(v) => *v,
+            None => return true,
+        },
+    };
+    match flow_get(&v.flow) {
+        None => {
+            let _ = NAT.remove(key);
+            let _ = NAT_NEW.remove(key);
+            true
+        }
+        Some(f) => {
+            // SAFETY: copied out at once.
+            let f = unsafe { *f };
+            if f.state == TCP_CLOSED {
+                flow_remove(&v.flow, &f);
+                true
+            } else {
+                false
+            }
+        }
+    }
+}
+
+/// Claims `port` (network order) for the flow: its NAT entries are written
+/// with NOEXIST, so two CPUs never get one port.
+#[inline(always)]
+fn try_port(c: &Claim, port: u16) -> bool {
+    let v = NatValue {
+        flow: c.flow,
+        created_ns: c.created_ns,
+    };
+    let out = Tuple {
+        src: c.backend_ip,
+        dst: c.flow.src,
+        sport: c.backend_port,
+        dport: port,
+        proto: c.flow.proto,
+        _pad: [0; 3],
+    };
+    if c.snat != 0 {
+        let inn = Tuple { dst: 0, ..out };
+        if !free(&inn) || !free(&out) {
+            return false;
+        }
+        if NAT_NEW.insert(&inn, &v, BPF_NOEXIST as u64).is_err() {
+            return false;
+        }
+        if NAT_NEW.insert(&out, &v, BPF_NOEXIST as u64).is_err() {
+            let _ = NAT_NEW.remove(&inn);
+            return false;
+        }
+        return true;
+    }
+    if !free(&out) {
+        return false;
+    }
+    // A recent direct connection on this 4-tuple may still be in TIME_WAIT
+    // at the backend: a SYN reusing it would be answered with an ACK.
+    let direct = Tuple {
+        src: c.flow.src,
+        dst: c.backend_ip,
+        sport: port,
+        dport: c.backend_port,
+        proto: c.flow.proto,
+        _pad: [0; 3],
+    };
+    // SAFETY: only presence is read.
+    if unsafe { super::ct::DIRECT.get(&direct) }.is_some() {
+        return false;
+    }
+    NAT_NEW.insert(&out, &v, BPF_NOEXIST as u64).is_ok()
+}
+
+/// `bpf_loop` callback: probes the `i`th port of the range after `start`.
+unsafe extern "C" fn probe(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `Claim` on claim()'s stack.
+    let c = unsafe { &mut *(ctx as *mut Claim) };
+    // checked_rem: no division-by-zero panic path for the verifier to see.
+    let Some(off) = c.start.wrapping_add(i as u32).checked_rem(c.span) else {
+        return 1;
+    };
+    let port = (c.lo + off) as u16;
+    if try_port(c, port.to_be()) {
+        c.got = port.to_be();
+        return 1;
+    }
+    0
+}
+
+/// Picks and claims the nat port of the new flow `flow` towards the
+/// backend; `None` when every port of the range is in use.
+#[inline(always)]
+pub fn claim(flow: &Tuple, backend_ip: u32, backend_port: u16, snat: bool, t: u64) -> Option<u16> {
+    let cfg = CONFIG.get(0).copied()?;
+    let mut c = Claim {
+        flow: *flow,
+        backend_ip,
+        backend_port,
+        snat: snat as u8,
+        _pad: 0,
+        created_ns: t,
+        lo: cfg.snat_port_min as u32,
+        span: 0,
+        start: 0,
+        got: 0,
+        _pad2: 0,
+    };
+    let own = u16::from_be(flow.sport);
+    let in_range = own >= cfg.snat_port_min && own <= cfg.snat_port_max;
+    if (!snat || in_range) && try_port(&c, flow.sport) {
+        return Some(flow.sport);
+    }
+    if cfg.snat_port_min == 0 || cfg.snat_port_max < cfg.snat_port_min {
+        count(stats::NAT_PORT_EXHAUSTED);
+        return None;
+    }
+    c.span = (cfg.snat_port_max - cfg.snat_port_min) as u32 + 1;
+    // SAFETY: helper without arguments.
+    c.start = unsafe { bpf_get_prandom_u32() }
+        .checked_rem(c.span)
+        .unwrap_or(0);
+    // SAFETY: `probe` only touches `c`, which outlives the call.
+    unsafe {
+        bpf_loop(
+            c.span,
+            probe as *mut c_void,
+            &mut c as *mut Claim as *mut c_void,
+            0,
+        )
+    };
+    if c.got == 0 {
+        count(stats::NAT_PORT_EXHAUSTED);
+        return None;
+    }
+    count(stats::PORT_TRANSLATED);
+    Some(c.got)
+}
+
+/// Gives back a claimed port (the flow could not be recorded).
+#[inline(always)]
+pub fn release(flow: &Tuple, backend_ip: u32, backend_port: u16, port: u16, snat: bool) {
+    let out = Tuple {
+        src: backend_ip,
+        dst: flow.src,
+        sport: backend_port,
+        dport: port,
+        proto: flow.proto,
+        _pad: [0; 3],
+    };
+    let _ = NAT_NEW.remove(&out);
+    if snat {
+        let _ = NAT_NEW.remove(&Tuple { dst: 0, ..out });
+    }
+}

@@ -276,7 +276,7 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
 
     let mut dataplane = match mode {
         ProxyMode::Ebpf if !args.cleanup => Box::new(
-            EbpfDataplane::start(config.clone(), args.mode.ebpf.config())
+            EbpfDataplane::start(config.clone(), args.mode.ebpf.config_with(&args))
                 .context("setting up ebpf mode")?,
         ),
         _ => open_dataplane(&args.mode, config.clone())?,
@@ -289,6 +289,11 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(node = %node_name, mode = %mode, manifests = ?args.manifests, "starting kproxy");
 
     let metrics = Arc::new(Metrics::new(mode));
+    for c in dataplane.collectors() {
+        if let Err(e) = metrics.registry().register(c) {
+            tracing::warn!(error = %e, "registering a dataplane metric");
+        }
+    }
     // kube-proxy's healthz allows two full sync periods before it calls a sync stalled.
     let health = Arc::new(HealthState::new(args.iptables_sync_period * 2));
 

@@ -164,9 +164,26 @@ pub struct EbpfArgs {
     /// Entries of the backend and backend-slot maps (endpoints, counted per distinct backend set).
     #[arg(long, value_name = "N", default_value_t = 262_144)]
     pub bpf_backend_map_max: u32,
-    /// Entries of the conntrack, NAT and socket reverse-NAT maps (LRU).
+    /// Entries of the map of assured TC-path flows (and of the socket
+    /// reverse-NAT map); the NAT index gets twice as many, the maps of new
+    /// flows a quarter and a half.
     #[arg(long, value_name = "N", default_value_t = 262_144)]
     pub bpf_ct_map_max: u32,
+    /// Source ports for NAT on the TC path (SNAT, and translation around
+    /// 4-tuple clashes), as MIN-MAX. Default: the ports above the node's
+    /// ip_local_port_range (61000-65535 with Linux's default).
+    #[arg(long, value_name = "MIN-MAX", value_parser = parse_port_range)]
+    pub bpf_nat_port_range: Option<(u16, u16)>,
+    /// Idle time after which a TCP flow whose handshake did not complete is forgotten.
+    #[arg(long, value_name = "DUR", default_value = "60s", value_parser = parse_duration)]
+    pub bpf_ct_timeout_syn: Duration,
+    /// Time a TCP flow is kept after both FINs or a RST (its NAT port is
+    /// reused sooner when the range runs short).
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
+    pub bpf_ct_timeout_close: Duration,
+    /// Time between two sweeps of the conntrack garbage collector.
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
+    pub bpf_ct_gc_interval: Duration,
     /// Entries of the sessionAffinity map (LRU).
     #[arg(long, value_name = "N", default_value_t = 65_536)]
     pub bpf_affinity_map_max: u32,
@@ -179,9 +196,53 @@ impl ModeArgs {
     }
 }
 
+/// `MIN-MAX` with 1 <= MIN <= MAX <= 65535.
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (lo, hi) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: expected MIN-MAX, e.g. 40000-65535"))?;
+    let lo: u16 = lo
+        .trim()
+        .parse()
+        .map_err(|_| format!("{lo:?} is not a port"))?;
+    let hi: u16 = hi
+        .trim()
+        .parse()
+        .map_err(|_| format!("{hi:?} is not a port"))?;
+    if lo == 0 || lo > hi {
+        return Err(format!("{s:?}: expected 1 <= MIN <= MAX <= 65535"));
+    }
+    Ok((lo, hi))
+}
+
 impl EbpfArgs {
+    /// The settings of ebpf mode; the conntrack timeouts kube-proxy has
+    /// flags for come from the `--conntrack-*` flags (0: the default).
+    pub fn config_with(&self, run: &RunArgs) -> crate::dataplane::ebpf::EbpfConfig {
+        let mut c = self.config();
+        let t = &mut c.gc.timeouts;
+        let or = |d: Duration, default: Duration| if d.is_zero() { default } else { d };
+        t.established = or(run.conntrack_tcp_timeout_established, t.established);
+        t.close_wait = or(run.conntrack_tcp_timeout_close_wait, t.close_wait);
+        t.udp = or(run.conntrack_udp_timeout, t.udp);
+        t.udp_stream = or(run.conntrack_udp_timeout_stream, t.udp_stream);
+        c
+    }
+
     pub fn config(&self) -> crate::dataplane::ebpf::EbpfConfig {
+        let mut gc = crate::dataplane::ebpf::ct_worker::GcConfig::default();
+        if !self.bpf_ct_timeout_syn.is_zero() {
+            gc.timeouts.syn = self.bpf_ct_timeout_syn;
+        }
+        if !self.bpf_ct_timeout_close.is_zero() {
+            gc.timeouts.closed = self.bpf_ct_timeout_close;
+        }
+        if !self.bpf_ct_gc_interval.is_zero() {
+            gc.interval = self.bpf_ct_gc_interval;
+        }
         crate::dataplane::ebpf::EbpfConfig {
+            nat_ports: self.bpf_nat_port_range,
+            gc,
             pin_path: self.bpf_pin_path.clone(),
             cgroup_root: self.cgroup_root.clone(),
             devices: self.devices.clone(),

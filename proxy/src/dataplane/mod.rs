@@ -215,4 +215,9 @@ pub trait Dataplane: Send {
 
     /// What the kernel has programmed now, read back from it.
     fn programmed(&self) -> Result<Vec<ProgrammedFrontend>, DataplaneError>;
+
+    /// Metrics of the dataplane's own (registered by `kproxy run`).
+    fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        Vec::new()
+    }
 }

@@ -250,6 +250,8 @@ impl World {
             cgroup_root: Some(self.cgroup.dir.clone()),
             devices: vec!["n0".into(), "n1".into(), "n2".into()],
             map_sizes: sizes,
+            nat_ports: None,
+            gc: Default::default(),
         }
     }
 

@@ -17,8 +17,11 @@
 //! sessionAffinity from this node's sockets is keyed by network namespace,
 //! not source address; SCTP is only balanced by the socket hooks; IPv4 only.
 
+mod batch;
 mod cgroupns;
 pub mod checks;
+pub mod conntrack;
+pub mod ct_worker;
 pub mod layout;
 pub mod loader;
 mod maps;
@@ -108,6 +111,11 @@ pub struct EbpfConfig {
     /// Devices for the TC programs; empty: every device but lo.
     pub devices: Vec<String>,
     pub map_sizes: MapSizes,
+    /// NAT source ports (`--bpf-nat-port-range`); `None`: above the node's
+    /// ephemeral ports.
+    pub nat_ports: Option<(u16, u16)>,
+    /// Conntrack timeouts and the garbage collector's pace.
+    pub gc: ct_worker::GcConfig,
 }
 
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/kproxy";
@@ -125,6 +133,8 @@ pub struct EbpfDataplane {
     programs: Option<aya::Ebpf>,
     /// Devices the TC programs are attached to.
     devices: Vec<checks::Device>,
+    /// The conntrack garbage collector (stopped on drop).
+    gc: Option<ct_worker::GcHandle>,
     /// The network namespace `start` ran in (its inode): devices are only
     /// followed from there, never from a thread that is elsewhere.
     netns: Option<u64>,
@@ -153,6 +163,7 @@ impl EbpfDataplane {
             needs_full: true,
             programs: None,
             devices: Vec::new(),
+            gc: None,
             netns: None,
         }
     }
@@ -229,11 +240,12 @@ impl EbpfDataplane {
             node_ip,
             nodeport_ips,
             if_addrs: if_addrs(&devices),
-            snat_ports: checks::snat_port_range(),
+            snat_ports: ebpf.nat_ports.unwrap_or_else(checks::snat_port_range),
             localhost_netns,
         };
         let mut writer = Writer::open(&ebpf.pin_path)?;
         writer.sync_node(&node, &config_for_local(&config, &[]))?;
+        let gc = ct_worker::spawn(&ebpf.pin_path, ebpf.gc)?;
         info!(
             pin = %ebpf.pin_path.display(),
             adopted = adopting,
@@ -250,6 +262,7 @@ impl EbpfDataplane {
             needs_full: true,
             programs: Some(obj),
             devices,
+            gc: Some(gc),
             netns: current_netns(),
         })
     }
@@ -358,6 +371,13 @@ impl Dataplane for EbpfDataplane {
         match writer.sync(desired, changes, full, &self.effective) {
             Ok((counts, errors)) => {
                 self.needs_full = false;
+                if full || !changes.is_empty() {
+                    // UDP flows to backends that left go now, as kube-proxy
+                    // clears their conntrack entries.
+                    if let Some(gc) = &self.gc {
+                        gc.backends_changed();
+                    }
+                }
                 Ok(to_stats(full, counts, errors))
             }
             Err(e) => {
@@ -367,7 +387,15 @@ impl Dataplane for EbpfDataplane {
         }
     }
 
+    fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        self.gc
+            .as_ref()
+            .map(|gc| gc.metrics.collectors())
+            .unwrap_or_default()
+    }
+
     fn cleanup(&mut self) -> Result<(), DataplaneError> {
+        self.gc = None;
         self.writer = None;
         self.programs = None;
         self.needs_full = true;

@@ -1,0 +1,88 @@
+//! `BPF_MAP_LOOKUP_BATCH` through the raw bpf syscall: aya 0.14 has no
+//! wrapper, and walking a map of a few hundred thousand flows key by key
+//! costs two syscalls per entry.
+
+use std::io;
+use std::mem::size_of;
+use std::os::fd::RawFd;
+
+/// `union bpf_attr`'s batch member.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// Where a walk over a map stands: `None` at the start.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Cursor(pub Option<u64>);
+
+impl Cursor {
+    pub fn at_start(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+/// Reads up to `chunk` entries from `cursor` on into `out`; true when the
+/// walk reached the end of the map (the cursor is then back at the start).
+pub fn lookup_batch<K: aya::Pod, V: aya::Pod>(
+    fd: RawFd,
+    cursor: &mut Cursor,
+    chunk: usize,
+    out: &mut Vec<(K, V)>,
+) -> io::Result<bool> {
+    // SAFETY: Pod types are plain integers; all-zero is a valid value.
+    let mut keys: Vec<K> = vec![unsafe { std::mem::zeroed() }; chunk];
+    let mut values: Vec<V> = vec![unsafe { std::mem::zeroed() }; chunk];
+    let in_batch = cursor.0.unwrap_or(0);
+    let mut out_batch: u64 = 0;
+    let mut attr = BatchAttr {
+        in_batch: if cursor.0.is_some() {
+            &in_batch as *const u64 as u64
+        } else {
+            0
+        },
+        out_batch: &mut out_batch as *mut u64 as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count: chunk as u32,
+        map_fd: fd as u32,
+        ..Default::default()
+    };
+    // SAFETY: the attr points at buffers of `chunk` keys and values and at
+    // the two batch tokens, all alive for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_BATCH,
+            &mut attr as *mut BatchAttr,
+            size_of::<BatchAttr>(),
+        )
+    };
+    let err = (rc < 0).then(io::Error::last_os_error);
+    let n = (attr.count as usize).min(chunk);
+    out.extend(keys.into_iter().zip(values).take(n));
+    match err {
+        None => {
+            cursor.0 = Some(out_batch);
+            Ok(false)
+        }
+        Some(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            cursor.0 = None;
+            Ok(true)
+        }
+        Some(e) => {
+            cursor.0 = None;
+            Err(e)
+        }
+    }
+}

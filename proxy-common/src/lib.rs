@@ -253,13 +253,18 @@ pub struct SockRevValue {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Config {
-    /// SNAT source ports are taken from [snat_port_min, snat_port_max]
-    /// (host order), a range outside the node's ephemeral ports.
+    /// NAT source ports (SNAT, and translation around clashes) are taken
+    /// from [snat_port_min, snat_port_max] (host order) except
+    /// [skip_min, skip_max] (the node's ephemeral ports, which its own
+    /// untracked connections use; skip_min == 0: nothing skipped).
     pub snat_port_min: u16,
     pub snat_port_max: u16,
     /// SNAT source on a device without an address of its own (a pod's)
     /// when the client did not dial a node address.
     pub node_ip: u32,
+    pub skip_min: u16,
+    pub skip_max: u16,
+    pub _pad: u32,
     /// Network namespace cookie of the node (kproxy's own): its sockets
     /// reach node ports on 127.0.0.1 (kube-proxy's localhost node ports).
     /// A pod's 127.0.0.1 is its own. 0: off.

@@ -136,6 +136,8 @@ pub struct ClientSpec {
     pub timeout_ms: u64,
     pub interval_ms: u64,
     pub hold: bool,
+    /// More `kproxy-testpod client` flags (`--size N`, `--download N`).
+    pub extra: Vec<String>,
 }
 
 impl ClientSpec {
@@ -148,6 +150,7 @@ impl ClientSpec {
             timeout_ms: 1000,
             interval_ms: 0,
             hold: false,
+            extra: Vec::new(),
         }
     }
 
@@ -200,6 +203,7 @@ impl ClientSpec {
         if self.hold {
             args.push("--hold".into());
         }
+        args.extend(self.extra.iter().cloned());
         args
     }
 }

@@ -369,6 +369,33 @@ impl Topology {
         Running::start(&p.ns, Some(self.nodes[p.node].cgroup.path()), spec)
     }
 
+    /// Starts a client in pod `pod` outside the node's cgroup: in ebpf mode
+    /// its traffic takes the TC path, like a pod kproxy does not hook.
+    pub fn start_from_pod_unhooked(&self, pod: &str, spec: &ClientSpec) -> Result<Running> {
+        Running::start(&self.pod(pod).ns, None, spec)
+    }
+
+    /// A metric of node `i`'s kproxy (the sum over its label sets that
+    /// contain `labels`), from its /metrics in the node's namespace.
+    pub fn metric(&self, i: usize, name: &str, labels: &str) -> Result<f64> {
+        let (code, body) = Self::http_get(&self.nodes[i].ns, "127.0.0.1:10249", "/metrics")?;
+        anyhow::ensure!(code == 200, "/metrics answered {code}");
+        let mut sum = 0.0;
+        let mut found = false;
+        for line in body.lines().filter(|l| !l.starts_with('#')) {
+            let Some((key, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let metric = key.split('{').next().unwrap_or(key);
+            if metric == name && key.contains(labels) {
+                sum += value.parse::<f64>().unwrap_or(0.0);
+                found = true;
+            }
+        }
+        anyhow::ensure!(found, "no metric {name}{{{labels}}} in /metrics");
+        Ok(sum)
+    }
+
     /// Runs a client in the outside namespace (not in any node's cgroup).
     pub fn from_ext(&self, spec: &ClientSpec) -> Result<Outcome> {
         Running::start(&self.ext, None, spec)?.wait()

@@ -80,7 +80,7 @@ fn new_flow(
 ) -> Result<i32, i64> {
     let t = now();
     let snat = flags & FLOW_SNAT != 0;
-    let Some(nat_port) = port::claim(key, backend.0, backend.1, snat, t) else {
+    let Some(nat_port) = port::claim(key, backend.0, backend.1, snat) else {
         // No free port: better dropped than sent on a 4-tuple in use.
         return Ok(SHOT);
     };

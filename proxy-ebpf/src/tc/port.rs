@@ -2,8 +2,9 @@
 //! and claiming it in the NAT index.
 //!
 //! The client's own port is kept when its 4-tuple at the backend is free
-//! (with SNAT only when it lies in the NAT port range: the node's own
-//! connections use the ports outside it, and they are not tracked here).
+//! (with SNAT only when it lies in the NAT port range, which leaves out the
+//! node's ephemeral ports: the node's own connections use those, and they
+//! are not tracked here).
 //! Otherwise the whole range is scanned from a random start with
 //! `bpf_loop`, so a free port is found whenever one exists, at a cost
 //! bounded by the range. A port whose flow has closed (or whose flow is
@@ -15,7 +16,7 @@ use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_loop};
 use proxy_common::ct_state::TCP_CLOSED;
 use proxy_common::*;
 
-use super::ct::{count, flow_get, flow_remove, NAT, NAT_NEW};
+use super::ct::{count, flow_get, flow_remove, now, NAT, NAT_NEW};
 use crate::CONFIG;
 
 /// What a port must be free for; on `bpf_loop`'s stack.
@@ -26,8 +27,11 @@ struct Claim {
     backend_port: u16,
     snat: u8,
     _pad: u8,
-    created_ns: u64,
-    lo: u32,
+    lo: u16,
+    /// Ports from `skip_min` on are shifted past the skipped range by `skip_len`.
+    skip_min: u16,
+    skip_len: u16,
+    _pad1: u16,
     span: u32,
     start: u32,
     /// The port found (network order), 0 while none.
@@ -72,7 +76,7 @@ fn free(key: &Tuple) -> bool {
 fn try_port(c: &Claim, port: u16) -> bool {
     let v = NatValue {
         flow: c.flow,
-        created_ns: c.created_ns,
+        created_ns: now(),
     };
     let out = Tuple {
         src: c.backend_ip,
@@ -124,7 +128,11 @@ unsafe extern "C" fn probe(i: u64, ctx: *mut c_void) -> i64 {
     let Some(off) = c.start.wrapping_add(i as u32).checked_rem(c.span) else {
         return 1;
     };
-    let port = (c.lo + off) as u16;
+    let mut port = c.lo as u32 + off;
+    if c.skip_len != 0 && port >= c.skip_min as u32 {
+        port += c.skip_len as u32;
+    }
+    let port = port as u16;
     if try_port(c, port.to_be()) {
         c.got = port.to_be();
         return 1;
@@ -135,7 +143,7 @@ unsafe extern "C" fn probe(i: u64, ctx: *mut c_void) -> i64 {
 /// Picks and claims the nat port of the new flow `flow` towards the
 /// backend; `None` when every port of the range is in use.
 #[inline(always)]
-pub fn claim(flow: &Tuple, backend_ip: u32, backend_port: u16, snat: bool, t: u64) -> Option<u16> {
+pub fn claim(flow: &Tuple, backend_ip: u32, backend_port: u16, snat: bool) -> Option<u16> {
     let cfg = CONFIG.get(0).copied()?;
     let mut c = Claim {
         flow: *flow,
@@ -143,15 +151,18 @@ pub fn claim(flow: &Tuple, backend_ip: u32, backend_port: u16, snat: bool, t: u6
         backend_port,
         snat: snat as u8,
         _pad: 0,
-        created_ns: t,
-        lo: cfg.snat_port_min as u32,
+        lo: cfg.snat_port_min,
+        skip_min: cfg.skip_min,
+        skip_len: 0,
+        _pad1: 0,
         span: 0,
         start: 0,
         got: 0,
         _pad2: 0,
     };
     let own = u16::from_be(flow.sport);
-    let in_range = own >= cfg.snat_port_min && own <= cfg.snat_port_max;
+    let skipped = cfg.skip_min != 0 && own >= cfg.skip_min && own <= cfg.skip_max;
+    let in_range = own >= cfg.snat_port_min && own <= cfg.snat_port_max && !skipped;
     if (!snat || in_range) && try_port(&c, flow.sport) {
         return Some(flow.sport);
     }
@@ -160,6 +171,13 @@ pub fn claim(flow: &Tuple, backend_ip: u32, backend_port: u16, snat: bool, t: u6
         return None;
     }
     c.span = (cfg.snat_port_max - cfg.snat_port_min) as u32 + 1;
+    if cfg.skip_min > cfg.snat_port_min
+        && cfg.skip_max >= cfg.skip_min
+        && cfg.skip_max < cfg.snat_port_max
+    {
+        c.skip_len = cfg.skip_max - cfg.skip_min + 1;
+        c.span -= c.skip_len as u32;
+    }
     // SAFETY: helper without arguments.
     c.start = unsafe { bpf_get_prandom_u32() }
         .checked_rem(c.span)

@@ -9,7 +9,7 @@
 //! prints `ready` once every socket is bound.
 //!
 //! `client --target IP:PORT [--udp [--unconnected]] [--count N] [--timeout-ms T]
-//! [--interval-ms I] [--hold]` prints one JSON line per attempt:
+//! [--interval-ms I] [--hold] [--size N] [--download N]` prints one JSON line per attempt:
 //! `{"i":0,"t":1763900000000.0,"ok":true,"reply":"pod-a 10.244.1.30:40000 8080","peer":"10.96.0.10:80","ms":0.4}`
 //! or `{"i":1,"t":...,"ok":false,"error":"refused","ms":0.1}` (`t`: start of
 //! the attempt, ms since the Unix epoch; `peer`: the address the socket
@@ -18,6 +18,13 @@
 //! (`[::ffff:10.96.0.10]:80`) makes an AF_INET6 socket, as Java does for an
 //! IPv4 address. With `--hold` all attempts go over one TCP connection (a
 //! long-lived client). Loops are bounded by `--count` and stop by themselves.
+//! `--size N` sends N-byte UDP datagrams (larger than the MTU: fragments);
+//! `--download N` asks a TCP server for N bytes (`download N`), which it
+//! sends and then closes.
+//!
+//! `flood --target IP:PORT --count N [--max-ms T]` sends N TCP SYNs from
+//! random sources in 198.18.0.0/15 (the benchmarking range) through a raw
+//! socket, and stops after N packets or T ms, whichever comes first.
 
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -28,6 +35,7 @@ fn main() {
     let result = match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1..]),
         Some("client") => client(&args[1..]),
+        Some("flood") => flood(&args[1..]),
         _ => Err("usage: kproxy-testpod serve|client ...".to_string()),
     };
     if let Err(err) = result {
@@ -138,7 +146,21 @@ fn answer_tcp(conn: TcpStream, name: &str) {
         Err(_) => return,
     };
     for line in BufReader::new(conn).lines() {
-        if line.is_err() || writeln!(writer, "{name} {peer} {port}").is_err() {
+        let Ok(line) = line else { return };
+        if let Some(n) = line.strip_prefix("download ") {
+            let n: usize = n.trim().parse().unwrap_or(0);
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut left = n;
+            while left > 0 {
+                let k = left.min(chunk.len());
+                if writer.write_all(&chunk[..k]).is_err() {
+                    return;
+                }
+                left -= k;
+            }
+            return;
+        }
+        if writeln!(writer, "{name} {peer} {port}").is_err() {
             return;
         }
     }
@@ -170,6 +192,8 @@ fn client(args: &[String]) -> Result<(), String> {
     let udp = args.iter().any(|a| a == "--udp");
     let unconnected = args.iter().any(|a| a == "--unconnected");
     let hold = args.iter().any(|a| a == "--hold");
+    let size: usize = value(args, "--size", 0)?;
+    let download: usize = value(args, "--download", 0)?;
     let mut held: Option<(TcpStream, BufReader<TcpStream>)> = None;
     let out = std::io::stdout();
     for i in 0..count {
@@ -178,8 +202,12 @@ fn client(args: &[String]) -> Result<(), String> {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs_f64() * 1000.0)
             .unwrap_or(0.0);
-        let result = if udp {
+        let result = if udp && size > 0 {
+            udp_sized_attempt(target, timeout, size)
+        } else if udp {
             udp_attempt(target, timeout, unconnected)
+        } else if download > 0 {
+            download_attempt(target, timeout, download)
         } else if hold {
             held_attempt(&mut held, target, timeout)
         } else {
@@ -271,4 +299,160 @@ fn udp_attempt(target: SocketAddr, timeout: Duration, unconnected: bool) -> Answ
         (n, socket.peer_addr().map_err(|e| classify(&e))?)
     };
     Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), peer))
+}
+
+/// A datagram of `size` bytes to an echo server; the reply must be as long.
+fn udp_sized_attempt(target: SocketAddr, timeout: Duration, size: usize) -> Answer {
+    let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| classify(&e))?;
+    socket.connect(target).map_err(|e| classify(&e))?;
+    socket
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| classify(&e))?;
+    let payload: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    socket.send(&payload).map_err(|e| classify(&e))?;
+    let mut buf = vec![0u8; 65536];
+    let n = socket.recv(&mut buf).map_err(|e| classify(&e))?;
+    if buf[..n] != payload[..] {
+        return Err(format!("short or changed echo: {n} of {size} bytes"));
+    }
+    Ok((
+        format!("echo {n} bytes"),
+        socket.peer_addr().map_err(|e| classify(&e))?,
+    ))
+}
+
+/// Downloads `n` bytes; the reply names how many arrived.
+fn download_attempt(target: SocketAddr, timeout: Duration, n: usize) -> Answer {
+    use std::io::Read;
+    let mut conn = TcpStream::connect_timeout(&target, timeout).map_err(|e| classify(&e))?;
+    conn.set_read_timeout(Some(timeout))
+        .map_err(|e| classify(&e))?;
+    writeln!(conn, "download {n}").map_err(|e| classify(&e))?;
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => got += k,
+            Err(e) => return Err(format!("{} after {got} bytes", classify(&e))),
+        }
+    }
+    if got != n {
+        return Err(format!("got {got} of {n} bytes"));
+    }
+    Ok((
+        format!("downloaded {got} bytes"),
+        conn.peer_addr().map_err(|e| classify(&e))?,
+    ))
+}
+
+/// One's-complement sum of 16-bit words.
+fn csum_add(mut sum: u32, data: &[u8]) -> u32 {
+    for c in data.chunks(2) {
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            u16::from_be_bytes([c[0], 0])
+        };
+        sum += w as u32;
+    }
+    sum
+}
+
+fn csum_fold(mut sum: u32) -> u16 {
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// SYNs from random sources, bounded by count and time.
+fn flood(args: &[String]) -> Result<(), String> {
+    let target: std::net::SocketAddrV4 = values(args, "--target")
+        .last()
+        .ok_or("--target IP:PORT is required")?
+        .parse()
+        .map_err(|e| format!("--target: {e}"))?;
+    let count: usize = value(args, "--count", 1000)?;
+    let max = Duration::from_millis(value(args, "--max-ms", 10_000)?);
+    // SAFETY: plain socket calls; the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    if fd < 0 {
+        return Err(format!("raw socket: {}", std::io::Error::last_os_error()));
+    }
+    let dst = target.ip().octets();
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(dst),
+        },
+        sin_zero: [0; 8],
+    };
+    let started = Instant::now();
+    let mut seed: u64 = std::process::id() as u64 ^ 0x9e37_79b9_7f4a_7c15;
+    let mut sent = 0usize;
+    while sent < count && started.elapsed() < max {
+        // xorshift: cheap and good enough for spoofed sources and ports.
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let r = seed;
+        let src = [
+            198,
+            18 | ((r >> 8) as u8 & 1),
+            (r >> 16) as u8,
+            (r >> 24) as u8 | 1,
+        ];
+        let sport = 1024 + ((r >> 32) as u16 % 60000);
+        let mut tcp = [0u8; 20];
+        tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+        tcp[2..4].copy_from_slice(&target.port().to_be_bytes());
+        tcp[4..8].copy_from_slice(&((r >> 16) as u32).to_be_bytes());
+        tcp[12] = 5 << 4;
+        tcp[13] = 0x02; // SYN
+        tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+        let mut sum = csum_add(0, &src);
+        sum = csum_add(sum, &dst);
+        sum += 6 + 20;
+        sum = csum_add(sum, &tcp);
+        tcp[16..18].copy_from_slice(&csum_fold(sum).to_be_bytes());
+        let mut pkt = [0u8; 40];
+        pkt[0] = 0x45;
+        pkt[2..4].copy_from_slice(&40u16.to_be_bytes());
+        pkt[8] = 64;
+        pkt[9] = 6;
+        pkt[12..16].copy_from_slice(&src);
+        pkt[16..20].copy_from_slice(&dst);
+        let ip_sum = csum_fold(csum_add(0, &pkt[..20]));
+        pkt[10..12].copy_from_slice(&ip_sum.to_be_bytes());
+        pkt[20..].copy_from_slice(&tcp);
+        // SAFETY: sending a stack buffer to a sockaddr_in.
+        let rc = unsafe {
+            libc::sendto(
+                fd,
+                pkt.as_ptr() as *const libc::c_void,
+                pkt.len(),
+                0,
+                &addr as *const libc::sockaddr_in as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ENOBUFS) {
+                // SAFETY: closing our fd.
+                unsafe { libc::close(fd) };
+                return Err(format!("sendto: {e}"));
+            }
+        }
+        sent += 1;
+    }
+    // SAFETY: closing our fd.
+    unsafe { libc::close(fd) };
+    println!(
+        "{{\"sent\":{sent},\"ms\":{}}}",
+        started.elapsed().as_millis()
+    );
+    Ok(())
 }

@@ -196,30 +196,43 @@ pub fn resolve_devices(wanted: &[String]) -> Result<Vec<Device>, DataplaneError>
         .collect()
 }
 
-/// SNAT ports: a range outside the node's ephemeral ports, so a SNATed flow
-/// can never take a port the node's own connections may use.
-pub fn snat_port_range() -> (u16, u16) {
+/// NAT ports: 1024-65535 without the node's ephemeral ports
+/// (`ip_local_port_range`), which its own connections take without our
+/// knowing. Ports the node listens on are fine: replies to a NAT port are
+/// translated before any socket sees them.
+pub fn snat_port_range() -> (u16, u16, Option<(u16, u16)>) {
     let text =
         std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
     let mut it = text.split_whitespace().map(|s| s.parse::<u32>().ok());
     let (lo, hi) = match (it.next().flatten(), it.next().flatten()) {
-        (Some(lo), Some(hi)) => (lo, hi),
+        (Some(lo), Some(hi)) => (lo.clamp(1, 65535), hi.clamp(1, 65535)),
         _ => (32768, 60999),
     };
-    if hi < 65535 - 1024 {
-        ((hi + 1) as u16, 65535)
-    } else if lo > 1024 + 2048 {
-        (1024 + 1024, (lo - 1) as u16)
-    } else {
+    nat_ports_around(lo as u16, hi as u16)
+}
+
+/// 1024-65535 minus the ephemeral range [lo, hi].
+fn nat_ports_around(lo: u16, hi: u16) -> (u16, u16, Option<(u16, u16)>) {
+    if hi < 1024 || lo > hi {
+        return (1024, 65535, None);
+    }
+    if lo <= 1024 && hi >= 65535 - 1024 {
         // The whole range is ephemeral: share its top, collisions are then
         // possible and we say so.
         tracing::warn!(
             lo,
             hi,
-            "ip_local_port_range leaves no room for SNAT ports; SNATed flows may collide with local connections"
+            "ip_local_port_range leaves no room for NAT ports; NATed flows may collide with the node's own connections (set --bpf-nat-port-range)"
         );
-        (61000, 65535)
+        return (61000, 65535, None);
     }
+    if lo <= 1024 {
+        return (hi + 1, 65535, None);
+    }
+    if hi == 65535 {
+        return (1024, lo - 1, None);
+    }
+    (1024, 65535, Some((lo, hi)))
 }
 
 /// The cookie of the calling thread's network namespace, as
@@ -280,14 +293,24 @@ mod tests {
     }
 
     #[test]
-    fn snat_range_avoids_ephemeral_ports() {
-        let (lo, hi) = snat_port_range();
+    fn nat_ports_leave_out_the_ephemeral_range() {
+        assert_eq!(
+            nat_ports_around(32768, 60999),
+            (1024, 65535, Some((32768, 60999)))
+        );
+        assert_eq!(nat_ports_around(1024, 60999), (61000, 65535, None));
+        assert_eq!(nat_ports_around(40000, 65535), (1024, 39999, None));
+        assert_eq!(nat_ports_around(1, 65535), (61000, 65535, None));
+        let (lo, hi, skip) = snat_port_range();
         assert!(lo <= hi);
         let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
-        let v: Vec<u32> = text
+        let v: Vec<u16> = text
             .split_whitespace()
             .map(|s| s.parse().unwrap())
             .collect();
-        assert!(hi as u32 <= v[0] || lo as u32 > v[1], "{lo}-{hi} vs {v:?}");
+        assert!(
+            skip == Some((v[0], v[1])) || hi <= v[0] || lo > v[1],
+            "{lo}-{hi} {skip:?} vs {v:?}"
+        );
     }
 }

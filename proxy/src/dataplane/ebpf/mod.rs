@@ -240,7 +240,10 @@ impl EbpfDataplane {
             node_ip,
             nodeport_ips,
             if_addrs: if_addrs(&devices),
-            snat_ports: ebpf.nat_ports.unwrap_or_else(checks::snat_port_range),
+            snat_ports: match ebpf.nat_ports {
+                Some((lo, hi)) => (lo, hi, None),
+                None => checks::snat_port_range(),
+            },
             localhost_netns,
         };
         let mut writer = Writer::open(&ebpf.pin_path)?;

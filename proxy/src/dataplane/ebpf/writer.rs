@@ -32,7 +32,8 @@ pub struct NodeSettings {
     pub nodeport_ips: Vec<std::net::Ipv4Addr>,
     /// (ifindex, address) of each attached device: the SNAT source there.
     pub if_addrs: Vec<(u32, std::net::Ipv4Addr)>,
-    pub snat_ports: (u16, u16),
+    /// NAT ports: (min, max, ports skipped inside them).
+    pub snat_ports: (u16, u16, Option<(u16, u16)>),
     /// SNAT source on devices without an address.
     pub node_ip: Option<std::net::Ipv4Addr>,
     /// Cookie of the network namespace whose sockets reach node ports on
@@ -276,6 +277,9 @@ impl Writer {
                     snat_port_min: node.snat_ports.0,
                     snat_port_max: node.snat_ports.1,
                     node_ip: node.node_ip.map_or(0, ip_key),
+                    skip_min: node.snat_ports.2.map_or(0, |s| s.0),
+                    skip_max: node.snat_ports.2.map_or(0, |s| s.1),
+                    _pad: 0,
                     localhost_netns: node.localhost_netns,
                 },
                 0,

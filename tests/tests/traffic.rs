@@ -1,0 +1,374 @@
+//! Real traffic through the packet path: many short flows through a
+//! NodePort that needs SNAT, idle and draining flows, a SYN flood, a small
+//! MTU, fragmented datagrams and ICMP errors. Each test builds its own
+//! topology (see tests/src/topo.rs) and runs in both modes where the
+//! behaviour is shared; ebpf mode gets short timeouts and small maps through
+//! its flags so expiry and floods happen within seconds.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use kproxy_tests::client::ClientSpec;
+use kproxy_tests::manifests::{self as m, ready, service, slice, Endpoint};
+use kproxy_tests::topo::NODE_IPS;
+use kproxy_tests::{poll, Mode, Topology};
+use serde_json::Value;
+
+const A: &str = "10.244.1.10"; // pod-a on node1
+const B: &str = "10.244.2.10"; // pod-b on node2
+const VIP: &str = "10.96.0.10";
+const NODE1: &str = NODE_IPS[0];
+
+/// ebpf mode's conntrack shrunk to seconds (iptables mode ignores them).
+const SHORT_CT: &[&str] = &[
+    "--bpf-ct-timeout-syn=2s",
+    "--bpf-ct-timeout-close=1s",
+    "--conntrack-udp-timeout=2s",
+    "--conntrack-udp-timeout-stream=3s",
+    "--bpf-ct-gc-interval=200ms",
+];
+
+fn a() -> Endpoint {
+    ready(A, "node1")
+}
+fn b() -> Endpoint {
+    ready(B, "node2")
+}
+
+/// Builds the topology, serves the usual ports plus a UDP echo on 7777 in
+/// every pod, and starts kproxy with `extra` flags (ebpf ones only in
+/// ebpf mode).
+fn start(mode: Mode, extra: &[&str]) -> Result<Topology> {
+    let mut topo = Topology::build(mode)?;
+    for i in 0..topo.pods.len() {
+        topo.serve(i, &["--tcp", "8080", "--tcp", "9090", "--udp", "5353"])?;
+        topo.serve(i, &["--udp-echo", "7777"])?;
+    }
+    for node in &mut topo.nodes {
+        node.config.extra_args = extra
+            .iter()
+            .filter(|a| mode == Mode::Ebpf || !a.starts_with("--bpf-"))
+            .map(|a| a.to_string())
+            .collect();
+    }
+    for i in 0..topo.nodes.len() {
+        topo.start_kproxy(i)?;
+    }
+    Ok(topo)
+}
+
+/// `web`: TCP 80 -> 8080 on node port 30080, UDP 53 -> 5353 on 30053.
+fn web(endpoints: &[Endpoint]) -> Vec<Value> {
+    vec![
+        service(
+            "web",
+            VIP,
+            vec![
+                m::tcp("http", 80, 8080).node_port(30080),
+                m::udp("dns", 53, 5353).node_port(30053),
+            ],
+        )
+        .to_json(),
+        slice(
+            "web-1",
+            "web",
+            &[("http", "TCP", 8080), ("dns", "UDP", 5353)],
+            endpoints,
+        ),
+    ]
+}
+
+fn pod_of(reply: Option<&str>) -> Option<String> {
+    reply
+        .and_then(|r| r.split_whitespace().next())
+        .map(str::to_string)
+}
+
+/// 20,000 short TCP connections and 20,000 UDP exchanges, each from a
+/// fresh socket, from outside through node1's NodePort to the only endpoint
+/// on node2 (every flow needs a SNAT port): none fails, and in ebpf mode
+/// the conntrack and NAT maps are back near empty once the timeouts pass.
+pub fn many_short_flows_through_a_snat_node_port(mode: Mode) -> Result<()> {
+    let mut extra = SHORT_CT.to_vec();
+    extra.push("--bpf-ct-map-max=65536");
+    let topo = start(mode, &extra)?;
+    topo.write("web.yaml", &web(&[b()]))?;
+    topo.wait_backends("default/web:http", "NodePort", &[&format!("{B}:8080")])?;
+    let tcp = topo.from_ext(&ClientSpec::tcp(format!("{NODE1}:30080"), 20_000).timeout_ms(3000))?;
+    tcp.expect_all_ok("20,000 TCP connections through the NodePort")?;
+    ensure!(
+        tcp.attempts
+            .iter()
+            .all(|a| a.seen_client_ip() == Some(NODE1)),
+        "the backend saw an untranslated client: {:?}",
+        tcp.attempts
+            .iter()
+            .find(|a| a.seen_client_ip() != Some(NODE1))
+    );
+    let udp = topo.from_ext(&ClientSpec::udp(format!("{NODE1}:30053"), 20_000).timeout_ms(3000))?;
+    udp.expect_all_ok("20,000 UDP exchanges through the NodePort")?;
+    if mode == Mode::Ebpf {
+        // A flow lives at most a few seconds here: everything must go.
+        for map in ["CT", "CT_NEW", "NAT", "NAT_NEW"] {
+            poll::until(
+                &format!("{map} back near empty"),
+                Duration::from_secs(40),
+                || {
+                    let p = topo.metric(0, "kproxy_bpf_map_pressure", &format!("map=\"{map}\""))?;
+                    ensure!(p < 0.002, "{map} pressure {p}");
+                    Ok(())
+                },
+            )?;
+        }
+        let exhausted = topo.metric(
+            0,
+            "kproxy_bpf_datapath_events_total",
+            "event=\"nat_port_exhausted\"",
+        )?;
+        ensure!(exhausted == 0.0, "{exhausted} NAT port allocations failed");
+    }
+    Ok(())
+}
+
+/// A connection idle across many garbage-collector sweeps still works.
+pub fn idle_flow_outlives_gc_sweeps(mode: Mode) -> Result<()> {
+    let topo = start(mode, SHORT_CT)?;
+    topo.write("web.yaml", &web(&[b()]))?;
+    topo.wait_backends("default/web:http", "NodePort", &[&format!("{B}:8080")])?;
+    // Two exchanges 4 s apart on one connection: 20 sweeps in between,
+    // twice the SYN and UDP timeouts.
+    let out = topo.from_ext(
+        &ClientSpec::tcp(format!("{NODE1}:30080"), 2)
+            .hold()
+            .interval_ms(4000),
+    )?;
+    out.expect_all_ok("an idle connection through the NodePort")?;
+    Ok(())
+}
+
+/// An endpoint that leaves its slice (a draining pod) keeps its
+/// established connection; new connections go to the others.
+pub fn draining_endpoint_keeps_established_flows(mode: Mode) -> Result<()> {
+    let topo = start(mode, SHORT_CT)?;
+    topo.write("web.yaml", &web(&[a(), b()]))?;
+    topo.wait_backends(
+        "default/web:http",
+        "NodePort",
+        &[&format!("{A}:8080"), &format!("{B}:8080")],
+    )?;
+    let held = topo.start_from_ext(
+        &ClientSpec::tcp(format!("{NODE1}:30080"), 30)
+            .hold()
+            .interval_ms(100),
+    )?;
+    held.wait_until(
+        "the held connection answers",
+        Duration::from_secs(10),
+        |a| a.iter().filter(|a| a.ok).count() >= 3,
+    )?;
+    let first = held.attempts_so_far();
+    let pod = pod_of(first[0].reply.as_deref()).context("first reply names no pod")?;
+    let (gone, stays, stays_ep) = if pod == "pod-a" {
+        (A, B, b())
+    } else {
+        (B, A, a())
+    };
+    topo.write("web.yaml", &web(&[stays_ep]))?;
+    topo.wait_backends("default/web:http", "NodePort", &[&format!("{stays}:8080")])?;
+    let out = held.wait()?;
+    out.expect_all_ok("the established connection after its endpoint left")?;
+    ensure!(
+        out.attempts
+            .iter()
+            .all(|a| pod_of(a.reply.as_deref()).as_deref() == Some(pod.as_str())),
+        "the established connection moved: {}",
+        out.summary()
+    );
+    let fresh = topo.from_ext(&ClientSpec::tcp(format!("{NODE1}:30080"), 20))?;
+    fresh.expect_all_ok("new connections after the change")?;
+    ensure!(
+        fresh.attempts.iter().all(|a| a.seen_client_ip().is_some()
+            && pod_of(a.reply.as_deref()).as_deref() != Some(pod.as_str())),
+        "a new connection reached the removed endpoint {gone}: {}",
+        fresh.summary()
+    );
+    Ok(())
+}
+
+/// 150,000 SYNs from random sources at map sizes shrunk to 4,096 flows:
+/// an established idle connection keeps working, and new ones connect.
+pub fn syn_flood_leaves_established_flows_alone(mode: Mode) -> Result<()> {
+    let mut extra = SHORT_CT.to_vec();
+    extra.push("--bpf-ct-map-max=4096");
+    let topo = start(mode, &extra)?;
+    topo.write("web.yaml", &web(&[b()]))?;
+    topo.wait_backends("default/web:http", "NodePort", &[&format!("{B}:8080")])?;
+    let idle = topo.start_from_ext(
+        &ClientSpec::tcp(format!("{NODE1}:30080"), 2)
+            .hold()
+            .interval_ms(15_000),
+    )?;
+    idle.wait_until(
+        "the idle connection answers",
+        Duration::from_secs(10),
+        |a| a.iter().any(|a| a.ok),
+    )?;
+    let bin = kproxy_tests::client::testpod_binary()?;
+    let mut flood = topo.ext.command(bin.to_str().context("path")?, None);
+    flood.args([
+        "flood",
+        "--target",
+        &format!("{NODE1}:30080"),
+        "--count",
+        "150000",
+        "--max-ms",
+        "12000",
+    ]);
+    let report = kproxy_tests::netns::output(&mut flood, "SYN flood")?;
+    let out = idle.wait()?;
+    out.expect_all_ok(&format!(
+        "an idle connection across a SYN flood ({})",
+        report.trim()
+    ))?;
+    topo.from_ext(&ClientSpec::tcp(format!("{NODE1}:30080"), 50).timeout_ms(3000))?
+        .expect_all_ok("new connections after the flood")?;
+    Ok(())
+}
+
+/// A 1 MiB download through a SNAT NodePort by a client whose link has
+/// MTU 1280.
+pub fn small_mtu_client_downloads_through_a_node_port(mode: Mode) -> Result<()> {
+    let topo = start(mode, SHORT_CT)?;
+    topo.ext.ip(&["link", "set", "eth0", "mtu", "1280"])?;
+    topo.lan.ip(&["link", "set", "l-ext", "mtu", "1280"])?;
+    topo.write("web.yaml", &web(&[b()]))?;
+    topo.wait_backends("default/web:http", "NodePort", &[&format!("{B}:8080")])?;
+    let out = topo.from_ext(&download(format!("{NODE1}:30080")))?;
+    out.expect_all_ok("1 MiB through the NodePort at MTU 1280")?;
+    Ok(())
+}
+
+fn download(target: String) -> ClientSpec {
+    let mut spec = ClientSpec::tcp(target, 3).timeout_ms(5000);
+    spec.extra = vec!["--download".into(), (1 << 20).to_string()];
+    spec
+}
+
+fn sized_udp(target: String, size: usize) -> ClientSpec {
+    let mut spec = ClientSpec::udp(target, 20).timeout_ms(2000);
+    spec.extra = vec!["--size".into(), size.to_string()];
+    spec
+}
+
+/// `echo` (UDP 7777, policy Cluster, endpoint pod-b) on node port 30077;
+/// `echo-local` (policy Local, endpoint pod-a on node1) on 30078.
+fn echo() -> Vec<Value> {
+    vec![
+        service(
+            "echo",
+            "10.96.0.20",
+            vec![m::udp("echo", 7777, 7777).node_port(30077)],
+        )
+        .to_json(),
+        slice("echo-1", "echo", &[("echo", "UDP", 7777)], &[b()]),
+        service(
+            "echo-local",
+            "10.96.0.21",
+            vec![m::udp("echo", 7777, 7777).node_port(30078)],
+        )
+        .etp_local()
+        .to_json(),
+        slice(
+            "echo-local-1",
+            "echo-local",
+            &[("echo", "UDP", 7777)],
+            &[a()],
+        ),
+    ]
+}
+
+/// 3,000-byte datagrams (two fragments each way) through a NodePort with
+/// policy Cluster and Local, and through a ClusterIP from a pod that
+/// kproxy does not hook (the packet path).
+pub fn fragmented_udp_through_every_path(mode: Mode) -> Result<()> {
+    let topo = start(mode, SHORT_CT)?;
+    topo.write("echo.yaml", &echo())?;
+    topo.wait_backends("default/echo:echo", "NodePort", &[&format!("{B}:7777")])?;
+    topo.wait_backends(
+        "default/echo-local:echo",
+        "ClusterIP",
+        &[&format!("{A}:7777")],
+    )?;
+    topo.from_ext(&sized_udp(format!("{NODE1}:30077"), 3000))?
+        .expect_all_ok("3,000-byte datagrams through a NodePort (Cluster)")?;
+    topo.from_ext(&sized_udp(format!("{NODE1}:30078"), 3000))?
+        .expect_all_ok("3,000-byte datagrams through a NodePort (Local)")?;
+    topo.start_from_pod_unhooked("pod-c", &sized_udp("10.96.0.20:7777".into(), 3000))?
+        .wait()?
+        .expect_all_ok("3,000-byte datagrams through a ClusterIP from an unhooked pod")?;
+    Ok(())
+}
+
+/// A backend's "port unreachable" reaches the client as a refusal (the
+/// ICMP error's quoted packet is translated back).
+pub fn icmp_port_unreachable_reaches_the_client(mode: Mode) -> Result<()> {
+    let topo = start(mode, SHORT_CT)?;
+    topo.write(
+        "closed.yaml",
+        &[
+            service(
+                "closed",
+                "10.96.0.30",
+                vec![m::udp("closed", 5399, 5999).node_port(30099)],
+            )
+            .to_json(),
+            slice("closed-1", "closed", &[("closed", "UDP", 5999)], &[b()]),
+        ],
+    )?;
+    topo.wait_backends("default/closed:closed", "NodePort", &[&format!("{B}:5999")])?;
+    let out = topo.from_ext(&ClientSpec::udp(format!("{NODE1}:30099"), 5).timeout_ms(2000))?;
+    ensure!(
+        out.attempts
+            .iter()
+            .all(|a| a.error.as_deref() == Some("refused")),
+        "expected every datagram refused (ICMP port unreachable): {}",
+        out.summary()
+    );
+    Ok(())
+}
+
+macro_rules! traffic_tests {
+    ($mode:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() -> anyhow::Result<()> {
+                super::$name($mode)
+            }
+        )*
+    };
+}
+
+macro_rules! shared {
+    ($mode:expr) => {
+        traffic_tests!(
+            $mode;
+            many_short_flows_through_a_snat_node_port,
+            idle_flow_outlives_gc_sweeps,
+            draining_endpoint_keeps_established_flows,
+            small_mtu_client_downloads_through_a_node_port,
+            fragmented_udp_through_every_path,
+            icmp_port_unreachable_reaches_the_client,
+        );
+    };
+}
+
+mod iptables {
+    use kproxy_tests::Mode;
+    shared!(Mode::Iptables);
+}
+
+mod ebpf {
+    use kproxy_tests::Mode;
+    shared!(Mode::Ebpf);
+    traffic_tests!(Mode::Ebpf; syn_flood_leaves_established_flows_alone);
+}

@@ -2,12 +2,14 @@ use std::collections::BTreeMap;
 
 use super::*;
 
+type Key = (u32, u32, u16, u16, u8);
+
 /// In-memory maps, walked in key order; the cursor is the next key's
 /// source address (unique in these tests), so removals do not shift it.
 #[derive(Default)]
 struct Fake {
-    flows: [BTreeMap<(u32, u32, u16, u16, u8), Flow>; 2],
-    nats: [BTreeMap<(u32, u32, u16, u16, u8), NatValue>; 2],
+    flows: [BTreeMap<Key, Flow>; 2],
+    nats: [BTreeMap<Key, NatValue>; 2],
     backends: HashSet<(u32, u16)>,
     batches: usize,
 }
@@ -28,7 +30,7 @@ fn t(k: (u32, u32, u16, u16, u8)) -> Tuple {
 }
 
 fn walk<V: Copy>(
-    m: &BTreeMap<(u32, u32, u16, u16, u8), V>,
+    m: &BTreeMap<Key, V>,
     cursor: &mut Cursor,
     chunk: usize,
     out: &mut Vec<(Tuple, V)>,

@@ -6,18 +6,19 @@ use std::io;
 use std::mem::size_of;
 use std::os::fd::RawFd;
 
-/// `union bpf_attr`'s batch member.
+/// `union bpf_attr`'s batch member (also used by the service tables'
+/// update and delete batches).
 #[repr(C)]
 #[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
+pub(super) struct BatchAttr {
+    pub in_batch: u64,
+    pub out_batch: u64,
+    pub keys: u64,
+    pub values: u64,
+    pub count: u32,
+    pub map_fd: u32,
+    pub elem_flags: u64,
+    pub flags: u64,
 }
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;

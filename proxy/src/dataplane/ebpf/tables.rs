@@ -86,26 +86,14 @@ fn is_missing(e: &MapError) -> bool {
     }
 }
 
+use super::batch::BatchAttr;
+
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 /// The kernel's ENOTSUPP (not in libc): a map type without batch ops.
 const ENOTSUPP: i32 = 524;
 /// Entries per batch syscall (bounds the kernel's work per call).
 const BATCH: usize = 4096;
-
-/// `union bpf_attr` as the batch commands read it.
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
 
 /// One batch command; `Err((processed, errno))` on failure.
 fn batch(

@@ -20,7 +20,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,7 +34,47 @@ use crate::model::{Changes, DesiredState, Protocol, ServicePort, TrafficPolicy};
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
+/// The pid in a `kpx-ebpf-<tag>-<pid>-<n>` name, when that process is gone.
+fn dead_owner(name: &str) -> bool {
+    let mut parts = name.rsplit('-');
+    let (_, pid) = (parts.next(), parts.next());
+    name.starts_with("kpx-ebpf-")
+        && pid
+            .and_then(|p| p.parse::<u32>().ok())
+            .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+}
+
+/// Removes what killed runs left: their bpffs mounts, cgroups and
+/// namespaces (each name carries its test process's pid).
+fn remove_leftovers() {
+    let tmp = std::env::temp_dir();
+    for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if dead_owner(&name) {
+            let _ = Command::new("umount").arg(e.path()).status();
+            let _ = std::fs::remove_dir(e.path());
+        }
+    }
+    if let Some(root) = super::checks::detect_cgroup2() {
+        for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            if dead_owner(&e.file_name().to_string_lossy()) {
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
+    }
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            if dead_owner(name) {
+                let _ = Command::new("ip").args(["netns", "del", name]).status();
+            }
+        }
+    }
+}
+
 fn unique(tag: &str) -> String {
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(remove_leftovers);
     format!(
         "kpx-ebpf-{tag}-{}-{}",
         std::process::id(),

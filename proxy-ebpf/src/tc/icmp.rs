@@ -103,6 +103,22 @@ fn set_outer_dst(ctx: &mut TcContext, p: &Pkt, new_ip: u32) -> Result<(), i64> {
     Ok(())
 }
 
+/// A quoted packet from a client to a backend (C:x -> B:bp) becomes what
+/// the client sent (C:cp -> F:fp); true when it was one.
+#[inline(always)]
+fn quoted_as_the_client_sent_it(ctx: &mut TcContext, p: &Pkt, q: &Quoted) -> Result<bool, i64> {
+    let Some(v) = nat_get(&tuple(q.dst, q.src, q.dport, q.sport, q.proto)) else {
+        return Ok(false);
+    };
+    if v.flow.src != q.src {
+        return Ok(false);
+    }
+    set_quoted(ctx, p, q, false, q.src, v.flow.sport)?;
+    set_quoted(ctx, p, q, true, v.flow.dst, v.flow.dport)?;
+    count(stats::ICMP_TRANSLATED);
+    Ok(true)
+}
+
 /// An error arriving at the node.
 #[inline(always)]
 pub fn ingress(ctx: &mut TcContext, p: &Pkt) -> Result<i32, i64> {
@@ -126,13 +142,8 @@ pub fn ingress(ctx: &mut TcContext, p: &Pkt) -> Result<i32, i64> {
         }
     }
     // About a packet sent to a backend without SNAT (C:x -> B:bp).
-    if let Some(v) = nat_get(&tuple(q.dst, q.src, q.dport, q.sport, q.proto)) {
-        if v.flow.src == q.src {
-            set_quoted(ctx, p, &q, false, q.src, v.flow.sport)?;
-            set_quoted(ctx, p, &q, true, v.flow.dst, v.flow.dport)?;
-            count(stats::ICMP_TRANSLATED);
-            return ok;
-        }
+    if quoted_as_the_client_sent_it(ctx, p, &q)? {
+        return ok;
     }
     // About a reply as the client got it (F:fp -> C:cp): to the backend,
     // quoting what the backend sent.
@@ -169,14 +180,7 @@ pub fn egress(ctx: &mut TcContext, p: &Pkt) -> Result<i32, i64> {
             return ok;
         }
     }
-    // About a packet towards a backend (C:x -> B:bp): the client sent it
-    // to the frontend.
-    if let Some(v) = nat_get(&tuple(q.dst, q.src, q.dport, q.sport, q.proto)) {
-        if v.flow.src == q.src {
-            set_quoted(ctx, p, &q, false, q.src, v.flow.sport)?;
-            set_quoted(ctx, p, &q, true, v.flow.dst, v.flow.dport)?;
-            count(stats::ICMP_TRANSLATED);
-        }
-    }
+    // About a packet towards a backend (C:x -> B:bp).
+    quoted_as_the_client_sent_it(ctx, p, &q)?;
     ok
 }

@@ -124,6 +124,34 @@ pub struct Tuple {
     pub _pad: [u8; 3],
 }
 
+impl Tuple {
+    /// A flow's NAT key as its backend sees it: (backend, client, backend
+    /// port, nat port). The eBPF programs and the garbage collector both
+    /// build NAT keys here, so they always agree.
+    pub const fn nat_out(
+        client: u32,
+        backend_ip: u32,
+        backend_port: u16,
+        nat_port: u16,
+        proto: u8,
+    ) -> Tuple {
+        Tuple {
+            src: backend_ip,
+            dst: client,
+            sport: backend_port,
+            dport: nat_port,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// The SNAT key of a NAT key: the client left out (replies arrive at
+    /// the node address).
+    pub const fn nat_in(self) -> Tuple {
+        Tuple { dst: 0, ..self }
+    }
+}
+
 /// TC-path connection states (`Flow::state`). Userspace's garbage collector
 /// turns a state and the time of the last packet into an expiry.
 pub mod ct_state {

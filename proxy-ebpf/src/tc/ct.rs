@@ -64,27 +64,13 @@ pub fn nat_get(key: &Tuple) -> Option<NatValue> {
 /// The (backend, client, backend port, nat port) key of a flow.
 #[inline(always)]
 pub fn key_out(key: &Tuple, f: &Flow) -> Tuple {
-    Tuple {
-        src: f.backend_ip,
-        dst: key.src,
-        sport: f.backend_port,
-        dport: f.nat_port,
-        proto: key.proto,
-        _pad: [0; 3],
-    }
+    Tuple::nat_out(key.src, f.backend_ip, f.backend_port, f.nat_port, key.proto)
 }
 
 /// The (backend, 0, backend port, nat port) key of a SNAT flow.
 #[inline(always)]
 pub fn key_in(key: &Tuple, f: &Flow) -> Tuple {
-    Tuple {
-        src: f.backend_ip,
-        dst: 0,
-        sport: f.backend_port,
-        dport: f.nat_port,
-        proto: key.proto,
-        _pad: [0; 3],
-    }
+    key_out(key, f).nat_in()
 }
 
 /// Removes a flow and the NAT entries that point at it.

@@ -78,16 +78,9 @@ fn try_port(c: &Claim, port: u16) -> bool {
         flow: c.flow,
         created_ns: now(),
     };
-    let out = Tuple {
-        src: c.backend_ip,
-        dst: c.flow.src,
-        sport: c.backend_port,
-        dport: port,
-        proto: c.flow.proto,
-        _pad: [0; 3],
-    };
+    let out = Tuple::nat_out(c.flow.src, c.backend_ip, c.backend_port, port, c.flow.proto);
     if c.snat != 0 {
-        let inn = Tuple { dst: 0, ..out };
+        let inn = out.nat_in();
         if !free(&inn) || !free(&out) {
             return false;
         }
@@ -202,16 +195,9 @@ pub fn claim(flow: &Tuple, backend_ip: u32, backend_port: u16, snat: bool) -> Op
 /// Gives back a claimed port (the flow could not be recorded).
 #[inline(always)]
 pub fn release(flow: &Tuple, backend_ip: u32, backend_port: u16, port: u16, snat: bool) {
-    let out = Tuple {
-        src: backend_ip,
-        dst: flow.src,
-        sport: backend_port,
-        dport: port,
-        proto: flow.proto,
-        _pad: [0; 3],
-    };
+    let out = Tuple::nat_out(flow.src, backend_ip, backend_port, port, flow.proto);
     let _ = NAT_NEW.remove(&out);
     if snat {
-        let _ = NAT_NEW.remove(&Tuple { dst: 0, ..out });
+        let _ = NAT_NEW.remove(&out.nat_in());
     }
 }

@@ -118,17 +118,10 @@ pub trait CtStore {
 
 /// The NAT keys of a flow (as the eBPF programs make them).
 pub fn nat_keys(key: &Tuple, f: &Flow) -> Vec<Tuple> {
-    let out = Tuple {
-        src: f.backend_ip,
-        dst: key.src,
-        sport: f.backend_port,
-        dport: f.nat_port,
-        proto: key.proto,
-        _pad: [0; 3],
-    };
+    let out = Tuple::nat_out(key.src, f.backend_ip, f.backend_port, f.nat_port, key.proto);
     let mut keys = vec![out];
     if f.flags & FLOW_SNAT != 0 {
-        keys.push(Tuple { dst: 0, ..out });
+        keys.push(out.nat_in());
     }
     keys
 }

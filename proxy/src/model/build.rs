@@ -11,7 +11,7 @@ use crate::model::types::{
 };
 
 /// Node label carrying the node's zone, matched against topology hints.
-const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+pub(crate) const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 
 pub(crate) fn build(objects: &ClusterObjects, config: &ModelConfig) -> DesiredState {
     let mut rejected: Vec<Rejection> = Vec::new();
@@ -96,7 +96,7 @@ pub(crate) fn build(objects: &ClusterObjects, config: &ModelConfig) -> DesiredSt
 /// IPv6 is not programmed yet; rather than dropping it silently, one
 /// rejection per Service with IPv6 addresses (reason `ipv6_unsupported`)
 /// says which are left out and whether the IPv4 part is served.
-fn ipv6_parts(svc: &ParsedService) -> Option<Rejection> {
+pub(crate) fn ipv6_parts(svc: &ParsedService) -> Option<Rejection> {
     if svc.foreign || svc.headless || svc.type_ == ServiceType::ExternalName {
         return None;
     }
@@ -142,9 +142,9 @@ pub(crate) const REASON_IPV6_UNSUPPORTED: &str = "ipv6_unsupported";
 
 /// The ServicePorts of one valid Service; empty for Services kube-proxy
 /// does not program.
-fn service_ports(
+pub(crate) fn service_ports<S: std::borrow::Borrow<ParsedSlice>>(
     svc: &ParsedService,
-    slices: &[ParsedSlice],
+    slices: &[S],
     config: &ModelConfig,
     zone: Option<&str>,
 ) -> Vec<ServicePort> {
@@ -249,13 +249,14 @@ type Hinted = (Endpoint, Option<Vec<String>>);
 /// Every endpoint of one Service port across all its slices, deduplicated
 /// by (ip, port) and sorted. The slice port serving a Service port is the
 /// one with the same name and protocol.
-fn merge_endpoints(
-    slices: &[ParsedSlice],
+fn merge_endpoints<S: std::borrow::Borrow<ParsedSlice>>(
+    slices: &[S],
     port: &validate::ParsedServicePort,
     config: &ModelConfig,
 ) -> Vec<Hinted> {
     let mut by_addr: BTreeMap<(IpAddr, u16), Hinted> = BTreeMap::new();
     for slice in slices {
+        let slice = slice.borrow();
         let Some(sp) = slice
             .ports
             .iter()

@@ -21,7 +21,7 @@ pub(crate) const REASON_FRONTEND_CONFLICT: &str = "frontend_conflict";
 
 /// What a frontend is, in order of precedence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Kind {
+pub(crate) enum Kind {
     ClusterIp,
     LoadBalancer,
     ExternalIp,
@@ -41,13 +41,13 @@ impl Kind {
 
 /// A frontend as the dataplanes key it: address (none for a node port),
 /// port, protocol.
-type Frontend = (Option<IpAddr>, u16, Protocol);
+pub(crate) type Frontend = (Option<IpAddr>, u16, Protocol);
 
-#[derive(Debug, Clone)]
-struct Claim {
-    kind: Kind,
-    created: Option<jiff::Timestamp>,
-    port: ServicePortName,
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Claim {
+    pub kind: Kind,
+    pub created: Option<jiff::Timestamp>,
+    pub port: ServicePortName,
 }
 
 impl Claim {
@@ -64,6 +64,69 @@ impl Claim {
     }
 }
 
+/// Every frontend `sp` claims, with how (`created`: its Service's creation time).
+pub(crate) fn claims_of(
+    sp: &ServicePort,
+    created: Option<jiff::Timestamp>,
+) -> Vec<(Frontend, Claim)> {
+    let proto = sp.name.protocol;
+    let claim = |kind| Claim {
+        kind,
+        created,
+        port: sp.name.clone(),
+    };
+    let mut out = Vec::new();
+    for ip in &sp.cluster_ips {
+        out.push(((Some(*ip), sp.port, proto), claim(Kind::ClusterIp)));
+    }
+    for ip in &sp.load_balancer_ips {
+        out.push(((Some(*ip), sp.port, proto), claim(Kind::LoadBalancer)));
+    }
+    for ip in &sp.external_ips {
+        out.push(((Some(*ip), sp.port, proto), claim(Kind::ExternalIp)));
+    }
+    if let Some(np) = sp.node_port {
+        out.push(((None, np, proto), claim(Kind::NodePort)));
+    }
+    out
+}
+
+/// The claim that keeps `fe`, when more than one Service port claims it
+/// (`None`: no conflict). One Service port naming an address twice (its
+/// externalIP equal to its own ClusterIP) is no conflict.
+pub(crate) fn winner(claims: &[Claim]) -> Option<&Claim> {
+    let first = &claims.first()?.port;
+    if claims.iter().all(|c| &c.port == first) {
+        return None;
+    }
+    claims.iter().min_by(|a, b| a.rank().cmp(&b.rank()))
+}
+
+/// Takes the lost frontend `fe` (claimed as `loser.kind`) away from `sp`.
+pub(crate) fn take_away(sp: &mut ServicePort, fe: Frontend, kind: Kind) {
+    match (fe.0, kind) {
+        (Some(ip), Kind::ClusterIp) => sp.cluster_ips.retain(|i| *i != ip),
+        (Some(ip), Kind::LoadBalancer) => sp.load_balancer_ips.retain(|i| *i != ip),
+        (Some(ip), Kind::ExternalIp) => sp.external_ips.retain(|i| *i != ip),
+        _ => sp.node_port = None,
+    }
+}
+
+/// What is left of a Service port after its losses: `None` when every
+/// ClusterIP belongs to another Service (none of its frontends is
+/// programmed); without external frontends left, there is no external
+/// traffic policy.
+pub(crate) fn after_losses(mut sp: ServicePort) -> Option<ServicePort> {
+    if sp.cluster_ips.is_empty() {
+        return None;
+    }
+    if !sp.has_external_frontends() {
+        sp.external_policy = super::types::TrafficPolicy::Cluster;
+        sp.health_check_node_port = None;
+    }
+    Some(sp)
+}
+
 /// Removes every lost frontend from `services` and returns one rejection
 /// per loss. `created` is each Service's creation time.
 pub(crate) fn resolve(
@@ -73,67 +136,32 @@ pub(crate) fn resolve(
     let mut claims: BTreeMap<Frontend, Vec<Claim>> = BTreeMap::new();
     for sp in services.values() {
         let created = created.get(&sp.name.service).copied().flatten();
-        let proto = sp.name.protocol;
-        let mut claim = |fe: Frontend, kind: Kind| {
-            claims.entry(fe).or_default().push(Claim {
-                kind,
-                created,
-                port: sp.name.clone(),
-            })
-        };
-        for ip in &sp.cluster_ips {
-            claim((Some(*ip), sp.port, proto), Kind::ClusterIp);
-        }
-        for ip in &sp.load_balancer_ips {
-            claim((Some(*ip), sp.port, proto), Kind::LoadBalancer);
-        }
-        for ip in &sp.external_ips {
-            claim((Some(*ip), sp.port, proto), Kind::ExternalIp);
-        }
-        if let Some(np) = sp.node_port {
-            claim((None, np, proto), Kind::NodePort);
+        for (fe, claim) in claims_of(sp, created) {
+            claims.entry(fe).or_default().push(claim);
         }
     }
     let mut rejected = Vec::new();
-    for (fe, mut list) in claims {
-        // One Service port naming an address twice (its externalIP equal
-        // to its own ClusterIP) is no conflict.
-        let distinct = list
-            .iter()
-            .map(|c| &c.port)
-            .collect::<std::collections::BTreeSet<_>>();
-        if distinct.len() < 2 {
+    for (fe, list) in claims {
+        let Some(winner) = winner(&list) else {
             continue;
-        }
-        list.sort_by(|a, b| a.rank().cmp(&b.rank()));
-        let winner = list[0].clone();
-        for loser in list.iter().skip(1).filter(|c| c.port != winner.port) {
+        };
+        for loser in list.iter().filter(|c| c.port != winner.port) {
             let Some(sp) = services.get_mut(&loser.port) else {
                 continue;
             };
-            match (fe.0, loser.kind) {
-                (Some(ip), Kind::ClusterIp) => sp.cluster_ips.retain(|i| *i != ip),
-                (Some(ip), Kind::LoadBalancer) => sp.load_balancer_ips.retain(|i| *i != ip),
-                (Some(ip), Kind::ExternalIp) => sp.external_ips.retain(|i| *i != ip),
-                _ => sp.node_port = None,
-            }
-            rejected.push(rejection(fe, loser, &winner));
+            take_away(sp, fe, loser.kind);
+            rejected.push(rejection(fe, loser, winner));
         }
     }
-    // A port whose every ClusterIP belongs to another Service is no
-    // Service port at all: none of its frontends is programmed.
-    services.retain(|_, sp| !sp.cluster_ips.is_empty());
-    // Without external frontends left, there is no external traffic policy.
-    for sp in services.values_mut() {
-        if !sp.has_external_frontends() {
-            sp.external_policy = super::types::TrafficPolicy::Cluster;
-            sp.health_check_node_port = None;
-        }
-    }
+    let all = std::mem::take(services);
+    services.extend(
+        all.into_iter()
+            .filter_map(|(k, sp)| Some((k, after_losses(sp)?))),
+    );
     rejected
 }
 
-fn rejection(fe: Frontend, loser: &Claim, winner: &Claim) -> Rejection {
+pub(crate) fn rejection(fe: Frontend, loser: &Claim, winner: &Claim) -> Rejection {
     let (what, field) = loser.kind.describe();
     let (winner_what, _) = winner.kind.describe();
     let frontend = match fe.0 {

@@ -4,9 +4,13 @@
 mod build;
 mod conflicts;
 mod diff;
+mod objects;
+mod tracker;
 mod types;
 mod validate;
 
+pub use objects::{Checked, Event, Kind, Object, ObjectKey};
+pub use tracker::Tracker;
 pub use types::*;
 
 use std::sync::Arc;
@@ -164,3 +168,5 @@ mod golden;
 mod proptests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tracker_tests;

@@ -17,7 +17,7 @@ use proptest::prelude::*;
 
 use super::*;
 
-const NODE: &str = "node-a";
+pub(super) const NODE: &str = "node-a";
 
 fn pick(items: &'static [&'static str]) -> impl Strategy<Value = String> {
     proptest::sample::select(items).prop_map(str::to_string)
@@ -142,7 +142,7 @@ fn service_ports() -> impl Strategy<Value = Vec<K8sPort>> {
     prop_oneof![4 => named, 4 => single, 1 => garbage]
 }
 
-fn service() -> impl Strategy<Value = Service> {
+pub(super) fn service() -> impl Strategy<Value = Service> {
     let ports = service_ports();
     (
         (namespace(), svc_name(), proptest::bool::weighted(0.05)),
@@ -268,7 +268,7 @@ fn endpoint() -> impl Strategy<Value = K8sEndpoint> {
         )
 }
 
-fn endpoint_slice() -> impl Strategy<Value = EndpointSlice> {
+pub(super) fn endpoint_slice() -> impl Strategy<Value = EndpointSlice> {
     (
         namespace(),
         mostly(&["s1", "s2", "s3", "s4"], &["bad slice"]),
@@ -345,7 +345,7 @@ fn slice_ports() -> impl Strategy<Value = Vec<EndpointPort>> {
     prop_oneof![4 => likely, 1 => garbage]
 }
 
-fn objects() -> impl Strategy<Value = ClusterObjects> {
+pub(super) fn objects() -> impl Strategy<Value = ClusterObjects> {
     let random = (vec(service(), 0..5), vec(endpoint_slice(), 0..8)).prop_map(
         |(services, endpoint_slices)| ClusterObjects::from_owned(services, endpoint_slices, vec![]),
     );
@@ -372,7 +372,7 @@ fn objects() -> impl Strategy<Value = ClusterObjects> {
     prop_oneof![1 => random, 2 => focused]
 }
 
-fn cfg() -> ModelConfig {
+pub(super) fn cfg() -> ModelConfig {
     ModelConfig {
         node_name: NODE.into(),
     }

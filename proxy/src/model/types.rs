@@ -265,6 +265,110 @@ impl Changes {
     }
 }
 
+/// What changed between two desired states: the old and the new version of
+/// every Service port whose programmed state differs (`None`: absent). The
+/// [`Tracker`](super::Tracker) yields one per sync; it is the only place
+/// that decides what changed.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ChangeSet {
+    ports: BTreeMap<ServicePortName, PortChange>,
+}
+
+/// One Service port's change; `old != new` always.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortChange {
+    pub old: Option<ServicePort>,
+    pub new: Option<ServicePort>,
+}
+
+impl PortChange {
+    /// Only the endpoints changed (the frontends are the same).
+    pub fn endpoints_only(&self) -> bool {
+        let (Some(a), Some(b)) = (&self.old, &self.new) else {
+            return false;
+        };
+        let mut a = a.clone();
+        a.all_endpoints.clone_from(&b.all_endpoints);
+        a.cluster_endpoints.clone_from(&b.cluster_endpoints);
+        a.external_endpoints.clone_from(&b.external_endpoints);
+        a.local_endpoint_count = b.local_endpoint_count;
+        &a == b
+    }
+}
+
+impl ChangeSet {
+    /// Every Service port that differs between `old` and `new` (a
+    /// from-scratch comparison, for tests and one-off callers).
+    pub fn between(old: &DesiredState, new: &DesiredState) -> ChangeSet {
+        let mut out = ChangeSet::default();
+        for (name, sp) in &new.services {
+            let before = old.services.get(name);
+            if before != Some(sp) {
+                out.insert(name.clone(), before.cloned(), Some(sp.clone()));
+            }
+        }
+        for (name, sp) in &old.services {
+            if !new.services.contains_key(name) {
+                out.insert(name.clone(), Some(sp.clone()), None);
+            }
+        }
+        out
+    }
+
+    /// Records a change; one with `old == new` is no change and is dropped.
+    pub fn insert(
+        &mut self,
+        name: ServicePortName,
+        old: Option<ServicePort>,
+        new: Option<ServicePort>,
+    ) {
+        if old != new {
+            self.ports.insert(name, PortChange { old, new });
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ports.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ports.len()
+    }
+
+    pub fn get(&self, name: &ServicePortName) -> Option<&PortChange> {
+        self.ports.get(name)
+    }
+
+    /// Every change, by Service port name.
+    pub fn iter(&self) -> impl Iterator<Item = (&ServicePortName, &PortChange)> {
+        self.ports.iter()
+    }
+
+    /// Ports that are new.
+    pub fn added(&self) -> impl Iterator<Item = &ServicePortName> {
+        self.ports
+            .iter()
+            .filter(|(_, c)| c.old.is_none())
+            .map(|(n, _)| n)
+    }
+
+    /// Ports that changed.
+    pub fn updated(&self) -> impl Iterator<Item = &ServicePortName> {
+        self.ports
+            .iter()
+            .filter(|(_, c)| c.old.is_some() && c.new.is_some())
+            .map(|(n, _)| n)
+    }
+
+    /// Ports that are gone.
+    pub fn removed(&self) -> impl Iterator<Item = &ServicePortName> {
+        self.ports
+            .iter()
+            .filter(|(_, c)| c.new.is_none())
+            .map(|(n, _)| n)
+    }
+}
+
 /// (De)serializes the services map as a list so `DesiredState` is valid JSON.
 mod services_as_list {
     use std::collections::BTreeMap;

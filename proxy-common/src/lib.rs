@@ -33,6 +33,10 @@ pub const FE_SNAT: u8 = 2;
 pub const FE_SNAT_NONCLUSTER: u8 = 4;
 /// loadBalancerSourceRanges apply: sources not in `SRC_RANGES` are dropped.
 pub const FE_SRC_RANGES: u8 = 8;
+/// SNAT only when the packet did not arrive on one of `LOCAL_IFS` (ClusterIP,
+/// `--detect-local-mode BridgeInterface` / `InterfaceNamePrefix`, like
+/// iptables mode's `! -i cbr0 -j MARK-MASQ`).
+pub const FE_SNAT_NONLOCAL_IF: u8 = 16;
 
 /// Backend runs on this node.
 pub const BE_LOCAL: u8 = 1;
@@ -319,6 +323,9 @@ pub mod maps {
     pub const CLUSTER_CIDRS: &str = "CLUSTER_CIDRS";
     pub const NODE_IPS: &str = "NODE_IPS";
     pub const IF_ADDRS: &str = "IF_ADDRS";
+    /// ifindex -> 1 for the devices whose traffic comes from this node's
+    /// pods (`--detect-local-mode BridgeInterface` / `InterfaceNamePrefix`).
+    pub const LOCAL_IFS: &str = "LOCAL_IFS";
     /// Assured flows (hash: never evicted; the garbage collector expires them).
     pub const CT: &str = "CT";
     /// Flows not yet assured (LRU: a flood evicts only its own kind).
@@ -347,6 +354,7 @@ pub mod maps {
         CLUSTER_CIDRS,
         NODE_IPS,
         IF_ADDRS,
+        LOCAL_IFS,
         CT,
         CT_NEW,
         NAT,

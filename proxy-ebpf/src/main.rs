@@ -37,6 +37,9 @@ static CLUSTER_CIDRS: LpmTrie<u32, u8> = LpmTrie::with_max_entries(64, 0);
 static NODE_IPS: HashMap<u32, u8> = HashMap::with_max_entries(256, 0);
 #[map]
 static IF_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(256, 0);
+/// Devices whose traffic is a local pod's (interface detect-local modes).
+#[map]
+static LOCAL_IFS: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
 #[map]
 static SOCK_REV: LruHashMap<SockRevKey, SockRevValue> = LruHashMap::with_max_entries(1024, 0);
 #[map]

@@ -8,6 +8,7 @@ pub mod forward;
 pub mod health;
 pub mod metrics;
 pub mod model;
+pub mod netlink;
 pub mod node_addrs;
 pub mod process;
 pub mod run;

@@ -92,7 +92,8 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Status(args) => {
             let config = run::dataplane_config(&[], &[], false)?;
-            let frontends = run::open_dataplane(&args.mode, config)?.programmed()?;
+            let dataplane = run::open_dataplane(&args.mode, config)?;
+            let frontends = dataplane.programmed()?;
             let rejected = (!args.metrics_bind_address.is_empty())
                 .then(|| status::rejections(&args.metrics_bind_address))
                 .flatten();
@@ -105,7 +106,10 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                     ))?
                 ),
                 OutputFormat::Table => {
-                    print!("{}", status::report(&frontends, rejected.as_deref()))
+                    print!("{}", status::report(&frontends, rejected.as_deref()));
+                    for line in dataplane.node_notes() {
+                        println!("\n{line}");
+                    }
                 }
             }
             Ok(())

@@ -11,7 +11,7 @@ use crate::cli::values::NodePortAddress;
 use crate::cli::RunArgs;
 use crate::dataplane::ebpf::{owner, EbpfDataplane};
 use crate::dataplane::iptables::IptablesDataplane;
-use crate::dataplane::{Dataplane, DataplaneConfig, DetectLocalMode, ProxyMode};
+use crate::dataplane::{Dataplane, DataplaneConfig, ProxyMode};
 use crate::health::HealthState;
 use crate::metrics::Metrics;
 use crate::model::ModelConfig;
@@ -226,14 +226,6 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         .detect_local_mode
         .with_interfaces(&args.pod_bridge_interface, &args.pod_interface_name_prefix)
         .map_err(anyhow::Error::msg)?;
-    if mode == ProxyMode::Ebpf
-        && matches!(
-            detect_local,
-            DetectLocalMode::BridgeInterface(_) | DetectLocalMode::InterfaceNamePrefix(_)
-        )
-    {
-        bail!("--detect-local-mode {:?} is not supported in ebpf mode yet: use ClusterCIDR or NodeCIDR, or --proxy-mode iptables", args.detect_local_mode);
-    }
     if let Some(ip @ IpAddr::V6(_)) = args.bind_address {
         tracing::warn!(%ip, "--bind-address is IPv6: kproxy programs IPv4 Services only (IPv6 ones are reported, not served)");
     }

@@ -883,7 +883,7 @@ pub fn detect_local_modes_decide_masquerading(mode: Mode) -> Result<()> {
     };
     topo.write("web.yaml", &web(web_svc(), &[a()]))?;
     let lan = "172.30.0.0/24";
-    let mut cases: Vec<(&str, Vec<String>, Option<Value>, &str)> = vec![
+    let cases: Vec<(&str, Vec<String>, Option<Value>, &str)> = vec![
         (
             "ClusterCIDR without ext",
             vec!["--detect-local-mode=ClusterCIDR".into()],
@@ -911,47 +911,43 @@ pub fn detect_local_modes_decide_masquerading(mode: Mode) -> Result<()> {
             Some(node1(&[lan])),
             EXT_IP,
         ),
+        (
+            "InterfaceNamePrefix without ext",
+            vec![
+                "--detect-local-mode=InterfaceNamePrefix".into(),
+                "--pod-interface-name-prefix=v-".into(),
+            ],
+            None,
+            NODE_IPS[0],
+        ),
+        (
+            "InterfaceNamePrefix with ext",
+            vec![
+                "--detect-local-mode=InterfaceNamePrefix".into(),
+                "--pod-interface-name-prefix=eth".into(),
+            ],
+            None,
+            EXT_IP,
+        ),
+        (
+            "BridgeInterface without ext",
+            vec![
+                "--detect-local-mode=BridgeInterface".into(),
+                "--pod-bridge-interface=cbr0".into(),
+            ],
+            None,
+            NODE_IPS[0],
+        ),
+        (
+            "BridgeInterface with ext",
+            vec![
+                "--detect-local-mode=BridgeInterface".into(),
+                "--pod-bridge-interface=eth0".into(),
+            ],
+            None,
+            EXT_IP,
+        ),
     ];
-    if mode == Mode::Iptables {
-        cases.extend([
-            (
-                "InterfaceNamePrefix without ext",
-                vec![
-                    "--detect-local-mode=InterfaceNamePrefix".into(),
-                    "--pod-interface-name-prefix=v-".into(),
-                ],
-                None,
-                NODE_IPS[0],
-            ),
-            (
-                "InterfaceNamePrefix with ext",
-                vec![
-                    "--detect-local-mode=InterfaceNamePrefix".into(),
-                    "--pod-interface-name-prefix=eth".into(),
-                ],
-                None,
-                EXT_IP,
-            ),
-            (
-                "BridgeInterface without ext",
-                vec![
-                    "--detect-local-mode=BridgeInterface".into(),
-                    "--pod-bridge-interface=cbr0".into(),
-                ],
-                None,
-                NODE_IPS[0],
-            ),
-            (
-                "BridgeInterface with ext",
-                vec![
-                    "--detect-local-mode=BridgeInterface".into(),
-                    "--pod-bridge-interface=eth0".into(),
-                ],
-                None,
-                EXT_IP,
-            ),
-        ]);
-    }
     for (what, args, node, want) in cases {
         topo.stop_kproxy(0)?;
         match node {
@@ -985,6 +981,64 @@ pub fn detect_local_modes_decide_masquerading(mode: Mode) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The interface detect-local modes tell this node's pods from outside
+/// traffic by the device a packet arrives on, as kube-proxy's `-i` matches
+/// do. A ClusterIP whose only endpoint is pod-b (on node2) is reached
+/// through node1 from pod-c (arrives on its veth `v-pod-c`, or on the bridge
+/// `cbr0` once that veth is a port of it: local, pod-b sees pod-c) and from
+/// ext (arrives on node1's eth0: masqueraded, pod-b sees node1). pod-c's
+/// client runs outside node1's cgroup: in ebpf mode it takes the TC path,
+/// where this is decided.
+pub fn interface_detect_local_tells_pods_from_outside(mode: Mode) -> Result<()> {
+    let mut topo = Topology::build(mode)?;
+    for i in 0..topo.pods.len() {
+        topo.serve(i, &["--tcp", "8080"])?;
+    }
+    topo.nodes[0].config.extra_args = vec![
+        "--detect-local-mode=InterfaceNamePrefix".into(),
+        "--pod-interface-name-prefix=v-".into(),
+    ];
+    topo.start_kproxy(0)?;
+    topo.start_kproxy(1)?;
+    topo.route_from_ext(&format!("{VIP}/32"), 0)?;
+    topo.write("web.yaml", &web(web_svc(), &[b()]))?;
+    topo.wait_backends(SVC, "ClusterIP", &[&ep(B)])?;
+    let check = |topo: &Topology, what: &str| -> Result<()> {
+        let spec = ClientSpec::tcp(format!("{VIP}:80"), 10);
+        let from_pod = topo.start_from_pod_unhooked("pod-c", &spec)?.wait()?;
+        from_pod.expect_all_ok(&format!("{what}: pod-c"))?;
+        let from_ext = topo.from_ext(&spec)?;
+        from_ext.expect_all_ok(&format!("{what}: ext"))?;
+        for (who, out, want) in [("pod-c", &from_pod, C), ("ext", &from_ext, NODE_IPS[0])] {
+            for a in &out.attempts {
+                ensure!(
+                    a.seen_client_ip() == Some(want),
+                    "{what}: {who}'s connection reached pod-b as {:?}, want {want}\n{}",
+                    a.reply,
+                    topo.logs()
+                );
+            }
+        }
+        Ok(())
+    };
+    check(&topo, "InterfaceNamePrefix v-")?;
+
+    // pod-c behind a bridge, as kubenet's cbr0: its veth becomes a port.
+    topo.stop_kproxy(0)?;
+    let node1 = &topo.nodes[0].ns;
+    node1.ip(&["link", "add", "cbr0", "type", "bridge"])?;
+    node1.ip(&["link", "set", "v-pod-c", "master", "cbr0"])?;
+    node1.ip(&["link", "set", "cbr0", "up"])?;
+    node1.ip(&["route", "replace", &format!("{C}/32"), "dev", "cbr0"])?;
+    topo.nodes[0].config.extra_args = vec![
+        "--detect-local-mode=BridgeInterface".into(),
+        "--pod-bridge-interface=cbr0".into(),
+    ];
+    topo.start_kproxy(0)?;
+    topo.wait_backends(SVC, "ClusterIP", &[&ep(B)])?;
+    check(&topo, "BridgeInterface cbr0")
 }
 
 /// `--iptables-localhost-nodeports` (kube-proxy's default): the node's own
@@ -1334,6 +1388,7 @@ macro_rules! all_scenarios {
             frontend_conflict_has_one_winner,
             draining_node_is_not_eligible,
             detect_local_modes_decide_masquerading,
+            interface_detect_local_tells_pods_from_outside,
             ipv6_is_reported_not_dropped,
             localhost_node_ports_from_the_node,
         );

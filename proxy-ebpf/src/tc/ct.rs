@@ -61,6 +61,15 @@ pub fn nat_get(key: &Tuple) -> Option<NatValue> {
     unsafe { NAT_NEW.get(key) }.copied()
 }
 
+/// The NAT index entry of `key` in place (no copy on the stack).
+#[inline(always)]
+pub fn nat_ptr(key: &Tuple) -> Option<*const NatValue> {
+    if let Some(v) = NAT.get_ptr(key) {
+        return Some(v);
+    }
+    NAT_NEW.get_ptr(key)
+}
+
 /// The (backend, client, backend port, nat port) key of a flow.
 #[inline(always)]
 pub fn key_out(key: &Tuple, f: &Flow) -> Tuple {

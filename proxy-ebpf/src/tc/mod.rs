@@ -29,8 +29,8 @@ use aya_ebpf::programs::TcContext;
 use proxy_common::ct_state::*;
 use proxy_common::*;
 
-use crate::{select, CLUSTER_CIDRS, CONFIG, FRONTENDS, IF_ADDRS, NODE_IPS, SRC_RANGES};
-use ct::{count, flow_get, flow_remove, nat_get, now, track, CT, CT_NEW, DIRECT};
+use crate::{select, CLUSTER_CIDRS, CONFIG, FRONTENDS, IF_ADDRS, LOCAL_IFS, NODE_IPS, SRC_RANGES};
+use ct::{count, flow_get, flow_remove, nat_get, nat_ptr, now, track, CT, CT_NEW, DIRECT};
 use packet::{parse, rewrite, Pkt, PROTO_ICMP};
 
 const OK: i32 = TC_ACT_OK as i32;
@@ -115,12 +115,21 @@ fn new_flow(
 /// Service flow must not reuse its 4-tuple at the backend while it may be
 /// in TIME_WAIT there); if a Service flow already uses that 4-tuple, this
 /// connection gets another source port instead, as netfilter's NAT does.
+/// Unless that flow is waiting for its SYN-ACK: then this is its own SYN,
+/// translated at a hooked device it crossed first (a bridge port, then the
+/// bridge).
 #[inline(always)]
 fn direct(ctx: &mut TcContext, p: &Pkt, key: &Tuple) -> Result<i32, i64> {
     if !p.bare_syn() {
         return Ok(OK);
     }
-    if nat_get(&p.reversed()).is_some() {
+    if let Some(v) = nat_ptr(&p.reversed()) {
+        // SAFETY: map values; the flow key is read in place.
+        if let Some(f) = flow_get(unsafe { &(*v).flow }) {
+            if unsafe { (*f).state } == TCP_SYN_SENT {
+                return Ok(OK);
+            }
+        }
         return new_flow(ctx, p, key, (p.dst, p.dport), 0, FLOW_PASSTHROUGH);
     }
     let _ = DIRECT.insert(key, &0, 0);
@@ -201,9 +210,19 @@ fn tc_ingress(ctx: &mut TcContext) -> Result<i32, i64> {
     let snat = fe.flags & FE_SNAT != 0
         || (fe.flags & FE_SNAT_NONCLUSTER != 0
             && CLUSTER_CIDRS.get(&Key::new(32, p.src)).is_none())
+        || (fe.flags & FE_SNAT_NONLOCAL_IF != 0 && !from_local_if(ctx))
         || p.src == b.ip;
     let flags = if snat { FLOW_SNAT } else { 0 };
     new_flow(ctx, &p, &key, (b.ip, b.port), fe.svc_id, flags)
+}
+
+/// The packet arrived on a device of this node's pods (`LOCAL_IFS`).
+#[inline(always)]
+fn from_local_if(ctx: &TcContext) -> bool {
+    // SAFETY: reading the skb's arrival device (this is the ingress hook).
+    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    // SAFETY: only presence is read.
+    unsafe { LOCAL_IFS.get(&ifindex) }.is_some()
 }
 
 /// The SNAT source for a flow leaving through this device: the device's

@@ -216,6 +216,13 @@ pub trait Dataplane: Send {
     /// What the kernel has programmed now, read back from it.
     fn programmed(&self) -> Result<Vec<ProgrammedFrontend>, DataplaneError>;
 
+    /// Node-wide state read back from the kernel that `kproxy status` shows
+    /// under the table, one line each (ebpf mode: the devices counted as
+    /// local by the interface detect-local modes).
+    fn node_notes(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Metrics of the dataplane's own (registered by `kproxy run`).
     fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
         Vec::new()

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use super::test_support::{ep, state, svc};
 use super::{EbpfConfig, EbpfDataplane, MapSizes};
-use crate::dataplane::{Dataplane, DataplaneConfig};
+use crate::dataplane::{Dataplane, DataplaneConfig, DetectLocalMode};
 use crate::model::{Changes, DesiredState, Protocol, ServicePort, TrafficPolicy};
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -309,8 +309,15 @@ impl World {
         &self,
         cfg: EbpfConfig,
     ) -> Result<EbpfDataplane, crate::dataplane::DataplaneError> {
-        self.node
-            .enter(|| EbpfDataplane::start(World::dp_config(), cfg))
+        self.try_start_with(World::dp_config(), cfg)
+    }
+
+    fn try_start_with(
+        &self,
+        dp: DataplaneConfig,
+        cfg: EbpfConfig,
+    ) -> Result<EbpfDataplane, crate::dataplane::DataplaneError> {
+        self.node.enter(|| EbpfDataplane::start(dp, cfg))
     }
 
     fn start(&mut self) {
@@ -1137,4 +1144,95 @@ fn a_pod_device_created_after_start_is_hooked_at_the_next_sync() {
         assert_ne!(peer, CLIENT_IP, "policy Cluster SNATs");
     }
     assert_eq!(csum_errors(&w.client), 0);
+}
+
+/// Repeats `f` until it returns `true`, for at most `limit`.
+fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn interface_detect_local_modes_decide_snat_on_the_tc_path() {
+    // ClusterIP traffic from the client namespace takes the TC path (no
+    // hooked socket) to a backend on "node2": masqueraded unless it arrived
+    // on a local device. Every device is hooked (no --devices), as on a node
+    // whose pods' devices come and go.
+    let mut w = World::new();
+    w.serve(Which::Remote, "remote", REMOTE_IP, 8080, Protocol::Tcp);
+    // Replies to an unmasqueraded client must find their way back.
+    w.remote
+        .ip(&["route", "add", "10.0.0.0/24", "via", NODE_UNDERLAY_IP]);
+    w.client
+        .ip(&["route", "add", "10.96.0.0/16", "via", NODE_IP]);
+    let mut ebpf = w.ebpf_config(MapSizes::default());
+    ebpf.devices = Vec::new();
+    let start = |w: &mut World, mode: DetectLocalMode| {
+        w.dataplane = None;
+        let mut dp = World::dp_config();
+        dp.detect_local = mode;
+        w.dataplane = Some(
+            w.try_start_with(dp, ebpf.clone())
+                .unwrap_or_else(|e| panic!("starting the ebpf dataplane: {e}")),
+        );
+        w.sync(&state(vec![web(vec![ep(REMOTE_IP, 8080, false)])]));
+    };
+    let seen = |w: &World| match w.tcp_from_client("10.96.0.10", 80) {
+        Ok((name, peer)) => {
+            assert_eq!(name, "remote");
+            peer
+        }
+        Err(e) => panic!("ClusterIP through the TC path: {e}"),
+    };
+
+    start(&mut w, DetectLocalMode::InterfaceNamePrefix("pods".into()));
+    for _ in 0..3 {
+        assert_eq!(seen(&w), NODE_UNDERLAY_IP, "n0 is not local: masqueraded");
+    }
+    // The client's device now matches the prefix. No sync runs: the link
+    // event alone makes it local.
+    w.node.ip(&["link", "set", "n0", "down"]);
+    w.node.ip(&["link", "set", "n0", "name", "pods0"]);
+    w.node.ip(&["link", "set", "pods0", "up"]);
+    eventually(
+        "a renamed device matching the prefix is local",
+        Duration::from_secs(5),
+        || seen(&w) == CLIENT_IP,
+    );
+    for _ in 0..3 {
+        assert_eq!(seen(&w), CLIENT_IP, "pods0 is local: not masqueraded");
+    }
+    let cfg = ebpf.clone();
+    let notes = w
+        .node
+        .enter(|| EbpfDataplane::open(World::dp_config(), cfg).node_notes());
+    assert!(
+        notes.len() == 1 && notes[0].contains("pods0"),
+        "status names the local device: {notes:?}"
+    );
+
+    // BridgeInterface: the client's device becomes a port of a bridge that
+    // holds the node's address (pods on a bridge, as kubenet's cbr0).
+    w.node.ip(&["link", "add", "kb0", "type", "bridge"]);
+    w.node.ip(&["addr", "del", "10.0.0.1/24", "dev", "pods0"]);
+    w.node.ip(&["link", "set", "pods0", "master", "kb0"]);
+    w.node.ip(&["addr", "add", "10.0.0.1/24", "dev", "kb0"]);
+    w.node.ip(&["link", "set", "kb0", "up"]);
+    start(&mut w, DetectLocalMode::BridgeInterface("kb1".into()));
+    for _ in 0..3 {
+        assert_eq!(
+            seen(&w),
+            NODE_UNDERLAY_IP,
+            "kb0 is not the bridge: masqueraded"
+        );
+    }
+    start(&mut w, DetectLocalMode::BridgeInterface("kb0".into()));
+    for _ in 0..3 {
+        assert_eq!(seen(&w), CLIENT_IP, "arrived through kb0: not masqueraded");
+    }
+    assert_eq!(csum_errors(&w.client), 0);
+    assert_eq!(csum_errors(&w.remote), 0);
 }

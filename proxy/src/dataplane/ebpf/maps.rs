@@ -19,7 +19,7 @@ pub fn links_dir(pin: &Path) -> PathBuf {
     pin.join("links")
 }
 
-fn open(pin: &Path, name: &str) -> Result<Map, DataplaneError> {
+pub(super) fn open(pin: &Path, name: &str) -> Result<Map, DataplaneError> {
     let path = maps_dir(pin).join(name);
     let data = MapData::from_pin(&path).map_err(|e| {
         DataplaneError::Other(format!(

@@ -7,6 +7,8 @@
 //! - `loader`: load, attach, pin, adopt, clean up.
 //! - `plan`: one Service port to map entries (pure).
 //! - `writer`: map updates in an order that keeps lookups atomic.
+//! - `local_ifs`: the pods' devices for the interface detect-local modes,
+//!   followed through rtnetlink link events.
 //! - `tables`: the maps under the writer (kernel, batched; in-memory fake).
 //! - `readback`: the service table as the kernel holds it (`kproxy status`).
 //! - `render`: the entries a desired state produces (`kproxy render`).
@@ -24,6 +26,7 @@ pub mod conntrack;
 pub mod ct_worker;
 pub mod layout;
 pub mod loader;
+pub mod local_ifs;
 mod maps;
 pub mod owner;
 pub mod plan;
@@ -135,12 +138,14 @@ pub struct EbpfDataplane {
     devices: Vec<checks::Device>,
     /// The conntrack garbage collector (stopped on drop).
     gc: Option<ct_worker::GcHandle>,
+    /// Follows the pods' devices (interface detect-local modes; stopped on drop).
+    local_ifs: Option<local_ifs::LocalIfs>,
     /// The network namespace `start` ran in (its inode): devices are only
     /// followed from there, never from a thread that is elsewhere.
     netns: Option<u64>,
     /// `config` with `cluster_cidrs` replaced by the CIDRs whose sources are
     /// local (`--detect-local-mode`: the cluster CIDRs, or the Node's pod
-    /// CIDRs), as the maps have them.
+    /// CIDRs; none in the interface modes), as the maps have them.
     effective: DataplaneConfig,
 }
 
@@ -164,6 +169,7 @@ impl EbpfDataplane {
             programs: None,
             devices: Vec::new(),
             gc: None,
+            local_ifs: None,
             netns: None,
         }
     }
@@ -248,6 +254,7 @@ impl EbpfDataplane {
         };
         let mut writer = Writer::open(&ebpf.pin_path)?;
         writer.sync_node(&node, &config_for_local(&config, &[]))?;
+        let local_ifs = local_ifs::LocalIfs::start(&ebpf.pin_path, &config.detect_local)?;
         let gc = ct_worker::spawn(&ebpf.pin_path, ebpf.gc)?;
         info!(
             pin = %ebpf.pin_path.display(),
@@ -266,6 +273,7 @@ impl EbpfDataplane {
             programs: Some(obj),
             devices,
             gc: Some(gc),
+            local_ifs,
             netns: current_netns(),
         })
     }
@@ -304,7 +312,7 @@ impl EbpfDataplane {
 
 /// `config` with `cluster_cidrs` set to the local-source CIDRs the maps and
 /// frontend flags use (`--detect-local-mode ClusterCIDR` or `NodeCIDR`;
-/// the interface modes are refused at start in ebpf mode).
+/// the interface modes use `LOCAL_IFS` instead, see [`local_ifs`]).
 fn config_for_local(config: &DataplaneConfig, node_pod_cidrs: &[ipnet::IpNet]) -> DataplaneConfig {
     let cluster_cidrs = match config.local_traffic(node_pod_cidrs) {
         super::LocalTraffic::Cidrs(c) => c,
@@ -399,6 +407,7 @@ impl Dataplane for EbpfDataplane {
 
     fn cleanup(&mut self) -> Result<(), DataplaneError> {
         self.gc = None;
+        self.local_ifs = None;
         self.writer = None;
         self.programs = None;
         self.needs_full = true;
@@ -408,5 +417,12 @@ impl Dataplane for EbpfDataplane {
 
     fn programmed(&self) -> Result<Vec<ProgrammedFrontend>, DataplaneError> {
         readback::programmed(&self.ebpf.pin_path)
+    }
+
+    fn node_notes(&self) -> Vec<String> {
+        match local_ifs::pinned(&self.ebpf.pin_path) {
+            Ok(set) if !set.is_empty() => vec![local_ifs::status_line(&set)],
+            _ => Vec::new(),
+        }
     }
 }

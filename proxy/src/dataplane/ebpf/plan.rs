@@ -3,8 +3,9 @@
 //!
 //! Semantics follow iptables mode (`iptables/render.rs`):
 //! - ClusterIP: cluster endpoints; masquerade of sources outside
-//!   `--cluster-cidr` (or all with `--masquerade-all`) when the backend is
-//!   on another node.
+//!   `--cluster-cidr` (or the Node's pod CIDRs, or of packets that did not
+//!   arrive on the pods' bridge / interfaces, per `--detect-local-mode`; or
+//!   all with `--masquerade-all`) when the backend is on another node.
 //! - externalIPs, LB IPs, node ports reached from outside: external
 //!   endpoints; policy Cluster SNATs to the node address (remote backends),
 //!   policy Local keeps the client address and drops when there is no local
@@ -17,7 +18,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::{IpNet, Ipv4Net};
 use proxy_common::*;
 
-use crate::dataplane::DataplaneConfig;
+use crate::dataplane::{DataplaneConfig, DetectLocalMode};
 use crate::model::{Endpoint, Protocol, ServicePort, TrafficPolicy};
 
 /// An IPv4 address as the maps store it (network byte order in memory).
@@ -112,6 +113,12 @@ pub fn plan(sp: &ServicePort, config: &DataplaneConfig) -> PortPlan {
 
     let cluster_flags = if config.masquerade_all {
         FE_SNAT
+    } else if matches!(
+        config.detect_local,
+        DetectLocalMode::BridgeInterface(_) | DetectLocalMode::InterfaceNamePrefix(_)
+    ) {
+        // Local: arrived on a device in LOCAL_IFS (kept by `local_ifs`).
+        FE_SNAT_NONLOCAL_IF
     } else if config
         .cluster_cidrs
         .iter()
@@ -299,6 +306,42 @@ mod tests {
         c.masquerade_all = false;
         c.cluster_cidrs.clear();
         assert_eq!(plan(&sp, &c).frontends[0].flags, 0);
+    }
+
+    #[test]
+    fn interface_detect_local_modes_ask_for_the_arrival_device() {
+        let mut sp = svc(
+            "a",
+            "b",
+            "",
+            Protocol::Tcp,
+            "10.96.0.1",
+            443,
+            vec![ep("10.0.0.1", 6443, false)],
+        );
+        sp.node_port = Some(30443);
+        for mode in [
+            DetectLocalMode::BridgeInterface("cbr0".into()),
+            DetectLocalMode::InterfaceNamePrefix("veth".into()),
+        ] {
+            let mut c = config();
+            c.detect_local = mode;
+            let p = plan(&sp, &c);
+            let cluster_ip = p
+                .frontends
+                .iter()
+                .find(|f| f.kind == KIND_CLUSTER_IP)
+                .unwrap();
+            assert_eq!(cluster_ip.flags, FE_SNAT_NONLOCAL_IF);
+            // Node ports do not depend on where the client is.
+            assert!(p
+                .frontends
+                .iter()
+                .filter(|f| f.kind == KIND_NODE_PORT)
+                .all(|f| f.flags & FE_SNAT_NONLOCAL_IF == 0));
+            c.masquerade_all = true;
+            assert_eq!(plan(&sp, &c).frontends[0].flags, FE_SNAT);
+        }
     }
 
     #[test]

@@ -99,6 +99,7 @@ fn flags(f: u8) -> String {
         (FE_SNAT, "snat"),
         (FE_SNAT_NONCLUSTER, "snat-noncluster"),
         (FE_SRC_RANGES, "src-ranges"),
+        (FE_SNAT_NONLOCAL_IF, "snat-nonlocal-if"),
     ]
     .iter()
     .filter(|(bit, _)| f & bit != 0)

@@ -278,25 +278,10 @@ impl Netlink {
     /// `each` for every message.
     fn read_until(
         &mut self,
-        mut each: impl FnMut(&NetlinkMessage<NetfilterMessage>) -> io::Result<bool>,
+        each: impl FnMut(&NetlinkMessage<NetfilterMessage>) -> io::Result<bool>,
     ) -> io::Result<()> {
         let mut buf = vec![0u8; RECV_BUF];
-        loop {
-            let n = self.socket.recv(&mut &mut buf[..], 0)?;
-            let mut offset = 0;
-            while offset < n {
-                let msg = <NetlinkMessage<NetfilterMessage>>::deserialize(&buf[offset..n])
-                    .map_err(|e| io::Error::other(format!("bad netlink message: {e}")))?;
-                let len = msg.header.length as usize;
-                if each(&msg)? {
-                    return Ok(());
-                }
-                if len == 0 {
-                    break;
-                }
-                offset += (len + 3) & !3;
-            }
-        }
+        crate::netlink::read_until(&self.socket, &mut buf, each)
     }
 }
 

@@ -5,7 +5,16 @@ use std::fmt::Debug;
 use std::io;
 
 use netlink_packet_core::{NetlinkDeserializable, NetlinkMessage};
-use netlink_sys::Socket;
+use netlink_sys::{Socket, SocketAddr};
+
+/// A netlink socket of `protocol` talking to the kernel, in the calling
+/// thread's network namespace.
+pub fn connected(protocol: isize) -> io::Result<Socket> {
+    let mut socket = Socket::new(protocol)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    Ok(socket)
+}
 
 /// Reads replies from `socket` into `buf` until `each` says the exchange is
 /// over (returns `true`); `each` sees every message in order.

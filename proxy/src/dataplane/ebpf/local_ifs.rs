@@ -38,7 +38,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::link::{LinkAttribute, LinkMessage};
 use netlink_packet_route::RouteNetlinkMessage;
-use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
 use proxy_common::maps as names;
 use tracing::{debug, info, warn};
 
@@ -178,11 +178,8 @@ const DUMP_TRIES: usize = 5;
 
 impl NetlinkLinks {
     pub fn open() -> io::Result<NetlinkLinks> {
-        let mut socket = Socket::new(NETLINK_ROUTE)?;
-        socket.bind_auto()?;
-        socket.connect(&SocketAddr::new(0, 0))?;
         Ok(NetlinkLinks {
-            socket,
+            socket: crate::netlink::connected(NETLINK_ROUTE)?,
             seq: 0,
             buf: vec![0; RECV_BUF],
         })

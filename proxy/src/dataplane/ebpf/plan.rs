@@ -289,9 +289,9 @@ mod tests {
         assert_eq!(p.frontends[0].key.proto, PROTO_UDP);
     }
 
-    #[test]
-    fn masquerade_all_and_no_cluster_cidr() {
-        let sp = svc(
+    /// A ClusterIP Service with one remote endpoint.
+    fn remote_only() -> ServicePort {
+        svc(
             "a",
             "b",
             "",
@@ -299,7 +299,12 @@ mod tests {
             "10.96.0.1",
             443,
             vec![ep("10.0.0.1", 6443, false)],
-        );
+        )
+    }
+
+    #[test]
+    fn masquerade_all_and_no_cluster_cidr() {
+        let sp = remote_only();
         let mut c = config();
         c.masquerade_all = true;
         assert_eq!(plan(&sp, &c).frontends[0].flags, FE_SNAT);
@@ -310,15 +315,7 @@ mod tests {
 
     #[test]
     fn interface_detect_local_modes_ask_for_the_arrival_device() {
-        let mut sp = svc(
-            "a",
-            "b",
-            "",
-            Protocol::Tcp,
-            "10.96.0.1",
-            443,
-            vec![ep("10.0.0.1", 6443, false)],
-        );
+        let mut sp = remote_only();
         sp.node_port = Some(30443);
         for mode in [
             DetectLocalMode::BridgeInterface("cbr0".into()),

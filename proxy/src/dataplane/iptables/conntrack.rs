@@ -26,7 +26,7 @@ use netlink_packet_netfilter::conntrack::{
 use netlink_packet_netfilter::{
     NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
 };
-use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
+use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
 use tracing::{debug, warn};
 
 use crate::dataplane::{ConntrackReconcile, DataplaneConfig};
@@ -244,9 +244,7 @@ const DELETE_BATCH: usize = 512;
 
 impl Netlink {
     pub fn open() -> io::Result<Netlink> {
-        let mut socket = Socket::new(NETLINK_NETFILTER)?;
-        socket.bind_auto()?;
-        socket.connect(&SocketAddr::new(0, 0))?;
+        let socket = crate::netlink::connected(NETLINK_NETFILTER)?;
         // Large dumps and delete batches need room; ignore if capped.
         let _ = socket.set_rx_buf_sz(4 * 1024 * 1024);
         Ok(Netlink { socket, seq: 1 })

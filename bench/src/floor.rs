@@ -40,7 +40,8 @@ impl Backend {
 /// addresses). Returns the number of `-A` rules rendered.
 pub fn render(kproxy: &Path, manifests: &Path, out: &Path) -> Result<usize> {
     let ns = Netns::new("render")?;
-    node_address(&ns)?;
+    let peer = Netns::new("render-peer")?;
+    node_address(&ns, &peer)?;
     let f = File::create(out).with_context(|| format!("creating {}", out.display()))?;
     let res = ns
         .command(kproxy)

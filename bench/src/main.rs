@@ -110,6 +110,15 @@ struct BenchArgs {
     /// Seconds of each new-connection flood [default: 5; --quick: 2].
     #[arg(long)]
     flood_secs: Option<f64>,
+    /// Seconds of new connections from outside through a NodePort that
+    /// needs SNAT, per kproxy line [default: 30; --quick: 2; 0 skips].
+    #[arg(long)]
+    sustain_secs: Option<f64>,
+    /// Longest wait, in seconds, for the connection-tracking tables to
+    /// drain after the sustained phase [default: 150 (netfilter's
+    /// TIME_WAIT is 120 s); --quick: 20].
+    #[arg(long)]
+    drain_cap: Option<u64>,
     /// iptables-nft: seconds after which a sync (kproxy's or the restore
     /// floor's) is given up and marked capped; larger counts are then
     /// skipped [default: 300; --quick: 120].
@@ -207,6 +216,8 @@ impl BenchArgs {
                 sync_deadline: Duration::from_secs(3600),
                 change_budget: Duration::from_secs(pick(self.change_budget, 900, 120)),
                 client_closes_first: !self.backend_closes_first,
+                sustain_secs: self.sustain_secs.unwrap_or(if q { 2.0 } else { 30.0 }),
+                drain_cap: Duration::from_secs(pick(self.drain_cap, 150, 20)),
             },
         }
     }

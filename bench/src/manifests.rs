@@ -27,10 +27,12 @@ fn endpoint_ip(i: usize, j: usize) -> Ipv4Addr {
     )
 }
 
-/// NodePorts fit in 30000..=32767 (2,768 ports): the first 2,768 of every
-/// 10th Service are NodePorts, the rest ClusterIPs (above 27,680 Services
-/// fewer than 10 % are NodePorts).
-const NODE_PORTS: usize = 2768;
+/// NodePorts fit in 30000..=32766 (2,767 ports; 32767 is the sustained
+/// phase's): the first 2,767 of every 10th Service are NodePorts, the rest
+/// ClusterIPs (above 27,670 Services fewer than 10 % are NodePorts).
+const NODE_PORTS: usize = 2767;
+/// The NodePort of the sustained-connections Service.
+pub const SUSTAIN_NODE_PORT: u16 = 32767;
 
 /// One generated Service as both the YAML and the nftables floor see it.
 #[derive(Debug, Clone, PartialEq)]
@@ -117,6 +119,11 @@ fn service(y: &mut String, s: &SvcSpec) {
 
 /// One EndpointSlice `<service>-bench` for Service `service` in namespace bench, port http 8080.
 pub fn endpoint_slice(y: &mut String, service: &str, eps: &[Ipv4Addr]) {
+    endpoint_slice_on(y, service, eps, NODE_NAME)
+}
+
+/// [`endpoint_slice`] with endpoints on node `node`.
+pub fn endpoint_slice_on(y: &mut String, service: &str, eps: &[Ipv4Addr], node: &str) {
     let _ = write!(
         y,
         "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-bench\n  namespace: bench\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n- name: http\n  protocol: TCP\n  port: 8080\nendpoints:\n"
@@ -124,7 +131,7 @@ pub fn endpoint_slice(y: &mut String, service: &str, eps: &[Ipv4Addr]) {
     for ip in eps {
         let _ = write!(
             y,
-            "- addresses: [\"{ip}\"]\n  conditions: {{ready: true, serving: true, terminating: false}}\n  nodeName: {NODE_NAME}\n"
+            "- addresses: [\"{ip}\"]\n  conditions: {{ready: true, serving: true, terminating: false}}\n  nodeName: {node}\n"
         );
     }
 }
@@ -134,6 +141,26 @@ pub fn probe_service(vip: Ipv4Addr) -> String {
     format!(
         "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: probe\n  namespace: bench\nspec:\n  type: ClusterIP\n  clusterIP: {vip}\n  clusterIPs: [\"{vip}\"]\n  ports:\n  - name: http\n    protocol: TCP\n    port: 80\n    targetPort: 8080\n"
     )
+}
+
+/// The sustained phase's Service: NodePort [`SUSTAIN_NODE_PORT`]
+/// (externalTrafficPolicy Cluster) whose one endpoint is on another node.
+pub fn sustain_service(endpoint: Ipv4Addr) -> String {
+    let mut y = String::new();
+    service(
+        &mut y,
+        &SvcSpec {
+            namespace: "bench",
+            name: "sustain".into(),
+            cluster_ip: Ipv4Addr::new(10, 97, 0, 11),
+            port: 80,
+            target_port: 8080,
+            node_port: Some(SUSTAIN_NODE_PORT),
+            endpoints: vec![endpoint],
+        },
+    );
+    endpoint_slice_on(&mut y, "sustain", &[endpoint], "node2");
+    y
 }
 
 /// Writes `content` to `dir/name` atomically: a hidden temp file (ignored by

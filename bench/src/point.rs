@@ -14,11 +14,12 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::floor::{timed_load, Backend, Timed};
+use crate::manifests::SUSTAIN_NODE_PORT;
 use crate::manifests::{self, CLUSTER_CIDR, NODE_NAME};
 use crate::probe::{self, ConnectSamples, FloodResult};
 use crate::stats::{Histogram, Percentiles};
-use crate::sys::{bpf_map_memlock, cgroup_cpu_usec, http_get, Bpffs, Proc};
-use crate::topo::{Topology, BACKEND_PORT, DEVICES, POD_A, POD_B, PROBE_VIP};
+use crate::sys::{bpf_map_memlock, cgroup_cpu_usec, http_get, Bpffs, Netns, Proc};
+use crate::topo::{Topology, BACKEND_PORT, DEVICES, NODE_IP, POD_A, POD_B, POD_D, PROBE_VIP};
 
 const HEALTHZ: &str = "127.0.0.1:10256";
 const METRICS: &str = "127.0.0.1:10249";
@@ -81,6 +82,11 @@ pub struct Plan {
     pub change_budget: Duration,
     /// Who closes each connection first (see `--client-closes-first`).
     pub client_closes_first: bool,
+    /// kproxy lines: seconds of new connections from outside through a
+    /// NodePort that needs SNAT (0: skipped).
+    pub sustain_secs: f64,
+    /// Longest wait for the tables to drain after the sustained phase.
+    pub drain_cap: Duration,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -122,6 +128,28 @@ pub struct FloodSample {
     pub cpu_ms_per_1k: f64,
 }
 
+/// New connections from outside the cluster through a NodePort whose
+/// endpoint is on another node (every connection is SNATed), then the
+/// connection-tracking tables: right after, and once their timeouts passed.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct SustainSample {
+    pub secs: f64,
+    pub ok: u64,
+    pub conns_per_s: f64,
+    pub failed: u64,
+    pub wrong_backend: u64,
+    pub errors: std::collections::BTreeMap<String, u64>,
+    /// Fill (0..1) of each table 6 s after the connections: ebpf
+    /// `kproxy_bpf_map_pressure` per map, iptables the node's
+    /// `nf_conntrack_count / nf_conntrack_max`.
+    pub fill_after: std::collections::BTreeMap<String, f64>,
+    pub fill_after_timeouts: std::collections::BTreeMap<String, f64>,
+    /// Seconds from the end of the connections until every table was
+    /// under 0.1 %; None: not within `--drain-cap` (the fill is then the
+    /// one at the cap).
+    pub drained_after_s: Option<f64>,
+}
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct ChangeSample {
     /// ms from the atomic rename of the EndpointSlice file until the first
@@ -147,6 +175,8 @@ pub struct Run {
     pub floods: Vec<FloodSample>,
     pub changes: Option<ChangeSample>,
     pub rss_after_changes_kib: Option<u64>,
+    #[serde(default)]
+    pub sustained: Option<SustainSample>,
     pub errors: Vec<String>,
     /// Why nothing was measured, when so.
     pub note: Option<String>,
@@ -165,6 +195,7 @@ impl Run {
             floods: Vec::new(),
             changes: None,
             rss_after_changes_kib: None,
+            sustained: None,
             errors: Vec::new(),
             note: None,
             wall_s: 0.0,
@@ -259,6 +290,11 @@ fn kproxy_point(
         &manifests::probe_service(PROBE_VIP),
     )?;
     manifests::write_atomic(setup.manifests, "probe-slice.yaml", &probe_slice(POD_A))?;
+    manifests::write_atomic(
+        setup.manifests,
+        "sustain.yaml",
+        &manifests::sustain_service(POD_D),
+    )?;
     let bpffs = match line {
         Line::Ebpf => Some(Bpffs::new()?),
         _ => None,
@@ -321,6 +357,13 @@ fn kproxy_point(
     run.changes = Some(endpoint_changes(setup.manifests, topo, plan)?);
     run.rss_after_changes_kib = kproxy.rss_kib().ok();
     kproxy.check_alive()?;
+    if plan.sustain_secs > 0.0 {
+        run.sustained = Some(
+            sustained(topo, line, plan)
+                .with_context(|| format!("sustained NodePort phase{}", kproxy.log_tail()))?,
+        );
+        kproxy.check_alive()?;
+    }
     kproxy.stop();
     Ok(())
 }
@@ -371,6 +414,96 @@ fn wait_healthy(
     }
 }
 
+/// When the tables are first read after the sustained phase.
+const FILL_READ_AFTER: Duration = Duration::from_secs(6);
+
+/// The sustained NodePort phase (see [`SustainSample`]).
+fn sustained(topo: &Topology, line: Line, plan: &Plan) -> Result<SustainSample> {
+    let target = SocketAddrV4::new(NODE_IP.parse()?, SUSTAIN_NODE_PORT);
+    topo.wait_answer_from(&topo.remote, target, "D", Duration::from_secs(30))
+        .context("the sustained phase's NodePort never answered")?;
+    let r: FloodResult = probe_json(
+        topo,
+        &topo.remote,
+        "outside",
+        "flood",
+        &[target],
+        &[
+            "--expect".into(),
+            "D".into(),
+            "--secs".into(),
+            plan.sustain_secs.to_string(),
+            "--threads".into(),
+            plan.flood_threads.to_string(),
+            "--count".into(),
+            ((plan.sustain_secs * 100_000.0) as u64).to_string(),
+        ],
+    )?;
+    let drained = Instant::now();
+    // ebpf mode's gauges follow its garbage collector's walks (every 5 s
+    // by default): both lines are read once one has passed.
+    std::thread::sleep(FILL_READ_AFTER);
+    let fill_after = table_fill(topo, line)?;
+    let (fill_after_timeouts, drained_after_s) = loop {
+        let fill = table_fill(topo, line)?;
+        if fill.values().all(|&f| f < 0.001) {
+            break (fill, Some(drained.elapsed().as_secs_f64()));
+        }
+        if drained.elapsed() > plan.drain_cap {
+            break (fill, None);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    Ok(SustainSample {
+        secs: r.secs,
+        ok: r.ok,
+        conns_per_s: r.ok as f64 / r.secs.max(1e-9),
+        failed: r.failed,
+        wrong_backend: r.wrong_backend,
+        errors: r.errors,
+        fill_after,
+        fill_after_timeouts,
+        drained_after_s,
+    })
+}
+
+/// How full the connection-tracking tables of `line` are (see [`SustainSample`]).
+fn table_fill(topo: &Topology, line: Line) -> Result<std::collections::BTreeMap<String, f64>> {
+    let mut fill = std::collections::BTreeMap::new();
+    if line == Line::Ebpf {
+        let text = fetch_metrics(topo)?;
+        for map in ["CT", "CT_NEW", "NAT", "NAT_NEW"] {
+            let v = metric_labelled(&text, "kproxy_bpf_map_pressure", &format!("map=\"{map}\""))
+                .with_context(|| format!("no kproxy_bpf_map_pressure for {map}"))?;
+            fill.insert(map.to_string(), v);
+        }
+    } else {
+        let read = |key: &'static str| {
+            topo.node.run_in(move || {
+                let path = format!("/proc/sys/net/netfilter/{key}");
+                let text =
+                    std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+                Ok(text.trim().parse::<f64>()?)
+            })
+        };
+        let (count, max) = (read("nf_conntrack_count")?, read("nf_conntrack_max")?);
+        fill.insert("nf_conntrack".to_string(), count / max.max(1.0));
+    }
+    Ok(fill)
+}
+
+/// The value of the series of `name` whose labels contain `label`.
+pub fn metric_labelled(text: &str, name: &str, label: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let labels = l.strip_prefix(name)?.strip_prefix('{')?;
+        let end = labels.find('}')?;
+        if !labels[..end].split(',').any(|kv| kv == label) {
+            return None;
+        }
+        labels[end + 1..].trim().parse().ok()
+    })
+}
+
 /// One value of a Prometheus text exposition.
 pub fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
@@ -384,7 +517,8 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
     })
 }
 
-fn full_sync_seconds(topo: &Topology) -> Result<Option<f64>> {
+/// kproxy's /metrics, read inside the node.
+fn fetch_metrics(topo: &Topology) -> Result<String> {
     let addr: SocketAddr = METRICS.parse()?;
     let (code, text) = topo
         .node
@@ -393,6 +527,11 @@ fn full_sync_seconds(topo: &Topology) -> Result<Option<f64>> {
     if code != 200 {
         bail!("http://{METRICS}/metrics answered {code}");
     }
+    Ok(text)
+}
+
+fn full_sync_seconds(topo: &Topology) -> Result<Option<f64>> {
+    let text = fetch_metrics(topo)?;
     let base = "kubeproxy_sync_full_proxy_rules_duration_seconds";
     Ok(
         match (
@@ -443,13 +582,14 @@ fn programmed(kproxy: &Path, topo: &Topology, line: Line, mode: &[String]) -> Re
 /// parses its one JSON line.
 fn probe_json<T: serde::de::DeserializeOwned>(
     topo: &Topology,
+    ns: &Netns,
     cgroup: &str,
     kind: &str,
     targets: &[SocketAddrV4],
     extra: &[String],
 ) -> Result<T> {
     let exe = std::env::current_exe()?;
-    let mut cmd = topo.client().command_in(&exe, topo.cgroups.child(cgroup));
+    let mut cmd = ns.command_in(&exe, topo.cgroups.child(cgroup));
     cmd.args(["probe", kind]);
     for t in targets {
         cmd.args(["--target", &t.to_string()]);
@@ -471,6 +611,7 @@ fn datapath(topo: &Topology, targets: &[SocketAddrV4], plan: &Plan, run: &mut Ru
     for from in ["hooked", "outside"] {
         let series: Vec<ConnectSamples> = probe_json(
             topo,
+            topo.client(),
             from,
             "connect",
             targets,
@@ -503,6 +644,7 @@ fn datapath(topo: &Topology, targets: &[SocketAddrV4], plan: &Plan, run: &mut Ru
         let cpu0 = cgroup_cpu_usec(topo.node_cgroup())?;
         let r: FloodResult = probe_json(
             topo,
+            topo.client(),
             from,
             "flood",
             &[target],

@@ -8,6 +8,7 @@
 //! `--backend-closes-first` the backend closes first (as an HTTP/1.0
 //! server does) and TIME_WAIT sits on the backend.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -147,38 +148,54 @@ pub struct FloodResult {
     pub ok: u64,
     pub failed: u64,
     pub secs: f64,
+    /// Answers from another backend than `expect`.
+    #[serde(default)]
+    pub wrong_backend: u64,
+    /// Failures by kind (refused, timeout, reset, no local port, ...).
+    #[serde(default)]
+    pub errors: BTreeMap<String, u64>,
 }
 
 /// `threads` loops of connections to `target` for `secs` seconds (at most
-/// `max` connections in all): how many new connections per second.
-pub fn flood(target: SocketAddr, threads: usize, secs: f64, max: u64) -> FloodResult {
-    let ok = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
+/// `max` connections in all): how many new connections per second, and
+/// how many failed and why.
+pub fn flood(target: SocketAddr, expect: &str, threads: usize, secs: f64, max: u64) -> FloodResult {
+    let done = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(secs);
     let handles: Vec<_> = (0..threads)
         .map(|_| {
-            let (ok, failed) = (ok.clone(), failed.clone());
+            let done = done.clone();
+            let expect = expect.to_string();
             std::thread::spawn(move || {
-                while Instant::now() < end
-                    && ok.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) < max
-                {
+                let mut r = FloodResult::default();
+                while Instant::now() < end && done.fetch_add(1, Ordering::Relaxed) < max {
                     match exchange(target, Duration::from_secs(1)) {
-                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
-                    };
+                        Ok((_, name)) if name == expect => r.ok += 1,
+                        Ok(_) => r.wrong_backend += 1,
+                        Err(e) => {
+                            r.failed += 1;
+                            *r.errors.entry(e).or_default() += 1;
+                        }
+                    }
                 }
+                r
             })
         })
         .collect();
+    let mut total = FloodResult::default();
     for h in handles {
-        let _ = h.join();
+        if let Ok(r) = h.join() {
+            total.ok += r.ok;
+            total.failed += r.failed;
+            total.wrong_backend += r.wrong_backend;
+            for (k, v) in r.errors {
+                *total.errors.entry(k).or_default() += v;
+            }
+        }
     }
-    FloodResult {
-        ok: ok.load(Ordering::Relaxed),
-        failed: failed.load(Ordering::Relaxed),
-        secs: start.elapsed().as_secs_f64(),
-    }
+    total.secs = start.elapsed().as_secs_f64();
+    total
 }
 
 /// Loops on `target` (about one connection per ms) printing
@@ -236,7 +253,13 @@ pub fn run(kind: &str, targets: &[SocketAddr], args: &ProbeArgs) -> Result<()> {
             println!("{}", serde_json::to_string(&r)?);
         }
         "flood" => {
-            let r = flood(targets[0], args.threads, args.secs, args.count as u64);
+            let r = flood(
+                targets[0],
+                &args.expect,
+                args.threads,
+                args.secs,
+                args.count as u64,
+            );
             println!("{}", serde_json::to_string(&r)?);
         }
         "follow" => follow(targets[0], args.secs)?,

@@ -53,6 +53,10 @@ pub struct PlanJson {
     /// Sweeps written before the flag existed closed client first.
     #[serde(default = "client_first")]
     pub client_closes_first: bool,
+    #[serde(default)]
+    pub sustain_secs: f64,
+    #[serde(default)]
+    pub drain_cap_s: f64,
 }
 
 fn client_first() -> bool {
@@ -168,6 +172,8 @@ impl Sweep {
                 nft_cap_s: plan.nft_cap.as_secs_f64(),
                 change_budget_s: plan.change_budget.as_secs_f64(),
                 client_closes_first: plan.client_closes_first,
+                sustain_secs: plan.sustain_secs,
+                drain_cap_s: plan.drain_cap.as_secs_f64(),
             },
             floors: Vec::new(),
             runs: Vec::new(),
@@ -288,6 +294,7 @@ impl Sweep {
         self.change_table(&mut m);
         self.connect_table(&mut m);
         self.flood_table(&mut m);
+        self.sustain_table(&mut m);
         self.memory_table(&mut m);
         if !plots.is_empty() {
             m.push_str("\n## Plots\n\n");
@@ -516,6 +523,49 @@ impl Sweep {
         }
     }
 
+    fn sustain_table(&self, m: &mut String) {
+        let has = |r: &Run| r.sustained.is_some();
+        if !self.runs.iter().any(has) {
+            return;
+        }
+        let _ = write!(
+            m,
+            "\n## Sustained NodePort with SNAT\n\n{} threads outside the cluster open, read and close connections for {} s through a NodePort whose only endpoint is on another node (every connection is SNATed). Table fill: ebpf `kproxy_bpf_map_pressure` per map, iptables `nf_conntrack_count / nf_conntrack_max` of the node; 6 s after the connections (ebpf's gauges follow its garbage collector's 5 s walks), and when every table was under 0.1 % (or at the {} s cap).\n\n",
+            self.plan.flood_threads, self.plan.sustain_secs, self.plan.drain_cap_s
+        );
+        m.push_str("| Services | line | run | connections/s | connections | failed | wrong backend | fill after | drained after (s) | fill then |\n|---:|---|---:|---:|---:|---:|---:|---|---:|---|\n");
+        let fill = |f: &std::collections::BTreeMap<String, f64>| {
+            f.iter()
+                .map(|(k, v)| format!("{k} {:.2} %", v * 100.0))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        for r in self.runs.iter().filter(|r| has(r)) {
+            let Some(s) = &r.sustained else { continue };
+            let mut failed = s.failed.to_string();
+            if !s.errors.is_empty() {
+                let kinds: Vec<String> = s.errors.iter().map(|(k, v)| format!("{v} {k}")).collect();
+                failed = format!("{failed} ({})", kinds.join(", "));
+            }
+            let _ = writeln!(
+                m,
+                "| {} | {} | {} | {:.0} | {} | {failed} | {} | {} | {} | {} |",
+                r.services,
+                r.line.name(),
+                r.repeat + 1,
+                s.conns_per_s,
+                s.ok,
+                s.wrong_backend,
+                fill(&s.fill_after),
+                s.drained_after_s.map_or_else(
+                    || format!("> {:.0}", self.plan.drain_cap_s),
+                    |d| format!("{d:.1}")
+                ),
+                fill(&s.fill_after_timeouts),
+            );
+        }
+    }
+
     fn memory_table(&self, m: &mut String) {
         let lines = self.lines_with(Line::is_kproxy);
         if lines.is_empty() {
@@ -604,6 +654,8 @@ mod tests {
             sync_deadline: Duration::from_secs(60),
             change_budget: Duration::from_secs(60),
             client_closes_first: true,
+            sustain_secs: 1.0,
+            drain_cap: Duration::from_secs(1),
         }
     }
 

@@ -13,6 +13,13 @@
 //!
 //! Pods A (10.244.1.10) and B (10.244.1.11) serve; pod C (10.244.1.30)
 //! is the client, in either cgroup.
+//!
+//! The node's eth0 leads to a second namespace, `remote`, that stands for
+//! the rest of the cluster and the world at once: it holds 172.30.0.12 (a
+//! client outside the cluster) and pod D (10.244.2.10, a backend on another
+//! node, routed via 172.30.0.12). A connection from there to a NodePort
+//! whose endpoint is D needs SNAT on the node, or D's answer would never
+//! go back through it: the path of the sustained NodePort phase.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
@@ -26,20 +33,39 @@ pub const NODE_IP: &str = "172.30.0.11";
 pub const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
 pub const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 11);
 pub const POD_C: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 30);
+pub const POD_D: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 10);
+pub const REMOTE_IP: &str = "172.30.0.12";
 pub const PROBE_VIP: Ipv4Addr = Ipv4Addr::new(10, 97, 0, 10);
 pub const BACKEND_PORT: u16 = 8080;
 /// The devices ebpf mode attaches its TC programs to.
 pub const DEVICES: &str = "eth0,vpod0,vpod1,vpod2";
 
-/// The node's own address (NodePorts need one), on a veth whose peer stays in
-/// the same namespace (the `dummy` link type is not built into every kernel).
-pub fn node_address(ns: &Netns) -> Result<()> {
+/// The node's own address (NodePorts need one), on a veth whose peer is
+/// the `remote` namespace's link (see the module's comment).
+pub fn node_address(ns: &Netns, remote: &Netns) -> Result<()> {
     ns.ip(&[
-        "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &remote.name,
     ])?;
-    ns.ip(&["link", "set", "eth0p", "up"])?;
     ns.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", "eth0"])?;
     ns.ip(&["link", "set", "eth0", "up"])?;
+    ns.ip(&["route", "add", &format!("{POD_D}/32"), "via", REMOTE_IP])?;
+    remote.ip(&["addr", "add", &format!("{REMOTE_IP}/24"), "dev", "eth0"])?;
+    remote.ip(&["link", "set", "eth0", "up"])?;
+    remote.ip(&["link", "set", "lo", "up"])?;
+    remote.ip(&["addr", "add", &format!("{POD_D}/32"), "dev", "lo"])?;
+    remote.sysctls(&[
+        ("net/ipv4/ip_local_port_range", "1024 65535"),
+        ("net/ipv4/tcp_tw_reuse", "1"),
+    ])?;
     Ok(())
 }
 
@@ -47,6 +73,8 @@ pub struct Topology {
     /// Backends first: they leave before their namespaces and cgroups.
     pub servers: Vec<Proc>,
     pub pods: Vec<Netns>,
+    /// Another node's pod D and a client outside the cluster.
+    pub remote: Netns,
     pub node: Netns,
     pub cgroups: CgroupTree,
 }
@@ -57,7 +85,8 @@ impl Topology {
     pub fn new(client_closes: bool) -> Result<Self> {
         let cgroups = CgroupTree::new("node", &["hooked", "outside", "kproxy"])?;
         let node = Netns::new("node")?;
-        node_address(&node)?;
+        let remote = Netns::new("remote")?;
+        node_address(&node, &remote)?;
         node.sysctl("net.ipv4.ip_forward", "1")?;
         node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
         node.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
@@ -105,12 +134,18 @@ impl Topology {
         let mut topo = Topology {
             servers: Vec::new(),
             pods,
+            remote,
             node,
             cgroups,
         };
         let exe = std::env::current_exe()?;
-        for (i, name) in ["A", "B"].into_iter().enumerate() {
-            let mut cmd = topo.pods[i].command_in(&exe, topo.cgroups.child("hooked"));
+        for (i, name) in ["A", "B", "D"].into_iter().enumerate() {
+            // D is another node's pod: outside the cgroup ebpf mode hooks.
+            let (ns, cgroup) = match i {
+                2 => (&topo.remote, "outside"),
+                _ => (&topo.pods[i], "hooked"),
+            };
+            let mut cmd = ns.command_in(&exe, topo.cgroups.child(cgroup));
             cmd.args(["serve", "--name", name, "--port", &BACKEND_PORT.to_string()]);
             if client_closes {
                 cmd.arg("--client-closes");
@@ -148,9 +183,20 @@ impl Topology {
     /// Polls `target` from the client pod (a thread of the bench: outside
     /// every hooked cgroup) until it answers `name`.
     pub fn wait_answer(&self, target: SocketAddrV4, name: &str, timeout: Duration) -> Result<()> {
+        self.wait_answer_from(self.client(), target, name, timeout)
+    }
+
+    /// [`Topology::wait_answer`] from namespace `ns`.
+    pub fn wait_answer_from(
+        &self,
+        ns: &Netns,
+        target: SocketAddrV4,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            let got = self.client().run_in(move || ask(target.into()));
+            let got = ns.run_in(move || ask(target.into()));
             match got {
                 Ok(n) if n == name => return Ok(()),
                 _ if Instant::now() > deadline => {

@@ -35,6 +35,10 @@ fn quick_sweep_measures_every_line() {
             "60",
             "--change-budget",
             "60",
+            "--sustain-secs",
+            "1",
+            "--drain-cap",
+            "5",
         ])
         .args(["--modes", "ebpf,legacy,nft,nftables,direct"])
         .arg("--out")
@@ -81,6 +85,12 @@ fn quick_sweep_measures_every_line() {
         let changes = r["changes"]["latency_ms"].as_array().unwrap();
         assert_eq!(changes.len(), 3, "{line}");
         assert!(r["rss_after_changes_kib"].as_u64().unwrap() > 0, "{line}");
+        // Every connection through the SNAT NodePort reached pod D.
+        let s = &r["sustained"];
+        assert!(s["ok"].as_u64().unwrap() > 0, "{line}: {s:#}");
+        assert_eq!(s["failed"], 0, "{line}: {s:#}");
+        assert_eq!(s["wrong_backend"], 0, "{line}: {s:#}");
+        assert!(!s["fill_after"].as_object().unwrap().is_empty(), "{line}");
     }
     assert!(run("ebpf")["sync"]["bpf_memlock_bytes"].as_u64().unwrap() > 0);
     assert!(run("nftables")["sync"]["full_sync_s"].as_f64().unwrap() > 0.0);
@@ -111,6 +121,7 @@ fn quick_sweep_measures_every_line() {
         "## Endpoint change",
         "## Connect latency",
         "## New connections",
+        "## Sustained NodePort with SNAT",
         "## Memory",
         "## Published anchors",
         "## Plots",

@@ -195,6 +195,97 @@ pub fn draining_endpoint_keeps_established_flows(mode: Mode) -> Result<()> {
     Ok(())
 }
 
+/// In each backend pod, drops the first SYN of every connection (and
+/// records its source in the set `firstsyn`), so every client retransmits
+/// its SYN once. The first SYN rather than the SYN-ACK: the backend's own
+/// SYN-ACK retransmission would race the client's SYN retransmission, and
+/// the proxy sees the same thing either way (a SYN and no answer).
+fn drop_first_syns(topo: &Topology, pods: &[&str]) -> Result<()> {
+    let rules = "table inet kpt_firstsyn {
+  set firstsyn { type ipv4_addr . inet_service; flags dynamic; size 65535; }
+  chain input {
+    type filter hook input priority 0;
+    tcp flags & (syn | ack) == syn ip saddr . tcp sport @firstsyn accept
+    tcp flags & (syn | ack) == syn add @firstsyn { ip saddr . tcp sport } drop
+  }
+}
+";
+    let file = topo.workdir().join("firstsyn.nft");
+    std::fs::write(&file, rules)?;
+    for pod in pods {
+        topo.pod(pod)
+            .ns
+            .exec("nft", &["-f", file.to_str().context("path")?])
+            .with_context(|| format!("nft in {pod}"))?;
+    }
+    Ok(())
+}
+
+/// The sources (`ip:port`) whose first SYN `pod` dropped.
+fn first_syns(topo: &Topology, pod: &str) -> Result<Vec<String>> {
+    let out = topo.pod(pod).ns.exec(
+        "nft",
+        &["-j", "list", "set", "inet", "kpt_firstsyn", "firstsyn"],
+    )?;
+    let v: Value = serde_json::from_str(&out).context("nft -j output")?;
+    let mut seen = Vec::new();
+    for item in v["nftables"].as_array().context("nftables array")? {
+        for e in item["set"]["elem"].as_array().into_iter().flatten() {
+            // A plain element, or {"elem": {"val": ..}} when it has a timeout.
+            let c = e.get("elem").map_or(e, |x| &x["val"]);
+            let c = c["concat"].as_array().context("concat element")?;
+            seen.push(format!("{}:{}", c[0].as_str().unwrap_or("?"), c[1]));
+        }
+    }
+    Ok(seen)
+}
+
+/// Every connection's first SYN is lost at its backend: the retransmitted
+/// SYN reaches the backend the first one chose, never the other one, and
+/// the connection completes there.
+pub fn retransmitted_syn_keeps_its_backend(mode: Mode) -> Result<()> {
+    let topo = start(mode, SHORT_CT)?;
+    topo.write("web.yaml", &web(&[a(), b()]))?;
+    topo.wait_backends(
+        "default/web:http",
+        "NodePort",
+        &[&format!("{A}:8080"), &format!("{B}:8080")],
+    )?;
+    drop_first_syns(&topo, &["pod-a", "pod-b"])?;
+    // Concurrent connections, one each: with two backends, a SYN that
+    // forgot its backend would move in half of them.
+    let clients = (0..12)
+        .map(|_| {
+            topo.start_from_ext(&ClientSpec::tcp(format!("{NODE1}:30080"), 1).timeout_ms(8000))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut answered = Vec::new();
+    for c in clients {
+        let out = c.wait()?;
+        out.expect_all_ok("a connection whose first SYN was dropped")?;
+        answered.extend(out.attempts);
+    }
+    let dropped = [first_syns(&topo, "pod-a")?, first_syns(&topo, "pod-b")?];
+    for a in &answered {
+        let reply = a.reply.as_deref().unwrap_or("");
+        let seen = reply.split(' ').nth(1).context("reply names no client")?;
+        let (here, other) = match a.pod() {
+            Some("pod-a") => (&dropped[0], &dropped[1]),
+            _ => (&dropped[1], &dropped[0]),
+        };
+        ensure!(
+            here.iter().any(|s| s == seen),
+            "{reply}: the answering pod never dropped a first SYN from {seen} \
+             (no retransmission happened?); dropped {dropped:?}"
+        );
+        ensure!(
+            !other.iter().any(|s| s == seen),
+            "{reply}: the retransmitted SYN of {seen} went to the other backend first"
+        );
+    }
+    Ok(())
+}
+
 /// 150,000 SYNs from random sources at map sizes shrunk to 4,096 flows:
 /// an established idle connection keeps working, and new ones connect.
 pub fn syn_flood_leaves_established_flows_alone(mode: Mode) -> Result<()> {
@@ -355,6 +446,7 @@ macro_rules! shared {
             many_short_flows_through_a_snat_node_port,
             idle_flow_outlives_gc_sweeps,
             draining_endpoint_keeps_established_flows,
+            retransmitted_syn_keeps_its_backend,
             small_mtu_client_downloads_through_a_node_port,
             fragmented_udp_through_every_path,
             icmp_port_unreachable_reaches_the_client,

@@ -263,10 +263,15 @@ impl Collector {
                 }
             }
             if done {
-                if backends.is_none() {
-                    report.counted.push((flow_map(tier), self.flow_seen[i]));
-                    self.flow_seen[i] = 0;
-                }
+                // A stale-UDP pass is a whole walk of its own: its count is
+                // the map's fill too (otherwise a node whose syncs come
+                // faster than the sweep interval would never report one).
+                let seen = if backends.is_none() {
+                    std::mem::take(&mut self.flow_seen[i])
+                } else {
+                    looked as u64
+                };
+                report.counted.push((flow_map(tier), seen));
                 break;
             }
             if looked >= budget {

@@ -233,6 +233,22 @@ fn udp_flows_to_a_removed_backend_go_at_once_tcp_flows_stay() {
 }
 
 #[test]
+fn a_stale_udp_pass_reports_the_fill_too() {
+    // Syncs faster than the sweep interval make every sweep a stale-UDP
+    // pass: the fill must still be reported.
+    let mut s = Fake::default();
+    for n in 0..5 {
+        s.add(Tier::Assured, flow(n, TCP_ESTABLISHED, 119, false));
+    }
+    let backends: HashSet<(u32, u16)> = HashSet::new();
+    let r = Collector::new(CtTimeouts::default(), 2)
+        .sweep(&mut s, 120 * SEC, Some(&backends))
+        .unwrap();
+    let ct = r.counted.iter().find(|(m, _)| *m == maps::CT);
+    assert_eq!(ct, Some(&(maps::CT, 5)), "{:?}", r.counted);
+}
+
+#[test]
 fn a_sweep_is_bounded_and_the_next_one_continues() {
     let mut s = Fake::default();
     for n in 0..10 {

@@ -93,12 +93,22 @@ impl Header {
 }
 
 /// Decodes the server's messages for one forwarded port (index `index`).
+/// A message may arrive whole ([`Demux::on_message`]) or in pieces as its
+/// frames are read ([`Demux::start_message`], [`Demux::on_piece`],
+/// [`Demux::end_message`]), so that data is passed on without collecting
+/// the message first.
 #[derive(Debug, Clone)]
 pub struct Demux {
     index: u8,
     port: u16,
     data: Header,
     error: Header,
+    /// The channel of the message being read (None before its first byte).
+    channel: Option<u8>,
+    /// Of a close signal being read: whether its channel byte was seen.
+    signal_done: bool,
+    /// Text of the error channel's message being read.
+    error_text: Vec<u8>,
 }
 
 impl Demux {
@@ -108,6 +118,9 @@ impl Demux {
             port,
             data: Header::default(),
             error: Header::default(),
+            channel: None,
+            signal_done: false,
+            error_text: Vec::new(),
         }
     }
 
@@ -115,13 +128,44 @@ impl Demux {
         data_channel(self.index)
     }
 
-    /// One binary message from the server.
+    /// One whole binary message from the server.
     pub fn on_message<'a>(&mut self, msg: &'a [u8]) -> Result<Event<'a>, ChannelError> {
-        let (&ch, payload) = msg.split_first().ok_or(ChannelError::Empty)?;
+        self.start_message();
+        let event = self.on_piece(msg)?;
+        match self.end_message()? {
+            Event::Nothing => Ok(event),
+            end => Ok(end),
+        }
+    }
+
+    /// A new message begins.
+    pub fn start_message(&mut self) {
+        self.channel = None;
+        self.signal_done = false;
+        self.error_text.clear();
+    }
+
+    /// The next bytes of the current message.
+    pub fn on_piece<'a>(&mut self, piece: &'a [u8]) -> Result<Event<'a>, ChannelError> {
+        let (ch, payload) = match self.channel {
+            Some(ch) => (ch, piece),
+            None => match piece.split_first() {
+                Some((&ch, rest)) => {
+                    self.channel = Some(ch);
+                    (ch, rest)
+                }
+                None => return Ok(Event::Nothing),
+            },
+        };
         if ch == CLOSE_SIGNAL {
-            return Ok(match payload.first() {
-                Some(&c) if c == data_channel(self.index) => Event::DataClosed,
-                _ => Event::Nothing,
+            let Some(&c) = payload.first().filter(|_| !self.signal_done) else {
+                return Ok(Event::Nothing);
+            };
+            self.signal_done = true;
+            return Ok(if c == data_channel(self.index) {
+                Event::DataClosed
+            } else {
+                Event::Nothing
             });
         }
         if ch == data_channel(self.index) {
@@ -132,15 +176,26 @@ impl Demux {
                 Event::Data(rest)
             })
         } else if ch == error_channel(self.index) {
+            // Collected: the text is reported whole, at the message's end.
             let rest = self.error.consume(ch, self.port, payload)?;
-            Ok(if rest.is_empty() {
-                Event::Nothing
-            } else {
-                Event::Error(String::from_utf8_lossy(rest).trim().to_string())
-            })
+            self.error_text.extend_from_slice(rest);
+            Ok(Event::Nothing)
         } else {
             Err(ChannelError::UnknownChannel(ch))
         }
+    }
+
+    /// The current message ended: its error text, if it carried one.
+    pub fn end_message(&mut self) -> Result<Event<'static>, ChannelError> {
+        if self.channel.is_none() {
+            return Err(ChannelError::Empty);
+        }
+        if self.error_text.is_empty() {
+            return Ok(Event::Nothing);
+        }
+        let text = String::from_utf8_lossy(&self.error_text).trim().to_string();
+        self.error_text.clear();
+        Ok(Event::Error(text))
     }
 }
 
@@ -223,5 +278,36 @@ mod tests {
         assert_eq!(d.on_message(&[255, 0]).unwrap(), Event::DataClosed);
         assert_eq!(d.on_message(&[255, 1]).unwrap(), Event::Nothing);
         assert_eq!(d.data_channel(), 0);
+    }
+    #[test]
+    fn a_message_in_pieces_gives_the_same_as_whole() {
+        let p = 8080u16.to_le_bytes();
+        let mut d = Demux::new(0, 8080);
+        // The channel byte alone, then the header split, then data.
+        d.start_message();
+        assert_eq!(d.on_piece(&[0]).unwrap(), Event::Nothing);
+        assert_eq!(d.on_piece(&[p[0]]).unwrap(), Event::Nothing);
+        assert_eq!(d.on_piece(&[p[1], b'a']).unwrap(), Event::Data(b"a"));
+        assert_eq!(d.on_piece(b"bc").unwrap(), Event::Data(b"bc"));
+        assert_eq!(d.end_message().unwrap(), Event::Nothing);
+        // A later message: its first byte is a channel again.
+        d.start_message();
+        assert_eq!(d.on_piece(b"\x00xy").unwrap(), Event::Data(b"xy"));
+        assert_eq!(d.end_message().unwrap(), Event::Nothing);
+        // Error text split over pieces is reported whole at the end.
+        d.start_message();
+        assert_eq!(d.on_piece(&[1, p[0], p[1], b'n']).unwrap(), Event::Nothing);
+        assert_eq!(d.on_piece(b"o route\n").unwrap(), Event::Nothing);
+        assert_eq!(d.end_message().unwrap(), Event::Error("no route".into()));
+        // A close signal whose channel comes in the next piece.
+        d.start_message();
+        assert_eq!(d.on_piece(&[255]).unwrap(), Event::Nothing);
+        assert_eq!(d.on_piece(&[0, 0]).unwrap(), Event::DataClosed);
+        assert_eq!(d.on_piece(&[0]).unwrap(), Event::Nothing);
+        assert_eq!(d.end_message().unwrap(), Event::Nothing);
+        // A message without a single byte.
+        d.start_message();
+        assert_eq!(d.on_piece(&[]).unwrap(), Event::Nothing);
+        assert_eq!(d.end_message().unwrap_err(), ChannelError::Empty);
     }
 }

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use clap::ValueEnum;
 use kube::Client;
-use tokio_tungstenite::WebSocketStream;
 
 use super::spdy::Session;
 use super::upgrade::{self, Io, UpgradeError};
@@ -31,7 +30,8 @@ pub enum Transport {
 /// An open port-forward for one connection.
 pub enum Opened {
     WebSocket {
-        ws: Box<WebSocketStream<Io>>,
+        /// The upgraded connection (frames: [`super::wsframe`]).
+        io: Io,
         /// `v5.channel.k8s.io` (half-close) was negotiated.
         v5: bool,
     },
@@ -90,12 +90,7 @@ impl Dialer {
             return self.spdy(pod).await;
         }
         let ws_err = match upgrade::websocket(&self.client, &self.namespace, pod, &[port]).await {
-            Ok((ws, v5)) => {
-                return Ok(Opened::WebSocket {
-                    ws: Box::new(ws),
-                    v5,
-                })
-            }
+            Ok((io, v5)) => return Ok(Opened::WebSocket { io, v5 }),
             Err(e) => e,
         };
         let fallback =

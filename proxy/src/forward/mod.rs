@@ -15,6 +15,7 @@ pub mod status;
 pub mod tunnel;
 pub mod udp;
 pub mod upgrade;
+pub mod wsframe;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -481,9 +482,9 @@ async fn handle(shared: Arc<Shared>, local: TcpStream, idx: usize, fatal: mpsc::
         }
     };
     let result = match opened {
-        Opened::WebSocket { ws, v5 } => {
+        Opened::WebSocket { io, v5 } => {
             tracing::debug!(conn = n, %pod, port, v5, "port-forward stream open (WebSocket)");
-            tunnel::websocket::run(local, *ws, v5, port, shared.opts, &shared.stats).await
+            tunnel::websocket::run(local, io, v5, port, shared.opts, &shared.stats).await
         }
         Opened::Spdy {
             session,

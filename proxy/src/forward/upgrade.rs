@@ -12,8 +12,6 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Status;
 use kube::Client;
-use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::WebSocketStream;
 
 pub type Io = TokioIo<Upgraded>;
 
@@ -99,14 +97,14 @@ async fn upgrade(
 }
 
 /// A WebSocket port-forward of `ports` of `pod` (channel protocol: v5
-/// offered first, v4 as real servers negotiate). Returns the stream and
+/// offered first, v4 as real servers negotiate). Returns the upgraded connection and
 /// whether v5 (half-close) was negotiated.
 pub async fn websocket(
     client: &Client,
     namespace: &str,
     pod: &str,
     ports: &[u16],
-) -> Result<(WebSocketStream<Io>, bool), UpgradeError> {
+) -> Result<(Io, bool), UpgradeError> {
     let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
     let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
     let req = Request::builder()
@@ -142,10 +140,7 @@ pub async fn websocket(
             )))
         }
     };
-    Ok((
-        WebSocketStream::from_raw_socket(io, Role::Client, None).await,
-        v5,
-    ))
+    Ok((io, v5))
 }
 
 /// kubectl's SPDY port-forward: a POST upgraded to `SPDY/3.1` with

@@ -7,17 +7,19 @@ pub mod websocket;
 
 use std::time::Duration;
 
-use tokio_tungstenite::tungstenite::Error as WsError;
-
 use super::channel::ChannelError;
 use super::spdy::SessionError;
+use super::wsframe::FrameError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
     #[error("{0}")]
     Remote(String),
+    /// The WebSocket connection failed or ended without a close.
     #[error("port-forward stream: {0}")]
-    WebSocket(#[from] WsError),
+    Stream(String),
+    #[error("port-forward stream: {0}")]
+    Frame(#[from] FrameError),
     #[error("port-forward stream: {0}")]
     Spdy(#[from] SessionError),
     #[error("port-forward protocol: {0}")]

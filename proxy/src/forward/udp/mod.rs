@@ -104,8 +104,8 @@ async fn connect(
     tasks.spawn(async move {
         let stats = &tunnel_shared.relay_stats;
         let r = match opened {
-            Opened::WebSocket { ws, v5 } => {
-                tunnel::websocket::run(theirs, *ws, v5, port, tunnel_shared.opts, stats).await
+            Opened::WebSocket { io, v5 } => {
+                tunnel::websocket::run(theirs, io, v5, port, tunnel_shared.opts, stats).await
             }
             Opened::Spdy {
                 session,

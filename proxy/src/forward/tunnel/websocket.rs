@@ -307,3 +307,187 @@ async fn finish<W: AsyncWrite + Unpin>(
     let _ = lw.shutdown().await;
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn pattern(len: usize, seed: u32) -> Vec<u8> {
+        (0..len as u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 13) as u8)
+            .collect()
+    }
+
+    /// An unmasked server frame.
+    fn server_frame(b0: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![b0];
+        match payload.len() {
+            n if n < 126 => f.push(n as u8),
+            n if n <= 0xffff => {
+                f.push(126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// The next whole client frame at the front of `buf` (unmasked):
+    /// (opcode, payload), removed from `buf`.
+    fn take_client_frame(buf: &mut Vec<u8>) -> Option<(u8, Vec<u8>)> {
+        if buf.len() < 2 {
+            return None;
+        }
+        assert_eq!(buf[0] & 0xf0, 0x80, "final, no reserved bits");
+        assert_ne!(buf[1] & 0x80, 0, "a client frame is masked");
+        let (len, at) = match buf[1] & 0x7f {
+            126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+            127 if buf.len() >= 10 => (
+                u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
+            126 | 127 => return None,
+            n => (n as usize, 2),
+        };
+        if buf.len() < at + 4 + len {
+            return None;
+        }
+        let key = &buf[at..at + 4];
+        let payload = (0..len).map(|i| buf[at + 4 + i] ^ key[i % 4]).collect();
+        let op = buf[0] & 0x0f;
+        buf.drain(..at + 4 + len);
+        Some((op, payload))
+    }
+
+    #[tokio::test]
+    async fn large_and_fragmented_frames_cross_byte_exact_both_ways() {
+        let (local, mut client) = tokio::io::duplex(64 * 1024);
+        let (ws, server) = tokio::io::duplex(64 * 1024);
+        let stats = Arc::new(Stats::default());
+        let opts = TunnelOpts {
+            half_close_timeout: Duration::from_secs(30),
+            keepalive_interval: Duration::from_secs(3600),
+        };
+        let tunnel = tokio::spawn({
+            let stats = stats.clone();
+            async move { run(local, ws, false, 8080, opts, &stats).await }
+        });
+
+        // Server → client: the port headers, a 300 KiB + 300 KiB message in
+        // two fragments with a ping between them, a 70,000-byte message and
+        // a 100-byte one; written in odd pieces so that headers and
+        // payloads are split across reads.
+        let (a, b, c, d) = (
+            pattern(300 * 1024, 1),
+            pattern(300 * 1024, 2),
+            pattern(70_000, 3),
+            pattern(100, 4),
+        );
+        let p = 8080u16.to_le_bytes();
+        let mut wire = Vec::new();
+        wire.extend(server_frame(0x82, &[0, p[0], p[1]]));
+        wire.extend(server_frame(0x82, &[1, p[0], p[1]]));
+        wire.extend(server_frame(0x02, &[&[0u8][..], &a].concat()));
+        wire.extend(server_frame(0x89, b"are you there"));
+        wire.extend(server_frame(0x80, &b));
+        wire.extend(server_frame(0x82, &[&[0u8][..], &c].concat()));
+        wire.extend(server_frame(0x82, &[&[0u8][..], &d].concat()));
+        let down_expected = [a, b, c, d].concat();
+        let up_sent = pattern(1 << 20, 5);
+
+        let (mut sr, mut sw) = tokio::io::split(server);
+        let server_writes = async {
+            for piece in wire.chunks(7777) {
+                sw.write_all(piece).await.unwrap();
+            }
+        };
+        // What the server reads: data messages and the pong.
+        let server_reads = async {
+            let (mut buf, mut data, mut pong) = (Vec::new(), Vec::new(), None);
+            let mut chunk = vec![0u8; 10_000];
+            while data.len() < up_sent.len() || pong.is_none() {
+                let n = sr.read(&mut chunk).await.unwrap();
+                assert_ne!(n, 0, "EOF after {} bytes", data.len());
+                buf.extend_from_slice(&chunk[..n]);
+                while let Some((op, payload)) = take_client_frame(&mut buf) {
+                    match op {
+                        wsframe::OP_BINARY => {
+                            assert_eq!(payload[0], 0, "the data channel");
+                            data.extend_from_slice(&payload[1..]);
+                        }
+                        wsframe::OP_PONG => pong = Some(payload),
+                        op => panic!("unexpected opcode {op}"),
+                    }
+                }
+            }
+            (data, pong)
+        };
+        let (mut cr, mut cw) = tokio::io::split(&mut client);
+        let client_writes = async {
+            for piece in up_sent.chunks(50_000) {
+                cw.write_all(piece).await.unwrap();
+            }
+        };
+        let client_reads = async {
+            let mut got = vec![0u8; down_expected.len()];
+            cr.read_exact(&mut got).await.unwrap();
+            got
+        };
+        let (_, (up_got, pong), _, down_got) =
+            tokio::time::timeout(Duration::from_secs(60), async {
+                tokio::join!(server_writes, server_reads, client_writes, client_reads)
+            })
+            .await
+            .expect("every byte crosses within a minute");
+        assert!(down_got == down_expected, "server → client bytes differ");
+        assert!(up_got == up_sent, "client → server bytes differ");
+        assert_eq!(pong.as_deref(), Some(&b"are you there"[..]));
+
+        // The server closes: the tunnel ends cleanly and the client sees EOF.
+        sw.write_all(&server_frame(0x88, &1000u16.to_be_bytes()))
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), tunnel)
+            .await
+            .expect("the tunnel ends on the server's close")
+            .unwrap()
+            .unwrap();
+        let mut rest = Vec::new();
+        cr.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        assert_eq!(
+            stats.bytes_out.load(Ordering::Relaxed),
+            down_expected.len() as u64
+        );
+        assert_eq!(stats.bytes_in.load(Ordering::Relaxed), up_sent.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn error_channel_text_split_over_frames_fails_the_connection() {
+        let (local, _client) = tokio::io::duplex(1024);
+        let (ws, mut server) = tokio::io::duplex(1024);
+        let opts = TunnelOpts {
+            half_close_timeout: Duration::from_secs(30),
+            keepalive_interval: Duration::from_secs(3600),
+        };
+        let p = 80u16.to_le_bytes();
+        let mut wire = server_frame(0x82, &[0, p[0], p[1]]);
+        wire.extend(server_frame(0x82, &[1, p[0], p[1]]));
+        wire.extend(server_frame(0x02, b"\x01error forwarding port 80"));
+        wire.extend(server_frame(0x80, b": connection refused\n"));
+        server.write_all(&wire).await.unwrap();
+        let stats = Stats::default();
+        match run(local, ws, false, 80, opts, &stats).await {
+            Err(TunnelError::Remote(e)) => {
+                assert_eq!(e, "error forwarding port 80: connection refused")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

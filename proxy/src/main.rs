@@ -115,13 +115,16 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Render(args) => {
-            let snapshot = source::manifest::load_dir(&args.manifests)
+            let events = source::manifest::load_events(&args.manifests)
                 .with_context(|| format!("reading {}", args.manifests.display()))?;
-            for r in &snapshot.rejected {
-                eprintln!("rejected: {r}");
-            }
             let node_name = kproxy::cli::node_name(args.hostname_override.as_deref());
-            let desired = model::build(&snapshot.objects, &model::ModelConfig { node_name });
+            // The model as `kproxy run` keeps it, fed the same events.
+            let mut tracker = model::Tracker::new(model::ModelConfig { node_name });
+            for ev in events {
+                tracker.apply(ev);
+            }
+            tracker.take_changes();
+            let desired = tracker.state();
             for r in &desired.rejected {
                 eprintln!("rejected: {r}");
             }
@@ -133,11 +136,11 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             match args.proxy_mode {
                 ProxyMode::Iptables => print!(
                     "{}",
-                    kproxy::dataplane::iptables::render_full(&desired, &config)
+                    kproxy::dataplane::iptables::render_full(desired, &config)
                 ),
                 ProxyMode::Ebpf => print!(
                     "{}",
-                    kproxy::dataplane::ebpf::render::render_maps(&desired, &config)?
+                    kproxy::dataplane::ebpf::render::render_maps(desired, &config)?
                 ),
             }
             Ok(())

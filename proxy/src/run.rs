@@ -18,7 +18,6 @@ use crate::model::ModelConfig;
 use crate::server::{self, HealthCheckServers};
 use crate::source::kube::KubeSource;
 use crate::source::manifest::ManifestSource;
-use crate::source::Snapshot;
 use crate::sync::{SyncLoop, SyncTiming};
 use crate::sysctl;
 
@@ -319,24 +318,23 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     // For `kproxy forward .../udp`; dropped (stopped) when run returns.
     let _udp_relay = server::udp_relay::start(args.udp_relay_port, &args.cluster_cidrs()).await;
 
-    let (snap_tx, snap_rx) = watch::channel(Snapshot::default());
+    let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let source_task = match (args.manifests.clone(), kube_client) {
         (Some(dir), _) => tokio::spawn(async move {
             ManifestSource::new(dir)
-                .run(snap_tx)
+                .run(events_tx)
                 .await
                 .context("manifest source failed")
         }),
         (None, Some(client)) => {
             let source = KubeSource::new(client, node_name.clone()).with_health(health.clone());
             tokio::spawn(async move {
-                source.run(snap_tx).await;
+                source.run(events_tx).await;
                 Ok(())
             })
         }
         (None, None) => unreachable!("a client is built whenever --manifests is absent"),
     };
-    let family_check = tokio::spawn(refuse_ipv6_only(snap_rx.clone()));
 
     // healthCheckNodePorts listen on the addresses --nodeport-addresses allows (all when empty).
     let nodeport_ips: Vec<std::net::IpAddr> = if config.nodeport_addresses.is_empty() {
@@ -362,7 +360,7 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         health.clone(),
         HealthCheckServers::new(nodeport_ips, health.clone()),
     );
-    let mut sync_task = tokio::spawn(sync.run(snap_rx, stop_rx));
+    let mut sync_task = tokio::spawn(sync.run(events_rx, stop_rx));
 
     // Once the node is programmed: settings whose sysctl appeared with
     // nf_conntrack, and kube-proxy's rules left by the image this one
@@ -401,10 +399,10 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted: stopping; programmed rules stay in place"); Ok(()) }
         res = healthz => Err(flatten(res).context("healthz server stopped").unwrap_err()),
         res = metrics_srv => Err(flatten(res).context("metrics server stopped").unwrap_err()),
-        res = &mut sync_task => Err(anyhow::anyhow!("sync loop stopped unexpectedly: {:?}", res.err())),
-        res = family_check => match res {
-            Ok(Err(err)) => Err(err),
-            _ => Err(anyhow::anyhow!("the IP family check stopped")),
+        res = &mut sync_task => match res {
+            // An IPv6-only cluster: kproxy would serve nothing.
+            Ok(Err(err)) => Err(err.into()),
+            res => Err(anyhow::anyhow!("sync loop stopped unexpectedly: {:?}", res.err())),
         },
         res = source_task => {
             match res {
@@ -416,35 +414,11 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     };
     after_first_sync.abort();
     let _ = stop_tx.send(true);
-    let _ = sync_task.await;
-    outcome
-}
-
-/// Fails once the source's first complete state shows a cluster whose
-/// Services are all IPv6 (an IPv6-only cluster): kproxy would program
-/// nothing there, and a proxy that serves nothing must not look healthy.
-/// Returns only with that error; otherwise it never completes.
-async fn refuse_ipv6_only(mut snapshots: watch::Receiver<Snapshot>) -> anyhow::Result<()> {
-    loop {
-        let objects = {
-            let snap = snapshots.borrow_and_update();
-            snap.synced.then(|| snap.objects.clone())
-        };
-        if let Some(objects) = objects {
-            let f = crate::model::service_families(&objects);
-            if f.ipv6_only > 0 && f.ipv4 == 0 {
-                bail!(
-                    "every Service of this cluster is IPv6 ({} of them, e.g. {}): kproxy supports IPv4 only, so it would serve nothing on this node; keep kube-proxy on IPv6-only clusters",
-                    f.ipv6_only,
-                    f.example.unwrap_or_default()
-                );
-            }
-            return std::future::pending().await;
-        }
-        if snapshots.changed().await.is_err() {
-            return std::future::pending().await;
-        }
+    // Unless it already ended (and was polled to its end above).
+    if !sync_task.is_finished() {
+        let _ = sync_task.await;
     }
+    outcome
 }
 
 fn flatten(res: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Result<()> {

@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Changes, DesiredState};
+use crate::model::{ChangeSet, DesiredState};
 
 /// `--proxy-mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -200,13 +200,14 @@ pub enum DataplaneError {
 pub trait Dataplane: Send {
     fn mode(&self) -> ProxyMode;
 
-    /// Programs `desired`. `changes` lists the Service ports that differ from
-    /// the last successful sync; with `full` the dataplane rewrites everything
-    /// (first sync, periodic resync, after an error) and repairs drift.
+    /// Programs `desired`. `changes` holds the Service ports that differ
+    /// from the last sync, old and new; with `full` the dataplane rewrites
+    /// everything and repairs drift. The sync loop decides when a sync is
+    /// full (the first one, the periodic resync, the one after an error).
     fn sync(
         &mut self,
         desired: &DesiredState,
-        changes: &Changes,
+        changes: &ChangeSet,
         full: bool,
     ) -> Result<SyncStats, DataplaneError>;
 

@@ -1,9 +1,9 @@
-//! The pure core: Kubernetes objects in, a normalized [`DesiredState`] out,
-//! and the [`diff`] between two states. No I/O here.
+//! The pure core: Kubernetes objects in, a normalized [`DesiredState`] out:
+//! from scratch ([`build`]) or one object at a time ([`Tracker`], with the
+//! [`ChangeSet`] of each step). No I/O here.
 
 mod build;
 mod conflicts;
-mod diff;
 mod objects;
 mod tracker;
 mod types;
@@ -155,11 +155,6 @@ pub fn primary_node_ips(node: &Node) -> Vec<std::net::IpAddr> {
         }
     }
     out
-}
-
-/// What changed between the last applied state and the new one, by Service port.
-pub fn diff(old: &DesiredState, new: &DesiredState) -> Changes {
-    diff::diff(old, new)
 }
 
 #[cfg(test)]

@@ -471,26 +471,24 @@ proptest! {
     fn diff_is_consistent(a in objects(), b in objects()) {
         let a = build(&a, &cfg());
         let b = build(&b, &cfg());
-        prop_assert!(diff(&a, &a).is_empty());
-        let c = diff(&a, &b);
-        prop_assert!(is_sorted(&c.added) && is_sorted(&c.updated) && is_sorted(&c.removed));
-        for k in &c.added {
-            prop_assert!(b.services.contains_key(k) && !a.services.contains_key(k));
-        }
-        for k in &c.removed {
-            prop_assert!(a.services.contains_key(k) && !b.services.contains_key(k));
-        }
-        for k in &c.updated {
-            prop_assert!(a.services[k] != b.services[k]);
+        prop_assert!(ChangeSet::between(&a, &a).is_empty());
+        let c = ChangeSet::between(&a, &b);
+        for (k, change) in c.iter() {
+            prop_assert_eq!(change.old.as_ref(), a.services.get(k));
+            prop_assert_eq!(change.new.as_ref(), b.services.get(k));
+            prop_assert!(change.old != change.new);
         }
         for (k, v) in &b.services {
-            let listed = c.added.contains(k) || c.updated.contains(k);
-            prop_assert_eq!(listed, a.services.get(k) != Some(v));
+            prop_assert_eq!(c.get(k).is_some(), a.services.get(k) != Some(v));
         }
-        let back = diff(&b, &a);
-        prop_assert_eq!(&back.added, &c.removed);
-        prop_assert_eq!(&back.removed, &c.added);
-        prop_assert_eq!(&back.updated, &c.updated);
+        for k in a.services.keys() {
+            prop_assert_eq!(c.get(k).is_some(), a.services.get(k) != b.services.get(k));
+        }
+        let back = ChangeSet::between(&b, &a);
+        prop_assert_eq!(back.len(), c.len());
+        for (k, change) in back.iter() {
+            prop_assert_eq!(&change.old, &c.get(k).unwrap().new);
+        }
     }
 }
 

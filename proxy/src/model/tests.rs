@@ -1083,13 +1083,28 @@ fn diff_reports_added_updated_removed() {
             &[("10.0.0.2", "node-b", true, true, false)],
         )],
     );
-    let c = diff(&old, &new);
-    assert_eq!(c.added, [port_name("default", "fresh", "", Protocol::Tcp)]);
-    assert_eq!(c.updated, [port_name("shop", "web", "", Protocol::Tcp)]);
-    assert_eq!(c.removed, [port_name("default", "gone", "", Protocol::Tcp)]);
-    assert!(diff(&new, &new).is_empty());
-    let back = diff(&new, &old);
-    assert_eq!((back.added, back.removed), (c.removed, c.added));
+    let c = ChangeSet::between(&old, &new);
+    let names = |it: &mut dyn Iterator<Item = &ServicePortName>| it.cloned().collect::<Vec<_>>();
+    assert_eq!(
+        names(&mut c.added()),
+        [port_name("default", "fresh", "", Protocol::Tcp)]
+    );
+    assert_eq!(
+        names(&mut c.updated()),
+        [port_name("shop", "web", "", Protocol::Tcp)]
+    );
+    assert_eq!(
+        names(&mut c.removed()),
+        [port_name("default", "gone", "", Protocol::Tcp)]
+    );
+    let web = c.get(&port_name("shop", "web", "", Protocol::Tcp)).unwrap();
+    assert!(web.endpoints_only());
+    assert!(ChangeSet::between(&new, &new).is_empty());
+    let back = ChangeSet::between(&new, &old);
+    assert_eq!(
+        (names(&mut back.added()), names(&mut back.removed())),
+        (names(&mut c.removed()), names(&mut c.added()))
+    );
 }
 
 #[test]

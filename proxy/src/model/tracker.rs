@@ -26,8 +26,10 @@ use super::{ClusterObjects, ModelConfig};
 struct ServiceEntry {
     /// The Service object, if there is one.
     object: Option<Checked>,
-    /// Its ports before frontend conflicts are decided.
-    raw: Vec<ServicePort>,
+    /// The frontends its ports claim (before conflicts are decided). The
+    /// ports themselves are not kept: recomputing a Service costs less than
+    /// a second copy of every port.
+    claimed: Vec<Frontend>,
     /// Its `ipv6_unsupported` rejection.
     ipv6: Option<Rejection>,
     /// Its frontend conflicts lost, as rejections.
@@ -271,8 +273,11 @@ impl Tracker {
     pub fn take_changes(&mut self) -> ChangeSet {
         let dirty: Vec<ServiceKey> = self.dirty.drain().collect();
         let mut touched: HashSet<Frontend> = HashSet::new();
+        let mut raws: HashMap<ServiceKey, Vec<ServicePort>> = HashMap::new();
         for key in &dirty {
-            self.recompute_raw(key, &mut touched);
+            if let Some(raw) = self.recompute_raw(key, &mut touched) {
+                raws.insert(key.clone(), raw);
+            }
         }
         // The Services sharing a frontend with a changed one may win or
         // lose it now.
@@ -283,7 +288,11 @@ impl Tracker {
             }
         }
         for key in &affected {
-            self.resolve(key);
+            let raw = match raws.remove(key) {
+                Some(raw) => raw,
+                None => self.raw_ports(key).0,
+            };
+            self.resolve(key, raw);
         }
         self.recomputed = affected.len();
         if self.rejections_dirty {
@@ -297,15 +306,18 @@ impl Tracker {
         out
     }
 
-    /// A Service's ports before conflicts, and its claims on frontends.
-    fn recompute_raw(&mut self, key: &ServiceKey, touched: &mut HashSet<Frontend>) {
-        let Some(entry) = self.services.get_mut(key) else {
-            return;
+    /// A Service's ports before conflicts are decided, its IPv6
+    /// rejection, its creation time.
+    fn raw_ports(
+        &self,
+        key: &ServiceKey,
+    ) -> (Vec<ServicePort>, Option<Rejection>, Option<jiff::Timestamp>) {
+        let Some(entry) = self.services.get(key) else {
+            return (Vec::new(), None, None);
         };
-        let (raw, ipv6, created) = match entry.parsed() {
+        match entry.parsed() {
             Some(p) => {
-                let slices: Vec<&Arc<ParsedSlice>> = entry.slices.values().collect();
-                let slices: Vec<&ParsedSlice> = slices.into_iter().map(|s| &**s).collect();
+                let slices: Vec<&ParsedSlice> = entry.slices.values().map(|s| &**s).collect();
                 (
                     service_ports(p, &slices, &self.config, self.zone.as_deref()),
                     ipv6_parts(p),
@@ -313,18 +325,24 @@ impl Tracker {
                 )
             }
             None => (Vec::new(), None, None),
-        };
+        }
+    }
+
+    /// Recomputes a changed Service's ports before conflicts and its
+    /// claims on frontends (`touched`: the frontends claimed before or
+    /// now). `None` when the tracker knows nothing of the Service.
+    fn recompute_raw(
+        &mut self,
+        key: &ServiceKey,
+        touched: &mut HashSet<Frontend>,
+    ) -> Option<Vec<ServicePort>> {
+        let (raw, ipv6, created) = self.raw_ports(key);
+        let entry = self.services.get_mut(key)?;
         if ipv6 != entry.ipv6 {
             entry.ipv6 = ipv6;
             self.rejections_dirty = true;
         }
-        let old_claims: Vec<Frontend> = entry
-            .raw
-            .iter()
-            .flat_map(|sp| conflicts::claims_of(sp, None))
-            .map(|(fe, _)| fe)
-            .collect();
-        for fe in old_claims {
+        for fe in std::mem::take(&mut entry.claimed) {
             if let Some(list) = self.claims.get_mut(&fe) {
                 list.retain(|c| &c.port.service != key);
                 if list.is_empty() {
@@ -336,24 +354,25 @@ impl Tracker {
         for sp in &raw {
             for (fe, claim) in conflicts::claims_of(sp, created) {
                 self.claims.entry(fe).or_default().push(claim);
+                entry.claimed.push(fe);
                 touched.insert(fe);
             }
         }
-        entry.raw = raw;
+        Some(raw)
     }
 
     /// A Service's final ports (after its lost frontends), written into
     /// the state.
-    fn resolve(&mut self, key: &ServiceKey) {
+    fn resolve(&mut self, key: &ServiceKey, raw: Vec<ServicePort>) {
         let Some(entry) = self.services.get_mut(key) else {
             return;
         };
         let created = entry.parsed().and_then(|p| p.created);
         let mut lost = Vec::new();
-        let mut ports = Vec::with_capacity(entry.raw.len());
-        for raw in &entry.raw {
-            let mut sp = raw.clone();
-            for (fe, loser) in conflicts::claims_of(raw, created) {
+        let mut ports = Vec::with_capacity(raw.len());
+        for mut sp in raw {
+            let claims = conflicts::claims_of(&sp, created);
+            for (fe, loser) in claims {
                 let list = self.claims.get(&fe).map(Vec::as_slice).unwrap_or(&[]);
                 let Some(winner) = conflicts::winner(list) else {
                     continue;

@@ -251,20 +251,6 @@ pub struct DesiredState {
     pub rejected: Vec<Rejection>,
 }
 
-/// The difference between two desired states, by Service port.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Changes {
-    pub added: Vec<ServicePortName>,
-    pub updated: Vec<ServicePortName>,
-    pub removed: Vec<ServicePortName>,
-}
-
-impl Changes {
-    pub fn is_empty(&self) -> bool {
-        self.added.is_empty() && self.updated.is_empty() && self.removed.is_empty()
-    }
-}
-
 /// What changed between two desired states: the old and the new version of
 /// every Service port whose programmed state differs (`None`: absent). The
 /// [`Tracker`](super::Tracker) yields one per sync; it is the only place

@@ -4,70 +4,76 @@
 //! programming latency, measured from each changed EndpointSlice's
 //! `endpoints.kubernetes.io/last-change-trigger-time` annotation (set by
 //! the EndpointSlice controller when a pod or Service change triggered it),
-//! as kube-proxy measures it.
-//!
-//! Sources share objects by `Arc`, and replace an object's `Arc` when it
-//! changes, so pointer comparison finds the changed ones cheaply.
+//! as kube-proxy measures it. Counted from the source's events as they
+//! arrive.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
 use std::time::SystemTime;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-
-use crate::model::ClusterObjects;
+use crate::model::{Event, Kind, Object, ObjectKey};
 
 /// The annotation the EndpointSlice controller sets.
 pub const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
-type Key<'a> = (&'a str, &'a str);
-
-fn key(meta: &ObjectMeta) -> Key<'_> {
-    (
-        meta.namespace.as_deref().unwrap_or(""),
-        meta.name.as_deref().unwrap_or(""),
-    )
+/// Objects changed (deletions included) since the last successful sync.
+#[derive(Debug, Default)]
+pub struct Pending {
+    services: HashSet<ObjectKey>,
+    slices: HashSet<ObjectKey>,
+    /// The trigger time of each changed slice that carries one.
+    triggers: HashMap<ObjectKey, SystemTime>,
 }
 
-/// Objects of `new` that are not in `old` (same key, same `Arc`), plus
-/// objects of `old` gone from `new`.
-fn changed<'a, T>(
-    old: &'a [Arc<T>],
-    new: &'a [Arc<T>],
-    meta: impl Fn(&T) -> &ObjectMeta,
-) -> (Vec<&'a Arc<T>>, usize) {
-    let before: HashMap<Key<'_>, &Arc<T>> = old.iter().map(|o| (key(meta(o)), o)).collect();
-    let mut seen = 0;
-    let mut out = Vec::new();
-    for o in new {
-        match before.get(&key(meta(o))) {
-            Some(prev) => {
-                seen += 1;
-                if !Arc::ptr_eq(prev, o) {
-                    out.push(o);
-                }
+impl Pending {
+    pub fn note(&mut self, ev: &Event) {
+        let key = match ev {
+            Event::Upsert(c) => c.key(),
+            Event::Delete(k) => k,
+            Event::Problems(_) | Event::Synced => return,
+        };
+        match key.kind {
+            Kind::Service => {
+                self.services.insert(key.clone());
             }
-            None => out.push(o),
+            Kind::EndpointSlice => {
+                self.slices.insert(key.clone());
+                let time = match ev {
+                    Event::Upsert(c) => match c.object() {
+                        Object::EndpointSlice(s) => s
+                            .metadata
+                            .annotations
+                            .as_ref()
+                            .and_then(|a| a.get(TRIGGER_TIME))
+                            .and_then(|t| parse_time(t)),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                match time {
+                    Some(t) => self.triggers.insert(key.clone(), t),
+                    None => self.triggers.remove(key),
+                };
+            }
+            Kind::Node => {}
         }
     }
-    (out, old.len() - seen)
-}
 
-/// (Services, EndpointSlices) changed between `old` and `new`, deletions included.
-pub fn pending(old: &ClusterObjects, new: &ClusterObjects) -> (usize, usize) {
-    let (svc, svc_gone) = changed(&old.services, &new.services, |s| &s.metadata);
-    let (eps, eps_gone) = changed(&old.endpoint_slices, &new.endpoint_slices, |s| &s.metadata);
-    (svc.len() + svc_gone, eps.len() + eps_gone)
-}
+    /// (Services, EndpointSlices) changed.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.services.len(), self.slices.len())
+    }
 
-/// The trigger times of the EndpointSlices that changed between `old` and
-/// `new` and carry the annotation.
-pub fn trigger_times(old: &ClusterObjects, new: &ClusterObjects) -> Vec<SystemTime> {
-    let (eps, _) = changed(&old.endpoint_slices, &new.endpoint_slices, |s| &s.metadata);
-    eps.iter()
-        .filter_map(|s| s.metadata.annotations.as_ref()?.get(TRIGGER_TIME))
-        .filter_map(|t| parse_time(t))
-        .collect()
+    /// The trigger times of the changed EndpointSlices that carry one.
+    pub fn trigger_times(&self) -> impl Iterator<Item = SystemTime> + '_ {
+        self.triggers.values().copied()
+    }
+
+    /// All programmed.
+    pub fn clear(&mut self) {
+        self.services.clear();
+        self.slices.clear();
+        self.triggers.clear();
+    }
 }
 
 fn parse_time(s: &str) -> Option<SystemTime> {
@@ -77,6 +83,7 @@ fn parse_time(s: &str) -> Option<SystemTime> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
     use std::time::{Duration, UNIX_EPOCH};
 
     use k8s_openapi::api::core::v1::Service;
@@ -84,47 +91,47 @@ mod tests {
 
     use super::*;
 
-    fn slice(name: &str, trigger: Option<&str>) -> Arc<EndpointSlice> {
+    fn slice(name: &str, trigger: Option<&str>) -> Event {
         let mut s = EndpointSlice::default();
         s.metadata.name = Some(name.into());
         s.metadata.namespace = Some("default".into());
         if let Some(t) = trigger {
             s.metadata.annotations = Some([(TRIGGER_TIME.to_string(), t.to_string())].into());
         }
-        Arc::new(s)
+        Event::upsert(Object::EndpointSlice(Arc::new(s)))
     }
 
-    fn service(name: &str) -> Arc<Service> {
+    fn service(name: &str) -> Event {
         let mut s = Service::default();
         s.metadata.name = Some(name.into());
-        Arc::new(s)
+        Event::upsert(Object::Service(Arc::new(s)))
     }
 
     #[test]
     fn counts_and_trigger_times_of_changed_objects_only() {
-        let a = slice("a", Some("2024-01-01T00:00:01Z"));
-        let b = slice("b", Some("2024-01-01T00:00:02.5Z"));
-        let web = service("web");
-        let old = ClusterObjects {
-            services: vec![web.clone(), service("gone")],
-            endpoint_slices: vec![a.clone(), b],
-            nodes: vec![],
-        };
-        let new = ClusterObjects {
-            services: vec![web],
-            endpoint_slices: vec![
-                a,
-                slice("b", Some("2024-01-01T00:00:03.25Z")),
-                slice("c", None),
-            ],
-            nodes: vec![],
-        };
-        assert_eq!(pending(&old, &new), (1, 2));
-        assert_eq!(pending(&new, &new), (0, 0));
-        let t = trigger_times(&old, &new);
+        let mut p = Pending::default();
+        for ev in [
+            service("web"),
+            Event::Delete(ObjectKey {
+                kind: Kind::Service,
+                namespace: "default".into(),
+                name: "gone".into(),
+            }),
+            slice("b", Some("2024-01-01T00:00:02.5Z")),
+            slice("b", Some("2024-01-01T00:00:03.25Z")),
+            slice("c", None),
+            Event::Synced,
+        ] {
+            p.note(&ev);
+        }
+        assert_eq!(p.counts(), (2, 2));
+        let t: Vec<_> = p.trigger_times().collect();
         assert_eq!(
             t,
             vec![UNIX_EPOCH + Duration::from_millis(1_704_067_203_250)]
         );
+        p.clear();
+        assert_eq!(p.counts(), (0, 0));
+        assert_eq!(p.trigger_times().count(), 0);
     }
 }

@@ -1,10 +1,12 @@
 //! Giving freed heap back to the kernel after a sync.
 //!
-//! Every sync builds a whole new desired state and drops the previous one;
-//! at 10,000 Services that is tens of MiB per sync, freed on whichever
-//! thread ran it. glibc keeps freed pages in per-thread arenas, so without
-//! this the resident size of a long-running agent climbed to twice its
-//! working set after a hundred updates (docs/cluster-mode.md has numbers).
+//! A full sync (the first, the periodic drift repair) allocates and frees
+//! tens of MiB at 10,000 Services (the dataplane rewrites everything), on
+//! whichever thread ran it. glibc keeps freed pages in per-thread arenas,
+//! so without this the resident size of a long-running agent climbed to
+//! twice its working set (docs/cluster-mode.md has numbers). An
+//! incremental sync frees only what its few changed Services held, so it
+//! does not pay for a trim.
 
 use std::time::{Duration, Instant};
 

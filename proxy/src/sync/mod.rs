@@ -1,6 +1,7 @@
-//! The sync loop: takes source snapshots, runs the pure model, diffs against
-//! what was applied last, and drives the dataplane. Changes are coalesced by
-//! the minimum sync period; a periodic full sync repairs drift.
+//! The sync loop: feeds the source's events to the model's change tracker
+//! and hands the dataplane the tracker's change set. Changes are coalesced
+//! by the minimum sync period; a periodic full sync repairs drift. The
+//! loop alone decides when a sync is full.
 
 mod changes;
 mod memory;
@@ -14,9 +15,16 @@ use tokio::sync::watch;
 use crate::dataplane::{Dataplane, ProxyMode};
 use crate::health::HealthState;
 use crate::metrics::Metrics;
-use crate::model::{self, Changes, DesiredState, ModelConfig, Rejection};
+use crate::model::{self, ChangeSet, ModelConfig, Rejection, Tracker};
 use crate::server::HealthCheckServers;
-use crate::source::Snapshot;
+use crate::source::EventReceiver;
+
+/// Why the sync loop stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("every Service of this cluster is IPv6 ({count} of them, e.g. {example}): kproxy supports IPv4 only, so it would serve nothing on this node; keep kube-proxy on IPv6-only clusters")]
+    Ipv6Only { count: usize, example: String },
+}
 
 /// Timing settings of the loop (kube-proxy's `--iptables-sync-period` and
 /// `--iptables-min-sync-period`).
@@ -51,20 +59,20 @@ impl SyncTiming {
 
 pub struct SyncLoop {
     dataplane: Box<dyn Dataplane>,
-    model_config: ModelConfig,
     timing: SyncTiming,
     metrics: Arc<Metrics>,
     health: Arc<HealthState>,
     health_checks: HealthCheckServers,
-    /// What the dataplane has programmed after the last successful sync.
-    applied: DesiredState,
-    /// The next sync must rewrite everything (start, after an error).
+    /// The model, kept up to date one event at a time.
+    tracker: Tracker,
+    /// The next sync must rewrite everything (start, after an error, drift
+    /// repair): the only full-sync flag.
     need_full: bool,
     /// Rejections already logged, so each is logged once while it lasts.
     reported: BTreeSet<Rejection>,
-    /// The source's objects as of the last successful sync (for the
-    /// pending-change gauges and the network programming latency).
-    synced_objects: Arc<crate::model::ClusterObjects>,
+    /// Objects changed since the last successful sync (the pending-change
+    /// gauges and the network programming latency).
+    pending: changes::Pending,
 }
 
 impl SyncLoop {
@@ -78,40 +86,68 @@ impl SyncLoop {
     ) -> Self {
         SyncLoop {
             dataplane,
-            model_config,
             timing,
             metrics,
             health,
             health_checks,
-            applied: DesiredState::default(),
+            tracker: Tracker::new(model_config),
             need_full: true,
             reported: BTreeSet::new(),
-            synced_objects: Arc::default(),
+            pending: changes::Pending::default(),
         }
     }
 
-    /// Runs until `snapshots` closes or `shutdown` fires. Never removes what
-    /// was programmed: a stopped kproxy leaves traffic flowing.
+    fn apply(&mut self, batch: Vec<model::Event>) {
+        for ev in batch {
+            self.pending.note(&ev);
+            self.tracker.apply(ev);
+        }
+    }
+
+    /// Applies every batch already waiting; false when the source is gone.
+    fn drain(&mut self, events: &mut EventReceiver) -> bool {
+        loop {
+            match events.try_recv() {
+                Ok(batch) => self.apply(batch),
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => return true,
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => return false,
+            }
+        }
+    }
+
+    /// Runs until the source stops or `shutdown` fires. Never removes what
+    /// was programmed: a stopped kproxy leaves traffic flowing. Fails only
+    /// when the source's complete state shows an IPv6-only cluster (kproxy
+    /// would serve nothing, and must not look healthy).
     pub async fn run(
         mut self,
-        mut snapshots: watch::Receiver<Snapshot>,
+        mut events: EventReceiver,
         mut shutdown: watch::Receiver<bool>,
-    ) {
-        // The first sync waits until the source has read everything once, so a
+    ) -> Result<(), SyncError> {
+        // The first sync waits until the source has told everything once, so a
         // restart never programs a partial state over a complete one.
-        loop {
-            if snapshots.borrow_and_update().synced {
-                break;
-            }
+        while !self.tracker.synced() {
             tokio::select! {
-                changed = snapshots.changed() => if changed.is_err() { return },
-                _ = shutdown.changed() => return,
+                batch = events.recv() => match batch {
+                    Some(batch) => self.apply(batch),
+                    None => return Ok(()),
+                },
+                _ = shutdown.changed() => return Ok(()),
             }
+        }
+        self.drain(&mut events);
+        let families = model::service_families(&self.tracker.objects());
+        if families.ipv6_only > 0 && families.ipv4 == 0 {
+            return Err(SyncError::Ipv6Only {
+                count: families.ipv6_only,
+                example: families.example.unwrap_or_default(),
+            });
         }
         let mut queued_at = Some(Instant::now());
         self.mark_queued();
         let mut last_sync: Option<Instant> = None;
         let mut next_full = Instant::now();
+        let mut open = true;
 
         loop {
             if let Some(queued) = queued_at {
@@ -121,13 +157,14 @@ impl SyncLoop {
                     if ready_at > Instant::now() {
                         tokio::select! {
                             _ = tokio::time::sleep_until(ready_at.into()) => {}
-                            _ = shutdown.changed() => return,
+                            _ = shutdown.changed() => return Ok(()),
                         }
                     }
                 }
-                let snapshot = snapshots.borrow_and_update().clone();
+                // Everything that arrived meanwhile goes in this sync.
+                open = self.drain(&mut events) && open;
                 let full = self.need_full || Instant::now() >= next_full;
-                let ok = self.sync_once(&snapshot, full);
+                let ok = self.sync_once(full);
                 last_sync = Some(Instant::now());
                 if full && ok {
                     next_full = Instant::now() + self.timing.full_sync_period;
@@ -141,21 +178,25 @@ impl SyncLoop {
                 if !ok {
                     tokio::select! {
                         _ = tokio::time::sleep(self.timing.min_sync_period.max(Duration::from_secs(1))) => {}
-                        _ = shutdown.changed() => return,
+                        _ = shutdown.changed() => return Ok(()),
                     }
                 }
                 continue;
             }
+            if !open {
+                tracing::info!("source closed; stopping the sync loop (rules stay in place)");
+                return Ok(());
+            }
             tokio::select! {
-                changed = snapshots.changed() => {
-                    if changed.is_err() {
+                batch = events.recv() => {
+                    let Some(batch) = batch else {
                         tracing::info!("source closed; stopping the sync loop (rules stay in place)");
-                        return;
-                    }
+                        return Ok(());
+                    };
+                    self.apply(batch);
                     queued_at = Some(Instant::now());
                     self.mark_queued();
-                    let (services, slices) =
-                        changes::pending(&self.synced_objects, &snapshots.borrow().objects);
+                    let (services, slices) = self.pending.counts();
                     self.metrics.set_pending(services, slices);
                 }
                 _ = tokio::time::sleep_until(next_full.into()) => {
@@ -163,30 +204,22 @@ impl SyncLoop {
                     self.need_full = true;
                     self.mark_queued();
                 }
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => return Ok(()),
             }
         }
     }
 
-    /// One sync: model, diff, dataplane, metrics. Returns whether it succeeded.
-    fn sync_once(&mut self, snapshot: &Snapshot, full: bool) -> bool {
+    /// One sync: the tracker's changes to the dataplane, then metrics.
+    /// Returns whether it succeeded.
+    fn sync_once(&mut self, full: bool) -> bool {
         let started = Instant::now();
-        let mut desired = model::build(&snapshot.objects, &self.model_config);
-        desired.rejected.extend(snapshot.rejected.iter().cloned());
-        desired.rejected.sort();
-        // The source and the model may report the same problem (a slice
-        // passed on with a bad endpoint); keep one, with the source's origin.
-        desired.rejected.dedup_by(|later, kept| {
-            let same = Rejection {
-                origin: kept.origin.clone(),
-                ..later.clone()
-            } == *kept;
-            if same && kept.origin.is_none() {
-                kept.origin = later.origin.take();
-            }
-            same
-        });
-        self.report_rejections(&desired.rejected);
+        let changes = {
+            let _span = tracing::debug_span!("model").entered();
+            self.tracker.take_changes()
+        };
+        let model_time = started.elapsed();
+        let desired = self.tracker.state();
+        report_rejections(&mut self.reported, &desired.rejected);
         if desired.node.eligible != self.health.report(SystemTime::now()).node_eligible {
             tracing::info!(
                 eligible = desired.node.eligible,
@@ -200,32 +233,30 @@ impl SyncLoop {
         }
         self.health.set_node_eligible(desired.node.eligible);
 
-        let changes = if full {
-            full_changes(&self.applied, &desired)
-        } else {
-            model::diff(&self.applied, &desired)
-        };
         if !full && changes.is_empty() {
             self.metrics.set_rejected(&desired.rejected);
             self.health.updated(SystemTime::now());
+            self.pending.clear();
+            self.metrics.set_pending(0, 0);
             return true;
         }
-        let (service_changes, endpoint_changes) = count_changes(&self.applied, &desired, &changes);
+        let (service_changes, endpoint_changes) = count_changes(&changes);
         self.metrics.add_service_changes(service_changes);
         self.metrics.add_endpoint_changes(endpoint_changes);
 
         // iptables-restore blocks; keep the runtime's other tasks (healthz) answering.
-        let result = tokio::task::block_in_place(|| self.dataplane.sync(&desired, &changes, full));
+        let dataplane = &mut self.dataplane;
+        let result = tokio::task::block_in_place(|| dataplane.sync(desired, &changes, full));
         let elapsed = started.elapsed();
         match result {
             Ok(stats) => {
                 self.metrics.observe_sync(full, elapsed, true);
                 let now = SystemTime::now();
-                for t in changes::trigger_times(&self.synced_objects, &snapshot.objects) {
+                for t in self.pending.trigger_times() {
                     self.metrics
                         .observe_network_programming(now.duration_since(t).unwrap_or_default());
                 }
-                self.synced_objects = snapshot.objects.clone();
+                self.pending.clear();
                 self.metrics.set_pending(0, 0);
                 for (table, total, written) in &stats.rules {
                     self.metrics.set_iptables_rules(table, *total);
@@ -235,30 +266,36 @@ impl SyncLoop {
                     self.metrics
                         .observe_conntrack_reconcile(ct.duration, ct.deleted);
                 }
-                self.metrics.observe_desired(&desired);
+                self.metrics.observe_desired(desired);
                 self.metrics.set_service_errors(&stats.errors);
                 for e in &stats.errors {
                     tracing::error!(service = %e.service, reason = %e.reason, "{}", e.message);
                 }
                 // Before the health-check servers, which report proxy health.
                 self.health.updated(SystemTime::now());
-                self.health_checks.sync(&desired);
+                self.health_checks.sync(desired);
                 tracing::info!(
                     full,
                     services = desired.services.len(),
-                    added = changes.added.len(),
-                    updated = changes.updated.len(),
-                    removed = changes.removed.len(),
+                    added = changes.added().count(),
+                    updated = changes.updated().count(),
+                    removed = changes.removed().count(),
+                    recomputed = self.tracker.recomputed(),
                     written = stats.objects_written,
                     deleted = stats.objects_deleted,
+                    model_ms = model_time.as_secs_f64() * 1000.0,
                     elapsed_ms = elapsed.as_secs_f64() * 1000.0,
                     "synced {} dataplane",
                     self.dataplane.mode()
                 );
-                self.applied = desired;
                 self.need_full = false;
-                let trim = memory::release_freed();
-                tracing::debug!(trim_ms = trim.as_secs_f64() * 1000.0, "returned freed heap");
+                if full {
+                    // Incremental syncs free little; a full one (its change
+                    // set included) may free much.
+                    drop(changes);
+                    let trim = memory::release_freed();
+                    tracing::debug!(trim_ms = trim.as_secs_f64() * 1000.0, "returned freed heap");
+                }
                 true
             }
             Err(err) => {
@@ -282,54 +319,38 @@ impl SyncLoop {
         self.health.queued(now);
         self.metrics.observe_queued(now);
     }
-
-    fn report_rejections(&mut self, rejected: &[Rejection]) {
-        let current: BTreeSet<Rejection> = rejected.iter().cloned().collect();
-        for r in current.difference(&self.reported) {
-            tracing::warn!(reason = %r.reason, "rejected: {r}");
-        }
-        for r in self.reported.difference(&current) {
-            tracing::info!("no longer rejected: {r}");
-        }
-        self.reported = current;
-    }
 }
 
-/// For a full sync every Service port counts as written, and every one that
-/// disappeared as removed.
-fn full_changes(old: &DesiredState, new: &DesiredState) -> Changes {
-    let diff = model::diff(old, new);
-    Changes {
-        added: diff.added,
-        updated: new
-            .services
-            .keys()
-            .filter(|k| old.services.contains_key(*k))
-            .cloned()
-            .collect(),
-        removed: diff.removed,
+/// Logs each rejection once while it lasts, and when it goes.
+fn report_rejections(reported: &mut BTreeSet<Rejection>, rejected: &[Rejection]) {
+    if rejected.len() == reported.len() && rejected.iter().zip(reported.iter()).all(|(a, b)| a == b)
+    {
+        return;
     }
+    let current: BTreeSet<Rejection> = rejected.iter().cloned().collect();
+    for r in current.difference(reported) {
+        tracing::warn!(reason = %r.reason, "rejected: {r}");
+    }
+    for r in reported.difference(&current) {
+        tracing::info!("no longer rejected: {r}");
+    }
+    *reported = current;
 }
 
 /// (service changes, endpoint changes), as kube-proxy's change counters count
-/// them: a Service port whose frontends changed is a service change, one whose
-/// endpoints changed is an endpoint change.
-fn count_changes(old: &DesiredState, new: &DesiredState, changes: &Changes) -> (u64, u64) {
-    let mut services = (changes.added.len() + changes.removed.len()) as u64;
-    let mut endpoints = 0u64;
-    for key in &changes.updated {
-        let (Some(a), Some(b)) = (old.services.get(key), new.services.get(key)) else {
+/// them: a Service port added, removed or with other frontends is a service
+/// change; one whose endpoints changed is an endpoint change.
+fn count_changes(changes: &ChangeSet) -> (u64, u64) {
+    let (mut services, mut endpoints) = (0, 0);
+    for (_, c) in changes.iter() {
+        let (Some(a), Some(b)) = (&c.old, &c.new) else {
+            services += 1;
             continue;
         };
         if a.all_endpoints != b.all_endpoints {
             endpoints += 1;
         }
-        let mut a_front = a.clone();
-        a_front.all_endpoints.clone_from(&b.all_endpoints);
-        a_front.cluster_endpoints.clone_from(&b.cluster_endpoints);
-        a_front.external_endpoints.clone_from(&b.external_endpoints);
-        a_front.local_endpoint_count = b.local_endpoint_count;
-        if &a_front != b {
+        if !c.endpoints_only() {
             services += 1;
         }
     }

@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use super::*;
 use crate::dataplane::{
     ConntrackReconcile, DataplaneError, ProgrammedFrontend, ProxyMode, SyncStats,
 };
-use crate::model::ClusterObjects;
+use crate::model::{ChangeSet, DesiredState, Event, Object};
 
 type Outcome = Result<SyncStats, DataplaneError>;
 
@@ -28,7 +28,7 @@ impl Dataplane for FakeDataplane {
     fn mode(&self) -> ProxyMode {
         ProxyMode::Iptables
     }
-    fn sync(&mut self, _: &DesiredState, _: &Changes, full: bool) -> Outcome {
+    fn sync(&mut self, _: &DesiredState, _: &ChangeSet, full: bool) -> Outcome {
         let next = self.outcomes.lock().unwrap().pop_front();
         next.unwrap_or(Ok(SyncStats {
             full,
@@ -43,7 +43,8 @@ impl Dataplane for FakeDataplane {
     }
 }
 
-fn objects(endpoint_ip: &str, trigger: &str) -> Arc<ClusterObjects> {
+/// A Service and its slice (with this endpoint and trigger time), as a source tells them.
+fn objects(endpoint_ip: &str, trigger: &str) -> Vec<Event> {
     let svc: Service = serde_yaml::from_str(
         "metadata: {name: web, namespace: default}\nspec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80, protocol: UDP}]}",
     )
@@ -52,7 +53,10 @@ fn objects(endpoint_ip: &str, trigger: &str) -> Arc<ClusterObjects> {
         "metadata:\n  name: web-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: web}}\n  annotations: {{endpoints.kubernetes.io/last-change-trigger-time: '{trigger}'}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: UDP}}]\nendpoints: [{{addresses: ['{endpoint_ip}'], conditions: {{ready: true}}}}]"
     ))
     .unwrap();
-    Arc::new(ClusterObjects::from_owned(vec![svc], vec![slice], vec![]))
+    vec![
+        Event::upsert(Object::Service(Arc::new(svc))),
+        Event::upsert(Object::EndpointSlice(Arc::new(slice))),
+    ]
 }
 
 fn restore_error() -> DataplaneError {
@@ -98,9 +102,9 @@ async fn failure_and_progress_metrics_move_with_their_causes() {
         health.clone(),
         HealthCheckServers::new(vec![], health.clone()),
     );
-    let (snap_tx, snap_rx) = watch::channel(Snapshot::default());
+    let (events, events_rx) = mpsc::unbounded_channel();
     let (_stop_tx, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(sync.run(snap_rx, stop_rx));
+    let task = tokio::spawn(sync.run(events_rx, stop_rx));
 
     // First sync: the dataplane reports its rules and a conntrack reconcile.
     outcomes.lock().unwrap().push_back(Ok(SyncStats {
@@ -114,11 +118,9 @@ async fn failure_and_progress_metrics_move_with_their_causes() {
         ..SyncStats::default()
     }));
     let trigger = "2020-01-01T00:00:00Z";
-    snap_tx.send_replace(Snapshot {
-        objects: objects("10.244.1.5", trigger),
-        rejected: vec![],
-        synced: true,
-    });
+    let mut first = objects("10.244.1.5", trigger);
+    first.push(Event::Synced);
+    events.send(first).unwrap();
     wait_for(
         &metrics,
         "kubeproxy_sync_proxy_rules_iptables_total{ip_family=\"IPv4\",table=\"nat\"} 40",
@@ -144,11 +146,9 @@ async fn failure_and_progress_metrics_move_with_their_causes() {
             q.push_back(Err(restore_error()));
         }
     }
-    snap_tx.send_replace(Snapshot {
-        objects: objects("10.244.1.6", "2020-01-01T00:00:01Z"),
-        rejected: vec![],
-        synced: true,
-    });
+    events
+        .send(objects("10.244.1.6", "2020-01-01T00:00:01Z"))
+        .unwrap();
     wait_for(
         &metrics,
         "kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family=\"IPv4\"} 1",

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use super::test_support::{ep, state, svc};
 use super::{EbpfConfig, EbpfDataplane, MapSizes};
 use crate::dataplane::{Dataplane, DataplaneConfig, DetectLocalMode};
-use crate::model::{Changes, DesiredState, Protocol, ServicePort, TrafficPolicy};
+use crate::model::{ChangeSet, DesiredState, Protocol, ServicePort, TrafficPolicy};
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
@@ -336,7 +336,7 @@ impl World {
         let dp = self.dataplane.as_mut().expect("started");
         let stats = self
             .node
-            .enter(|| dp.sync(desired, &Changes::default(), true))
+            .enter(|| dp.sync(desired, &ChangeSet::default(), true))
             .unwrap_or_else(|e| panic!("sync: {e}"));
         assert!(stats.errors.is_empty(), "{:?}", stats.errors);
     }
@@ -974,7 +974,7 @@ fn full_map_names_the_service_and_keeps_the_others() {
         .dataplane
         .as_mut()
         .unwrap()
-        .sync(&state(ports), &Changes::default(), true)
+        .sync(&state(ports), &ChangeSet::default(), true)
         .unwrap();
     assert_eq!(stats.errors.len(), 1, "{:?}", stats.errors);
     let e = &stats.errors[0];

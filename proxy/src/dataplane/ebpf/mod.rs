@@ -51,7 +51,7 @@ use proxy_common::maps as names;
 use tracing::{info, warn};
 
 use super::{Dataplane, DataplaneConfig, DataplaneError, ProgrammedFrontend, ProxyMode, SyncStats};
-use crate::model::{Changes, DesiredState};
+use crate::model::{ChangeSet, DesiredState};
 use writer::{NodeSettings, PortError, Writer};
 
 /// Entries per map. Defaults hold 10,000 Services (about 20,000
@@ -131,7 +131,6 @@ pub struct EbpfDataplane {
     ebpf: EbpfConfig,
     writer: Option<Writer>,
     node: NodeSettings,
-    needs_full: bool,
     /// The loaded programs, kept to attach them to devices that appear later.
     programs: Option<aya::Ebpf>,
     /// Devices the TC programs are attached to.
@@ -165,7 +164,6 @@ impl EbpfDataplane {
             ebpf,
             writer: None,
             node: NodeSettings::default(),
-            needs_full: true,
             programs: None,
             devices: Vec::new(),
             gc: None,
@@ -269,7 +267,6 @@ impl EbpfDataplane {
             ebpf,
             writer: Some(writer),
             node,
-            needs_full: true,
             programs: Some(obj),
             devices,
             gc: Some(gc),
@@ -356,10 +353,10 @@ impl Dataplane for EbpfDataplane {
     fn sync(
         &mut self,
         desired: &DesiredState,
-        changes: &Changes,
+        changes: &ChangeSet,
         full: bool,
     ) -> Result<SyncStats, DataplaneError> {
-        let mut full = full || self.needs_full;
+        let mut full = full;
         // Local sources decide SNAT of ClusterIP traffic: a change (the
         // Node's pod CIDRs in NodeCIDR mode) rewrites every frontend.
         let effective = config_for_local(&self.config, &desired.node.pod_cidrs);
@@ -381,7 +378,6 @@ impl Dataplane for EbpfDataplane {
         }
         match writer.sync(desired, changes, full, &self.effective) {
             Ok((counts, errors)) => {
-                self.needs_full = false;
                 if full || !changes.is_empty() {
                     // UDP flows to backends that left go now, as kube-proxy
                     // clears their conntrack entries.
@@ -391,10 +387,8 @@ impl Dataplane for EbpfDataplane {
                 }
                 Ok(to_stats(full, counts, errors))
             }
-            Err(e) => {
-                self.needs_full = true;
-                Err(e)
-            }
+            // The sync loop makes the next sync full (the writer re-reads the maps).
+            Err(e) => Err(e),
         }
     }
 
@@ -410,7 +404,6 @@ impl Dataplane for EbpfDataplane {
         self.local_ifs = None;
         self.writer = None;
         self.programs = None;
-        self.needs_full = true;
         layout::remove_retired(&self.ebpf.pin_path)?;
         loader::cleanup(&self.ebpf.pin_path)
     }

@@ -11,7 +11,7 @@ use super::readback::{kind_name, proto_name};
 use super::tables::memory::MemoryMaps;
 use super::writer::Writer;
 use crate::dataplane::{DataplaneConfig, DataplaneError};
-use crate::model::{Changes, DesiredState};
+use crate::model::{ChangeSet, DesiredState};
 
 /// Every entry of FRONTENDS, SLOTS, BACKENDS, SVC_INFO and SRC_RANGES after
 /// a first sync of `desired`, one per line, sorted.
@@ -21,7 +21,7 @@ pub fn render_maps(
 ) -> Result<String, DataplaneError> {
     let maps = MemoryMaps::default();
     let mut writer = Writer::over(maps.tables(), None)?;
-    let (_, errors) = writer.sync(desired, &Changes::default(), true, config)?;
+    let (_, errors) = writer.sync(desired, &ChangeSet::default(), true, config)?;
     let mut out = String::new();
     for e in &errors {
         let _ = writeln!(out, "# error: {}", e.message);

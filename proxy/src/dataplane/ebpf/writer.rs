@@ -23,7 +23,7 @@ use super::maps::{map_err, Maps, NodeMaps};
 use super::plan::{self, ip_key, PortPlan, Set};
 use super::tables::{PutError, TableError, Tables};
 use crate::dataplane::{DataplaneConfig, DataplaneError};
-use crate::model::{Changes, DesiredState, ServicePortName};
+use crate::model::{ChangeSet, DesiredState, ServicePortName};
 
 /// What the writer needs about the node.
 #[derive(Debug, Clone, Default)]
@@ -293,7 +293,7 @@ impl Writer {
     pub fn sync(
         &mut self,
         desired: &DesiredState,
-        changes: &Changes,
+        changes: &ChangeSet,
         full: bool,
         config: &DataplaneConfig,
     ) -> Result<(Counts, Vec<PortError>), DataplaneError> {
@@ -367,15 +367,15 @@ impl Writer {
             let backends: Vec<u32> = self.backends.keys().copied().collect();
             self.gc_backends(&backends)?;
         } else {
-            for name in &changes.removed {
+            for name in changes.removed() {
                 self.remove_port(name)?;
             }
             let retry: Vec<ServicePortName> =
                 std::mem::take(&mut self.failed).into_iter().collect();
             let todo: BTreeSet<&ServicePortName> = changes
-                .added
                 .iter()
-                .chain(&changes.updated)
+                .filter(|(_, c)| c.new.is_some())
+                .map(|(name, _)| name)
                 .chain(retry.iter())
                 .collect();
             for name in todo {

@@ -6,7 +6,7 @@ use proxy_common::maps as names;
 use super::tables::memory::MemoryMaps;
 use super::test_support::{config, ep, state, svc};
 use super::writer::Writer;
-use crate::model::{Changes, DesiredState, Protocol, ServicePort};
+use crate::model::{ChangeSet, DesiredState, Protocol, ServicePort};
 
 fn web(eps: &[&str]) -> ServicePort {
     svc(
@@ -50,8 +50,8 @@ fn lb() -> ServicePort {
     sp
 }
 
-fn changed(old: &DesiredState, new: &DesiredState) -> Changes {
-    crate::model::diff(old, new)
+fn changed(old: &DesiredState, new: &DesiredState) -> ChangeSet {
+    ChangeSet::between(old, new)
 }
 
 /// (map, op) pairs of a log, with empty operations left out.
@@ -177,7 +177,7 @@ fn a_full_map_fails_one_port_leaves_nothing_behind_and_is_retried() {
 
     // Room again: the next sync retries web without being told.
     fake.set_capacity(names::SLOTS, 100);
-    let (_, errors) = w.sync(&s, &Changes::default(), false, &config()).unwrap();
+    let (_, errors) = w.sync(&s, &ChangeSet::default(), false, &config()).unwrap();
     assert!(errors.is_empty(), "{errors:?}");
     let (_, slots, backends, svc_names, _) = fake.lens();
     assert_eq!((slots, backends, svc_names), (4, 4, 2));

@@ -30,7 +30,7 @@ use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
 use tracing::{debug, warn};
 
 use crate::dataplane::{ConntrackReconcile, DataplaneConfig};
-use crate::model::{DesiredState, Protocol};
+use crate::model::{ChangeSet, DesiredState, Protocol, ServicePort};
 
 /// One UDP conntrack entry: its original tuple (what identifies it for
 /// deletion) and the source of its reply direction (the endpoint it was
@@ -149,29 +149,63 @@ pub trait FlowTable {
 /// Tracks the UDP frontends between syncs and reconciles when needed.
 #[derive(Debug, Default)]
 pub struct UdpReconciler {
-    last: Option<UdpFrontends>,
+    /// The last reconcile did not happen or failed: the next sync tries again.
+    retry: bool,
     socket: Option<Netlink>,
     warned: bool,
 }
 
+/// What decides a UDP port's stale flows: its frontend addresses, port
+/// and node port, and the addresses of its serving endpoints.
+type UdpView<'a> = (Vec<&'a IpAddr>, u16, Option<u16>, Vec<IpAddr>);
+
+fn udp_view(sp: Option<&ServicePort>) -> Option<UdpView<'_>> {
+    let sp = sp.filter(|sp| sp.name.protocol == Protocol::Udp)?;
+    let frontends = sp
+        .cluster_ips
+        .iter()
+        .chain(&sp.external_ips)
+        .chain(&sp.load_balancer_ips)
+        .collect();
+    let mut serving: Vec<IpAddr> = sp
+        .all_endpoints
+        .iter()
+        .filter(|e| e.serving)
+        .map(|e| e.ip)
+        .collect();
+    serving.sort_unstable();
+    serving.dedup();
+    Some((frontends, sp.port, sp.node_port, serving))
+}
+
+/// A UDP port's frontends or serving endpoints changed.
+fn udp_changed(changes: &ChangeSet) -> bool {
+    changes
+        .iter()
+        .any(|(_, c)| udp_view(c.old.as_ref()) != udp_view(c.new.as_ref()))
+}
+
 impl UdpReconciler {
-    /// After a successful sync: reconciles when the UDP frontends or their
-    /// endpoints changed, or on a full sync. Failures are logged (the next
-    /// sync tries again), never fatal.
+    /// After a successful sync: reconciles when the change set shows UDP
+    /// frontends or their endpoints changed, or on a full sync. Failures
+    /// are logged (the next sync tries again), never fatal.
     pub fn after_sync(
         &mut self,
         desired: &DesiredState,
+        changes: &ChangeSet,
         config: &DataplaneConfig,
         full: bool,
     ) -> Option<ConntrackReconcile> {
-        let now = UdpFrontends::of(desired, config);
-        let changed = self.last.as_ref() != Some(&now);
-        if !(full || changed)
-            || (now.is_empty() && self.last.as_ref().is_none_or(UdpFrontends::is_empty))
-        {
-            self.last = Some(now);
+        if !(full || self.retry || udp_changed(changes)) {
             return None;
         }
+        let now = UdpFrontends::of(desired, config);
+        // No UDP frontend: no flow can be stale.
+        if now.is_empty() {
+            self.retry = false;
+            return None;
+        }
+        self.retry = true;
         if self.socket.is_none() {
             match Netlink::open() {
                 Ok(s) => self.socket = Some(s),
@@ -187,7 +221,7 @@ impl UdpReconciler {
         let table = self.socket.as_mut().expect("opened above");
         match reconcile(table, &now) {
             Ok(r) => {
-                self.last = Some(now);
+                self.retry = false;
                 self.warned = false;
                 if r.deleted > 0 {
                     debug!(
@@ -201,8 +235,7 @@ impl UdpReconciler {
             }
             Err(e) => {
                 warn!(error = %e, "UDP conntrack reconcile failed; retried at the next sync");
-                // A broken socket is reopened next time; `last` is left so
-                // the next sync reconciles again.
+                // A broken socket is reopened next time.
                 self.socket = None;
                 None
             }

@@ -11,8 +11,8 @@ use super::render::{self, Mode, PortChains};
 use super::{readback, render_full};
 use crate::dataplane::{DataplaneConfig, DetectLocalMode};
 use crate::model::{
-    Changes, DesiredState, Endpoint, NodeInfo, Protocol, ServiceKey, ServicePort, ServicePortName,
-    TrafficPolicy,
+    ChangeSet, DesiredState, Endpoint, NodeInfo, Protocol, ServiceKey, ServicePort,
+    ServicePortName, TrafficPolicy,
 };
 
 pub(super) fn ep(ip: &str, port: u16, local: bool) -> Endpoint {
@@ -496,7 +496,7 @@ fn hostile_names_cannot_inject_rules() {
 fn partial(
     prev: &HashMap<ServicePortName, PortChains>,
     s: &DesiredState,
-    changes: &Changes,
+    changes: &ChangeSet,
 ) -> render::Rendered {
     render::render(
         s,
@@ -552,7 +552,7 @@ fn partial_sync_writes_only_changed_ports() {
     let c_chains = full.ports[&c.name].chains.clone();
 
     // Nothing changed: fixed chains only, no per-port chain written.
-    let none = partial(&full.ports, &s1, &Changes::default());
+    let none = partial(&full.ports, &s1, &ChangeSet::default());
     assert!(!none.payload.contains(&a_svc) || !none.payload.contains(&format!(":{a_svc}")));
     assert!(!none.payload.contains(&format!("-A {a_svc}")));
     assert!(
@@ -567,12 +567,7 @@ fn partial_sync_writes_only_changed_ports() {
     b2.cluster_endpoints.clear();
     b2.external_endpoints.clear();
     let s2 = state(vec![a.clone(), b2]);
-    let changes = Changes {
-        added: vec![],
-        updated: vec![b.name.clone()],
-        removed: vec![c.name.clone()],
-    };
-    let p = partial(&full.ports, &s2, &changes);
+    let p = partial(&full.ports, &s2, &ChangeSet::between(&s1, &s2));
     assert!(!p.payload.contains(&format!("-A {a_svc}")));
     assert!(p.payload.contains(&format!("-X {b_svc}\n")));
     for ch in &c_chains {
@@ -592,7 +587,7 @@ fn partial_sync_writes_only_changed_ports() {
     a3.cluster_endpoints.pop();
     a3.external_endpoints.pop();
     let s3 = state(vec![a3, b.clone(), c.clone()]);
-    let p3 = partial(&full.ports, &s3, &Changes::default());
+    let p3 = partial(&full.ports, &s3, &ChangeSet::default());
     assert!(p3.payload.contains(&format!("-A {a_svc}")));
     assert_eq!(p3.chains_deleted, 1, "the dropped endpoint's SEP chain");
 }

@@ -15,7 +15,7 @@ use super::golden_tests::{config, ep, state, svc};
 use super::names::sep_chain;
 use super::{Backend, IptablesDataplane};
 use crate::dataplane::{Dataplane, ProgrammedFrontend};
-use crate::model::{Changes, Protocol, TrafficPolicy};
+use crate::model::{ChangeSet, Protocol, TrafficPolicy};
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
@@ -211,8 +211,8 @@ fn lifecycle(backend: Backend) {
     let (programmed1, dp) = ns.enter(|| {
         let mut dp = IptablesDataplane::new(config(), backend).unwrap();
         assert_eq!(dp.backend_name(), backend.name());
-        let stats = dp.sync(&s1, &Changes::default(), false).unwrap();
-        assert!(stats.full, "the first sync is always full");
+        let stats = dp.sync(&s1, &ChangeSet::default(), true).unwrap();
+        assert!(stats.full);
         (dp.programmed().unwrap(), dp)
     });
     let mut want = vec![
@@ -256,11 +256,7 @@ fn lifecycle(backend: Backend) {
     empty2.cluster_endpoints = vec![ep("10.244.1.7", 80, true)];
     empty2.external_endpoints = empty2.cluster_endpoints.clone();
     let s2 = state(vec![web2, lb.clone(), empty2]);
-    let changes = Changes {
-        added: vec![],
-        updated: vec![web.name.clone(), empty.name.clone()],
-        removed: vec![dns.name.clone()],
-    };
+    let changes = ChangeSet::between(&s1, &s2);
     let dns_chain_count_before = normalized_save(&ns, backend)
         .matches(":KPROXY-SEP-")
         .count();
@@ -307,7 +303,7 @@ fn lifecycle(backend: Backend) {
     ]);
     let s3 = state(vec![web.clone(), lb.clone()]);
     let dp = ns.enter(move || {
-        dp.sync(&s3, &Changes::default(), true).unwrap();
+        dp.sync(&s3, &ChangeSet::default(), true).unwrap();
         dp
     });
     let saved = normalized_save(&ns, backend);
@@ -334,11 +330,7 @@ fn lifecycle(backend: Backend) {
     web4.cluster_endpoints.truncate(1);
     web4.external_endpoints.truncate(1);
     let s4 = state(vec![web4, lb.clone()]);
-    let changes = Changes {
-        added: vec![],
-        updated: vec![web.name.clone()],
-        removed: vec![],
-    };
+    let changes = ChangeSet::between(&state(vec![web.clone(), lb.clone()]), &s4);
     let (err, mut dp) = ns.enter(move || {
         let mut dp = dp;
         let err = dp
@@ -350,8 +342,9 @@ fn lifecycle(backend: Backend) {
     ns.exec(&[&ipt, "-t", "nat", "-D", "OTHER-CHAIN", "-j", &gone]);
     let s4 = state(vec![web.clone(), lb.clone()]);
     ns.enter(move || {
-        let stats = dp.sync(&s4, &Changes::default(), false).unwrap();
-        assert!(stats.full, "after a failed sync the next one is full");
+        // The sync loop makes the sync after a failure full.
+        let stats = dp.sync(&s4, &ChangeSet::default(), true).unwrap();
+        assert!(stats.full);
         dp.cleanup().unwrap();
     });
     assert_eq!(
@@ -413,7 +406,7 @@ fn kernel_traffic_cluster_ip() {
     ns.enter(move || {
         let listener = TcpListener::bind("10.244.1.5:8080").unwrap();
         let mut dp = IptablesDataplane::new(config(), Backend::Nft).unwrap();
-        dp.sync(&s, &Changes::default(), true).unwrap();
+        dp.sync(&s, &ChangeSet::default(), true).unwrap();
 
         let server = std::thread::spawn(move || {
             let (mut conn, _) = listener.accept().unwrap();
@@ -473,12 +466,8 @@ fn kernel_udp_conntrack_cleared_only_for_the_removed_endpoint() {
         with(&["10.244.1.2", "10.244.1.3"]),
         with(&["10.244.1.2"]),
     );
-    let name = only_a.services.keys().next().unwrap().clone();
-    let changed = Changes {
-        added: vec![],
-        updated: vec![name],
-        removed: vec![],
-    };
+    let changed = ChangeSet::between(&only_a, &both);
+    let changed_back = ChangeSet::between(&both, &only_a_again);
     ns.enter(move || {
         let recv_a = std::net::UdpSocket::bind("10.244.1.2:5353").unwrap();
         let recv_b = std::net::UdpSocket::bind("10.244.1.3:5353").unwrap();
@@ -493,7 +482,7 @@ fn kernel_udp_conntrack_cleared_only_for_the_removed_endpoint() {
                 .map(|(n, from)| (buf[..n].to_vec(), from))
         };
         let mut dp = IptablesDataplane::new(config(), Backend::Nft).unwrap();
-        dp.sync(&only_a, &Changes::default(), true).unwrap();
+        dp.sync(&only_a, &ChangeSet::default(), true).unwrap();
         // The long-lived flow: one socket, talking to A.
         let long_lived = std::net::UdpSocket::bind("10.244.1.2:0").unwrap();
         long_lived.send_to(b"1", "10.96.0.53:53").unwrap();
@@ -520,7 +509,7 @@ fn kernel_udp_conntrack_cleared_only_for_the_removed_endpoint() {
         let to_b_port = to_b.local_addr().unwrap().port();
 
         // B leaves: exactly its flows go; the long-lived flow to A stays.
-        let stats = dp.sync(&only_a_again, &changed, false).unwrap();
+        let stats = dp.sync(&only_a_again, &changed_back, false).unwrap();
         let ct = stats.conntrack.expect("a UDP change reconciles");
         assert!(ct.deleted >= 1, "the flow to B is deleted: {ct:?}");
         let text = ns_entries_here();
@@ -664,7 +653,7 @@ fn kernel_traffic_node_ports() {
     let s = state(vec![cluster, local, remote, empty]);
     node.enter(move || {
         let mut dp = IptablesDataplane::new(config(), Backend::Nft).unwrap();
-        dp.sync(&s, &Changes::default(), true).unwrap();
+        dp.sync(&s, &ChangeSet::default(), true).unwrap();
     });
 
     let listener = pod.enter(|| TcpListener::bind("10.244.1.5:8080").unwrap());
@@ -722,7 +711,7 @@ fn kernel_hostile_names_are_inert() {
     let s = state(vec![p, empty]);
     ns.enter(move || {
         let mut dp = IptablesDataplane::new(config(), Backend::Nft).unwrap();
-        dp.sync(&s, &Changes::default(), true).unwrap();
+        dp.sync(&s, &ChangeSet::default(), true).unwrap();
         assert_eq!(dp.programmed().unwrap().len(), 3);
     });
     let saved = normalized_save(&ns, Backend::Nft);

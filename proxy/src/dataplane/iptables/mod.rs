@@ -54,7 +54,7 @@ pub use exec::Backend;
 pub use render::render_full;
 
 use super::{Dataplane, DataplaneConfig, DataplaneError, ProgrammedFrontend, ProxyMode, SyncStats};
-use crate::model::{Changes, DesiredState, ServicePortName};
+use crate::model::{ChangeSet, DesiredState, ServicePortName};
 use render::{JumpRule, Mode, PortChains, JUMP_RULES};
 
 /// The iptables dataplane.
@@ -65,8 +65,6 @@ pub struct IptablesDataplane {
     ports: HashMap<ServicePortName, PortChains>,
     /// Clears UDP conntrack entries whose backend left.
     udp: conntrack::UdpReconciler,
-    /// Set when nothing was synced yet or the last sync failed.
-    needs_full: bool,
 }
 
 impl IptablesDataplane {
@@ -82,7 +80,6 @@ impl IptablesDataplane {
             backend,
             ports: HashMap::new(),
             udp: conntrack::UdpReconciler::default(),
-            needs_full: true,
         })
     }
 
@@ -94,7 +91,7 @@ impl IptablesDataplane {
     fn sync_inner(
         &mut self,
         desired: &DesiredState,
-        changes: &Changes,
+        changes: &ChangeSet,
         full: bool,
     ) -> Result<SyncStats, DataplaneError> {
         let rendered = if full {
@@ -136,7 +133,7 @@ impl IptablesDataplane {
         );
         exec::restore(self.backend, &rendered.payload)?;
         self.ports = rendered.ports;
-        let conntrack = self.udp.after_sync(desired, &self.config, full);
+        let conntrack = self.udp.after_sync(desired, changes, &self.config, full);
         Ok(SyncStats {
             full,
             objects_written: rendered.chains_written,
@@ -156,21 +153,12 @@ impl Dataplane for IptablesDataplane {
     fn sync(
         &mut self,
         desired: &DesiredState,
-        changes: &Changes,
+        changes: &ChangeSet,
         full: bool,
     ) -> Result<SyncStats, DataplaneError> {
-        let full = full || self.needs_full;
-        match self.sync_inner(desired, changes, full) {
-            Ok(stats) => {
-                self.needs_full = false;
-                Ok(stats)
-            }
-            Err(e) => {
-                // The kernel may now differ from what we remember.
-                self.needs_full = true;
-                Err(e)
-            }
-        }
+        // After an error the kernel may differ from what we remember: the
+        // sync loop makes the next sync full.
+        self.sync_inner(desired, changes, full)
     }
 
     fn cleanup(&mut self) -> Result<(), DataplaneError> {
@@ -187,7 +175,6 @@ impl Dataplane for IptablesDataplane {
         }
         self.ports.clear();
         self.udp = conntrack::UdpReconciler::default();
-        self.needs_full = true;
         result
     }
 

@@ -12,7 +12,9 @@ use ipnet::IpNet;
 
 use super::names::*;
 use crate::dataplane::{DataplaneConfig, LocalTraffic};
-use crate::model::{Changes, DesiredState, Endpoint, ServicePort, ServicePortName, TrafficPolicy};
+use crate::model::{
+    ChangeSet, DesiredState, Endpoint, ServicePort, ServicePortName, TrafficPolicy,
+};
 
 /// A rule kproxy keeps in a built-in chain, jumping to one of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +68,7 @@ pub enum Mode<'a> {
     /// `previous` (by `changes` or by content hash).
     Partial {
         previous: &'a HashMap<ServicePortName, PortChains>,
-        changes: &'a Changes,
+        changes: &'a ChangeSet,
     },
 }
 
@@ -168,12 +170,7 @@ pub fn render(desired: &DesiredState, config: &DataplaneConfig, mode: Mode<'_>) 
     };
 
     let changed: HashSet<&ServicePortName> = match mode {
-        Mode::Partial { changes, .. } => changes
-            .added
-            .iter()
-            .chain(&changes.updated)
-            .chain(&changes.removed)
-            .collect(),
+        Mode::Partial { changes, .. } => changes.iter().map(|(name, _)| name).collect(),
         Mode::Full { .. } => HashSet::new(),
     };
 

@@ -1,32 +1,34 @@
-//! The cluster source: `kube` reflectors on Services, EndpointSlices and this
-//! node's Node, published as the same [`Snapshot`] the manifest source sends.
+//! The cluster source: `kube` watchers on Services, EndpointSlices and this
+//! node's Node, told to the sync loop as the same per-object events the
+//! manifest source sends (each object checked here, once).
 //!
 //! Each watcher is retried forever with a capped, jittered backoff, so an API
 //! server that is down (at start or later) is found again within seconds of
-//! its return; 410 Gone relists at once. The reflector stores
-//! replace their contents atomically when a relist completes (after a watch
-//! ends with 410 Gone, for example), so a relist never shows the sync loop an
-//! empty or partial cluster: the dataplane is never flushed by a reconnect.
+//! its return; 410 Gone relists at once. A relist (after a watch ends with
+//! 410 Gone, for example) is told as one batch when it completes: the
+//! objects that changed, and deletes for the ones no longer listed, so it
+//! never shows the sync loop an empty or partial cluster: the dataplane is
+//! never flushed by a reconnect.
 
 mod client;
 
 #[cfg(test)]
 mod tests;
 
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ::kube::runtime::reflector::{self, Store};
 use ::kube::runtime::watcher;
 use ::kube::{Api, Client};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 
-use super::Snapshot;
+use super::EventSender;
 use crate::health::HealthState;
-use crate::model::ClusterObjects;
+use crate::model::{Event, Object, ObjectKey};
 
 pub use client::{client_config, ClientError};
 
@@ -40,11 +42,13 @@ struct Progress {
     synced: [bool; 3],
     /// The last error of each watcher, cleared by its next event.
     errors: [Option<String>; 3],
+    /// Objects in each watcher's last complete list.
+    counts: [usize; 3],
 }
 
 const NAMES: [&str; 3] = ["Services", "EndpointSlices", "Node"];
 
-/// Watches a Kubernetes API server and publishes snapshots.
+/// Watches a Kubernetes API server and tells what changes.
 pub struct KubeSource {
     client: Client,
     node_name: String,
@@ -67,52 +71,50 @@ impl KubeSource {
         self
     }
 
-    /// Runs until `tx` has no receivers. Never returns an error: API
+    /// Runs until `tx` has no receiver. Never returns an error: API
     /// failures are retried with backoff and reported in logs and health.
-    pub async fn run(self, tx: watch::Sender<Snapshot>) {
+    pub async fn run(self, tx: EventSender) {
         let services: Api<Service> = Api::all(self.client.clone());
         let slices: Api<EndpointSlice> = Api::all(self.client.clone());
         let nodes: Api<Node> = Api::all(self.client.clone());
 
-        let (svc_store, svc_writer) = reflector::store();
-        let (slice_store, slice_writer) = reflector::store();
-        let (node_store, node_writer) = reflector::store();
-
         let progress = Arc::new(Mutex::new(Progress::default()));
         let changed = Arc::new(Notify::new());
 
-        let svc_stream =
-            reflector::reflector(svc_writer, watcher(services, watcher::Config::default()));
-        let slice_stream = reflector::reflector(
-            slice_writer,
-            watcher(
-                slices,
-                watcher::Config::default().labels(SERVICE_NAME_LABEL),
-            ),
+        let svc_stream = watcher(services, watcher::Config::default());
+        let slice_stream = watcher(
+            slices,
+            watcher::Config::default().labels(SERVICE_NAME_LABEL),
         );
-        let node_stream = reflector::reflector(
-            node_writer,
-            watcher(
-                nodes,
-                watcher::Config::default().fields(&format!("metadata.name={}", self.node_name)),
-            ),
+        let node_stream = watcher(
+            nodes,
+            watcher::Config::default().fields(&format!("metadata.name={}", self.node_name)),
         );
+        let shared = |idx| Driver {
+            idx,
+            progress: progress.clone(),
+            changed: changed.clone(),
+            tx: tx.clone(),
+        };
         let drivers = [
-            tokio::spawn(drive(0, svc_stream, progress.clone(), changed.clone())),
-            tokio::spawn(drive(1, slice_stream, progress.clone(), changed.clone())),
-            tokio::spawn(drive(2, node_stream, progress.clone(), changed.clone())),
+            tokio::spawn(drive(shared(0), svc_stream, |o| {
+                Object::Service(Arc::new(o))
+            })),
+            tokio::spawn(drive(shared(1), slice_stream, |o| {
+                Object::EndpointSlice(Arc::new(o))
+            })),
+            tokio::spawn(drive(shared(2), node_stream, |o| Object::Node(Arc::new(o)))),
         ];
         let _abort = AbortOnDrop(drivers.iter().map(|d| d.abort_handle()).collect());
 
-        let mut announced = false;
         loop {
             tokio::select! {
                 _ = changed.notified() => {}
                 _ = tx.closed() => return,
             }
-            let (synced, errors) = {
+            let (synced, errors, counts) = {
                 let p = progress.lock().unwrap_or_else(|e| e.into_inner());
-                (p.synced.iter().all(|s| *s), p.errors.clone())
+                (p.synced.iter().all(|s| *s), p.errors.clone(), p.counts)
             };
             if !synced {
                 let problem = errors
@@ -127,23 +129,21 @@ impl KubeSource {
                 }
                 continue;
             }
-            if !announced {
-                announced = true;
-                if let Some(health) = &self.health {
-                    health.set_source_problem(None);
-                }
-                tracing::info!(
-                    services = svc_store.len(),
-                    endpoint_slices = slice_store.len(),
-                    node = node_store.len(),
-                    "initial list from the Kubernetes API server complete"
-                );
+            if let Some(health) = &self.health {
+                health.set_source_problem(None);
             }
-            let snapshot = snapshot_of(&svc_store, &slice_store, &node_store);
-            if tx.send(snapshot).is_err() {
-                return;
-            }
+            tracing::info!(
+                services = counts[0],
+                endpoint_slices = counts[1],
+                node = counts[2],
+                "initial list from the Kubernetes API server complete"
+            );
+            // Every watcher sent its initial batch before it counted as synced.
+            let _ = tx.send(vec![Event::Synced]);
+            break;
         }
+        // The drivers run on; this task only keeps them alive.
+        tx.closed().await;
     }
 }
 
@@ -217,78 +217,115 @@ fn jitter() -> f64 {
     (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// Polls one reflector stream, recording progress and waking the publisher.
-/// Errors are retried after [`Backoff`] (polling again restarts the watch).
-async fn drive<K, S>(idx: usize, stream: S, progress: Arc<Mutex<Progress>>, changed: Arc<Notify>)
+/// What a watcher's driver shares with the others.
+struct Driver {
+    idx: usize,
+    progress: Arc<Mutex<Progress>>,
+    changed: Arc<Notify>,
+    tx: EventSender,
+}
+
+/// Polls one watcher stream and sends its events: each change at once, a
+/// (re)list as one batch when it completes. Errors are retried after
+/// [`Backoff`] (polling again restarts the watch).
+async fn drive<K, S>(d: Driver, stream: S, wrap: fn(K) -> Object)
 where
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
 {
+    let idx = d.idx;
     let mut stream = std::pin::pin!(stream);
     let mut failing = false;
     let mut backoff = Backoff::new();
+    // The resourceVersion of every object told, to tell a relist's
+    // unchanged objects from changed ones.
+    let mut known: HashMap<ObjectKey, Option<String>> = HashMap::new();
+    let mut listing: Vec<Object> = Vec::new();
     while let Some(item) = stream.next().await {
         match item {
             Ok(event) => {
-                let notify = match event {
-                    watcher::Event::Apply(_) | watcher::Event::Delete(_) => true,
-                    watcher::Event::InitDone => {
-                        let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
-                        if !p.synced[idx] {
-                            tracing::debug!("{}: initial list complete", NAMES[idx]);
-                        }
-                        p.synced[idx] = true;
-                        true
+                let listed = matches!(event, watcher::Event::InitDone);
+                let batch = match event {
+                    watcher::Event::Apply(o) => {
+                        let o = wrap(o);
+                        known.insert(o.key(), o.meta().resource_version.clone());
+                        vec![Event::upsert(o)]
                     }
-                    watcher::Event::Init | watcher::Event::InitApply(_) => false,
+                    watcher::Event::Delete(o) => {
+                        let key = wrap(o).key();
+                        known.remove(&key);
+                        vec![Event::Delete(key)]
+                    }
+                    watcher::Event::Init => {
+                        listing.clear();
+                        Vec::new()
+                    }
+                    watcher::Event::InitApply(o) => {
+                        listing.push(wrap(o));
+                        Vec::new()
+                    }
+                    watcher::Event::InitDone => relisted(&mut known, std::mem::take(&mut listing)),
                 };
+                if !batch.is_empty() && d.tx.send(batch).is_err() {
+                    return;
+                }
                 backoff.reset();
+                let mut p = d.progress.lock().unwrap_or_else(|e| e.into_inner());
+                if listed {
+                    // After its batch was sent: `Synced` follows every initial batch.
+                    if !p.synced[idx] {
+                        tracing::debug!("{}: initial list complete", NAMES[idx]);
+                    }
+                    p.synced[idx] = true;
+                    p.counts[idx] = known.len();
+                }
                 if failing {
                     failing = false;
                     tracing::info!("{}: watching the Kubernetes API server again", NAMES[idx]);
-                    progress.lock().unwrap_or_else(|e| e.into_inner()).errors[idx] = None;
+                    p.errors[idx] = None;
                 }
-                if notify {
-                    changed.notify_one();
-                }
+                drop(p);
+                d.changed.notify_one();
             }
             Err(err) => {
-                // 410 Gone is routine: the watcher relists; the store swaps atomically.
+                // 410 Gone is routine: the watcher relists; the relist is told whole.
                 if !failing {
                     tracing::warn!(error = %err, "{}: Kubernetes API error; retrying with backoff, the dataplane stays as programmed", NAMES[idx]);
                 } else {
                     tracing::debug!(error = %err, "{}: still failing", NAMES[idx]);
                 }
                 failing = true;
-                progress.lock().unwrap_or_else(|e| e.into_inner()).errors[idx] =
+                d.progress.lock().unwrap_or_else(|e| e.into_inner()).errors[idx] =
                     Some(err.to_string());
-                changed.notify_one();
+                d.changed.notify_one();
                 tokio::time::sleep(backoff.delay(&err, jitter())).await;
             }
         }
     }
 }
 
-/// The stores' contents as the model's input (sorted, so equal contents give equal snapshots).
-fn snapshot_of(
-    services: &Store<Service>,
-    slices: &Store<EndpointSlice>,
-    nodes: &Store<Node>,
-) -> Snapshot {
-    fn sorted<K: ::kube::Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> Vec<Arc<K>> {
-        let mut items: Vec<Arc<K>> = store.state();
-        items.sort_by(|a, b| {
-            (a.meta().namespace.as_deref(), a.meta().name.as_deref())
-                .cmp(&(b.meta().namespace.as_deref(), b.meta().name.as_deref()))
-        });
-        items
+/// A completed (re)list as one batch: the objects new or changed since
+/// they were last told, and deletes for the ones no longer listed.
+fn relisted(known: &mut HashMap<ObjectKey, Option<String>>, listed: Vec<Object>) -> Vec<Event> {
+    let mut batch = Vec::new();
+    let mut seen = HashSet::with_capacity(listed.len());
+    for o in listed {
+        let key = o.key();
+        let version = o.meta().resource_version.clone();
+        let unchanged = version.is_some() && known.get(&key) == Some(&version);
+        if !unchanged {
+            known.insert(key.clone(), version);
+            batch.push(Event::upsert(o));
+        }
+        seen.insert(key);
     }
-    Snapshot {
-        objects: Arc::new(ClusterObjects {
-            services: sorted(services),
-            endpoint_slices: sorted(slices),
-            nodes: sorted(nodes),
-        }),
-        rejected: Vec::new(),
-        synced: true,
+    let gone: Vec<ObjectKey> = known
+        .keys()
+        .filter(|k| !seen.contains(*k))
+        .cloned()
+        .collect();
+    for key in gone {
+        known.remove(&key);
+        batch.push(Event::Delete(key));
     }
+    batch
 }

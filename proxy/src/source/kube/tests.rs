@@ -13,7 +13,7 @@ use super::KubeSource;
 use crate::dataplane::{Dataplane, DataplaneError, ProgrammedFrontend, ProxyMode, SyncStats};
 use crate::health::{HealthState, Unhealthy};
 use crate::metrics::Metrics;
-use crate::model::{Changes, DesiredState, ModelConfig};
+use crate::model::{ChangeSet, DesiredState, ModelConfig};
 use crate::server::HealthCheckServers;
 use crate::source::Snapshot;
 use crate::sync::{SyncLoop, SyncTiming};
@@ -107,7 +107,8 @@ fn start_source(
     Arc<Mutex<Option<usize>>>,
     tokio::task::JoinHandle<()>,
 ) {
-    let (tx, rx) = watch::channel(Snapshot::default());
+    let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+    let rx = crate::source::fold(events);
     let mut source = KubeSource::new(client_for(server), NODE);
     if let Some(h) = health {
         source = source.with_health(h);
@@ -316,7 +317,7 @@ impl Dataplane for CountingDataplane {
     fn sync(
         &mut self,
         desired: &DesiredState,
-        _changes: &Changes,
+        _changes: &ChangeSet,
         full: bool,
     ) -> Result<SyncStats, DataplaneError> {
         self.syncs.fetch_add(1, Ordering::SeqCst);
@@ -351,7 +352,7 @@ async fn a_burst_of_1000_slice_updates_is_coalesced_into_few_syncs() {
     }
     server.apply(node(NODE)).unwrap();
 
-    let (tx, rx) = watch::channel(Snapshot::default());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let source = tokio::spawn(KubeSource::new(client_for(&server), NODE).run(tx));
     let syncs = Arc::new(AtomicUsize::new(0));
     let last = Arc::new(Mutex::new(DesiredState::default()));

@@ -12,17 +12,16 @@ mod watch;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use tracing::warn;
 
-use crate::model::{self, ClusterObjects, Rejection};
+use crate::model::{Checked, Event, Kind, ObjectKey, Rejection};
 
 use super::Snapshot;
-use parse::{Document, Kind, Object, ObjectKey, REASON_DUPLICATE_OBJECT, REASON_PARSE_ERROR};
+use parse::{REASON_DUPLICATE_OBJECT, REASON_PARSE_ERROR};
 
 pub use watch::ManifestSource;
 
@@ -48,9 +47,33 @@ pub enum SourceError {
     WatcherStopped { path: PathBuf },
 }
 
-/// Reads the directory once (for `kproxy render` and benchmarks).
+/// Reads the directory once (for `kproxy render` and start-up look-ups).
 pub fn load_dir(dir: &Path) -> Result<Snapshot, SourceError> {
-    DirState::new(dir.to_path_buf()).scan()
+    let mut snap = Snapshot::default();
+    snap.apply(load_events(dir)?);
+    Ok(snap)
+}
+
+/// The events that tell a directory's objects from scratch, `Synced` last.
+pub fn load_events(dir: &Path) -> Result<Vec<Event>, SourceError> {
+    let mut events = DirState::new(dir.to_path_buf()).scan()?;
+    events.push(Event::Synced);
+    Ok(events)
+}
+
+/// One object in effect from a file.
+#[derive(Debug, Clone)]
+struct Effective {
+    /// Checked once, when the file was read; its rejections name the document.
+    checked: Checked,
+    /// `path, document N`.
+    origin: String,
+}
+
+impl Effective {
+    fn key(&self) -> &ObjectKey {
+        self.checked.key()
+    }
 }
 
 /// What one file currently contributes.
@@ -59,16 +82,51 @@ struct FileState {
     /// Raw content last read; an unchanged file is not parsed again.
     content: Vec<u8>,
     /// Objects in effect from this file (last good versions included), unique keys.
-    effective: Vec<Document>,
-    /// Problems found in the current content.
+    effective: Vec<Effective>,
+    /// Problems found in the current content, but those of the objects in
+    /// effect (they travel with their object).
     rejections: Vec<Rejection>,
+    /// Where each key is in `effective`.
+    index: HashMap<ObjectKey, usize>,
 }
 
-/// The source's memory across scans: what every file contributes.
+impl FileState {
+    fn new(content: Vec<u8>, effective: Vec<Effective>, rejections: Vec<Rejection>) -> Self {
+        let index = effective
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.key().clone(), i))
+            .collect();
+        FileState {
+            content,
+            effective,
+            rejections,
+            index,
+        }
+    }
+
+    fn get(&self, key: &ObjectKey) -> Option<&Effective> {
+        self.effective.get(*self.index.get(key)?)
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &ObjectKey> {
+        self.effective.iter().map(Effective::key)
+    }
+}
+
+/// The source's memory across scans: what every file contributes, who
+/// defines each object, and what was told about it.
 #[derive(Debug)]
 struct DirState {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
+    /// The files defining each object; the last one (in path order) wins.
+    owners: HashMap<ObjectKey, BTreeSet<PathBuf>>,
+    /// Objects defined by more than one file.
+    duplicated: BTreeSet<ObjectKey>,
+    /// The version of each object last told.
+    told: HashMap<ObjectKey, Checked>,
+    told_problems: Vec<Rejection>,
 }
 
 impl DirState {
@@ -76,76 +134,175 @@ impl DirState {
         DirState {
             dir,
             files: BTreeMap::new(),
+            owners: HashMap::new(),
+            duplicated: BTreeSet::new(),
+            told: HashMap::new(),
+            told_problems: Vec::new(),
         }
     }
 
-    /// Re-reads the directory and returns the merged snapshot.
-    fn scan(&mut self) -> Result<Snapshot, SourceError> {
+    /// Re-reads the directory and returns what changed since the last
+    /// scan: upserts and deletes of the objects that the changed, new and
+    /// removed files held, and the source's problems when they changed.
+    /// An unchanged file costs one read and a comparison.
+    fn scan(&mut self) -> Result<Vec<Event>, SourceError> {
         let paths = list_files(&self.dir)?;
-        let mut next = BTreeMap::new();
+        let mut changed: Vec<(PathBuf, Vec<ObjectKey>)> = Vec::new();
+        let mut gone = std::mem::take(&mut self.files);
         for rel in paths {
-            let prev = self.files.remove(&rel);
-            let content = match std::fs::read(self.dir.join(&rel)) {
-                Ok(c) => c,
-                // Deleted between listing and reading: gone, like its objects.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    let mut state = prev.unwrap_or_default();
-                    state.content.clear(); // re-read next time
-                    state.rejections = vec![parse::rejection(
-                        "",
-                        "",
-                        "",
-                        "",
-                        REASON_PARSE_ERROR,
-                        format!("cannot read file: {e}"),
-                        &rel.display().to_string(),
-                    )];
-                    next.insert(rel, state);
-                    continue;
-                }
-            };
-            let state = match prev {
-                Some(prev) if prev.content == content => prev,
-                prev => process_file(&rel.display().to_string(), content, prev),
-            };
-            next.insert(rel, state);
+            let prev = gone.remove(&rel);
+            self.read(rel, prev, &mut changed);
         }
-        self.files = next;
-        Ok(self.snapshot())
+        // Files gone since the last scan.
+        for (rel, state) in gone {
+            changed.push((rel, state.keys().cloned().collect()));
+        }
+        Ok(self.tell(changed))
     }
 
-    /// Merges all files: later files in sorted order win over earlier ones.
-    fn snapshot(&self) -> Snapshot {
-        let mut rejected = Vec::new();
-        let mut merged: BTreeMap<&ObjectKey, &Document> = BTreeMap::new();
-        for state in self.files.values() {
-            rejected.extend(state.rejections.iter().cloned());
-            for doc in &state.effective {
-                if let Some(old) = merged.insert(&doc.key, doc) {
-                    rejected.push(duplicate(old, doc));
+    /// Reads again only the files at `paths` (relative to the directory),
+    /// as a scan would: the watcher's answer to events about single files.
+    fn rescan(&mut self, paths: &BTreeSet<PathBuf>) -> Vec<Event> {
+        let mut changed: Vec<(PathBuf, Vec<ObjectKey>)> = Vec::new();
+        for rel in paths {
+            let prev = self.files.remove(rel);
+            let is_file = std::fs::metadata(self.dir.join(rel)).is_ok_and(|m| m.is_file());
+            if is_file {
+                self.read(rel.clone(), prev, &mut changed);
+            } else if let Some(prev) = prev {
+                changed.push((rel.clone(), prev.keys().cloned().collect()));
+            }
+        }
+        self.tell(changed)
+    }
+
+    /// Reads one file into `self.files`; a changed file goes into
+    /// `changed` with the keys it held before.
+    fn read(
+        &mut self,
+        rel: PathBuf,
+        prev: Option<FileState>,
+        changed: &mut Vec<(PathBuf, Vec<ObjectKey>)>,
+    ) {
+        let content = match std::fs::read(self.dir.join(&rel)) {
+            Ok(c) => c,
+            // Deleted between listing and reading: gone, like its objects.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if let Some(prev) = prev {
+                    changed.push((rel, prev.keys().cloned().collect()));
+                }
+                return;
+            }
+            Err(e) => {
+                let mut state = prev.unwrap_or_default();
+                state.content.clear(); // re-read next time
+                state.rejections = vec![parse::rejection(
+                    "",
+                    "",
+                    "",
+                    "",
+                    REASON_PARSE_ERROR,
+                    format!("cannot read file: {e}"),
+                    &rel.display().to_string(),
+                )];
+                changed.push((rel.clone(), state.keys().cloned().collect()));
+                self.files.insert(rel, state);
+                return;
+            }
+        };
+        let state = match prev {
+            Some(prev) if prev.content == content => prev,
+            prev => {
+                let old = prev.iter().flat_map(|p| p.keys().cloned()).collect();
+                changed.push((rel.clone(), old));
+                process_file(&rel.display().to_string(), content, prev)
+            }
+        };
+        self.files.insert(rel, state);
+    }
+
+    /// The events for the objects of the changed files (and the problems).
+    fn tell(&mut self, changed: Vec<(PathBuf, Vec<ObjectKey>)>) -> Vec<Event> {
+        let mut touched: BTreeSet<ObjectKey> = BTreeSet::new();
+        for (rel, old) in changed {
+            for key in old {
+                if let Some(owners) = self.owners.get_mut(&key) {
+                    owners.remove(&rel);
+                }
+                touched.insert(key);
+            }
+            if let Some(state) = self.files.get(&rel) {
+                for key in state.keys() {
+                    self.owners
+                        .entry(key.clone())
+                        .or_default()
+                        .insert(rel.clone());
+                    touched.insert(key.clone());
                 }
             }
         }
-        let mut objects = ClusterObjects::default();
-        for doc in merged.into_values() {
-            match &doc.object {
-                Object::Service(s) => objects.services.push(s.clone()),
-                Object::EndpointSlice(s) => objects.endpoint_slices.push(s.clone()),
-                Object::Node(n) => objects.nodes.push(n.clone()),
+        let mut events = Vec::new();
+        for key in touched {
+            let winner = self
+                .owners
+                .get(&key)
+                .and_then(|o| o.last())
+                .and_then(|path| self.files.get(path)?.get(&key));
+            match winner {
+                None => {
+                    self.owners.remove(&key);
+                    self.duplicated.remove(&key);
+                    if self.told.remove(&key).is_some() {
+                        events.push(Event::Delete(key));
+                    }
+                }
+                Some(e) => {
+                    if self.owners.get(&key).is_some_and(|o| o.len() > 1) {
+                        self.duplicated.insert(key.clone());
+                    } else {
+                        self.duplicated.remove(&key);
+                    }
+                    if self.told.get(&key) != Some(&e.checked) {
+                        self.told.insert(key, e.checked.clone());
+                        events.push(Event::Upsert(e.checked.clone()));
+                    }
+                }
             }
         }
-        rejected.sort();
-        rejected.dedup();
-        Snapshot {
-            objects: Arc::new(objects),
-            rejected,
-            synced: true,
+        let problems = self.problems();
+        if problems != self.told_problems {
+            self.told_problems = problems.clone();
+            events.push(Event::Problems(problems));
         }
+        events
+    }
+
+    /// The files' own problems, and for each object defined in several
+    /// files a warning per overridden definition (with that definition's
+    /// own problems: it is not in effect, so nothing else reports them).
+    fn problems(&self) -> Vec<Rejection> {
+        let mut out: Vec<Rejection> = self
+            .files
+            .values()
+            .flat_map(|f| f.rejections.iter().cloned())
+            .collect();
+        for key in &self.duplicated {
+            let defs: Vec<&Effective> = self.owners[key]
+                .iter()
+                .filter_map(|path| self.files.get(path)?.get(key))
+                .collect();
+            for pair in defs.windows(2) {
+                out.push(duplicate(&pair[0].origin, key, &pair[1].origin));
+                out.extend(pair[0].checked.rejections().iter().cloned());
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
     }
 }
 
-/// Parses and validates a changed file, falling back to `prev` where the new
+/// Parses and checks a changed file, falling back to `prev` where the new
 /// content is broken.
 fn process_file(rel: &str, content: Vec<u8>, prev: Option<FileState>) -> FileState {
     let prev_effective = prev.map(|p| p.effective);
@@ -173,48 +330,58 @@ fn process_file(rel: &str, content: Vec<u8>, prev: Option<FileState>) -> FileSta
         }
     }
 
-    let prev_by_key: HashMap<&ObjectKey, &Document> = prev_effective
+    let prev_by_key: HashMap<&ObjectKey, &Effective> = prev_effective
         .iter()
         .flatten()
-        .map(|d| (&d.key, d))
+        .map(|e| (e.key(), e))
         .collect();
     // Within one file, a later document redefining an object wins (keyed so
     // files with thousands of objects stay linear).
-    let mut slots: Vec<Option<Document>> = Vec::new();
+    let mut slots: Vec<Option<Effective>> = Vec::new();
     let mut index: HashMap<ObjectKey, usize> = HashMap::new();
     for doc in parsed.documents {
-        let problems = validate(&doc.object);
-        let chosen = if problems.is_empty() {
-            Some(doc.clone())
+        let checked = doc.object.check().with_origin(&doc.origin);
+        let chosen = if checked.rejections().is_empty() {
+            Some(Effective {
+                checked,
+                origin: doc.origin.clone(),
+            })
         } else {
             let last_good = prev_by_key.get(&doc.key).copied();
-            for mut r in problems {
-                r.origin = Some(doc.origin.clone());
-                if last_good.is_some() {
-                    r.message
-                        .push_str("; keeping the previous version of this object");
-                }
-                rejections.push(r);
-            }
             match last_good {
-                Some(good) => Some(good.clone()),
+                Some(good) => {
+                    for r in checked.rejections() {
+                        let mut r = r.clone();
+                        r.message
+                            .push_str("; keeping the previous version of this object");
+                        rejections.push(r);
+                    }
+                    Some(good.clone())
+                }
                 // A new slice with a bad endpoint or port still carries good
                 // ones: the model leaves out only the bad parts (as
-                // kube-proxy does) instead of the whole slice.
-                None if doc.key.kind == Kind::EndpointSlice => Some(doc.clone()),
-                None => None,
+                // kube-proxy does) instead of the whole slice. Its
+                // rejections go with it.
+                None if doc.key.kind == Kind::EndpointSlice => Some(Effective {
+                    checked,
+                    origin: doc.origin.clone(),
+                }),
+                None => {
+                    rejections.extend(checked.rejections().iter().cloned());
+                    None
+                }
             }
         };
         let Some(chosen) = chosen else { continue };
         if let Some(&i) = index.get(&doc.key) {
             if let Some(old) = slots[i].take() {
-                rejections.push(duplicate(&old, &doc));
+                rejections.push(duplicate(&old.origin, &doc.key, &doc.origin));
             }
         }
         index.insert(doc.key.clone(), slots.len());
         slots.push(Some(chosen));
     }
-    let effective: Vec<Document> = slots.into_iter().flatten().collect();
+    let effective: Vec<Effective> = slots.into_iter().flatten().collect();
     drop(prev_by_key);
 
     let effective = match (broken, prev_effective) {
@@ -223,35 +390,24 @@ fn process_file(rel: &str, content: Vec<u8>, prev: Option<FileState>) -> FileSta
         // Never parsed cleanly before: use what did parse, nothing better exists.
         _ => effective,
     };
-    FileState {
-        content,
-        effective,
-        rejections,
-    }
+    FileState::new(content, effective, rejections)
 }
 
-fn validate(object: &Object) -> Vec<Rejection> {
-    match object {
-        Object::Service(s) => model::validate_service(s),
-        Object::EndpointSlice(s) => model::validate_endpoint_slice(s),
-        Object::Node(n) => model::validate_node(n),
-    }
-}
-
-/// A warning: `winner` replaces `loser`, defined earlier.
-fn duplicate(loser: &Document, winner: &Document) -> Rejection {
+/// A warning: the definition of `key` at `winner_origin` replaces the one
+/// at `loser_origin`.
+fn duplicate(loser_origin: &str, key: &ObjectKey, winner_origin: &str) -> Rejection {
     parse::rejection(
-        winner.key.kind.as_str(),
-        &winner.key.namespace,
-        &winner.key.name,
+        key.kind.as_str(),
+        &key.namespace,
+        &key.name,
         "metadata.name",
         REASON_DUPLICATE_OBJECT,
         format!(
             "{} is also defined in {}; this later definition wins",
-            winner.key.kind.as_str(),
-            loser.origin
+            key.kind.as_str(),
+            loser_origin
         ),
-        &winner.origin,
+        winner_origin,
     )
 }
 

@@ -10,65 +10,28 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tracing::debug;
 
-use crate::model::Rejection;
+use crate::model::{Kind, Object, ObjectKey, Rejection};
 
 pub(crate) const REASON_PARSE_ERROR: &str = "parse_error";
 pub(crate) const REASON_UNKNOWN_FIELD: &str = "unknown_field";
 pub(crate) const REASON_INVALID_API_VERSION: &str = "invalid_api_version";
 pub(crate) const REASON_DUPLICATE_OBJECT: &str = "duplicate_object";
 
-/// The object kinds kproxy reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub(crate) enum Kind {
-    Service,
-    EndpointSlice,
-    Node,
-}
-
-impl Kind {
-    fn from_kind(kind: &str) -> Option<Kind> {
-        match kind {
-            "Service" => Some(Kind::Service),
-            "EndpointSlice" => Some(Kind::EndpointSlice),
-            "Node" => Some(Kind::Node),
-            _ => None,
-        }
-    }
-
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Kind::Service => "Service",
-            Kind::EndpointSlice => "EndpointSlice",
-            Kind::Node => "Node",
-        }
-    }
-
-    fn api_version(self) -> &'static str {
-        match self {
-            Kind::Service | Kind::Node => "v1",
-            Kind::EndpointSlice => "discovery.k8s.io/v1",
-        }
-    }
-
-    fn namespaced(self) -> bool {
-        !matches!(self, Kind::Node)
+/// The kind a manifest names, if kproxy reads it.
+fn kind_of(kind: &str) -> Option<Kind> {
+    match kind {
+        "Service" => Some(Kind::Service),
+        "EndpointSlice" => Some(Kind::EndpointSlice),
+        "Node" => Some(Kind::Node),
+        _ => None,
     }
 }
 
-/// Identity of an object: two documents with the same key define the same object.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub(crate) struct ObjectKey {
-    pub kind: Kind,
-    /// Empty for Nodes (cluster-scoped).
-    pub namespace: String,
-    pub name: String,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Object {
-    Service(Arc<Service>),
-    EndpointSlice(Arc<EndpointSlice>),
-    Node(Arc<Node>),
+fn api_version_of(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Service | Kind::Node => "v1",
+        Kind::EndpointSlice => "discovery.k8s.io/v1",
+    }
 }
 
 /// One typed object and where it came from.
@@ -179,14 +142,14 @@ fn parse_value(
         parse_list(&kind, value, origin, out);
         return;
     }
-    let Some(known) = Kind::from_kind(&kind) else {
+    let Some(known) = kind_of(&kind) else {
         debug!(%origin, %kind, "ignoring object of a kind kproxy does not use");
         return;
     };
     if known.namespaced() && namespace.is_empty() {
         namespace = "default".to_string();
     }
-    if api_version.as_ref().and_then(Value::as_str) != Some(known.api_version()) {
+    if api_version.as_ref().and_then(Value::as_str) != Some(api_version_of(known)) {
         let found = match &api_version {
             None => "missing apiVersion".to_string(),
             Some(v) => format!("apiVersion {v} is not supported"),
@@ -200,7 +163,7 @@ fn parse_value(
             format!(
                 "{found} for {}: use apiVersion {:?}",
                 known.as_str(),
-                known.api_version()
+                api_version_of(known)
             ),
             origin,
         ));
@@ -241,8 +204,8 @@ fn parse_list(kind: &str, value: Value, origin: &str, out: &mut ParsedFile) {
     // `ServiceList` etc. may omit kind/apiVersion on items; `List` may not.
     let item_default = kind
         .strip_suffix("List")
-        .and_then(Kind::from_kind)
-        .map(|k| (k.as_str(), k.api_version()));
+        .and_then(kind_of)
+        .map(|k| (k.as_str(), api_version_of(k)));
     let items = match value.get("items") {
         None | Some(Value::Null) => return,
         Some(Value::Array(items)) => items.clone(),

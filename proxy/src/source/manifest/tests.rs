@@ -8,6 +8,7 @@ use tokio::time::Instant;
 
 use super::*;
 use crate::model::Rejection;
+use crate::source::EventReceiver;
 
 fn write(dir: &Path, name: &str, text: &str) {
     let path = dir.join(name);
@@ -322,7 +323,15 @@ fn last_good_state_across_scans() {
     );
     write(d, "other.yaml", &svc("other", 70));
     let mut state = DirState::new(d.to_path_buf());
-    let snap = state.scan().unwrap();
+    let mut snap = Snapshot::default();
+    // Each scan tells what changed; folded, it is the whole state.
+    let mut scan = |snap: &mut Snapshot| {
+        let events = state.scan().unwrap();
+        snap.apply(events.clone());
+        events
+    };
+    let first = scan(&mut snap);
+    assert_eq!(first.len(), 3, "one upsert per object: {first:#?}");
     assert!(snap.rejected.is_empty());
 
     // Broken edit: both objects of the file stay as they were.
@@ -331,7 +340,7 @@ fn last_good_state_across_scans() {
         "a.yaml",
         &format!("{}---\n{}  oops: [\n", svc("one", 81), svc("two", 91)),
     );
-    let snap = state.scan().unwrap();
+    scan(&mut snap);
     assert_eq!(service_port(&snap, "one"), Some(80));
     assert_eq!(service_port(&snap, "two"), Some(90));
     assert_eq!(service_port(&snap, "other"), Some(70));
@@ -350,7 +359,18 @@ fn last_good_state_across_scans() {
         "a.yaml",
         &format!("{}---\n{}", svc("one", 82), svc("two", 0)),
     );
-    let snap = state.scan().unwrap();
+    let events = scan(&mut snap);
+    // Only what changed is told: `one`, and the problems; `two` keeps the
+    // version already told, `other` is in another file.
+    let upserts: Vec<String> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Upsert(c) => Some(c.key().name.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(upserts, ["one"]);
+    assert_eq!(events.len(), 2, "{events:#?}");
     assert_eq!(service_port(&snap, "one"), Some(82));
     assert_eq!(service_port(&snap, "two"), Some(90));
     assert_eq!(only_rejection(&snap).name, "two");
@@ -361,15 +381,56 @@ fn last_good_state_across_scans() {
         "a.yaml",
         &format!("{}---\n{}", svc("one", 83), svc("two", 93)),
     );
-    let snap = state.scan().unwrap();
+    scan(&mut snap);
     assert!(snap.rejected.is_empty(), "{:#?}", snap.rejected);
     assert_eq!(service_port(&snap, "one"), Some(83));
     assert_eq!(service_port(&snap, "two"), Some(93));
 
     // Deleted: its objects go, others stay.
     std::fs::remove_file(d.join("a.yaml")).unwrap();
-    let snap = state.scan().unwrap();
+    let events = scan(&mut snap);
     assert_eq!(names(&snap), ["Service default/other"]);
+    assert!(
+        events
+            .iter()
+            .all(|e| matches!(e, Event::Delete(k) if k.name != "other")),
+        "only the deleted file's objects go: {events:#?}"
+    );
+    // Nothing changed: nothing told.
+    assert!(scan(&mut snap).is_empty());
+}
+
+/// The watcher's answer to events about single files: only those files are
+/// read again.
+#[test]
+fn rescan_reads_only_the_files_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    write(d, "a.yaml", &svc("one", 80));
+    write(d, "b.yaml", &svc("two", 90));
+    let mut state = DirState::new(d.to_path_buf());
+    let mut snap = Snapshot::default();
+    snap.apply(state.scan().unwrap());
+    write(d, "a.yaml", &svc("one", 81));
+    write(d, "b.yaml", &svc("two", 91));
+    let only_a: BTreeSet<PathBuf> = [PathBuf::from("a.yaml")].into();
+    let events = state.rescan(&only_a);
+    assert_eq!(events.len(), 1, "{events:#?}");
+    snap.apply(events);
+    assert_eq!(service_port(&snap, "one"), Some(81));
+    assert_eq!(service_port(&snap, "two"), Some(90), "b.yaml is not read");
+    // A file named and gone: its objects go.
+    std::fs::remove_file(d.join("a.yaml")).unwrap();
+    let events = state.rescan(&only_a);
+    assert!(
+        matches!(&events[..], [Event::Delete(k)] if k.name == "one"),
+        "{events:#?}"
+    );
+    // A full scan catches up with the rest.
+    snap.apply(events);
+    snap.apply(state.scan().unwrap());
+    assert_eq!(names(&snap), ["Service default/two"]);
+    assert_eq!(service_port(&snap, "two"), Some(91));
 }
 
 // ------------------------------------------------------------- watching
@@ -407,9 +468,9 @@ fn start(
     watch::Receiver<Snapshot>,
     tokio::task::JoinHandle<Result<(), SourceError>>,
 ) {
-    let (tx, rx) = watch::channel(Snapshot::default());
+    let (tx, events) = tokio::sync::mpsc::unbounded_channel();
     let handle = tokio::spawn(ManifestSource::new(dir.to_path_buf()).run(tx));
-    (rx, handle)
+    (crate::source::fold(events), handle)
 }
 
 async fn stop(
@@ -624,7 +685,7 @@ async fn watch_survives_directory_removal_and_recreation() {
 #[tokio::test]
 async fn watch_missing_directory_is_an_error() {
     let tmp = tempfile::tempdir().unwrap();
-    let (tx, _rx) = watch::channel(Snapshot::default());
+    let (tx, _rx): (_, EventReceiver) = tokio::sync::mpsc::unbounded_channel();
     let err = ManifestSource::new(tmp.path().join("absent"))
         .run(tx)
         .await
@@ -692,9 +753,9 @@ fn new_slice_with_one_bad_endpoint_keeps_the_good_ones() {
         .expect("the bad address is reported");
     assert_eq!(r.origin.as_deref(), Some("t.yaml, document 1"));
     assert!(r.field.contains("endpoints[1]"), "{r}");
-    let desired = model::build(
+    let desired = crate::model::build(
         &snap.objects,
-        &model::ModelConfig {
+        &crate::model::ModelConfig {
             node_name: "node1".into(),
         },
     );

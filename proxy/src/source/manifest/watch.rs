@@ -1,17 +1,18 @@
-//! Watching the manifest directory with inotify and publishing snapshots.
+//! Watching the manifest directory with inotify and telling what changed.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use notify::event::{AccessKind, AccessMode, ModifyKind};
 use notify::{EventKind, RecursiveMode, Watcher};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::{DirState, SourceError};
-use crate::source::Snapshot;
+use crate::model::Event;
+use crate::source::EventSender;
 
 /// Quiet time that ends a burst of events. An editor's save or an atomic
 /// rename is several events within a millisecond; a file caught half
@@ -22,7 +23,7 @@ const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(5);
 /// show up within a second even while something keeps writing.
 const MAX_DELAY: Duration = Duration::from_millis(400);
 
-/// Publishes the objects of a manifest directory, and again after every change.
+/// Tells the objects of a manifest directory, and what changed after every change.
 #[derive(Debug, Clone)]
 pub struct ManifestSource {
     dir: PathBuf,
@@ -43,13 +44,14 @@ impl ManifestSource {
         self
     }
 
-    /// Reads the directory, publishes a first snapshot (`synced`), then a new
-    /// one after every change, until every receiver of `tx` is dropped.
+    /// Reads the directory and sends its objects (then `Synced`) as one
+    /// batch; after every change, one batch with the objects of the changed
+    /// files. Runs until the receiver of `tx` is dropped.
     ///
     /// Errors only if the directory cannot be read or watched at start (or
     /// the watcher dies); a directory deleted later keeps the last state
     /// (traffic keeps flowing) until it is recreated.
-    pub async fn run(self, tx: watch::Sender<Snapshot>) -> Result<(), SourceError> {
+    pub async fn run(self, tx: EventSender) -> Result<(), SourceError> {
         // Absolute, so event paths compare with it and its parent is known.
         let dir = std::path::absolute(&self.dir).unwrap_or_else(|_| self.dir.clone());
         let mut state = DirState::new(dir.clone());
@@ -74,16 +76,22 @@ impl ManifestSource {
         }
         let mut watching = true;
 
-        let mut last = state.scan()?;
+        let mut first = state.scan()?;
+        let count = |kind: crate::model::Kind| {
+            first
+                .iter()
+                .filter(|e| matches!(e, Event::Upsert(c) if c.key().kind == kind))
+                .count()
+        };
         info!(
             dir = %dir.display(),
-            services = last.objects.services.len(),
-            endpoint_slices = last.objects.endpoint_slices.len(),
-            nodes = last.objects.nodes.len(),
-            rejected = last.rejected.len(),
+            services = count(crate::model::Kind::Service),
+            endpoint_slices = count(crate::model::Kind::EndpointSlice),
+            nodes = count(crate::model::Kind::Node),
             "manifests loaded"
         );
-        if tx.send(last.clone()).is_err() {
+        first.push(Event::Synced);
+        if tx.send(first).is_err() {
             return Ok(());
         }
 
@@ -91,12 +99,14 @@ impl ManifestSource {
             // Wait for a relevant event (or for the consumer to go away).
             let mut rewatch = false;
             let mut writing = Writing::default();
+            let mut touched = Touched::default();
             loop {
                 tokio::select! {
                     _ = tx.closed() => return Ok(()),
                     ev = ev_rx.recv() => {
                         let ev = ev.ok_or_else(|| SourceError::WatcherStopped { path: dir.clone() })?;
                         writing.note(&dir, &ev);
+                        touched.note(&dir, &ev);
                         let (relevant, dir_itself) = classify(&dir, ev);
                         rewatch |= dir_itself;
                         if relevant { break; }
@@ -113,6 +123,7 @@ impl ManifestSource {
                 match tokio::time::timeout_at(until, ev_rx.recv()).await {
                     Ok(Some(ev)) => {
                         let closed = writing.note(&dir, &ev);
+                        touched.note(&dir, &ev);
                         let (relevant, dir_itself) = classify(&dir, ev);
                         rewatch |= dir_itself;
                         if relevant || closed {
@@ -137,6 +148,8 @@ impl ManifestSource {
                 }
                 continue;
             }
+            // Events about single files read those files alone.
+            let files = touched.files().filter(|_| watching && !rewatch);
             if !watching || rewatch {
                 // A recreated or renamed-over directory is a new inode: watch it afresh.
                 let _ = watcher.unwatch(&dir);
@@ -153,29 +166,82 @@ impl ManifestSource {
                     }
                 }
             }
-            let snap = match state.scan() {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!(error = %e, "cannot rescan manifest directory; keeping the last state");
-                    continue;
-                }
+            let events = match files {
+                Some(files) => state.rescan(files),
+                None => match state.scan() {
+                    Ok(e) => e,
+                    Err(e) => {
+                        warn!(error = %e, "cannot rescan manifest directory; keeping the last state");
+                        continue;
+                    }
+                },
             };
-            if same(&snap, &last) {
+            if events.is_empty() {
                 debug!("manifest event without effect on objects");
                 continue;
             }
-            debug!(
-                services = snap.objects.services.len(),
-                endpoint_slices = snap.objects.endpoint_slices.len(),
-                nodes = snap.objects.nodes.len(),
-                rejected = snap.rejected.len(),
-                "manifests changed"
-            );
-            last = snap.clone();
-            if tx.send(snap).is_err() {
+            debug!(events = events.len(), "manifests changed");
+            if tx.send(events).is_err() {
                 return Ok(());
             }
         }
+    }
+}
+
+/// The manifest files a burst of events is about, when it is only about
+/// such files: those are read again alone, so a change to one file of a
+/// large directory costs that file. Anything else (a directory, a symlink
+/// that may stand for many files, a queue overflow, an error) asks for a
+/// full scan.
+#[derive(Default)]
+struct Touched {
+    all: bool,
+    paths: BTreeSet<PathBuf>,
+}
+
+impl Touched {
+    fn note(&mut self, dir: &Path, ev: &notify::Result<notify::Event>) {
+        let Ok(ev) = ev else {
+            self.all = true;
+            return;
+        };
+        if matches!(ev.kind, EventKind::Access(_)) {
+            return;
+        }
+        if ev.paths.is_empty() {
+            self.all = true;
+        }
+        for p in &ev.paths {
+            // The parent watch's other entries.
+            let Ok(rel) = p.strip_prefix(dir) else {
+                continue;
+            };
+            let names: Option<Vec<&str>> =
+                rel.components().map(|c| c.as_os_str().to_str()).collect();
+            let Some((file, parents)) = names.as_ref().and_then(|n| n.split_last()) else {
+                // The directory itself, or a name that is not UTF-8.
+                self.all = true;
+                continue;
+            };
+            let plain =
+                parents.len() < super::MAX_DEPTH && !parents.iter().any(|n| super::is_ignored(n));
+            let meta = std::fs::symlink_metadata(p);
+            if plain && super::is_read(file) && !meta.as_ref().is_ok_and(|m| m.is_dir()) {
+                // A manifest file (or one gone): read again alone.
+                self.paths.insert(rel.to_path_buf());
+            } else if meta.is_err() && super::is_ignored(file) {
+                // A temporary file gone (an editor's, an atomic rename's).
+            } else if plain && meta.is_ok_and(|m| m.is_file()) {
+                // A file the scan does not read (an editor's swap file, a README).
+            } else {
+                self.all = true;
+            }
+        }
+    }
+
+    /// The files to read again, `None` for a full scan.
+    fn files(&self) -> Option<&BTreeSet<PathBuf>> {
+        (!self.all).then_some(&self.paths)
     }
 }
 
@@ -249,11 +315,4 @@ fn classify(dir: &Path, ev: notify::Result<notify::Event>) -> (bool, bool) {
             (true, true)
         }
     }
-}
-
-fn same(a: &Snapshot, b: &Snapshot) -> bool {
-    a.rejected == b.rejected
-        && a.objects.services == b.objects.services
-        && a.objects.endpoint_slices == b.objects.endpoint_slices
-        && a.objects.nodes == b.objects.nodes
 }

@@ -397,16 +397,21 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     let outcome = tokio::select! {
         _ = term.recv() => { tracing::info!("SIGTERM: stopping; programmed rules stay in place"); Ok(()) }
         _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted: stopping; programmed rules stay in place"); Ok(()) }
-        res = healthz => Err(flatten(res).context("healthz server stopped").unwrap_err()),
-        res = metrics_srv => Err(flatten(res).context("metrics server stopped").unwrap_err()),
         res = &mut sync_task => match res {
             // An IPv6-only cluster: kproxy would serve nothing.
             Ok(Err(err)) => Err(err.into()),
             res => Err(anyhow::anyhow!("sync loop stopped unexpectedly: {:?}", res.err())),
         },
+        res = healthz => Err(flatten(res).context("healthz server stopped").unwrap_err()),
+        res = metrics_srv => Err(flatten(res).context("metrics server stopped").unwrap_err()),
         res = source_task => {
             match res {
-                Ok(Ok(())) => Err(anyhow::anyhow!("source stopped")),
+                // A source stops cleanly only when the sync loop, its
+                // receiver, has ended: say why the loop ended.
+                Ok(Ok(())) => match (&mut sync_task).await {
+                    Ok(Err(err)) => Err(err.into()),
+                    _ => Err(anyhow::anyhow!("source stopped")),
+                },
                 Ok(Err(err)) => Err(err),
                 Err(err) => Err(anyhow::anyhow!("source panicked: {err}")),
             }

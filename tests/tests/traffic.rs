@@ -146,9 +146,8 @@ pub fn idle_flow_outlives_gc_sweeps(mode: Mode) -> Result<()> {
     Ok(())
 }
 
-/// An endpoint that leaves its slice (a draining pod) keeps its
-/// established connection; new connections go to the others.
-pub fn draining_endpoint_keeps_established_flows(mode: Mode) -> Result<()> {
+/// The topology with short timeouts and `web` served by pod-a and pod-b.
+fn web_on_both_nodes(mode: Mode) -> Result<Topology> {
     let topo = start(mode, SHORT_CT)?;
     topo.write("web.yaml", &web(&[a(), b()]))?;
     topo.wait_backends(
@@ -156,6 +155,13 @@ pub fn draining_endpoint_keeps_established_flows(mode: Mode) -> Result<()> {
         "NodePort",
         &[&format!("{A}:8080"), &format!("{B}:8080")],
     )?;
+    Ok(topo)
+}
+
+/// An endpoint that leaves its slice (a draining pod) keeps its
+/// established connection; new connections go to the others.
+pub fn draining_endpoint_keeps_established_flows(mode: Mode) -> Result<()> {
+    let topo = web_on_both_nodes(mode)?;
     let held = topo.start_from_ext(
         &ClientSpec::tcp(format!("{NODE1}:30080"), 30)
             .hold()
@@ -244,13 +250,7 @@ fn first_syns(topo: &Topology, pod: &str) -> Result<Vec<String>> {
 /// SYN reaches the backend the first one chose, never the other one, and
 /// the connection completes there.
 pub fn retransmitted_syn_keeps_its_backend(mode: Mode) -> Result<()> {
-    let topo = start(mode, SHORT_CT)?;
-    topo.write("web.yaml", &web(&[a(), b()]))?;
-    topo.wait_backends(
-        "default/web:http",
-        "NodePort",
-        &[&format!("{A}:8080"), &format!("{B}:8080")],
-    )?;
+    let topo = web_on_both_nodes(mode)?;
     drop_first_syns(&topo, &["pod-a", "pod-b"])?;
     // Concurrent connections, one each: with two backends, a SYN that
     // forgot its backend would move in half of them.

@@ -161,7 +161,8 @@ pub struct Collector {
     nat_seen: [u64; 2],
 }
 
-fn idx(t: Tier) -> usize {
+/// The slot of `t` in per-tier arrays (the collector's cursors, the pinned store's maps).
+pub(super) fn idx(t: Tier) -> usize {
     match t {
         Tier::Assured => 0,
         Tier::New => 1,

@@ -19,7 +19,7 @@ use proxy_common::*;
 use tracing::{debug, warn};
 
 use super::batch::{lookup_batch, Cursor};
-use super::conntrack::{Collector, CtStore, CtTimeouts, Tier};
+use super::conntrack::{idx, Collector, CtStore, CtTimeouts, Tier};
 use super::maps::{maps_dir, Maps};
 use crate::dataplane::DataplaneError;
 
@@ -109,7 +109,7 @@ impl CtStore for PinnedStore {
         chunk: usize,
         out: &mut Vec<(Tuple, Flow)>,
     ) -> io::Result<bool> {
-        let m = &self.raw[if tier == Tier::Assured { 0 } else { 1 }];
+        let m = &self.raw[idx(tier)];
         lookup_batch(raw(m), cursor, chunk, out)
     }
     fn nats(
@@ -119,7 +119,7 @@ impl CtStore for PinnedStore {
         chunk: usize,
         out: &mut Vec<(Tuple, NatValue)>,
     ) -> io::Result<bool> {
-        let m = &self.raw[if tier == Tier::Assured { 2 } else { 3 }];
+        let m = &self.raw[2 + idx(tier)];
         lookup_batch(raw(m), cursor, chunk, out)
     }
     fn flow(&self, tier: Tier, key: &Tuple) -> Option<Flow> {

@@ -177,6 +177,13 @@ pub mod ct_state {
     pub const UDP_STREAM: u8 = 8;
 }
 
+/// How long a backend that closed a connection first keeps its 4-tuple in
+/// TIME_WAIT: Linux's fixed `TCP_TIMEWAIT_LEN`. A SYN on that 4-tuple from
+/// another client socket (whose timestamps and sequence numbers are
+/// unrelated) is answered with an ACK instead of a SYN-ACK, so the NAT
+/// port search leaves such 4-tuples alone this long.
+pub const BACKEND_TIME_WAIT_NS: u64 = 60_000_000_000;
+
 /// `Flow::flags`: SNAT to a node address (decided at ingress, the address
 /// itself on the first packet out).
 pub const FLOW_SNAT: u8 = 1;
@@ -260,7 +267,11 @@ pub mod stats {
     pub const PORT_TRANSLATED: u32 = 5;
     /// ICMP errors translated for a flow.
     pub const ICMP_TRANSLATED: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// Every port towards a backend was in use or still in TIME_WAIT there:
+    /// one in TIME_WAIT was reused (the backend may answer the SYN with an
+    /// ACK, and the client retries).
+    pub const TIME_WAIT_REUSED: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
 /// Socket reverse-NAT key: a socket and the backend it was sent to.
@@ -337,6 +348,10 @@ pub mod maps {
     /// Recent connections to no frontend (LRU), so a Service flow never
     /// reuses their 4-tuple at a backend.
     pub const DIRECT: &str = "DIRECT";
+    /// Backend-side 4-tuples of flows the backend closed first (LRU): the
+    /// backend holds them in TIME_WAIT, so no new flow takes them for
+    /// [`super::BACKEND_TIME_WAIT_NS`].
+    pub const TIME_WAIT: &str = "TIME_WAIT";
     /// First-fragment ports by IP id (LRU).
     pub const FRAGS: &str = "FRAGS";
     /// Per-CPU counters, see [`super::stats`].
@@ -360,6 +375,7 @@ pub mod maps {
         NAT,
         NAT_NEW,
         DIRECT,
+        TIME_WAIT,
         FRAGS,
         STATS,
         SOCK_REV,

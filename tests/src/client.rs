@@ -182,6 +182,13 @@ impl ClientSpec {
         self
     }
 
+    /// TCP: after the answer, read until the server closes (an HTTP/1.0
+    /// client), so a `--tcp-close-first` server always closes first.
+    pub fn until_eof(mut self) -> Self {
+        self.extra.push("--until-eof".into());
+        self
+    }
+
     fn args(&self) -> Vec<String> {
         let mut args = vec![
             "client".to_string(),

@@ -41,7 +41,19 @@ fn b() -> Endpoint {
 fn start(mode: Mode, extra: &[&str]) -> Result<Topology> {
     let mut topo = Topology::build(mode)?;
     for i in 0..topo.pods.len() {
-        topo.serve(i, &["--tcp", "8080", "--tcp", "9090", "--udp", "5353"])?;
+        topo.serve(
+            i,
+            &[
+                "--tcp",
+                "8080",
+                "--tcp",
+                "9090",
+                "--udp",
+                "5353",
+                "--tcp-close-first",
+                "8081",
+            ],
+        )?;
         topo.serve(i, &["--udp-echo", "7777"])?;
     }
     for node in &mut topo.nodes {
@@ -126,6 +138,71 @@ pub fn many_short_flows_through_a_snat_node_port(mode: Mode) -> Result<()> {
             "event=\"nat_port_exhausted\"",
         )?;
         ensure!(exhausted == 0.0, "{exhausted} NAT port allocations failed");
+    }
+    Ok(())
+}
+
+/// A backend that closes first (an HTTP/1.0 server) holds each 4-tuple in
+/// TIME_WAIT for a minute and answers a new connection's SYN on it with an
+/// ACK (the client resets and retries, or times out). 64 connections from
+/// outside through a NodePort that needs SNAT, with 64 NAT ports in ebpf
+/// mode: each gets a 4-tuple of its own at the backend, none reuses one the
+/// backend still holds, and every one succeeds at once.
+pub fn backend_closing_first_keeps_its_time_wait_tuples(mode: Mode) -> Result<()> {
+    let mut extra = SHORT_CT.to_vec();
+    extra.push("--bpf-nat-port-range=40000-40063");
+    let topo = start(mode, &extra)?;
+    topo.write(
+        "http10.yaml",
+        &[
+            service(
+                "http10",
+                "10.96.0.81",
+                vec![m::tcp("http", 81, 8081).node_port(30081)],
+            )
+            .to_json(),
+            slice("http10-1", "http10", &[("http", "TCP", 8081)], &[b()]),
+        ],
+    )?;
+    topo.wait_backends("default/http10:http", "NodePort", &[&format!("{B}:8081")])?;
+    let out = topo.from_ext(
+        &ClientSpec::tcp(format!("{NODE1}:30081"), 64)
+            .until_eof()
+            .timeout_ms(3000),
+    )?;
+    out.expect_all_ok("64 connections to a backend that closes first")?;
+    let mut seen: Vec<&str> = out
+        .attempts
+        .iter()
+        .filter_map(|a| a.reply.as_deref()?.split(' ').nth(1))
+        .collect();
+    seen.sort_unstable();
+    let reused: Vec<_> = seen
+        .windows(2)
+        .filter(|w| w[0] == w[1])
+        .map(|w| w[0])
+        .collect();
+    ensure!(
+        reused.is_empty(),
+        "the backend saw a client address twice while holding it in TIME_WAIT: {reused:?}"
+    );
+    // The connections are sequential: the ACK-and-retry of a reused 4-tuple
+    // shows as a slow connect.
+    let slow: Vec<_> = out.attempts.iter().filter(|a| a.ms > 200.0).collect();
+    ensure!(
+        slow.is_empty(),
+        "slow connections (a SYN answered from TIME_WAIT): {slow:?}"
+    );
+    if mode == Mode::Ebpf {
+        let reused = topo.metric(
+            0,
+            "kproxy_bpf_datapath_events_total",
+            "event=\"time_wait_reused\"",
+        )?;
+        ensure!(
+            reused == 0.0,
+            "{reused} NAT ports reused from TIME_WAIT with free ones left"
+        );
     }
     Ok(())
 }
@@ -444,6 +521,7 @@ macro_rules! shared {
         traffic_tests!(
             $mode;
             many_short_flows_through_a_snat_node_port,
+            backend_closing_first_keeps_its_time_wait_tuples,
             idle_flow_outlives_gc_sweeps,
             draining_endpoint_keeps_established_flows,
             retransmitted_syn_keeps_its_backend,

@@ -24,6 +24,8 @@ pub static NAT_NEW: LruHashMap<Tuple, NatValue> = LruHashMap::with_max_entries(1
 #[map]
 pub static DIRECT: LruHashMap<Tuple, u8> = LruHashMap::with_max_entries(1024, 0);
 #[map]
+pub static TIME_WAIT: LruHashMap<Tuple, u64> = LruHashMap::with_max_entries(1024, 0);
+#[map]
 pub static FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::with_max_entries(1024, 0);
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT, 0);
@@ -125,6 +127,16 @@ pub fn track(key: &Tuple, f: *mut Flow, p: &Pkt, from_client: bool) {
         if fl_bits & TCP_RST != 0 {
             state = TCP_CLOSED;
         } else if fl_bits & TCP_FIN != 0 {
+            if !from_client && fl.flags & FLOW_FIN_CLIENT == 0 {
+                // The backend closes first: its 4-tuple stays in TIME_WAIT
+                // there after the flow is gone (see port::claim).
+                let tw = if fl.flags & FLOW_SNAT != 0 {
+                    key_in(key, fl)
+                } else {
+                    key_out(key, fl)
+                };
+                let _ = TIME_WAIT.insert(&tw, &t, 0);
+            }
             fl.flags |= if from_client {
                 FLOW_FIN_CLIENT
             } else {

@@ -113,11 +113,11 @@ fn new_flow(
 
 /// A packet to no frontend and of no flow. A bare SYN is remembered (a
 /// Service flow must not reuse its 4-tuple at the backend while it may be
-/// in TIME_WAIT there); if a Service flow already uses that 4-tuple, this
-/// connection gets another source port instead, as netfilter's NAT does.
-/// Unless that flow is waiting for its SYN-ACK: then this is its own SYN,
-/// translated at a hooked device it crossed first (a bridge port, then the
-/// bridge).
+/// in TIME_WAIT there); if a Service flow already uses that 4-tuple, or
+/// left it in TIME_WAIT at the backend, this connection gets another source
+/// port instead, as netfilter's NAT does. Unless that flow is waiting for
+/// its SYN-ACK: then this is its own SYN, translated at a hooked device it
+/// crossed first (a bridge port, then the bridge).
 #[inline(always)]
 fn direct(ctx: &mut TcContext, p: &Pkt, key: &Tuple) -> Result<i32, i64> {
     if !p.bare_syn() {
@@ -130,6 +130,10 @@ fn direct(ctx: &mut TcContext, p: &Pkt, key: &Tuple) -> Result<i32, i64> {
                 return Ok(OK);
             }
         }
+        return new_flow(ctx, p, key, (p.dst, p.dport), 0, FLOW_PASSTHROUGH);
+    }
+    // (The backend side of a flow from this client is its reversed tuple.)
+    if port::in_time_wait(&p.reversed()) {
         return new_flow(ctx, p, key, (p.dst, p.dport), 0, FLOW_PASSTHROUGH);
     }
     let _ = DIRECT.insert(key, &0, 0);

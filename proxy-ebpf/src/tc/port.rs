@@ -8,7 +8,12 @@
 //! Otherwise the whole range is scanned from a random start with
 //! `bpf_loop`, so a free port is found whenever one exists, at a cost
 //! bounded by the range. A port whose flow has closed (or whose flow is
-//! gone) counts as free: ports are reused as soon as their flow ends.
+//! gone) counts as free: ports are reused as soon as their flow ends,
+//! unless the backend closed that flow first. Then the backend holds the
+//! 4-tuple in TIME_WAIT for a minute and would answer a new client's SYN
+//! on it with an ACK (a reset and a retry, or a timeout, for the client),
+//! so the search passes over it; only when every other port is taken is
+//! the first such port reused, which beats dropping the connection.
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::cty::c_void;
@@ -16,7 +21,7 @@ use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_loop};
 use proxy_common::ct_state::TCP_CLOSED;
 use proxy_common::*;
 
-use super::ct::{count, flow_get, flow_remove, now, NAT, NAT_NEW};
+use super::ct::{count, flow_get, flow_remove, now, NAT, NAT_NEW, TIME_WAIT};
 use crate::CONFIG;
 
 /// What a port must be free for; on `bpf_loop`'s stack.
@@ -26,7 +31,8 @@ struct Claim {
     backend_ip: u32,
     backend_port: u16,
     snat: u8,
-    _pad: u8,
+    /// Ports in the backend's TIME_WAIT may be taken (the last resort).
+    reuse_tw: u8,
     lo: u16,
     /// Ports from `skip_min` on are shifted past the skipped range by `skip_len`.
     skip_min: u16,
@@ -36,7 +42,8 @@ struct Claim {
     start: u32,
     /// The port found (network order), 0 while none.
     got: u16,
-    _pad2: u16,
+    /// The first free port seen that the backend still holds in TIME_WAIT.
+    tw_port: u16,
 }
 
 /// `key` is free in both NAT tiers, or held by a flow that closed or no
@@ -70,10 +77,34 @@ fn free(key: &Tuple) -> bool {
     }
 }
 
+/// The backend closed a flow on `key` (its side of a NAT key) less than
+/// [`BACKEND_TIME_WAIT_NS`] ago.
+#[inline(always)]
+pub fn in_time_wait(key: &Tuple) -> bool {
+    // SAFETY: copied out at once.
+    match unsafe { TIME_WAIT.get(key) } {
+        Some(t) => now().wrapping_sub(*t) < BACKEND_TIME_WAIT_NS,
+        None => false,
+    }
+}
+
+/// A free `port` the backend still holds in TIME_WAIT: remembered as the
+/// last resort, and passed over unless that is what is being tried.
+#[inline(always)]
+fn held_in_time_wait(c: &mut Claim, key: &Tuple, port: u16) -> bool {
+    if c.reuse_tw != 0 || !in_time_wait(key) {
+        return false;
+    }
+    if c.tw_port == 0 {
+        c.tw_port = port;
+    }
+    true
+}
+
 /// Claims `port` (network order) for the flow: its NAT entries are written
 /// with NOEXIST, so two CPUs never get one port.
 #[inline(always)]
-fn try_port(c: &Claim, port: u16) -> bool {
+fn try_port(c: &mut Claim, port: u16) -> bool {
     let v = NatValue {
         flow: c.flow,
         created_ns: now(),
@@ -81,7 +112,7 @@ fn try_port(c: &Claim, port: u16) -> bool {
     let out = Tuple::nat_out(c.flow.src, c.backend_ip, c.backend_port, port, c.flow.proto);
     if c.snat != 0 {
         let inn = out.nat_in();
-        if !free(&inn) || !free(&out) {
+        if !free(&inn) || !free(&out) || held_in_time_wait(c, &inn, port) {
             return false;
         }
         if NAT_NEW.insert(&inn, &v, BPF_NOEXIST as u64).is_err() {
@@ -93,7 +124,7 @@ fn try_port(c: &Claim, port: u16) -> bool {
         }
         return true;
     }
-    if !free(&out) {
+    if !free(&out) || held_in_time_wait(c, &out, port) {
         return false;
     }
     // A recent direct connection on this 4-tuple may still be in TIME_WAIT
@@ -134,7 +165,7 @@ unsafe extern "C" fn probe(i: u64, ctx: *mut c_void) -> i64 {
 }
 
 /// Picks and claims the nat port of the new flow `flow` towards the
-/// backend; `None` when every port of the range is in use.
+/// backend; `None` when every port of the range is in use by live flows.
 #[inline(always)]
 pub fn claim(flow: &Tuple, backend_ip: u32, backend_port: u16, snat: bool) -> Option<u16> {
     let cfg = CONFIG.get(0).copied()?;
@@ -143,7 +174,7 @@ pub fn claim(flow: &Tuple, backend_ip: u32, backend_port: u16, snat: bool) -> Op
         backend_ip,
         backend_port,
         snat: snat as u8,
-        _pad: 0,
+        reuse_tw: 0,
         lo: cfg.snat_port_min,
         skip_min: cfg.skip_min,
         skip_len: 0,
@@ -151,44 +182,52 @@ pub fn claim(flow: &Tuple, backend_ip: u32, backend_port: u16, snat: bool) -> Op
         span: 0,
         start: 0,
         got: 0,
-        _pad2: 0,
+        tw_port: 0,
     };
     let own = u16::from_be(flow.sport);
     let skipped = cfg.skip_min != 0 && own >= cfg.skip_min && own <= cfg.skip_max;
     let in_range = own >= cfg.snat_port_min && own <= cfg.snat_port_max && !skipped;
-    if (!snat || in_range) && try_port(&c, flow.sport) {
+    if (!snat || in_range) && try_port(&mut c, flow.sport) {
         return Some(flow.sport);
     }
-    if cfg.snat_port_min == 0 || cfg.snat_port_max < cfg.snat_port_min {
-        count(stats::NAT_PORT_EXHAUSTED);
-        return None;
+    if cfg.snat_port_min != 0 && cfg.snat_port_max >= cfg.snat_port_min {
+        c.span = (cfg.snat_port_max - cfg.snat_port_min) as u32 + 1;
+        if cfg.skip_min > cfg.snat_port_min
+            && cfg.skip_max >= cfg.skip_min
+            && cfg.skip_max < cfg.snat_port_max
+        {
+            c.skip_len = cfg.skip_max - cfg.skip_min + 1;
+            c.span -= c.skip_len as u32;
+        }
+        // SAFETY: helper without arguments.
+        c.start = unsafe { bpf_get_prandom_u32() }
+            .checked_rem(c.span)
+            .unwrap_or(0);
+        // SAFETY: `probe` only touches `c`, which outlives the call.
+        unsafe {
+            bpf_loop(
+                c.span,
+                probe as *mut c_void,
+                &mut c as *mut Claim as *mut c_void,
+                0,
+            )
+        };
     }
-    c.span = (cfg.snat_port_max - cfg.snat_port_min) as u32 + 1;
-    if cfg.skip_min > cfg.snat_port_min
-        && cfg.skip_max >= cfg.skip_min
-        && cfg.skip_max < cfg.snat_port_max
-    {
-        c.skip_len = cfg.skip_max - cfg.skip_min + 1;
-        c.span -= c.skip_len as u32;
+    if c.got == 0 && c.tw_port != 0 {
+        c.reuse_tw = 1;
+        let port = c.tw_port;
+        if try_port(&mut c, port) {
+            c.got = port;
+            count(stats::TIME_WAIT_REUSED);
+        }
     }
-    // SAFETY: helper without arguments.
-    c.start = unsafe { bpf_get_prandom_u32() }
-        .checked_rem(c.span)
-        .unwrap_or(0);
-    // SAFETY: `probe` only touches `c`, which outlives the call.
-    unsafe {
-        bpf_loop(
-            c.span,
-            probe as *mut c_void,
-            &mut c as *mut Claim as *mut c_void,
-            0,
-        )
-    };
     if c.got == 0 {
         count(stats::NAT_PORT_EXHAUSTED);
         return None;
     }
-    count(stats::PORT_TRANSLATED);
+    if c.got != flow.sport {
+        count(stats::PORT_TRANSLATED);
+    }
     Some(c.got)
 }
 

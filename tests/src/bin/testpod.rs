@@ -5,11 +5,13 @@
 //! test sees which pod answered, on which port, and which client address
 //! that pod saw. `--udp-echo PORT` sends every datagram back as it came;
 //! `--dns PORT` answers DNS queries for an A record of any name with
-//! 10.96.0.53 (the answer names the question, as a resolver checks). It
-//! prints `ready` once every socket is bound.
+//! 10.96.0.53 (the answer names the question, as a resolver checks);
+//! `--tcp-close-first PORT` answers the first line and closes at once, as
+//! an HTTP/1.0 server does (TIME_WAIT stays on the server). It prints
+//! `ready` once every socket is bound.
 //!
 //! `client --target IP:PORT [--udp [--unconnected]] [--count N] [--timeout-ms T]
-//! [--interval-ms I] [--hold] [--size N] [--download N]` prints one JSON line per attempt:
+//! [--interval-ms I] [--hold] [--size N] [--download N] [--until-eof]` prints one JSON line per attempt:
 //! `{"i":0,"t":1763900000000.0,"ok":true,"reply":"pod-a 10.244.1.30:40000 8080","peer":"10.96.0.10:80","ms":0.4}`
 //! or `{"i":1,"t":...,"ok":false,"error":"refused","ms":0.1}` (`t`: start of
 //! the attempt, ms since the Unix epoch; `peer`: the address the socket
@@ -20,13 +22,15 @@
 //! long-lived client). Loops are bounded by `--count` and stop by themselves.
 //! `--size N` sends N-byte UDP datagrams (larger than the MTU: fragments);
 //! `--download N` asks a TCP server for N bytes (`download N`), which it
-//! sends and then closes.
+//! sends and then closes. `--until-eof` reads after the answer until the
+//! server closes, as an HTTP/1.0 client does, so a `--tcp-close-first`
+//! server always closes first.
 //!
 //! `flood --target IP:PORT --count N [--max-ms T]` sends N TCP SYNs from
 //! random sources in 198.18.0.0/15 (the benchmarking range) through a raw
 //! socket, and stops after N packets or T ms, whichever comes first.
 
-use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
@@ -61,14 +65,18 @@ fn value<T: std::str::FromStr>(args: &[String], flag: &str, default: T) -> Resul
 fn serve(args: &[String]) -> Result<(), String> {
     let name: String = value(args, "--name", "pod".to_string())?;
     let mut threads = Vec::new();
-    for port in values(args, "--tcp") {
+    let tcp = values(args, "--tcp").into_iter().map(|p| (p, false));
+    let close_first = values(args, "--tcp-close-first")
+        .into_iter()
+        .map(|p| (p, true));
+    for (port, close_first) in tcp.chain(close_first) {
         let listener = TcpListener::bind(format!("0.0.0.0:{port}"))
             .map_err(|e| format!("bind tcp {port}: {e}"))?;
         let name = name.clone();
         threads.push(std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
                 let name = name.clone();
-                std::thread::spawn(move || answer_tcp(conn, &name));
+                std::thread::spawn(move || answer_tcp(conn, &name, close_first));
             }
         }));
     }
@@ -136,7 +144,7 @@ fn dns_answer(query: &[u8], ip: [u8; 4]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-fn answer_tcp(conn: TcpStream, name: &str) {
+fn answer_tcp(conn: TcpStream, name: &str, close_first: bool) {
     let (Ok(peer), Ok(local)) = (conn.peer_addr(), conn.local_addr()) else {
         return;
     };
@@ -160,7 +168,7 @@ fn answer_tcp(conn: TcpStream, name: &str) {
             }
             return;
         }
-        if writeln!(writer, "{name} {peer} {port}").is_err() {
+        if writeln!(writer, "{name} {peer} {port}").is_err() || close_first {
             return;
         }
     }
@@ -194,6 +202,7 @@ fn client(args: &[String]) -> Result<(), String> {
     let hold = args.iter().any(|a| a == "--hold");
     let size: usize = value(args, "--size", 0)?;
     let download: usize = value(args, "--download", 0)?;
+    let until_eof = args.iter().any(|a| a == "--until-eof");
     let mut held: Option<(TcpStream, BufReader<TcpStream>)> = None;
     let out = std::io::stdout();
     for i in 0..count {
@@ -211,7 +220,7 @@ fn client(args: &[String]) -> Result<(), String> {
         } else if hold {
             held_attempt(&mut held, target, timeout)
         } else {
-            tcp_attempt(target, timeout)
+            tcp_attempt(target, timeout, until_eof)
         };
         let ms = start.elapsed().as_secs_f64() * 1000.0;
         let line = match result {
@@ -233,13 +242,15 @@ fn client(args: &[String]) -> Result<(), String> {
 /// An answer and the peer address the socket reported.
 type Answer = Result<(String, SocketAddr), String>;
 
-fn tcp_attempt(target: SocketAddr, timeout: Duration) -> Answer {
+fn tcp_attempt(target: SocketAddr, timeout: Duration, until_eof: bool) -> Answer {
     let conn = TcpStream::connect_timeout(&target, timeout).map_err(|e| classify(&e))?;
-    exchange(
-        &conn,
-        &mut BufReader::new(conn.try_clone().map_err(|e| classify(&e))?),
-        timeout,
-    )
+    let mut reader = BufReader::new(conn.try_clone().map_err(|e| classify(&e))?);
+    let answer = exchange(&conn, &mut reader, timeout)?;
+    if until_eof {
+        let mut rest = Vec::new();
+        reader.read_to_end(&mut rest).map_err(|e| classify(&e))?;
+    }
+    Ok(answer)
 }
 
 fn held_attempt(
@@ -323,7 +334,6 @@ fn udp_sized_attempt(target: SocketAddr, timeout: Duration, size: usize) -> Answ
 
 /// Downloads `n` bytes; the reply names how many arrived.
 fn download_attempt(target: SocketAddr, timeout: Duration, n: usize) -> Answer {
-    use std::io::Read;
     let mut conn = TcpStream::connect_timeout(&target, timeout).map_err(|e| classify(&e))?;
     conn.set_read_timeout(Some(timeout))
         .map_err(|e| classify(&e))?;

@@ -194,7 +194,7 @@ impl GcMetrics {
             events: IntCounterVec::new(
                 Opts::new(
                     "kproxy_bpf_datapath_events_total",
-                    "Events of the TC datapath: nat_port_exhausted, ct_insert_failed, nat_insert_failed, ct_promote_failed (packets dropped or flows kept embryonic for want of room), frag_unknown, port_translated, icmp_translated",
+                    "Events of the TC datapath: nat_port_exhausted, ct_insert_failed, nat_insert_failed, ct_promote_failed (packets dropped or flows kept embryonic for want of room), frag_unknown, port_translated, icmp_translated, time_wait_reused (a NAT port still in its backend's TIME_WAIT had to be reused: every other port was taken)",
                 ),
                 &["event"],
             )
@@ -240,9 +240,11 @@ const EVENT_NAMES: [&str; stats::COUNT as usize] = [
     "frag_unknown",
     "port_translated",
     "icmp_translated",
+    "time_wait_reused",
 ];
 
-/// What the fix is when an event that drops packets happens.
+/// What the fix is when an event that drops packets (or, for TIME_WAIT
+/// reuse, delays a connection) happens.
 fn remedy(event: u32) -> Option<&'static str> {
     match event {
         stats::NAT_PORT_EXHAUSTED => Some(
@@ -253,6 +255,9 @@ fn remedy(event: u32) -> Option<&'static str> {
         stats::CT_PROMOTE_FAILED => {
             Some("map CT (assured flows) is full: raise --bpf-ct-map-max")
         }
+        stats::TIME_WAIT_REUSED => Some(
+            "backends that close connections first still hold every other NAT port in TIME_WAIT: widen --bpf-nat-port-range",
+        ),
         _ => None,
     }
 }
@@ -419,7 +424,7 @@ fn run(
                         warn!(
                             event = name,
                             count = delta,
-                            "eBPF datapath dropped packets in the last minute: {fix}"
+                            "eBPF datapath dropped or delayed connections in the last minute: {fix}"
                         );
                     }
                 }

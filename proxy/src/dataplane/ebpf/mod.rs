@@ -97,6 +97,9 @@ impl MapSizes {
             (names::NAT, self.ct.saturating_mul(2)),
             (names::NAT_NEW, (self.ct / 2).max(2048)),
             (names::DIRECT, (self.ct / 4).max(1024)),
+            // A minute of connections that backends close first (HTTP/1.0
+            // style): 131,072 by default, over 2,000 such connections a second.
+            (names::TIME_WAIT, (self.ct / 2).max(1024)),
             (names::FRAGS, 8192),
             (names::SOCK_REV, self.ct),
             (names::AFFINITY, self.affinity),

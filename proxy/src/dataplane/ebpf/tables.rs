@@ -346,7 +346,7 @@ impl Table<RangeKey, u8> for KernelRanges {
 
 /// In-memory tables with a log of every operation.
 pub mod memory {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
     use std::fmt::Debug;
     use std::sync::{Arc, Mutex};
 
@@ -364,81 +364,96 @@ pub mod memory {
         /// States a lookup could have seen with a frontend whose slots or
         /// backends were missing, checked after every operation.
         pub violations: Vec<String>,
+        /// Entries the checks looked at: they look at what an operation
+        /// could break, not at every entry (a render of 10,000 Services
+        /// is tens of thousands of operations).
+        pub checked: usize,
     }
-
-    type Check = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
     pub type Shared = Arc<Mutex<State>>;
 
+    type Entries<K, V> = Arc<Mutex<BTreeMap<K, V>>>;
+
+    /// What must hold after an operation on a table, given that it held
+    /// before: (the maps, "put" | "delete", the keys) -> the violations
+    /// and the entries looked at.
+    type Check<K> = fn(&MemoryMaps, &'static str, &[K]) -> (Vec<String>, usize);
+
     pub struct MemoryTable<K, V> {
         name: &'static str,
-        state: Shared,
-        check: Check,
-        /// The entries, keyed by their printed key (keys need no Ord).
-        typed: Arc<Mutex<BTreeMap<String, (K, V)>>>,
+        maps: MemoryMaps,
+        check: Check<K>,
+        entries: Entries<K, V>,
     }
 
-    fn key_of<K: Debug>(k: &K) -> String {
-        format!("{k:?}")
-    }
-
-    impl<K: Copy + Debug, V: Copy> MemoryTable<K, V> {
+    impl<K: Copy + Ord, V: Copy> MemoryTable<K, V> {
         fn put_inner(&mut self, entries: &[(K, V)]) -> Result<(), PutError> {
-            let mut st = self.state.lock().unwrap();
+            let mut st = self.maps.state.lock().unwrap();
             st.log.push((self.name, "put", entries.len()));
             let cap = st.capacity.get(self.name).copied().unwrap_or(usize::MAX);
-            let mut typed = self.typed.lock().unwrap();
+            let mut map = self.entries.lock().unwrap();
             for (i, (k, v)) in entries.iter().enumerate() {
-                let key = key_of(k);
-                if !typed.contains_key(&key) && typed.len() >= cap {
+                if !map.contains_key(k) && map.len() >= cap {
                     return Err(PutError {
                         written: i,
                         error: TableError::Full { map: self.name },
                     });
                 }
-                typed.insert(key, (*k, *v));
+                map.insert(*k, *v);
             }
             Ok(())
         }
 
-        fn after(&self) {
-            if let Some(v) = (self.check)() {
-                self.state.lock().unwrap().violations.push(v);
-            }
+        fn after(&self, op: &'static str, keys: &[K]) {
+            let (violations, looked_at) = (self.check)(&self.maps, op, keys);
+            let mut st = self.maps.state.lock().unwrap();
+            st.checked += looked_at;
+            st.violations.extend(violations);
         }
     }
 
-    impl<K: Copy + Debug + Send + 'static, V: Copy + Debug + Send + 'static> Table<K, V>
-        for MemoryTable<K, V>
+    impl<K, V> Table<K, V> for MemoryTable<K, V>
+    where
+        K: Copy + Ord + Debug + Send + 'static,
+        V: Copy + Debug + Send + 'static,
     {
         fn name(&self) -> &'static str {
             self.name
         }
         fn dump(&self) -> Result<Vec<(K, V)>, TableError> {
-            Ok(self.typed.lock().unwrap().values().copied().collect())
+            Ok(self
+                .entries
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (*k, *v))
+                .collect())
         }
         fn put(&mut self, entries: &[(K, V)]) -> Result<(), PutError> {
             let result = self.put_inner(entries);
-            self.after();
+            let written = result.as_ref().err().map_or(entries.len(), |e| e.written);
+            let keys: Vec<K> = entries[..written].iter().map(|(k, _)| *k).collect();
+            self.after("put", &keys);
             result
         }
         fn delete(&mut self, keys: &[K]) -> Result<(), TableError> {
             {
-                self.state
+                self.maps
+                    .state
                     .lock()
                     .unwrap()
                     .log
                     .push((self.name, "delete", keys.len()));
-                let mut typed = self.typed.lock().unwrap();
+                let mut map = self.entries.lock().unwrap();
                 for k in keys {
-                    typed.remove(&key_of(k));
+                    map.remove(k);
                 }
             }
-            self.after();
+            self.after("delete", keys);
             Ok(())
         }
         fn capacity(&self) -> u32 {
-            let st = self.state.lock().unwrap();
+            let st = self.maps.state.lock().unwrap();
             st.capacity
                 .get(self.name)
                 .map_or(u32::MAX, |c| (*c).min(u32::MAX as usize) as u32)
@@ -449,72 +464,120 @@ pub mod memory {
     #[derive(Clone, Default)]
     pub struct MemoryMaps {
         pub state: Shared,
-        frontends: Arc<Mutex<BTreeMap<String, (FrontendKey, Frontend)>>>,
-        slots: Arc<Mutex<BTreeMap<String, (SlotKey, u32)>>>,
-        backends: Arc<Mutex<BTreeMap<String, (u32, Backend)>>>,
-        svc_info: Arc<Mutex<BTreeMap<String, (u32, SvcInfo)>>>,
-        src_ranges: Arc<Mutex<BTreeMap<String, (RangeKey, u8)>>>,
+        frontends: Entries<FrontendKey, Frontend>,
+        slots: Entries<SlotKey, u32>,
+        backends: Entries<u32, Backend>,
+        svc_info: Entries<u32, SvcInfo>,
+        src_ranges: Entries<RangeKey, u8>,
+    }
+
+    // What a lookup must never see: a frontend whose group lacks a slot,
+    // or a slot whose backend is missing. Each check looks at what its
+    // operation could break.
+
+    /// Written frontends: their slots and those slots' backends exist.
+    fn check_frontends(
+        m: &MemoryMaps,
+        op: &'static str,
+        keys: &[FrontendKey],
+    ) -> (Vec<String>, usize) {
+        let mut out = Vec::new();
+        let mut looked = 0;
+        if op != "put" {
+            return (out, looked);
+        }
+        let fes = m.frontends.lock().unwrap();
+        let slots = m.slots.lock().unwrap();
+        let backends = m.backends.lock().unwrap();
+        for k in keys {
+            let Some(f) = fes.get(k) else { continue };
+            for slot in 0..f.count {
+                looked += 1;
+                match slots.get(&SlotKey {
+                    group: f.group,
+                    slot,
+                }) {
+                    None => out.push(format!("{k:?}: slot {slot} of group {} missing", f.group)),
+                    Some(id) if !backends.contains_key(id) => {
+                        out.push(format!("{k:?}: backend {id} missing"))
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        (out, looked)
+    }
+
+    /// Written slots: their backends exist. Deleted slots: no frontend
+    /// counts them.
+    fn check_slots(m: &MemoryMaps, op: &'static str, keys: &[SlotKey]) -> (Vec<String>, usize) {
+        let mut out = Vec::new();
+        let mut looked = 0;
+        if op == "put" {
+            let slots = m.slots.lock().unwrap();
+            let backends = m.backends.lock().unwrap();
+            for k in keys {
+                looked += 1;
+                if let Some(id) = slots.get(k).filter(|id| !backends.contains_key(id)) {
+                    out.push(format!("slot {}/{}: backend {id} missing", k.group, k.slot));
+                }
+            }
+        } else if !keys.is_empty() {
+            let gone: BTreeSet<(u32, u32)> = keys.iter().map(|k| (k.group, k.slot)).collect();
+            let fes = m.frontends.lock().unwrap();
+            for (k, f) in fes.iter() {
+                looked += 1;
+                if let Some((_, slot)) = gone.range((f.group, 0)..(f.group, f.count)).next() {
+                    out.push(format!("{k:?}: slot {slot} of group {} missing", f.group));
+                }
+            }
+        }
+        (out, looked)
+    }
+
+    /// Deleted backends: no slot points at them.
+    fn check_backends(m: &MemoryMaps, op: &'static str, keys: &[u32]) -> (Vec<String>, usize) {
+        let mut out = Vec::new();
+        let mut looked = 0;
+        if op == "delete" && !keys.is_empty() {
+            let gone: BTreeSet<u32> = keys.iter().copied().collect();
+            for (k, id) in m.slots.lock().unwrap().iter() {
+                looked += 1;
+                if gone.contains(id) {
+                    out.push(format!("slot {}/{}: backend {id} missing", k.group, k.slot));
+                }
+            }
+        }
+        (out, looked)
+    }
+
+    fn no_check<K>(_: &MemoryMaps, _: &'static str, _: &[K]) -> (Vec<String>, usize) {
+        (Vec::new(), 0)
     }
 
     impl MemoryMaps {
-        /// A frontend whose group lacks a slot, or a slot whose backend is
-        /// missing: what a lookup must never see.
-        fn check(&self) -> Check {
-            let (fes, slots, backends) = (
-                self.frontends.clone(),
-                self.slots.clone(),
-                self.backends.clone(),
-            );
-            Arc::new(move || {
-                let slots = slots.lock().unwrap();
-                let backends = backends.lock().unwrap();
-                let slot_of: BTreeMap<(u32, u32), u32> = slots
-                    .values()
-                    .map(|(k, v)| ((k.group, k.slot), *v))
-                    .collect();
-                let ids: std::collections::BTreeSet<u32> =
-                    backends.values().map(|(id, _)| *id).collect();
-                for (k, f) in fes.lock().unwrap().values() {
-                    for slot in 0..f.count {
-                        match slot_of.get(&(f.group, slot)) {
-                            None => {
-                                return Some(format!(
-                                    "{k:?}: slot {slot} of group {} missing",
-                                    f.group
-                                ))
-                            }
-                            Some(id) if !ids.contains(id) => {
-                                return Some(format!("{k:?}: backend {id} missing"))
-                            }
-                            Some(_) => {}
-                        }
-                    }
-                }
-                None
-            })
-        }
-
         fn table<K, V>(
             &self,
             name: &'static str,
-            typed: &Arc<Mutex<BTreeMap<String, (K, V)>>>,
+            entries: &Entries<K, V>,
+            check: Check<K>,
         ) -> Box<MemoryTable<K, V>> {
             Box::new(MemoryTable {
                 name,
-                state: self.state.clone(),
-                check: self.check(),
-                typed: typed.clone(),
+                maps: self.clone(),
+                check,
+                entries: entries.clone(),
             })
         }
 
         pub fn tables(&self) -> Tables {
             use proxy_common::maps as n;
             Tables {
-                frontends: self.table(n::FRONTENDS, &self.frontends),
-                slots: self.table(n::SLOTS, &self.slots),
-                backends: self.table(n::BACKENDS, &self.backends),
-                svc_info: self.table(n::SVC_INFO, &self.svc_info),
-                src_ranges: self.table(n::SRC_RANGES, &self.src_ranges),
+                frontends: self.table(n::FRONTENDS, &self.frontends, check_frontends),
+                slots: self.table(n::SLOTS, &self.slots, check_slots),
+                backends: self.table(n::BACKENDS, &self.backends, check_backends),
+                svc_info: self.table(n::SVC_INFO, &self.svc_info, no_check),
+                src_ranges: self.table(n::SRC_RANGES, &self.src_ranges, no_check),
             }
         }
 
@@ -524,6 +587,11 @@ pub mod memory {
 
         pub fn violations(&self) -> Vec<String> {
             self.state.lock().unwrap().violations.clone()
+        }
+
+        /// Entries the checks have looked at so far.
+        pub fn checked(&self) -> usize {
+            self.state.lock().unwrap().checked
         }
 
         /// Takes the operations logged so far.
@@ -543,28 +611,32 @@ pub mod memory {
         }
 
         pub fn svc_info(&self) -> Vec<(u32, SvcInfo)> {
-            self.svc_info.lock().unwrap().values().copied().collect()
+            pairs(&self.svc_info)
         }
 
         pub fn src_ranges(&self) -> Vec<RangeKey> {
-            self.src_ranges
-                .lock()
-                .unwrap()
-                .values()
-                .map(|(k, _)| *k)
-                .collect()
+            self.src_ranges.lock().unwrap().keys().copied().collect()
         }
 
         pub fn frontends(&self) -> Vec<(FrontendKey, Frontend)> {
-            self.frontends.lock().unwrap().values().copied().collect()
+            pairs(&self.frontends)
         }
 
         pub fn slots(&self) -> Vec<(SlotKey, u32)> {
-            self.slots.lock().unwrap().values().copied().collect()
+            pairs(&self.slots)
         }
 
         pub fn backends(&self) -> Vec<(u32, Backend)> {
-            self.backends.lock().unwrap().values().copied().collect()
+            pairs(&self.backends)
         }
+    }
+
+    fn pairs<K: Copy, V: Copy>(entries: &Entries<K, V>) -> Vec<(K, V)> {
+        entries
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect()
     }
 }

@@ -234,3 +234,88 @@ fn lookups_never_see_a_frontend_without_its_backends() {
         "nothing left after the last Service"
     );
 }
+
+#[test]
+fn the_fake_sees_each_way_a_lookup_can_break() {
+    use proxy_common::{Backend, Frontend, FrontendKey, SlotKey};
+    let fake = MemoryMaps::default();
+    let mut t = fake.tables();
+    let key = FrontendKey {
+        ip: 1,
+        port: 80,
+        proto: 6,
+        scope: 0,
+    };
+    let fe = Frontend {
+        group: 1,
+        count: 1,
+        svc_id: 1,
+        affinity_secs: 0,
+        flags: 0,
+        kind: 0,
+        _pad: [0; 2],
+    };
+    let slot = SlotKey { group: 1, slot: 0 };
+    let backend = Backend {
+        ip: 2,
+        port: 8080,
+        flags: 0,
+        _pad: 0,
+    };
+    // A frontend before its slot.
+    t.frontends.put(&[(key, fe)]).unwrap();
+    assert_eq!(fake.violations().len(), 1, "{:?}", fake.violations());
+    // A slot before its backend.
+    t.slots.put(&[(slot, 7)]).unwrap();
+    assert_eq!(fake.violations().len(), 2, "{:?}", fake.violations());
+    t.backends.put(&[(7, backend)]).unwrap();
+    t.slots.put(&[(slot, 7)]).unwrap();
+    t.frontends.put(&[(key, fe)]).unwrap();
+    assert_eq!(fake.violations().len(), 2, "a complete group is fine");
+    // A slot deleted while a frontend counts it.
+    t.slots.delete(&[slot]).unwrap();
+    assert_eq!(fake.violations().len(), 3, "{:?}", fake.violations());
+    t.slots.put(&[(slot, 7)]).unwrap();
+    // A backend deleted while a slot points at it.
+    t.backends.delete(&[7]).unwrap();
+    assert_eq!(fake.violations().len(), 4, "{:?}", fake.violations());
+}
+
+#[test]
+fn the_fakes_checks_cost_what_the_operations_wrote() {
+    // `kproxy render --proxy-mode ebpf` runs the writer over the fake: a
+    // check of every entry after every operation made 10,000 Services a
+    // quadratic affair (over 11 minutes).
+    let ports: Vec<ServicePort> = (0..2000u32)
+        .map(|i| {
+            let eps = (0..10u32)
+                .map(|j| {
+                    let n = i * 10 + j;
+                    ep(&format!("10.128.{}.{}", n / 256, n % 256), 8080, false)
+                })
+                .collect();
+            let vip = std::net::Ipv4Addr::from(0x0a60_0001 + i).to_string();
+            svc(
+                "bench",
+                &format!("svc-{i}"),
+                "",
+                Protocol::Tcp,
+                &vip,
+                80,
+                eps,
+            )
+        })
+        .collect();
+    let fake = MemoryMaps::default();
+    let mut w = Writer::over(fake.tables(), None).unwrap();
+    sync(&mut w, &state(vec![]), &state(ports), true);
+    let (frontends, slots, backends, _, _) = fake.lens();
+    assert_eq!((frontends, slots, backends), (2000, 20_000, 20_000));
+    assert_eq!(fake.violations(), Vec::<String>::new());
+    assert!(
+        fake.checked() <= 2 * (frontends + slots),
+        "the checks looked at {} entries for {} written",
+        fake.checked(),
+        frontends + slots + backends
+    );
+}

@@ -961,6 +961,125 @@ async fn idle_for_ten_minutes_with_default_keepalives() {
     assert_eq!(env.server.port_forwards_idle_cut(), 0);
 }
 
+// ---------------------------------------------------------------- the API connections
+
+/// The port-forward upgrades carry kube's credentials on kproxy's own
+/// connections: here a token from an exec plugin (kube's refreshable
+/// token), which the API server checks on every port-forward request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_forwards_carry_the_exec_plugins_token_over_websocket() {
+    port_forwards_carry_the_exec_plugins_token(Env::with("websocket").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_forwards_carry_the_exec_plugins_token_over_spdy() {
+    port_forwards_carry_the_exec_plugins_token(Env::with("spdy").await).await;
+}
+
+async fn port_forwards_carry_the_exec_plugins_token(env: Env) {
+    use std::os::unix::fs::PermissionsExt;
+    let plugin = env.dir.path().join("credential-plugin");
+    std::fs::write(
+        &plugin,
+        "#!/bin/sh\necho '{\"apiVersion\":\"client.authentication.k8s.io/v1\",\"kind\":\"ExecCredential\",\"status\":{\"token\":\"from-the-plugin\"}}'\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let kubeconfig = std::fs::read_to_string(&env.kubeconfig).unwrap().replace(
+        "    token: kproxy-test\n",
+        &format!(
+            "    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      command: {}\n      interactiveMode: Never\n",
+            plugin.display()
+        ),
+    );
+    assert!(kubeconfig.contains("exec:"), "{kubeconfig}");
+    std::fs::write(&env.kubeconfig, kubeconfig).unwrap();
+    // The control: a server that wants another token turns it away.
+    env.server.require_port_forward_token(Some("another"));
+    let port = echo_server().await;
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    let mut kp = env.forward(&["pod/web", &format!(":{port}")]);
+    let local = kp.local_port().await;
+    assert!(roundtrip(local, b"x").await.is_err());
+    kp.wait_stderr("(401): Unauthorized").await;
+    env.server
+        .require_port_forward_token(Some("from-the-plugin"));
+    for i in 0..3u8 {
+        assert_eq!(roundtrip(local, &[i; 100]).await.unwrap(), vec![i; 100]);
+    }
+}
+
+/// A TCP proxy in front of the API server that closes a connection on
+/// which nothing arrives within `idle` (a load balancer's idle timeout);
+/// returns its port and how many connections it closed so.
+async fn idle_closing_proxy(
+    upstream: std::net::SocketAddr,
+    idle: Duration,
+) -> (u16, Arc<std::sync::atomic::AtomicU64>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let closed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = closed.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = l.accept().await {
+            let closed = counter.clone();
+            tokio::spawn(async move {
+                let mut first = vec![0u8; 64 * 1024];
+                let n = match tokio::time::timeout(idle, client.read(&mut first)).await {
+                    Ok(Ok(n)) if n > 0 => n,
+                    Ok(_) => return,
+                    Err(_) => {
+                        closed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        return;
+                    }
+                };
+                let Ok(mut server) = TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                if server.write_all(&first[..n]).await.is_ok() {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    (port, closed)
+}
+
+/// kproxy keeps an API server connection ready for the next local
+/// connection; one closed meanwhile (here by a load balancer's idle
+/// timeout) is replaced at once: the connection goes through, and no
+/// reconnect is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ready_api_connection_closed_while_idle_is_replaced() {
+    let env = Env::with("websocket").await;
+    let (lb, closed) = idle_closing_proxy(env.server.addr(), Duration::from_millis(300)).await;
+    let kubeconfig = std::fs::read_to_string(&env.kubeconfig)
+        .unwrap()
+        .replace(&env.server.url(), &format!("http://127.0.0.1:{lb}"));
+    std::fs::write(&env.kubeconfig, kubeconfig).unwrap();
+    let port = echo_server().await;
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    let mut kp = env.forward(&["pod/web", &format!(":{port}")]);
+    let local = kp.local_port().await;
+    eventually(DEADLINE, "the idle connection closed by the proxy", || {
+        (closed.load(std::sync::atomic::Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
+    assert_eq!(roundtrip(local, b"after").await.unwrap(), b"after");
+    assert_eq!(roundtrip(local, b"again").await.unwrap(), b"again");
+    let stderr = kp.stderr_text();
+    assert!(
+        !stderr.contains("lost the connection to the API server"),
+        "{stderr}"
+    );
+    kp.signal(libc::SIGINT);
+    assert!(kp.wait_exit().await.success());
+    kp.wait_stderr("2 connections, 10 bytes in, 10 bytes out, 0 errors")
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forbidden_port_forward_fails_that_connection_only() {
     let env = Env::new().await;

@@ -9,11 +9,10 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use clap::ValueEnum;
-use kube::Client;
-
+use super::apiconn::ApiConn;
 use super::spdy::Session;
 use super::upgrade::{self, Io, UpgradeError};
+use clap::ValueEnum;
 
 /// Which protocol `kproxy forward` speaks to the API server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -42,7 +41,7 @@ pub enum Opened {
 }
 
 pub struct Dialer {
-    client: Client,
+    api: ApiConn,
     namespace: String,
     transport: Transport,
     keepalive: Duration,
@@ -54,14 +53,9 @@ pub struct Dialer {
 }
 
 impl Dialer {
-    pub fn new(
-        client: Client,
-        namespace: String,
-        transport: Transport,
-        keepalive: Duration,
-    ) -> Self {
+    pub fn new(api: ApiConn, namespace: String, transport: Transport, keepalive: Duration) -> Self {
         Dialer {
-            client,
+            api,
             namespace,
             transport,
             keepalive,
@@ -89,7 +83,7 @@ impl Dialer {
         if self.spdy_now() {
             return self.spdy(pod).await;
         }
-        let ws_err = match upgrade::websocket(&self.client, &self.namespace, pod, &[port]).await {
+        let ws_err = match upgrade::websocket(&self.api, &self.namespace, pod, &[port]).await {
             Ok((io, v5)) => return Ok(Opened::WebSocket { io, v5 }),
             Err(e) => e,
         };
@@ -132,7 +126,7 @@ impl Dialer {
         let session = match &*current {
             Some((p, s)) if p == pod && s.is_usable() => s.clone(),
             _ => {
-                let io = upgrade::spdy(&self.client, &self.namespace, pod).await?;
+                let io = upgrade::spdy(&self.api, &self.namespace, pod).await?;
                 let s = Session::client(io, self.keepalive);
                 *current = Some((pod.to_string(), s.clone()));
                 s

@@ -4,6 +4,7 @@
 //! connection only; a replaced pod is followed (or waited for); a dropped
 //! API connection is re-established; idle streams are kept alive.
 
+pub mod apiconn;
 pub mod cache;
 pub mod channel;
 pub mod dial;
@@ -30,6 +31,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::cli::ForwardArgs;
+use apiconn::ApiConn;
 use dial::{Dialer, Opened};
 use resolve::{ResolveError, Resolved, Resolver};
 use spec::{Kind, PortPair, SpecError};
@@ -100,8 +102,9 @@ enum SetupError {
     Conn(String),
 }
 
-/// The kube client, and the namespace to use.
-async fn client(spec: &ForwardSpec) -> Result<(Client, String), ForwardError> {
+/// The kube client, the port-forward connections (on the same config),
+/// and the namespace to use.
+async fn client(spec: &ForwardSpec) -> Result<(Client, ApiConn, String), ForwardError> {
     let opts = KubeConfigOptions {
         context: spec.context.clone(),
         ..Default::default()
@@ -128,34 +131,11 @@ async fn client(spec: &ForwardSpec) -> Result<(Client, String), ForwardError> {
         .namespace
         .clone()
         .unwrap_or_else(|| config.default_namespace.clone());
-    let client = build_client(config)
-        .map_err(|e| ForwardError::Config(format!("building the Kubernetes client: {e}")))?;
-    Ok((client, ns))
-}
-
-/// kube's client stack, but with TCP_NODELAY: the port-forward streams
-/// carry small interactive frames, which Nagle would hold back for a
-/// delayed ACK (40 ms). With a proxy in the kubeconfig, kube's own stack.
-fn build_client(config: Config) -> Result<Client, kube::Error> {
-    use kube::client::ConfigExt;
-    if config.proxy_url.is_some() {
-        return Client::try_from(config);
-    }
-    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(config.connect_timeout);
-    let https = config.rustls_https_connector_with_connector(http)?;
-    let hyper: hyper_util::client::legacy::Client<_, kube::client::Body> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build(https);
-    let service = tower::ServiceBuilder::new()
-        .layer(config.base_uri_layer())
-        .option_layer(config.auth_layer()?)
-        .layer(config.extra_headers_layer()?)
-        .map_err(tower::BoxError::from)
-        .service(hyper);
-    Ok(Client::new(service, config.default_namespace))
+    let building =
+        |e: kube::Error| ForwardError::Config(format!("building the Kubernetes client: {e}"));
+    let client = Client::try_from(config.clone()).map_err(building)?;
+    let api = ApiConn::new(&config, client.clone()).map_err(building)?;
+    Ok((client, api, ns))
 }
 
 /// State shared by the connections and the target monitor.
@@ -651,13 +631,13 @@ async fn prepare(
         .map(|p| spec::parse_port_pair(p))
         .collect::<Result<Vec<_>, _>>()?;
     let addrs = spec::parse_addresses(&spec.address)?;
-    let (client, ns) = client(spec).await?;
+    let (client, api, ns) = client(spec).await?;
     let keepalive = common.opts.keepalive_interval;
-    let dialer = Dialer::new(client.clone(), ns.clone(), common.transport, keepalive);
+    let dialer = Dialer::new(api.clone(), ns.clone(), common.transport, keepalive);
     let udp = pairs.iter().any(|p| p.protocol == spec::Protocol::Udp);
     let relay_dialer = udp.then(|| {
         Dialer::new(
-            client.clone(),
+            api.clone(),
             common.relay.namespace.clone(),
             common.transport,
             keepalive,
@@ -667,8 +647,10 @@ async fn prepare(
     // Validate before listening: a wrong name, kind, port or permission
     // fails here, with nothing bound.
     let (pod, ports) = resolver.resolve(&pairs).await?;
-    // From now on new connections resolve from a watch cache.
+    // From now on new connections resolve from a watch cache, and the
+    // first one finds an API server connection ready.
     resolver.start_cache();
+    api.warm();
     let listeners = bind_all(&addrs, &pairs)?;
     let mut lines = Vec::new();
     for (l, i) in &listeners {

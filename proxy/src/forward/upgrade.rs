@@ -1,17 +1,19 @@
-//! The HTTP/1.1 upgrade of a port-forward request through the kube client
-//! stack (its auth and TLS): a WebSocket GET (`v4.channel.k8s.io`), or
+//! The HTTP/1.1 upgrade of a port-forward request (on kube's auth and TLS:
+//! [`super::apiconn`]): a WebSocket GET (`v4.channel.k8s.io`), or
 //! kubectl's SPDY POST (`SPDY/3.1`, `portforward.k8s.io`). A refusal keeps
 //! what the caller needs to decide: the status, who answered (the API
 //! server writes a JSON `Status`; the kubelet plain text) and `Retry-After`.
 
 use std::time::Duration;
 
-use axum::http::{header, HeaderValue, Method, Request, StatusCode};
-use http_body_util::BodyExt;
+use axum::http::{header, HeaderValue, Method, Request};
+use bytes::Bytes;
+use http_body_util::Empty;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Status;
-use kube::Client;
+
+use super::apiconn::{Answer, ApiConn};
 
 pub type Io = TokioIo<Upgraded>;
 
@@ -51,56 +53,41 @@ impl UpgradeError {
 
 /// Sends `req` and waits for the 101 and the upgraded connection.
 async fn upgrade(
-    client: &Client,
-    req: Request<Vec<u8>>,
+    api: &ApiConn,
+    req: Request<Empty<Bytes>>,
 ) -> Result<(Io, axum::http::HeaderMap), UpgradeError> {
-    let res = client
-        .send(req.map(kube::client::Body::from))
-        .await
-        .map_err(|e| UpgradeError::Transport(e.to_string()))?;
-    let status = res.status();
-    if status != StatusCode::SWITCHING_PROTOCOLS {
-        let retry_after = res
-            .headers()
-            .get(header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        let body = res
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        let text = String::from_utf8_lossy(&body).trim().to_string();
-        let (message, from_kubelet) = match serde_json::from_str::<Status>(&text) {
-            Ok(s) => (s.message.unwrap_or_default(), false),
-            Err(_) => (text, true),
-        };
-        let message = if message.is_empty() {
-            status.canonical_reason().unwrap_or("error").to_string()
-        } else {
-            message
-        };
-        return Err(UpgradeError::Refused {
-            status: status.as_u16(),
-            message,
-            from_kubelet,
-            retry_after,
-        });
-    }
-    let headers = res.headers().clone();
-    let upgraded = hyper::upgrade::on(res)
-        .await
-        .map_err(|e| UpgradeError::Transport(format!("upgrading the connection: {e}")))?;
-    Ok((TokioIo::new(upgraded), headers))
+    let (status, headers, body) = match api.upgrade(req).await? {
+        Answer::Upgraded(io, headers) => return Ok((io, headers)),
+        Answer::Refused(status, headers, body) => (status, headers, body),
+    };
+    let retry_after = headers
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let text = String::from_utf8_lossy(&body).trim().to_string();
+    let (message, from_kubelet) = match serde_json::from_str::<Status>(&text) {
+        Ok(s) => (s.message.unwrap_or_default(), false),
+        Err(_) => (text, true),
+    };
+    let message = if message.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        message
+    };
+    Err(UpgradeError::Refused {
+        status: status.as_u16(),
+        message,
+        from_kubelet,
+        retry_after,
+    })
 }
 
 /// A WebSocket port-forward of `ports` of `pod` (channel protocol: v5
 /// offered first, v4 as real servers negotiate). Returns the upgraded connection and
 /// whether v5 (half-close) was negotiated.
 pub async fn websocket(
-    client: &Client,
+    api: &ApiConn,
     namespace: &str,
     pod: &str,
     ports: &[u16],
@@ -118,9 +105,9 @@ pub async fn websocket(
         .header(header::SEC_WEBSOCKET_VERSION, "13")
         .header(header::SEC_WEBSOCKET_KEY, &key)
         .header(header::SEC_WEBSOCKET_PROTOCOL, format!("{V5}, {V4}"))
-        .body(Vec::new())
+        .body(Empty::new())
         .map_err(|e| UpgradeError::Protocol(e.to_string()))?;
-    let (io, headers) = upgrade(client, req).await?;
+    let (io, headers) = upgrade(api, req).await?;
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     if headers.get(header::SEC_WEBSOCKET_ACCEPT) != HeaderValue::from_str(&accept).ok().as_ref() {
         return Err(UpgradeError::Protocol(
@@ -145,7 +132,7 @@ pub async fn websocket(
 
 /// kubectl's SPDY port-forward: a POST upgraded to `SPDY/3.1` with
 /// `X-Stream-Protocol-Version: portforward.k8s.io` (ports go in the streams).
-pub async fn spdy(client: &Client, namespace: &str, pod: &str) -> Result<Io, UpgradeError> {
+pub async fn spdy(api: &ApiConn, namespace: &str, pod: &str) -> Result<Io, UpgradeError> {
     let req = Request::builder()
         .method(Method::POST)
         .uri(format!(
@@ -154,9 +141,9 @@ pub async fn spdy(client: &Client, namespace: &str, pod: &str) -> Result<Io, Upg
         .header(header::CONNECTION, "Upgrade")
         .header(header::UPGRADE, SPDY)
         .header("X-Stream-Protocol-Version", PORT_FORWARD_PROTOCOL)
-        .body(Vec::new())
+        .body(Empty::new())
         .map_err(|e| UpgradeError::Protocol(e.to_string()))?;
-    let (io, headers) = upgrade(client, req).await?;
+    let (io, headers) = upgrade(api, req).await?;
     let chosen = headers
         .get("X-Stream-Protocol-Version")
         .and_then(|v| v.to_str().ok())

@@ -278,6 +278,13 @@ impl TestApiServer {
         self.shared.port_forward_faults.set_setup_delay(delay);
     }
 
+    /// Authentication for port-forwards: a request without
+    /// `Authorization: Bearer TOKEN` is answered 401 Unauthorized, as the
+    /// API server answers an unauthenticated one (None: anything goes).
+    pub fn require_port_forward_token(&self, token: Option<&str>) {
+        self.shared.port_forward_faults.require_token(token);
+    }
+
     /// Port-forward requests (upgrades) received so far.
     pub fn port_forward_requests(&self) -> u64 {
         self.shared.port_forward_faults.requests()

@@ -110,6 +110,8 @@ pub struct Faults {
     throttle: AtomicU64,
     /// A delay before each port-forward request is answered.
     setup_delay: Mutex<Option<Duration>>,
+    /// The bearer token a port-forward request must carry (else 401).
+    required_token: Mutex<Option<String>>,
     requests: AtomicU64,
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
@@ -128,6 +130,7 @@ impl Default for Faults {
             unknown_to_kubelet: Mutex::new(HashSet::new()),
             throttle: AtomicU64::new(0),
             setup_delay: Mutex::new(None),
+            required_token: Mutex::new(None),
             requests: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             max_in_flight: AtomicU64::new(0),
@@ -165,6 +168,9 @@ impl Faults {
     }
     pub fn set_setup_delay(&self, d: Option<Duration>) {
         *lock(&self.setup_delay) = d;
+    }
+    pub fn require_token(&self, token: Option<&str>) {
+        *lock(&self.required_token) = token.map(str::to_string);
     }
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
@@ -293,6 +299,24 @@ where
 
 fn handle(pod: Arc<Value>, req: Request, dialer: Dialer, faults: Arc<Faults>) -> Response {
     let name = pod["metadata"]["name"].as_str().unwrap_or("").to_string();
+    // The API server's authentication: a request without the token is
+    // anonymous, and turned away before anything else.
+    if let Some(token) = lock(&faults.required_token).as_deref() {
+        let bearer = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if bearer != Some(token) {
+            let status = crate::store::ApiError::new(401, "Unauthorized", "Unauthorized").status();
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::CONTENT_TYPE, "application/json")],
+                status.to_string(),
+            )
+                .into_response();
+        }
+    }
     // API priority and fairness turning the request away.
     if faults
         .throttle

@@ -20,7 +20,7 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{header, StatusCode};
 use axum::response::Response;
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -29,6 +29,11 @@ use tokio::sync::mpsc;
 use super::{header_values, kubelet_error, spawn_stream, Activity, Dialer, Faults};
 
 pub(super) const PROTOCOL: &str = "portforward.k8s.io";
+/// Largest chunk read from a pod connection into one data frame.
+const CHUNK: usize = 128 * 1024;
+/// The buffer frames are cut from (a new one when the frames cut from the
+/// last are still queued).
+const BATCH: usize = 1024 * 1024;
 /// containerd's grace for the second direction once the first ended.
 const RUNTIME_GRACE: Duration = Duration::from_secs(1);
 
@@ -230,23 +235,23 @@ impl Zlib {
     }
 }
 
-fn control(kind: u16, flags: u8, body: &[u8]) -> Vec<u8> {
+fn control(kind: u16, flags: u8, body: &[u8]) -> Bytes {
     let mut f = Vec::with_capacity(8 + body.len());
     f.extend_from_slice(&[0x80, 3]);
     f.extend_from_slice(&kind.to_be_bytes());
     f.push(flags);
     f.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
     f.extend_from_slice(body);
-    f
+    f.into()
 }
 
-fn data(id: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
+fn data(id: u32, flags: u8, payload: &[u8]) -> Bytes {
     let mut f = Vec::with_capacity(8 + payload.len());
     f.extend_from_slice(&id.to_be_bytes());
     f.push(flags);
     f.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
     f.extend_from_slice(payload);
-    f
+    f.into()
 }
 
 // ---------------------------------------------------------------- session
@@ -286,7 +291,7 @@ where
     };
     // One writer; frames are already encoded (the compressor lives here,
     // on the reading side, as replies are its only header blocks).
-    let (out, mut out_rx) = mpsc::channel::<Vec<u8>>(64);
+    let (out, mut out_rx) = mpsc::channel::<Bytes>(64);
     let writer_activity = activity.clone();
     // Every task of the session lives in this set: a cut (dropping this
     // future) ends them all, the connection with them.
@@ -426,7 +431,7 @@ async fn forward(
     mut e: Half,
     addr: SocketAddr,
     dialer: Dialer,
-    out: mpsc::Sender<Vec<u8>>,
+    out: mpsc::Sender<Bytes>,
     streams: Arc<Mutex<HashMap<u32, mpsc::Sender<Ev>>>>,
 ) {
     let conn = dialer(addr).await;
@@ -456,18 +461,24 @@ async fn forward(
                 }
             };
             let from_pod = async {
+                // Frames are cut from one buffer, each read in place
+                // behind its header; the buffer's room is used again once
+                // the writer has sent the frames cut from it (no
+                // allocation per read).
+                let mut buf = BytesMut::new();
                 loop {
-                    // The frame header, then the payload read in place.
-                    let mut buf = Vec::with_capacity(8 + 128 * 1024);
-                    buf.extend_from_slice(&[0; 8]);
-                    let n = match pr.read_buf(&mut buf).await {
+                    if !buf.try_reclaim(8 + CHUNK) {
+                        buf = BytesMut::with_capacity(BATCH);
+                    }
+                    buf.put_bytes(0, 8);
+                    let n = match pr.read_buf(&mut (&mut buf).limit(CHUNK)).await {
                         Ok(0) | Err(_) => return,
                         Ok(n) => n,
                     };
                     buf[..4].copy_from_slice(&d_id.to_be_bytes());
                     buf[4] = 0;
                     buf[5..8].copy_from_slice(&(n as u32).to_be_bytes()[1..]);
-                    if out.send(buf).await.is_err() {
+                    if out.send(buf.split().freeze()).await.is_err() {
                         return;
                     }
                 }

@@ -196,17 +196,24 @@ impl Direct {
         });
     }
 
-    /// The spare connection if there is a fresh one (and a new spare on
-    /// its way).
-    fn take_spare(self: &Arc<Self>) -> Option<Stream> {
-        let spare = lock(&self.spare).take();
-        self.refill();
-        spare
+    /// The spare connection if there is a fresh one.
+    fn take_spare(&self) -> Option<Stream> {
+        lock(&self.spare)
+            .take()
             .filter(|(made, _)| made.elapsed() < SPARE_MAX_AGE)
             .map(|(_, s)| s)
     }
 
     async fn upgrade(self: &Arc<Self>, req: Request<Empty<Bytes>>) -> Result<Answer, UpgradeError> {
+        let answer = self.upgrade_once(req).await;
+        // The next spare is connected once this upgrade is answered, so
+        // that its connect (and the server's accept) does not compete
+        // with this one.
+        self.refill();
+        answer
+    }
+
+    async fn upgrade_once(&self, req: Request<Empty<Bytes>>) -> Result<Answer, UpgradeError> {
         let prepared = self
             .layers
             .clone()

@@ -213,7 +213,11 @@ pub struct Flow {
     /// One of [`ct_state`].
     pub state: u8,
     pub flags: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// The sequence number just past the client's FIN, once one was seen:
+    /// a backend FIN that acknowledges it is a passive close (no TIME_WAIT
+    /// at the backend).
+    pub client_fin_end: u32,
 }
 
 /// NAT index: a tuple on the backend side leads to its flow. Two kinds of

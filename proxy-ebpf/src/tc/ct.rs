@@ -6,10 +6,11 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray};
+use aya_ebpf::programs::TcContext;
 use proxy_common::ct_state::*;
 use proxy_common::*;
 
-use super::packet::{Pkt, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+use super::packet::{Pkt, ETH_HLEN, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::NS_PER_SEC;
 
 // Sizes are placeholders: userspace sets them from --bpf-ct-map-max.
@@ -84,6 +85,17 @@ pub fn key_in(key: &Tuple, f: &Flow) -> Tuple {
     key_out(key, f).nat_in()
 }
 
+/// The 4-tuple of a flow as its backend sees it, in NAT key form: with
+/// SNAT the client is left out (the node address stands for it).
+#[inline(always)]
+pub fn backend_side(key: &Tuple, f: &Flow) -> Tuple {
+    if f.flags & FLOW_SNAT != 0 {
+        key_in(key, f)
+    } else {
+        key_out(key, f)
+    }
+}
+
 /// Removes a flow and the NAT entries that point at it.
 #[inline(always)]
 pub fn flow_remove(key: &Tuple, f: &Flow) {
@@ -115,7 +127,7 @@ fn remove_nat_of(nat: &Tuple, flow: &Tuple) {
 /// or from the backend; refreshes its time. Promotes it to the assured tier
 /// when it becomes established (TCP) or a stream (UDP).
 #[inline(always)]
-pub fn track(key: &Tuple, f: *mut Flow, p: &Pkt, from_client: bool) {
+pub fn track(ctx: &TcContext, key: &Tuple, f: *mut Flow, p: &Pkt, from_client: bool) {
     let t = now();
     // SAFETY: `f` points into a map value; concurrent writers only race on
     // these plain fields, which at worst delays a state change by a packet.
@@ -125,17 +137,23 @@ pub fn track(key: &Tuple, f: *mut Flow, p: &Pkt, from_client: bool) {
     if p.proto == PROTO_TCP {
         let fl_bits = p.tcp_flags;
         if fl_bits & TCP_RST != 0 {
+            if from_client && old == TCP_SYN_SENT {
+                // A reset of a SYN that the backend answered from TIME_WAIT
+                // (with an ACK) ends that TIME_WAIT: the client's next SYN
+                // may take this 4-tuple again.
+                let _ = TIME_WAIT.remove(&backend_side(key, fl));
+            }
             state = TCP_CLOSED;
         } else if fl_bits & TCP_FIN != 0 {
-            if !from_client && fl.flags & FLOW_FIN_CLIENT == 0 {
-                // The backend closes first: its 4-tuple stays in TIME_WAIT
-                // there after the flow is gone (see port::claim).
-                let tw = if fl.flags & FLOW_SNAT != 0 {
-                    key_in(key, fl)
-                } else {
-                    key_out(key, fl)
-                };
-                let _ = TIME_WAIT.insert(&tw, &t, 0);
+            if from_client {
+                if fl.flags & FLOW_FIN_CLIENT == 0 {
+                    fl.client_fin_end = fin_end(ctx, p);
+                }
+            } else if fl.flags & FLOW_FIN_BACKEND == 0 && !acks_client_fin(ctx, p, fl) {
+                // The backend closes actively (first, or at the same time as
+                // the client): its 4-tuple stays in TIME_WAIT there after
+                // the flow is gone (see port::claim).
+                let _ = TIME_WAIT.insert(&backend_side(key, fl), &t, 0);
             }
             fl.flags |= if from_client {
                 FLOW_FIN_CLIENT
@@ -173,6 +191,35 @@ pub fn track(key: &Tuple, f: *mut Flow, p: &Pkt, from_client: bool) {
         // At most once a second: the expiry is counted in seconds, and
         // fewer writes keep the cache line quiet on busy flows.
         fl.last_ns = t;
+    }
+}
+
+/// The sequence number just past a client's FIN segment (its data
+/// included); 0 if the header cannot be read.
+#[inline(always)]
+fn fin_end(ctx: &TcContext, p: &Pkt) -> u32 {
+    let (Ok(seq), Ok(total), Ok(doff)) = (
+        ctx.load::<u32>(p.l4 + 4),
+        ctx.load::<u16>(ETH_HLEN + 2),
+        ctx.load::<u8>(p.l4 + 12),
+    ) else {
+        return 0;
+    };
+    let headers = (p.l4 - ETH_HLEN) as u32 + ((doff >> 4) as u32) * 4;
+    let data = (u16::from_be(total) as u32).wrapping_sub(headers);
+    u32::from_be(seq).wrapping_add(data).wrapping_add(1)
+}
+
+/// The backend's FIN acknowledges the client's FIN: the backend had it
+/// before closing (a passive close, which leaves no TIME_WAIT there).
+#[inline(always)]
+fn acks_client_fin(ctx: &TcContext, p: &Pkt, fl: &Flow) -> bool {
+    if fl.flags & FLOW_FIN_CLIENT == 0 || p.tcp_flags & TCP_ACK == 0 {
+        return false;
+    }
+    match ctx.load::<u32>(p.l4 + 8) {
+        Ok(ack) => u32::from_be(ack).wrapping_sub(fl.client_fin_end) as i32 >= 0,
+        Err(_) => false,
     }
 }
 

@@ -69,6 +69,7 @@ fn forward(ctx: &mut TcContext, p: &Pkt, f: &Flow) -> Result<i32, i64> {
 }
 
 /// Records a new flow (a port claimed, an embryonic entry) and forwards.
+/// `prefer`: the nat port to try first (0: the client's own port).
 #[inline(always)]
 fn new_flow(
     ctx: &mut TcContext,
@@ -77,10 +78,11 @@ fn new_flow(
     backend: (u32, u16),
     svc_id: u32,
     flags: u8,
+    prefer: u16,
 ) -> Result<i32, i64> {
     let t = now();
     let snat = flags & FLOW_SNAT != 0;
-    let Some(nat_port) = port::claim(key, backend.0, backend.1, snat) else {
+    let Some(nat_port) = port::claim(key, backend.0, backend.1, snat, prefer) else {
         // No free port: better dropped than sent on a 4-tuple in use.
         return Ok(SHOT);
     };
@@ -101,7 +103,8 @@ fn new_flow(
         last_ns: t,
         state,
         flags,
-        _pad: [0; 6],
+        _pad: [0; 2],
+        client_fin_end: 0,
     };
     if CT_NEW.insert(key, &f, 0).is_err() {
         port::release(key, backend.0, backend.1, nat_port, snat);
@@ -130,11 +133,11 @@ fn direct(ctx: &mut TcContext, p: &Pkt, key: &Tuple) -> Result<i32, i64> {
                 return Ok(OK);
             }
         }
-        return new_flow(ctx, p, key, (p.dst, p.dport), 0, FLOW_PASSTHROUGH);
+        return new_flow(ctx, p, key, (p.dst, p.dport), 0, FLOW_PASSTHROUGH, 0);
     }
     // (The backend side of a flow from this client is its reversed tuple.)
     if port::in_time_wait(&p.reversed()) {
-        return new_flow(ctx, p, key, (p.dst, p.dport), 0, FLOW_PASSTHROUGH);
+        return new_flow(ctx, p, key, (p.dst, p.dport), 0, FLOW_PASSTHROUGH, 0);
     }
     let _ = DIRECT.insert(key, &0, 0);
     Ok(OK)
@@ -163,22 +166,27 @@ fn tc_ingress(ctx: &mut TcContext) -> Result<i32, i64> {
             // SAFETY: copied out at once.
             let snat_ip = unsafe { (*f).snat_ip };
             if snat_ip != 0 && snat_ip == p.dst {
-                track(&v.flow, f, &p, false);
+                track(ctx, &v.flow, f, &p, false);
                 rewrite(ctx, &p, true, v.flow.src, p.dport)?;
                 return Ok(OK);
             }
         }
     }
     let key = p.tuple();
+    let mut prefer = 0;
     if let Some(f) = flow_get(&key) {
         // SAFETY: copied out at once.
         let fl = unsafe { *f };
         if p.bare_syn() && fl.state == TCP_CLOSED {
-            // The client reuses its port for a new connection.
+            // The client reuses its port for a new connection: the old nat
+            // port first (free again unless the backend holds it in
+            // TIME_WAIT; free again too once the client reset a SYN that
+            // met that TIME_WAIT).
             flow_remove(&key, &fl);
+            prefer = fl.nat_port;
         } else {
             // A retransmitted SYN lands here too: it keeps its backend.
-            track(&key, f, &p, true);
+            track(ctx, &key, f, &p, true);
             return forward(ctx, &p, &fl);
         }
     }
@@ -201,7 +209,7 @@ fn tc_ingress(ctx: &mut TcContext) -> Result<i32, i64> {
     if let Some(f) = CT.get_ptr_mut(&key) {
         // SAFETY: copied out at once.
         let fl = unsafe { *f };
-        track(&key, f, &p, true);
+        track(ctx, &key, f, &p, true);
         return forward(ctx, &p, &fl);
     }
     let Some((_, b)) = select(&fe, p.src as u64, now()) else {
@@ -217,7 +225,7 @@ fn tc_ingress(ctx: &mut TcContext) -> Result<i32, i64> {
         || (fe.flags & FE_SNAT_NONLOCAL_IF != 0 && !from_local_if(ctx))
         || p.src == b.ip;
     let flags = if snat { FLOW_SNAT } else { 0 };
-    new_flow(ctx, &p, &key, (b.ip, b.port), fe.svc_id, flags)
+    new_flow(ctx, &p, &key, (b.ip, b.port), fe.svc_id, flags, prefer)
 }
 
 /// The packet arrived on a device of this node's pods (`LOCAL_IFS`).
@@ -265,7 +273,7 @@ fn tc_egress(ctx: &mut TcContext) -> Result<i32, i64> {
             if v.flow.src == p.dst && fl.backend_ip == p.src && fl.backend_port == p.sport {
                 if fl.flags & FLOW_SNAT == 0 {
                     // (SNAT flows were tracked at ingress.)
-                    track(&v.flow, f, &p, false);
+                    track(ctx, &v.flow, f, &p, false);
                 }
                 rewrite(ctx, &p, false, v.flow.dst, v.flow.dport)?;
                 rewrite(ctx, &p, true, p.dst, v.flow.sport)?;

@@ -106,7 +106,8 @@ fn flow(n: u32, state: u8, last_s: u64, snat: bool) -> (Tuple, Flow) {
             last_ns: last_s * SEC,
             state,
             flags: if snat { FLOW_SNAT } else { 0 },
-            _pad: [0; 6],
+            _pad: [0; 2],
+            client_fin_end: 0,
         },
     )
 }

@@ -54,15 +54,15 @@ pub use exec::Backend;
 pub use render::render_full;
 
 use super::{Dataplane, DataplaneConfig, DataplaneError, ProgrammedFrontend, ProxyMode, SyncStats};
-use crate::model::{ChangeSet, DesiredState, ServicePortName};
-use render::{JumpRule, Mode, PortChains, JUMP_RULES};
+use crate::model::{ChangeSet, DesiredState};
+use render::{JumpRule, Mode, Ports, JUMP_RULES};
 
 /// The iptables dataplane.
 pub struct IptablesDataplane {
     config: DataplaneConfig,
     backend: Backend,
     /// Chains written per Service port by the last successful sync.
-    ports: HashMap<ServicePortName, PortChains>,
+    ports: Ports,
     /// Clears UDP conntrack entries whose backend left.
     udp: conntrack::UdpReconciler,
 }

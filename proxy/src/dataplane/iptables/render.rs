@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -46,13 +47,25 @@ pub const JUMP_RULES: &[JumpRule] = &[
 pub const NAT_FIXED: &[&str] = &[SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ];
 pub const FILTER_FIXED: &[&str] = &[SERVICES, EXTERNAL_SERVICES, FORWARD, FIREWALL];
 
-/// What one sync wrote for one Service port: its own chains and a hash of
-/// their content, so the next partial sync can skip it when unchanged.
+/// What one sync rendered for one Service port: its own chains and a hash
+/// of their content, so the next partial sync can skip writing them when
+/// unchanged, and its rules in the fixed chains, which a partial sync that
+/// the port is not part of reuses as they are instead of rendering the port
+/// again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortChains {
     pub hash: u64,
     pub chains: Vec<String>,
+    /// Rules in the fixed chains, in [`Out::fixed`] order.
+    fixed: [String; 5],
+    /// Rules in the port's own chains.
+    own_rules: usize,
+    /// The node-wide inputs they were rendered with ([`ctx_key`]).
+    ctx: u64,
 }
+
+/// Per Service port, what the last sync rendered.
+pub type Ports = HashMap<ServicePortName, Arc<PortChains>>;
 
 /// Which chains to write.
 #[derive(Debug, Clone, Copy)]
@@ -64,10 +77,11 @@ pub enum Mode<'a> {
         stale_filter: &'a [String],
         missing_jumps: &'a [JumpRule],
     },
-    /// Fixed chains plus the chains of Service ports that changed since
-    /// `previous` (by `changes` or by content hash).
+    /// Fixed chains plus the chains of the Service ports in `changes`
+    /// whose content differs from `previous`. Only those ports are
+    /// rendered: the others' rules in the fixed chains come from `previous`.
     Partial {
-        previous: &'a HashMap<ServicePortName, PortChains>,
+        previous: &'a Ports,
         changes: &'a ChangeSet,
     },
 }
@@ -79,7 +93,7 @@ pub struct Rendered {
     /// Rules kproxy owns after this payload, per table (`nat`, `filter`):
     /// (total, written by this payload).
     pub rules: [(&'static str, usize, usize); 2],
-    pub ports: HashMap<ServicePortName, PortChains>,
+    pub ports: Ports,
     pub chains_written: usize,
     pub chains_deleted: usize,
 }
@@ -135,6 +149,48 @@ struct Out {
     filter_firewall: String,
 }
 
+impl Out {
+    /// The fixed chains' text, in the order [`PortChains::fixed`] keeps.
+    fn fixed(&mut self) -> [&mut String; 5] {
+        [
+            &mut self.nat_services,
+            &mut self.nat_nodeports,
+            &mut self.filter_services,
+            &mut self.filter_external,
+            &mut self.filter_firewall,
+        ]
+    }
+
+    fn fixed_lens(&mut self) -> [usize; 5] {
+        self.fixed().map(|s| s.len())
+    }
+
+    /// What was added to the fixed chains since `lens`.
+    fn fixed_since(&mut self, lens: [usize; 5]) -> [String; 5] {
+        let mut i = 0;
+        self.fixed().map(|s| {
+            i += 1;
+            s[lens[i - 1]..].to_string()
+        })
+    }
+
+    fn push_fixed(&mut self, text: &[String; 5]) {
+        for (s, t) in self.fixed().into_iter().zip(text) {
+            s.push_str(t);
+        }
+    }
+}
+
+/// A fingerprint of the node-wide inputs of a port's rules: a change of
+/// them makes a partial sync render every port again.
+fn ctx_key(masquerade_all: bool, local: &[String], nodeport_dsts: &[String]) -> u64 {
+    let mut h = DefaultHasher::new();
+    masquerade_all.hash(&mut h);
+    local.hash(&mut h);
+    nodeport_dsts.hash(&mut h);
+    h.finish()
+}
+
 pub fn render(desired: &DesiredState, config: &DataplaneConfig, mode: Mode<'_>) -> Rendered {
     let n = desired.services.len();
     // Rough sizes: a few hundred bytes per port plus ~150 per endpoint.
@@ -174,16 +230,30 @@ pub fn render(desired: &DesiredState, config: &DataplaneConfig, mode: Mode<'_>) 
         Mode::Full { .. } => HashSet::new(),
     };
 
+    let ctx_key = ctx_key(config.masquerade_all, &local, &nodeport_dsts);
     let mut ports = HashMap::with_capacity(n);
     let mut chains_written = NAT_FIXED.len() + FILTER_FIXED.len();
-    // Rules of port chains rendered but not written (unchanged in a partial sync).
+    // Rules of port chains not written (unchanged in a partial sync).
     let mut unwritten_rules = 0;
     let mut scratch = String::with_capacity(4096);
     let mut chains: Vec<String> = Vec::new();
     for sp in desired.services.values() {
+        if let Mode::Partial { previous, .. } = mode {
+            let unchanged = previous
+                .get(&sp.name)
+                .filter(|p| p.ctx == ctx_key && !changed.contains(&sp.name));
+            if let Some(p) = unchanged {
+                out.push_fixed(&p.fixed);
+                unwritten_rules += p.own_rules;
+                ports.insert(sp.name.clone(), p.clone());
+                continue;
+            }
+        }
         scratch.clear();
         chains.clear();
+        let lens = out.fixed_lens();
         render_port(sp, &ctx, &mut out, &mut scratch, &mut chains);
+        let fixed = out.fixed_since(lens);
         let mut hasher = DefaultHasher::new();
         scratch.hash(&mut hasher);
         chains.hash(&mut hasher);
@@ -194,6 +264,7 @@ pub fn render(desired: &DesiredState, config: &DataplaneConfig, mode: Mode<'_>) 
                 changed.contains(&sp.name) || previous.get(&sp.name).map(|p| p.hash) != Some(hash)
             }
         };
+        let own_rules = scratch.lines().count();
         if write {
             for c in &chains {
                 let _ = writeln!(out.nat_decls, ":{c} - [0:0]");
@@ -201,14 +272,17 @@ pub fn render(desired: &DesiredState, config: &DataplaneConfig, mode: Mode<'_>) 
             out.nat_ports.push_str(&scratch);
             chains_written += chains.len();
         } else {
-            unwritten_rules += scratch.lines().count();
+            unwritten_rules += own_rules;
         }
         ports.insert(
             sp.name.clone(),
-            PortChains {
+            Arc::new(PortChains {
                 hash,
                 chains: chains.clone(),
-            },
+                fixed,
+                own_rules,
+                ctx: ctx_key,
+            }),
         );
     }
 
@@ -224,7 +298,7 @@ pub fn render(desired: &DesiredState, config: &DataplaneConfig, mode: Mode<'_>) 
         } => {
             let mut live: HashSet<&str> = ports
                 .values()
-                .flat_map(|p: &PortChains| p.chains.iter().map(String::as_str))
+                .flat_map(|p| p.chains.iter().map(String::as_str))
                 .collect();
             live.extend(NAT_FIXED.iter().copied());
             if matches!(masq, Masq::Chain) {
@@ -248,6 +322,7 @@ pub fn render(desired: &DesiredState, config: &DataplaneConfig, mode: Mode<'_>) 
             for (name, old) in previous {
                 match ports.get(name) {
                     None => delete_nat.extend(old.chains.iter().cloned()),
+                    Some(new) if Arc::ptr_eq(old, new) => {}
                     Some(new) => delete_nat.extend(
                         old.chains
                             .iter()

@@ -242,7 +242,7 @@ fn typed<T: DeserializeOwned + Serialize>(
     out: &mut ParsedFile,
 ) -> Option<T> {
     let kind = key.kind.as_str();
-    let obj: T = match serde_path_to_error::deserialize(value.clone()) {
+    let obj: T = match serde_path_to_error::deserialize(&value) {
         Ok(obj) => obj,
         Err(e) => {
             let field = e.path().to_string();

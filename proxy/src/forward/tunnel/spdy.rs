@@ -6,10 +6,10 @@
 
 use std::sync::atomic::Ordering;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{TunnelError, CHUNK};
+use super::{TunnelError, BATCH, CHUNK};
 use crate::forward::spdy::{Session, StreamEvent};
 use crate::forward::Stats;
 
@@ -80,14 +80,23 @@ pub async fn run<L: AsyncRead + AsyncWrite>(
 
     // Client → pod; EOF becomes our FIN (a half-close the pod sees).
     let up = async {
+        // Each read lands in the free room of one buffer and is cut off as
+        // a message; the room is used again once the session has written
+        // what was cut from it (no allocation per read).
+        let mut buf = BytesMut::new();
         loop {
-            let mut buf = Vec::with_capacity(CHUNK);
-            let n = lr.read_buf(&mut buf).await.map_err(TunnelError::Local)?;
+            if !buf.try_reclaim(CHUNK) {
+                buf = BytesMut::with_capacity(BATCH);
+            }
+            let n = lr
+                .read_buf(&mut (&mut buf).limit(CHUNK))
+                .await
+                .map_err(TunnelError::Local)?;
             if n == 0 {
                 data_tx.send(Bytes::new(), true).await?;
                 return Ok::<(), TunnelError>(());
             }
-            data_tx.send(Bytes::from(buf), false).await?;
+            data_tx.send(buf.split().freeze(), false).await?;
             stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
         }
     };

@@ -19,19 +19,30 @@ use crate::forward::channel::{self, Demux, Event};
 use crate::forward::wsframe::{self, MAX_HEADER};
 use crate::forward::Stats;
 
-/// The read buffer for the server's frames.
+/// The read buffer for the server's frames, at most.
 const READ_BUF: usize = 256 * 1024;
+
+/// What the buffers start with: a connection that carries little (most
+/// do) never pays for zeroing and faulting in the large ones; one whose
+/// reads fill them grows them.
+const START_BUF: usize = 16 * 1024;
+
+/// The next size of a buffer of `len` bytes whose last read filled it, up
+/// to `max`.
+fn grown(len: usize, max: usize) -> usize {
+    (len * 4).min(max)
+}
 
 fn stream_error(e: std::io::Error) -> TunnelError {
     TunnelError::Stream(e.to_string())
 }
 
 /// Reads more of the server's bytes into `buf[end..]` (moving the unread
-/// `buf[start..end]` to the front first when the buffer is full); false at
-/// EOF.
+/// `buf[start..end]` to the front first when the buffer is full, and
+/// growing it when a read filled all the room there was); false at EOF.
 async fn fill<R: AsyncRead + Unpin>(
     r: &mut R,
-    buf: &mut [u8],
+    buf: &mut Vec<u8>,
     start: &mut usize,
     end: &mut usize,
 ) -> Result<bool, TunnelError> {
@@ -41,8 +52,12 @@ async fn fill<R: AsyncRead + Unpin>(
         buf.copy_within(*start..*end, 0);
         (*start, *end) = (0, *end - *start);
     }
+    let room = buf.len() - *end;
     let n = r.read(&mut buf[*end..]).await.map_err(stream_error)?;
     *end += n;
+    if n == room && buf.len() < READ_BUF {
+        buf.resize(grown(buf.len(), READ_BUF), 0);
+    }
     Ok(n > 0)
 }
 
@@ -78,7 +93,7 @@ where
 
     // Pod → client.
     let down = async {
-        let mut buf = vec![0u8; READ_BUF];
+        let mut buf = vec![0u8; START_BUF];
         let (mut start, mut end) = (0, 0);
         // Inside a fragmented data message (RFC 6455 section 5.4).
         let mut in_message = false;
@@ -204,7 +219,7 @@ where
         let mut eof = false;
         let mut deadline: Option<Instant> = None;
         // Room for the header and the channel byte, then the payload.
-        let mut frame = vec![0u8; MAX_HEADER + 1 + CHUNK];
+        let mut frame = vec![0u8; MAX_HEADER + 1 + START_BUF];
         let result = loop {
             tokio::select! {
                 r = lr.read(&mut frame[MAX_HEADER + 1..]), if !eof => match r {
@@ -237,6 +252,10 @@ where
                             break Err(e);
                         }
                         stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                        let room = frame.len() - MAX_HEADER - 1;
+                        if n == room && room < CHUNK {
+                            frame.resize(MAX_HEADER + 1 + grown(room, CHUNK), 0);
+                        }
                     }
                     Err(e) => break Err(TunnelError::Local(e)),
                 },

@@ -251,11 +251,18 @@ async fn send_small(w: &Writer, opcode: u8, payload: &[u8]) -> std::io::Result<(
     w.flush().await
 }
 
+/// Buffers start this small (as Go's, which grow with the traffic): a
+/// stream that carries little does not zero and fault in large ones.
+const START_BUF: usize = 16 * 1024;
+/// The read buffer of the client's frames, at most.
+const READ_BUF: usize = 256 * 1024;
+
 /// Reads more of the client's bytes into `buf[end..]` (moving the unread
-/// part to the front when the buffer is full); false at EOF.
+/// part to the front when the buffer is full, growing it when a read
+/// filled it); false at EOF.
 async fn fill<R: AsyncRead + Unpin>(
     r: &mut R,
-    buf: &mut [u8],
+    buf: &mut Vec<u8>,
     start: &mut usize,
     end: &mut usize,
 ) -> std::io::Result<bool> {
@@ -265,8 +272,12 @@ async fn fill<R: AsyncRead + Unpin>(
         buf.copy_within(*start..*end, 0);
         (*start, *end) = (0, *end - *start);
     }
+    let room = buf.len() - *end;
     let n = r.read(&mut buf[*end..]).await?;
     *end += n;
+    if n == room && buf.len() < READ_BUF {
+        buf.resize((buf.len() * 4).min(READ_BUF), 0);
+    }
     Ok(n > 0)
 }
 
@@ -314,12 +325,14 @@ async fn forward(
                 writers.push(Some(w));
                 let (writer, activity, done) = (writer.clone(), activity.clone(), done_tx.clone());
                 readers.spawn(async move {
-                    let mut buf = vec![0u8; HEADROOM + 1 + CHUNK];
+                    let mut buf = vec![0u8; HEADROOM + 1 + START_BUF];
                     loop {
                         let n = match r.read(&mut buf[HEADROOM + 1..]).await {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
+                        let room = buf.len() - HEADROOM - 1;
+                        let grow = n == room && room < CHUNK;
                         buf[HEADROOM] = ch;
                         let at = put_head(&mut buf, OP_BINARY, n + 1);
                         activity.data();
@@ -328,6 +341,10 @@ async fn forward(
                             || w.flush().await.is_err()
                         {
                             break;
+                        }
+                        drop(w);
+                        if grow {
+                            buf.resize(HEADROOM + 1 + (room * 4).min(CHUNK), 0);
                         }
                     }
                     let _ = done.send(()).await;
@@ -368,7 +385,7 @@ async fn forward(
         std::future::pending::<Result<(), String>>().await
     };
     let up = async {
-        let mut buf = vec![0u8; 256 * 1024];
+        let mut buf = vec![0u8; START_BUF];
         let (mut start, mut end) = (0, 0);
         let mut message: Option<Incoming> = None;
         loop {

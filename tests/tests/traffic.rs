@@ -90,6 +90,30 @@ fn web(endpoints: &[Endpoint]) -> Vec<Value> {
     ]
 }
 
+/// A Service `name` with the one NodePort `port`, whose only endpoint is
+/// pod-b on node2; returns once kproxy serves it.
+fn service_on_b(topo: &Topology, name: &str, vip: &str, port: m::Port) -> Result<()> {
+    let (port_name, proto) = (port.name.clone(), port.protocol);
+    let target = port.target.as_u64().context("numeric targetPort")? as u16;
+    topo.write(
+        &format!("{name}.yaml"),
+        &[
+            service(name, vip, vec![port]).to_json(),
+            slice(
+                &format!("{name}-1"),
+                name,
+                &[(port_name.as_str(), proto, target)],
+                &[b()],
+            ),
+        ],
+    )?;
+    topo.wait_backends(
+        &format!("default/{name}:{port_name}"),
+        "NodePort",
+        &[&format!("{B}:{target}")],
+    )
+}
+
 fn pod_of(reply: Option<&str>) -> Option<String> {
     reply
         .and_then(|r| r.split_whitespace().next())
@@ -152,19 +176,12 @@ pub fn backend_closing_first_keeps_its_time_wait_tuples(mode: Mode) -> Result<()
     let mut extra = SHORT_CT.to_vec();
     extra.push("--bpf-nat-port-range=40000-40063");
     let topo = start(mode, &extra)?;
-    topo.write(
-        "http10.yaml",
-        &[
-            service(
-                "http10",
-                "10.96.0.81",
-                vec![m::tcp("http", 81, 8081).node_port(30081)],
-            )
-            .to_json(),
-            slice("http10-1", "http10", &[("http", "TCP", 8081)], &[b()]),
-        ],
+    service_on_b(
+        &topo,
+        "http10",
+        "10.96.0.81",
+        m::tcp("http", 81, 8081).node_port(30081),
     )?;
-    topo.wait_backends("default/http10:http", "NodePort", &[&format!("{B}:8081")])?;
     let out = topo.from_ext(
         &ClientSpec::tcp(format!("{NODE1}:30081"), 64)
             .until_eof()
@@ -481,19 +498,12 @@ pub fn fragmented_udp_through_every_path(mode: Mode) -> Result<()> {
 /// ICMP error's quoted packet is translated back).
 pub fn icmp_port_unreachable_reaches_the_client(mode: Mode) -> Result<()> {
     let topo = start(mode, SHORT_CT)?;
-    topo.write(
-        "closed.yaml",
-        &[
-            service(
-                "closed",
-                "10.96.0.30",
-                vec![m::udp("closed", 5399, 5999).node_port(30099)],
-            )
-            .to_json(),
-            slice("closed-1", "closed", &[("closed", "UDP", 5999)], &[b()]),
-        ],
+    service_on_b(
+        &topo,
+        "closed",
+        "10.96.0.30",
+        m::udp("closed", 5399, 5999).node_port(30099),
     )?;
-    topo.wait_backends("default/closed:closed", "NodePort", &[&format!("{B}:5999")])?;
     let out = topo.from_ext(&ClientSpec::udp(format!("{NODE1}:30099"), 5).timeout_ms(2000))?;
     ensure!(
         out.attempts

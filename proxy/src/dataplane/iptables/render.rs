@@ -167,11 +167,8 @@ impl Out {
 
     /// What was added to the fixed chains since `lens`.
     fn fixed_since(&mut self, lens: [usize; 5]) -> [String; 5] {
-        let mut i = 0;
-        self.fixed().map(|s| {
-            i += 1;
-            s[lens[i - 1]..].to_string()
-        })
+        let fixed = self.fixed();
+        std::array::from_fn(|i| fixed[i][lens[i]..].to_string())
     }
 
     fn push_fixed(&mut self, text: &[String; 5]) {

@@ -126,17 +126,22 @@ fn direct(ctx: &mut TcContext, p: &Pkt, key: &Tuple) -> Result<i32, i64> {
     if !p.bare_syn() {
         return Ok(OK);
     }
-    if let Some(v) = nat_ptr(&p.reversed()) {
-        // SAFETY: map values; the flow key is read in place.
-        if let Some(f) = flow_get(unsafe { &(*v).flow }) {
-            if unsafe { (*f).state } == TCP_SYN_SENT {
-                return Ok(OK);
+    // The backend side of a Service flow from this client is this SYN's
+    // reversed tuple.
+    let backend_side = p.reversed();
+    let clash = match nat_ptr(&backend_side) {
+        Some(v) => {
+            // SAFETY: map values; the flow key is read in place.
+            if let Some(f) = flow_get(unsafe { &(*v).flow }) {
+                if unsafe { (*f).state } == TCP_SYN_SENT {
+                    return Ok(OK);
+                }
             }
+            true
         }
-        return new_flow(ctx, p, key, (p.dst, p.dport), 0, FLOW_PASSTHROUGH, 0);
-    }
-    // (The backend side of a flow from this client is its reversed tuple.)
-    if port::in_time_wait(&p.reversed()) {
+        None => port::in_time_wait(&backend_side),
+    };
+    if clash {
         return new_flow(ctx, p, key, (p.dst, p.dport), 0, FLOW_PASSTHROUGH, 0);
     }
     let _ = DIRECT.insert(key, &0, 0);

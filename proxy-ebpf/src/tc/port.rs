@@ -213,7 +213,7 @@ pub fn claim(
     let skipped = cfg.skip_min != 0 && own >= cfg.skip_min && own <= cfg.skip_max;
     let in_range = own >= cfg.snat_port_min && own <= cfg.snat_port_max && !skipped;
     if (!snat || in_range) && try_port(&mut c, first) {
-        return Some(first);
+        return chosen(flow, first);
     }
     if cfg.snat_port_min != 0 && cfg.snat_port_max >= cfg.snat_port_min {
         c.span = (cfg.snat_port_max - cfg.snat_port_min) as u32 + 1;
@@ -250,10 +250,18 @@ pub fn claim(
         count(stats::NAT_PORT_EXHAUSTED);
         return None;
     }
-    if c.got != flow.sport {
+    chosen(flow, c.got)
+}
+
+/// `port` (network order) is the flow's nat port: counted as translated
+/// when it is not the client's own (a reopened flow may go back to its old,
+/// translated one).
+#[inline(always)]
+fn chosen(flow: &Tuple, port: u16) -> Option<u16> {
+    if port != flow.sport {
         count(stats::PORT_TRANSLATED);
     }
-    Some(c.got)
+    Some(port)
 }
 
 /// Gives back a claimed port (the flow could not be recorded).

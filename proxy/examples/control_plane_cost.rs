@@ -163,7 +163,7 @@ fn main() -> anyhow::Result<()> {
         ..DataplaneConfig::default()
     };
     let mut writer = Writer::over(nothing(), None)?;
-    writer.sync(tracker.state(), &changes, true, &config)?;
+    writer.sync(tracker.state(), &changes, &[], true, &config)?;
     r.stage("writer: first full sync (its mirror)", t);
     let t = Instant::now();
     drop(changes);
@@ -180,7 +180,7 @@ fn main() -> anyhow::Result<()> {
             }
             tracker.apply(Event::upsert(Object::EndpointSlice(std::sync::Arc::new(s))));
             let changes = tracker.take_changes();
-            writer.sync(tracker.state(), &changes, false, &config)?;
+            writer.sync(tracker.state(), &changes, &[], false, &config)?;
         }
         drop(slices);
         r.stage(&format!("{updates} endpoint updates, one sync each"), t);

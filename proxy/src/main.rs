@@ -91,22 +91,45 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status(args) => {
+            let asked = !args.metrics_bind_address.is_empty();
+            let rejected = asked
+                .then(|| status::rejections(&args.metrics_bind_address))
+                .flatten();
+            let agent = asked
+                .then(|| status::frontends(&args.metrics_bind_address, args.all))
+                .flatten();
+            if args.summary {
+                match args.output {
+                    OutputFormat::Json => println!(
+                        "{}",
+                        serde_json::to_string_pretty(&serde_json::json!({
+                            "frontends": agent,
+                            "rejected": rejected,
+                        }))?
+                    ),
+                    OutputFormat::Table => {
+                        print!("{}", status::summary(rejected.as_deref(), agent.as_ref()))
+                    }
+                }
+                return Ok(());
+            }
             let config = run::dataplane_config(&[], &[], false)?;
             let dataplane = run::open_dataplane(&args.mode, config)?;
             let frontends = dataplane.programmed()?;
-            let rejected = (!args.metrics_bind_address.is_empty())
-                .then(|| status::rejections(&args.metrics_bind_address))
-                .flatten();
             match args.output {
                 OutputFormat::Json => println!(
                     "{}",
                     serde_json::to_string_pretty(&status::json(
                         &frontends,
-                        rejected.as_deref().unwrap_or_default()
+                        rejected.as_deref().unwrap_or_default(),
+                        agent.as_ref(),
                     ))?
                 ),
                 OutputFormat::Table => {
-                    print!("{}", status::report(&frontends, rejected.as_deref()));
+                    print!(
+                        "{}",
+                        status::report(&frontends, rejected.as_deref(), agent.as_ref())
+                    );
                     for line in dataplane.node_notes() {
                         println!("\n{line}");
                     }

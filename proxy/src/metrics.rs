@@ -13,6 +13,7 @@ use prometheus::{
 
 use crate::dataplane::ProxyMode;
 use crate::model::{DesiredState, Rejection, ServiceKey, TrafficPolicy};
+use crate::sync::frontends::{self, FrontendTable, Status};
 
 /// Content type of [`Metrics::render`]'s output.
 pub const CONTENT_TYPE: &str = prometheus::TEXT_FORMAT;
@@ -49,8 +50,14 @@ pub struct Metrics {
     sync_errors: IntCounter,
     service_program_errors: IntGaugeVec,
     service_program_failures: IntCounter,
+    frontends: IntGaugeVec,
+    frontend_errors: IntCounterVec,
+    frontend_retries: IntCounter,
     /// The current rejections, for `/kproxy/rejections` (`kproxy status`).
     rejections: std::sync::Mutex<Vec<Rejection>>,
+    /// Every frontend's status, kept by the sync loop, for
+    /// `/kproxy/frontends` (`kproxy status`).
+    frontend_table: std::sync::Mutex<FrontendTable>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -278,9 +285,30 @@ impl Metrics {
                 "kproxy_service_program_failures_total",
                 "Cumulative Service ports a sync could not program",
             ),
+            frontends: gauge_vec(
+                &r,
+                "kproxy_frontends",
+                "Frontends (Service port x ClusterIP, node port, external or LB IP) by status: applied, pending (in a sync not finished), error (retried with backoff)",
+                &["status"],
+            ),
+            frontend_errors: counter_vec(
+                &r,
+                "kproxy_frontend_errors_total",
+                "Cumulative frontend writes that failed, by reason (map_full, map_error, sync_failed)",
+                &["reason"],
+            ),
+            frontend_retries: counter(
+                &r,
+                "kproxy_frontend_retries_total",
+                "Cumulative frontends written again after an error",
+            ),
             rejections: std::sync::Mutex::new(Vec::new()),
+            frontend_table: std::sync::Mutex::new(FrontendTable::default()),
             registry: r,
         };
+        for status in Status::ALL {
+            m.frontends.with_label_values(&[status.as_str()]).set(0);
+        }
         // Label values that exist from the start, so a 0 is visible.
         for policy in ["internal", "external"] {
             m.no_local_endpoints
@@ -440,15 +468,46 @@ impl Metrics {
         }
     }
 
-    /// Service ports the last sync could not program (others stayed programmed).
-    pub fn set_service_errors(&self, errors: &[crate::dataplane::ServiceError]) {
+    /// Service ports a sync could not program (others stayed programmed),
+    /// counted in `kproxy_service_program_failures_total`.
+    pub fn count_service_errors(&self, errors: &[crate::dataplane::ServiceError]) {
+        self.service_program_failures.inc_by(errors.len() as u64);
+    }
+
+    /// The frontend status table (the sync loop writes it, `/kproxy/frontends` reads it).
+    pub fn frontend_table(&self) -> std::sync::MutexGuard<'_, FrontendTable> {
+        self.frontend_table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The gauges that follow the frontend table: `kproxy_frontends` and
+    /// the Service ports in error (`kproxy_service_program_errors`); with
+    /// a finished sync's outcome, the error and retry counters.
+    pub fn observe_frontends(&self, outcome: Option<&frontends::Outcome>) {
+        let (counts, errors) = {
+            let t = self.frontend_table();
+            (t.counts(), t.port_errors())
+        };
+        for status in Status::ALL {
+            self.frontends
+                .with_label_values(&[status.as_str()])
+                .set(counts.get(status) as i64);
+        }
         self.service_program_errors.reset();
-        for e in errors {
+        for (service, reason) in &errors {
             self.service_program_errors
-                .with_label_values(&[&e.service, &e.reason])
+                .with_label_values(&[service, reason])
                 .set(1);
         }
-        self.service_program_failures.inc_by(errors.len() as u64);
+        if let Some(o) = outcome {
+            for (reason, n) in &o.errors {
+                self.frontend_errors
+                    .with_label_values(&[reason])
+                    .inc_by(*n as u64);
+            }
+            self.frontend_retries.inc_by(o.retried as u64);
+        }
     }
 
     /// After a successful sync of `desired`: programmed counts, rejections
@@ -599,6 +658,8 @@ mod tests {
             ("kproxy_programmed_endpoints", "gauge"),
             ("kproxy_rejected_objects", "gauge"),
             ("kproxy_sync_errors_total", "counter"),
+            ("kproxy_frontends", "gauge"),
+            ("kproxy_frontend_retries_total", "counter"),
             ("kproxy_build_info", "gauge"),
             ("kubeproxy_sync_proxy_rules_iptables_last", "gauge"),
             ("kubeproxy_proxy_healthz_total", "counter"),

@@ -273,6 +273,15 @@ pub struct StatusArgs {
     /// (IPv6 parts, invalid objects, lost frontends); empty: do not ask.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10249")]
     pub metrics_bind_address: String,
+    /// List every frontend's status (applied ones too), not only the
+    /// frontends pending or in error.
+    #[arg(long)]
+    pub all: bool,
+    /// Only what the running kproxy reports (the counts of frontends by
+    /// status, the frontends not applied, what it left out), without the
+    /// table read back from the kernel: short at any number of Services.
+    #[arg(long)]
+    pub summary: bool,
 }
 
 #[derive(Debug, Args)]

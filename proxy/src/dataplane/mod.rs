@@ -5,12 +5,12 @@ pub mod ebpf;
 pub mod iptables;
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{ChangeSet, DesiredState};
+use crate::model::{ChangeSet, DesiredState, Protocol, ServicePort, ServicePortName};
 
 /// `--proxy-mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -153,14 +153,89 @@ pub struct ConntrackReconcile {
     pub deleted: usize,
 }
 
-/// One Service port a sync could not program, and why.
+/// One Service port a sync could not program (entirely or some of its
+/// frontends), and why. What it had programmed before stays in place.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceError {
+    pub port: ServicePortName,
     /// `ns/name:port`.
     pub service: String,
     /// Metrics label, e.g. `map_full`.
     pub reason: String,
     pub message: String,
+    /// The frontends that failed; `None`: all of the port's.
+    pub frontends: Option<Vec<FrontendRef>>,
+}
+
+/// The kind of a frontend, as `kproxy status` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FrontendKind {
+    ClusterIp,
+    NodePort,
+    ExternalIp,
+    LoadBalancer,
+}
+
+impl FrontendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            FrontendKind::ClusterIp => "ClusterIP",
+            FrontendKind::NodePort => "NodePort",
+            FrontendKind::ExternalIp => "ExternalIP",
+            FrontendKind::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// One frontend of a Service port: what a client dials. The unit of
+/// per-frontend status (`kproxy status`, `kproxy_frontends`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FrontendRef {
+    pub kind: FrontendKind,
+    /// `None`: a node port, on every node-port address.
+    pub ip: Option<Ipv4Addr>,
+    pub port: u16,
+}
+
+impl FrontendRef {
+    /// The IPv4 frontends of a Service port, in the order the dataplanes
+    /// program them (IPv6 parts are rejected by the model, not programmed).
+    pub fn of(sp: &ServicePort) -> Vec<FrontendRef> {
+        let v4 = |ips: &[IpAddr], kind| {
+            ips.iter()
+                .filter_map(move |ip| match ip {
+                    IpAddr::V4(ip) => Some(FrontendRef {
+                        kind,
+                        ip: Some(*ip),
+                        port: sp.port,
+                    }),
+                    IpAddr::V6(_) => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut out = v4(&sp.cluster_ips, FrontendKind::ClusterIp);
+        out.extend(v4(&sp.external_ips, FrontendKind::ExternalIp));
+        out.extend(v4(&sp.load_balancer_ips, FrontendKind::LoadBalancer));
+        if let Some(np) = sp.node_port {
+            out.push(FrontendRef {
+                kind: FrontendKind::NodePort,
+                ip: None,
+                port: np,
+            });
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// `10.96.0.10:80/tcp`, or `*:30080/tcp` for a node port, as
+    /// [`ProgrammedFrontend::frontend`] spells it.
+    pub fn display(&self, protocol: Protocol) -> String {
+        match self.ip {
+            Some(ip) => format!("{ip}:{}/{}", self.port, protocol.as_str()),
+            None => format!("*:{}/{}", self.port, protocol.as_str()),
+        }
+    }
 }
 
 /// One frontend as the kernel has it programmed, read back for `kproxy status`.
@@ -210,6 +285,22 @@ pub trait Dataplane: Send {
         changes: &ChangeSet,
         full: bool,
     ) -> Result<SyncStats, DataplaneError>;
+
+    /// [`Dataplane::sync`], also writing again `retry`: ports a earlier
+    /// sync reported in [`SyncStats::errors`], whose retry the sync loop
+    /// decided (backoff). A dataplane that only fails whole syncs (iptables:
+    /// one restore) has nothing to retry: after a failed sync the loop
+    /// makes the next one full.
+    fn sync_retrying(
+        &mut self,
+        desired: &DesiredState,
+        changes: &ChangeSet,
+        retry: &[ServicePortName],
+        full: bool,
+    ) -> Result<SyncStats, DataplaneError> {
+        let _ = retry;
+        self.sync(desired, changes, full)
+    }
 
     /// Removes everything this dataplane ever programmed.
     fn cleanup(&mut self) -> Result<(), DataplaneError>;

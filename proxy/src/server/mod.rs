@@ -1,6 +1,6 @@
 //! HTTP servers: `/healthz` (kube-proxy's health endpoint), the metrics
 //! server (`/metrics`, `/proxyMode`, `/healthz`, `/livez`, and kproxy's
-//! `/kproxy/rejections` for `kproxy status`) and the
+//! `/kproxy/rejections` and `/kproxy/frontends` for `kproxy status`) and the
 //! per-Service healthCheckNodePort servers ([`HealthCheckServers`]).
 //!
 //! Wiring, for the sync loop (inside a tokio runtime):
@@ -184,6 +184,7 @@ pub fn metrics_router(metrics: Arc<Metrics>, health: Arc<HealthState>, mode: Pro
     let metrics_routes = Router::new()
         .route("/metrics", get(render_metrics))
         .route("/kproxy/rejections", get(rejections))
+        .route("/kproxy/frontends", get(frontends))
         .with_state(metrics.clone());
     Router::new()
         .route("/proxyMode", get(move || async move { mode.to_string() }))
@@ -203,6 +204,26 @@ async fn render_metrics(State(metrics): State<Arc<Metrics>>) -> Response {
 /// frontends another Service owns), as JSON: read by `kproxy status`.
 async fn rejections(State(metrics): State<Arc<Metrics>>) -> Response {
     let body = serde_json::to_string(&metrics.rejections()).unwrap_or_default();
+    json_response(StatusCode::OK, body, &[])
+}
+
+/// `?all=true` on `/kproxy/frontends`.
+#[derive(Debug, Default, serde::Deserialize)]
+struct FrontendsQuery {
+    #[serde(default)]
+    all: bool,
+}
+
+/// Each frontend's status: the counts, and the frontends not applied
+/// (with `?all=true`, every frontend), as JSON: read by `kproxy status`.
+async fn frontends(
+    State(metrics): State<Arc<Metrics>>,
+    axum::extract::Query(q): axum::extract::Query<FrontendsQuery>,
+) -> Response {
+    let report = metrics
+        .frontend_table()
+        .report(q.all, std::time::Instant::now());
+    let body = serde_json::to_string(&report).unwrap_or_default();
     json_response(StatusCode::OK, body, &[])
 }
 

@@ -507,3 +507,64 @@ async fn changed_port_moves_the_server() {
     drop(servers);
     assert_refused(SocketAddr::new(LOCALHOST, p2)).await;
 }
+
+/// `kproxy status` asks the running kproxy for its frontends' status: the
+/// counts and the ones not applied, or all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frontend_status_reaches_kproxy_status() {
+    use crate::dataplane::ebpf::test_support::{ep, state, svc};
+    use crate::dataplane::ServiceError;
+    use crate::model::{ChangeSet, Protocol};
+    use crate::sync::frontends::Status;
+
+    let metrics = Arc::new(Metrics::new(ProxyMode::Ebpf));
+    let port = |name: &str, vip: &str| {
+        svc(
+            "default",
+            name,
+            "",
+            Protocol::Udp,
+            vip,
+            53,
+            vec![ep("10.244.1.5", 53, true)],
+        )
+    };
+    let s = state(vec![port("a", "10.96.0.1"), port("b", "10.96.0.2")]);
+    let now = std::time::Instant::now();
+    {
+        let mut t = metrics.frontend_table();
+        t.begin(&s, &ChangeSet::between(&state(vec![]), &s), &[], true, now);
+        let b = port("b", "10.96.0.2").name;
+        t.finish(
+            Ok(&[ServiceError {
+                service: b.to_string(),
+                port: b,
+                reason: "map_full".into(),
+                message: "BPF map FRONTENDS is full".into(),
+                frontends: None,
+            }]),
+            now,
+        );
+    }
+    let addr = spawn(metrics_router(metrics, synced_health(), ProxyMode::Ebpf))
+        .await
+        .to_string();
+    let (some, all) = tokio::task::spawn_blocking(move || {
+        (
+            crate::status::frontends(&addr, false),
+            crate::status::frontends(&addr, true),
+        )
+    })
+    .await
+    .unwrap();
+    let some = some.expect("the agent answers");
+    assert_eq!((some.counts.applied, some.counts.error), (1, 1));
+    assert_eq!(some.frontends.len(), 1);
+    let b = &some.frontends[0];
+    assert_eq!(
+        (b.service.as_str(), b.frontend.as_str(), b.status),
+        ("default/b", "10.96.0.2:53/udp", Status::Error)
+    );
+    assert_eq!(b.error.as_deref(), Some("BPF map FRONTENDS is full"));
+    assert_eq!(all.expect("the agent answers").frontends.len(), 2);
+}

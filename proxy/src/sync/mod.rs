@@ -1,9 +1,12 @@
 //! The sync loop: feeds the source's events to the model's change tracker
 //! and hands the dataplane the tracker's change set. Changes are coalesced
 //! by the minimum sync period; a periodic full sync repairs drift. The
-//! loop alone decides when a sync is full.
+//! loop alone decides when a sync is full, and when a Service port the
+//! dataplane could not program is retried (`frontends`: each frontend's
+//! status, with backoff).
 
 mod changes;
+pub mod frontends;
 mod memory;
 
 use std::collections::BTreeSet;
@@ -187,6 +190,7 @@ impl SyncLoop {
                 tracing::info!("source closed; stopping the sync loop (rules stay in place)");
                 return Ok(());
             }
+            let next_retry = self.metrics.frontend_table().next_retry();
             tokio::select! {
                 batch = events.recv() => {
                     let Some(batch) = batch else {
@@ -203,6 +207,10 @@ impl SyncLoop {
                     queued_at = Some(Instant::now());
                     self.need_full = true;
                     self.mark_queued();
+                }
+                // Ports in error, retried on their own (no full sync).
+                _ = sleep_until_some(next_retry) => {
+                    queued_at = Some(Instant::now());
                 }
                 _ = shutdown.changed() => return Ok(()),
             }
@@ -233,7 +241,20 @@ impl SyncLoop {
         }
         self.health.set_node_eligible(desired.node.eligible);
 
-        if !full && changes.is_empty() {
+        // Ports in error whose backoff is over; all of them when Service
+        // ports go away (their map entries may have made room). A full sync
+        // writes everything anyway.
+        let retry = {
+            let table = self.metrics.frontend_table();
+            if full {
+                Vec::new()
+            } else if changes.removed().next().is_some() {
+                table.errored()
+            } else {
+                table.due(Instant::now())
+            }
+        };
+        if !full && changes.is_empty() && retry.is_empty() {
             self.metrics.set_rejected(&desired.rejected);
             self.health.updated(SystemTime::now());
             self.pending.clear();
@@ -244,10 +265,21 @@ impl SyncLoop {
         self.metrics.add_service_changes(service_changes);
         self.metrics.add_endpoint_changes(endpoint_changes);
 
+        self.metrics
+            .frontend_table()
+            .begin(desired, &changes, &retry, full, Instant::now());
+        self.metrics.observe_frontends(None);
         // iptables-restore blocks; keep the runtime's other tasks (healthz) answering.
         let dataplane = &mut self.dataplane;
-        let result = tokio::task::block_in_place(|| dataplane.sync(desired, &changes, full));
+        let result = tokio::task::block_in_place(|| {
+            dataplane.sync_retrying(desired, &changes, &retry, full)
+        });
         let elapsed = started.elapsed();
+        let outcome = self
+            .metrics
+            .frontend_table()
+            .finish(result.as_ref().map(|s| s.errors.as_slice()), Instant::now());
+        self.metrics.observe_frontends(Some(&outcome));
         match result {
             Ok(stats) => {
                 self.metrics.observe_sync(full, elapsed, true);
@@ -267,7 +299,7 @@ impl SyncLoop {
                         .observe_conntrack_reconcile(ct.duration, ct.deleted);
                 }
                 self.metrics.observe_desired(desired);
-                self.metrics.set_service_errors(&stats.errors);
+                self.metrics.count_service_errors(&stats.errors);
                 for e in &stats.errors {
                     tracing::error!(service = %e.service, reason = %e.reason, "{}", e.message);
                 }
@@ -280,6 +312,8 @@ impl SyncLoop {
                     added = changes.added().count(),
                     updated = changes.updated().count(),
                     removed = changes.removed().count(),
+                    retried = retry.len(),
+                    errors = stats.errors.len(),
                     recomputed = self.tracker.recomputed(),
                     written = stats.objects_written,
                     deleted = stats.objects_deleted,
@@ -318,6 +352,14 @@ impl SyncLoop {
         let now = SystemTime::now();
         self.health.queued(now);
         self.metrics.observe_queued(now);
+    }
+}
+
+/// Sleeps until `t`; forever without one.
+async fn sleep_until_some(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -16,6 +16,7 @@ use crate::dataplane::{
     ConntrackReconcile, DataplaneError, ProgrammedFrontend, ProxyMode, SyncStats,
 };
 use crate::model::{ChangeSet, DesiredState, Event, Object};
+use crate::sync::frontends;
 
 type Outcome = Result<SyncStats, DataplaneError>;
 
@@ -195,4 +196,193 @@ fn ebpf_mode_applies_changes_at_once_and_iptables_keeps_its_rate_limit() {
         ebpf.full_sync_period, full,
         "drift repair stays in both modes"
     );
+}
+
+/// The eBPF writer over in-memory maps, as the ebpf dataplane drives it.
+struct FakeMapsDataplane {
+    writer: crate::dataplane::ebpf::writer::Writer,
+}
+
+impl Dataplane for FakeMapsDataplane {
+    fn mode(&self) -> ProxyMode {
+        ProxyMode::Ebpf
+    }
+    fn sync(&mut self, desired: &DesiredState, changes: &ChangeSet, full: bool) -> Outcome {
+        self.sync_retrying(desired, changes, &[], full)
+    }
+    fn sync_retrying(
+        &mut self,
+        desired: &DesiredState,
+        changes: &ChangeSet,
+        retry: &[crate::model::ServicePortName],
+        full: bool,
+    ) -> Outcome {
+        let config = crate::dataplane::ebpf::test_support::config();
+        let (counts, errors) = self.writer.sync(desired, changes, retry, full, &config)?;
+        Ok(crate::dataplane::ebpf::to_stats(full, counts, errors))
+    }
+    fn cleanup(&mut self) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+    fn programmed(&self) -> Result<Vec<ProgrammedFrontend>, DataplaneError> {
+        Ok(vec![])
+    }
+}
+
+/// A ClusterIP Service `name` with one endpoint.
+fn cluster_ip(name: &str, vip: &str) -> Vec<Event> {
+    let svc: Service = serde_yaml::from_str(&format!(
+        "metadata: {{name: {name}, namespace: default}}\nspec: {{clusterIP: {vip}, ports: [{{name: http, port: 80}}]}}"
+    ))
+    .unwrap();
+    let slice: EndpointSlice = serde_yaml::from_str(&format!(
+        "metadata:\n  name: {name}-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{{addresses: ['10.244.2.9'], conditions: {{ready: true}}}}]"
+    ))
+    .unwrap();
+    vec![
+        Event::upsert(Object::Service(Arc::new(svc))),
+        Event::upsert(Object::EndpointSlice(Arc::new(slice))),
+    ]
+}
+
+/// Polls the frontend table until `pred` holds on its report (bounded).
+async fn wait_report(
+    metrics: &Metrics,
+    what: &str,
+    pred: impl Fn(&frontends::Report) -> bool,
+) -> frontends::Report {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let report = metrics
+            .frontend_table()
+            .report(true, std::time::Instant::now());
+        if pred(&report) {
+            return report;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} never happened: {report:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frontend_that_does_not_fit_is_in_error_alone_and_retried_until_it_fits() {
+    use crate::dataplane::ebpf::tables::memory::MemoryMaps;
+    use frontends::Status;
+
+    let fake = MemoryMaps::default();
+    // Room for two frontend records: the third Service does not fit.
+    fake.set_capacity(proxy_common::maps::FRONTENDS, 2);
+    let writer = crate::dataplane::ebpf::writer::Writer::over(fake.tables(), None).unwrap();
+    let metrics = Arc::new(Metrics::new(ProxyMode::Ebpf));
+    let health = Arc::new(HealthState::new(Duration::from_secs(60)));
+    let sync = SyncLoop::new(
+        Box::new(FakeMapsDataplane { writer }),
+        ModelConfig {
+            node_name: "node1".into(),
+        },
+        SyncTiming {
+            full_sync_period: Duration::from_secs(3600),
+            min_sync_period: Duration::ZERO,
+        },
+        metrics.clone(),
+        health.clone(),
+        HealthCheckServers::new(vec![], health.clone()),
+    );
+    let (events, events_rx) = mpsc::unbounded_channel();
+    let (_stop_tx, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(sync.run(events_rx, stop_rx));
+
+    let mut first = cluster_ip("a", "10.96.0.1");
+    first.extend(cluster_ip("b", "10.96.0.2"));
+    first.extend(cluster_ip("c", "10.96.0.3"));
+    first.push(Event::Synced);
+    events.send(first).unwrap();
+    let report = wait_report(&metrics, "the first sync", |r| r.counts.error == 1).await;
+    assert_eq!(report.counts.applied, 2, "{report:#?}");
+    let c = report
+        .frontends
+        .iter()
+        .find(|f| f.status == Status::Error)
+        .unwrap();
+    assert_eq!(
+        (c.service.as_str(), c.kind.as_str(), c.frontend.as_str()),
+        ("default/c:http", "ClusterIP", "10.96.0.3:80/tcp")
+    );
+    assert_eq!(c.reason.as_deref(), Some("map_full"));
+    let message = c.error.as_deref().unwrap();
+    assert!(
+        message.contains("BPF map FRONTENDS is full (2 entries); raise --bpf-lb-map-max"),
+        "{message}"
+    );
+    let text = metrics.render();
+    for line in [
+        "kproxy_frontends{status=\"applied\"} 2\n",
+        "kproxy_frontends{status=\"error\"} 1\n",
+        "kproxy_frontends{status=\"pending\"} 0\n",
+        "kproxy_frontend_errors_total{reason=\"map_full\"} 1\n",
+        "kproxy_service_program_errors{reason=\"map_full\",service=\"default/c:http\"} 1\n",
+    ] {
+        assert!(text.contains(line), "{line} missing:\n{text}");
+    }
+
+    // No event comes, yet c is retried on its own after its backoff, and
+    // without a full sync.
+    wait_report(&metrics, "a retry", |r| {
+        r.frontends
+            .iter()
+            .any(|f| f.status == Status::Error && f.attempts == 2)
+    })
+    .await;
+    let text = metrics.render();
+    assert!(
+        text.contains(
+            "kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} 1\n"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("kproxy_frontend_retries_total 1\n"), "{text}");
+    assert!(
+        text.contains("kproxy_frontend_errors_total{reason=\"map_full\"} 2\n"),
+        "{text}"
+    );
+
+    // a goes: its record makes room, and c is retried in that same sync.
+    events
+        .send(vec![Event::Delete(crate::model::ObjectKey {
+            kind: crate::model::Kind::Service,
+            namespace: "default".into(),
+            name: "a".into(),
+        })])
+        .unwrap();
+    let report = wait_report(&metrics, "c applied", |r| {
+        r.counts.error == 0 && r.counts.applied == 2
+    })
+    .await;
+    assert!(
+        report
+            .frontends
+            .iter()
+            .all(|f| f.service != "default/a:http"),
+        "{report:#?}"
+    );
+    let text = metrics.render();
+    for line in [
+        "kproxy_frontends{status=\"applied\"} 2\n",
+        "kproxy_frontends{status=\"error\"} 0\n",
+        "kproxy_frontend_retries_total 2\n",
+    ] {
+        assert!(text.contains(line), "{line} missing:\n{text}");
+    }
+    assert!(!text.contains("kproxy_service_program_errors{"), "{text}");
+    let vips: Vec<u32> = fake.frontends().iter().map(|(k, _)| k.ip).collect();
+    assert!(
+        vips.contains(&crate::dataplane::ebpf::plan::ip_key(
+            "10.96.0.3".parse().unwrap()
+        )),
+        "c is in the map"
+    );
+    task.abort();
 }

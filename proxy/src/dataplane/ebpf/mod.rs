@@ -51,7 +51,7 @@ use proxy_common::maps as names;
 use tracing::{info, warn};
 
 use super::{Dataplane, DataplaneConfig, DataplaneError, ProgrammedFrontend, ProxyMode, SyncStats};
-use crate::model::{ChangeSet, DesiredState};
+use crate::model::{ChangeSet, DesiredState, ServicePortName};
 use writer::{NodeSettings, PortError, Writer};
 
 /// Entries per map. Defaults hold 10,000 Services (about 20,000
@@ -331,7 +331,7 @@ fn if_addrs(devices: &[checks::Device]) -> Vec<(u32, std::net::Ipv4Addr)> {
         .collect()
 }
 
-fn to_stats(full: bool, c: writer::Counts, errors: Vec<PortError>) -> SyncStats {
+pub(crate) fn to_stats(full: bool, c: writer::Counts, errors: Vec<PortError>) -> SyncStats {
     SyncStats {
         full,
         objects_written: c.written,
@@ -339,9 +339,11 @@ fn to_stats(full: bool, c: writer::Counts, errors: Vec<PortError>) -> SyncStats 
         errors: errors
             .into_iter()
             .map(|e| super::ServiceError {
+                port: e.port,
                 service: e.service,
                 reason: e.reason.to_string(),
                 message: e.message,
+                frontends: e.frontends,
             })
             .collect(),
         ..SyncStats::default()
@@ -357,6 +359,16 @@ impl Dataplane for EbpfDataplane {
         &mut self,
         desired: &DesiredState,
         changes: &ChangeSet,
+        full: bool,
+    ) -> Result<SyncStats, DataplaneError> {
+        self.sync_retrying(desired, changes, &[], full)
+    }
+
+    fn sync_retrying(
+        &mut self,
+        desired: &DesiredState,
+        changes: &ChangeSet,
+        retry: &[ServicePortName],
         full: bool,
     ) -> Result<SyncStats, DataplaneError> {
         let mut full = full;
@@ -379,9 +391,9 @@ impl Dataplane for EbpfDataplane {
         if full {
             writer.sync_node(&self.node, &self.effective)?;
         }
-        match writer.sync(desired, changes, full, &self.effective) {
+        match writer.sync(desired, changes, retry, full, &self.effective) {
             Ok((counts, errors)) => {
-                if full || !changes.is_empty() {
+                if full || !changes.is_empty() || !retry.is_empty() {
                     // UDP flows to backends that left go now, as kube-proxy
                     // clears their conntrack entries.
                     if let Some(gc) = &self.gc {

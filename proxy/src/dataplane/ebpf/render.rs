@@ -21,7 +21,7 @@ pub fn render_maps(
 ) -> Result<String, DataplaneError> {
     let maps = MemoryMaps::default();
     let mut writer = Writer::over(maps.tables(), None)?;
-    let (_, errors) = writer.sync(desired, &ChangeSet::default(), true, config)?;
+    let (_, errors) = writer.sync(desired, &ChangeSet::default(), &[], true, config)?;
     let mut out = String::new();
     for e in &errors {
         let _ = writeln!(out, "# error: {}", e.message);

@@ -22,7 +22,7 @@ use tracing::debug;
 use super::maps::{map_err, Maps, NodeMaps};
 use super::plan::{self, ip_key, PortPlan, Set};
 use super::tables::{PutError, TableError, Tables};
-use crate::dataplane::{DataplaneConfig, DataplaneError};
+use crate::dataplane::{DataplaneConfig, DataplaneError, FrontendKind, FrontendRef};
 use crate::model::{ChangeSet, DesiredState, ServicePortName};
 
 /// What the writer needs about the node.
@@ -41,12 +41,17 @@ pub struct NodeSettings {
     pub localhost_netns: u64,
 }
 
-/// A Service port that could not be programmed, and why.
+/// A Service port that could not be programmed, and why. What it had in
+/// the maps before stays there (a lookup sees the old state).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortError {
+    pub port: ServicePortName,
     pub service: String,
     pub reason: &'static str,
     pub message: String,
+    /// The frontends whose record could not be written; `None`: the
+    /// port's backends, slots, name or source ranges failed, so all of them.
+    pub frontends: Option<Vec<FrontendRef>>,
 }
 
 #[derive(Debug, Clone)]
@@ -79,8 +84,6 @@ pub struct Writer {
     next_backend: u32,
     next_svc: u32,
     counts: Counts,
-    /// Ports that failed last time: retried on every sync.
-    failed: BTreeSet<ServicePortName>,
 }
 
 /// The flag that sizes each map, for "map full" messages.
@@ -96,6 +99,36 @@ fn size_flag(map: &str) -> &'static str {
 enum WriteError {
     Full(&'static str),
     Other(DataplaneError),
+}
+
+/// Why [`Writer::apply_port`] failed, and which frontend records it could
+/// not write (empty: it failed before the frontends, so all of them).
+struct PortFailure {
+    error: WriteError,
+    frontends: Vec<FrontendKey>,
+}
+
+impl<E: Into<WriteError>> From<E> for PortFailure {
+    fn from(e: E) -> Self {
+        PortFailure {
+            error: e.into(),
+            frontends: Vec::new(),
+        }
+    }
+}
+
+/// The status name of a frontend record.
+fn frontend_ref(key: &FrontendKey, kind: u8) -> FrontendRef {
+    FrontendRef {
+        kind: match kind {
+            KIND_NODE_PORT => FrontendKind::NodePort,
+            KIND_EXTERNAL_IP => FrontendKind::ExternalIp,
+            KIND_LOAD_BALANCER => FrontendKind::LoadBalancer,
+            _ => FrontendKind::ClusterIp,
+        },
+        ip: (key.ip != 0).then(|| plan::ip_from_key(key.ip)),
+        port: plan::port_from_key(key.port),
+    }
 }
 
 impl From<TableError> for WriteError {
@@ -142,7 +175,6 @@ impl Writer {
             next_backend: 1,
             next_svc: 1,
             counts: Counts::default(),
-            failed: BTreeSet::new(),
         };
         w.reload()?;
         Ok(w)
@@ -289,11 +321,15 @@ impl Writer {
     }
 
     /// Programs `desired`: everything (after re-reading the kernel) when
-    /// `full`, else the changed ports and the ones that failed before.
+    /// `full`, else the changed ports and `retry` (ports that failed
+    /// before, whose retry the sync loop decided). A port that fails is
+    /// reported and leaves the others alone; only a failure to read the
+    /// maps or to remove a port fails the whole sync.
     pub fn sync(
         &mut self,
         desired: &DesiredState,
         changes: &ChangeSet,
+        retry: &[ServicePortName],
         full: bool,
         config: &DataplaneConfig,
     ) -> Result<(Counts, Vec<PortError>), DataplaneError> {
@@ -301,7 +337,6 @@ impl Writer {
         let mut errors = Vec::new();
         if full {
             self.reload()?;
-            self.failed.clear();
             // Claim ids of ports already in the kernel first, so a restart
             // keeps every svc_id (affinity and conntrack stay valid).
             let plans: Vec<(&ServicePortName, PortPlan)> = desired
@@ -325,7 +360,7 @@ impl Writer {
                 let id = hint.unwrap_or_else(|| self.alloc_svc(&claimed));
                 claimed.insert(id);
                 if let Err(e) = self.apply_port(name, p, id) {
-                    errors.push(self.port_error(name, p, e)?);
+                    errors.push(self.port_error(name, p, e));
                 }
             }
             // Whatever no desired port claims is stale.
@@ -370,8 +405,6 @@ impl Writer {
             for name in changes.removed() {
                 self.remove_port(name)?;
             }
-            let retry: Vec<ServicePortName> =
-                std::mem::take(&mut self.failed).into_iter().collect();
             let todo: BTreeSet<&ServicePortName> = changes
                 .iter()
                 .filter(|(_, c)| c.new.is_some())
@@ -392,35 +425,46 @@ impl Writer {
                     }
                 };
                 if let Err(e) = self.apply_port(name, &p, id) {
-                    errors.push(self.port_error(name, &p, e)?);
+                    errors.push(self.port_error(name, &p, e));
                 }
             }
         }
         Ok((self.counts, errors))
     }
 
-    fn port_error(
-        &mut self,
-        name: &ServicePortName,
-        p: &PortPlan,
-        e: WriteError,
-    ) -> Result<PortError, DataplaneError> {
-        self.failed.insert(name.clone());
-        match e {
-            WriteError::Full(map) => {
-                let cap = self.capacity(map);
-                Ok(PortError {
-                    service: p.display.clone(),
-                    reason: "map_full",
-                    message: format!(
-                        "Service {} ({}) not fully programmed: BPF map {map} is full ({cap} entries); raise {}",
-                        p.display,
-                        name.protocol,
-                        size_flag(map)
-                    ),
-                })
-            }
-            WriteError::Other(e) => Err(e),
+    fn port_error(&self, name: &ServicePortName, p: &PortPlan, e: PortFailure) -> PortError {
+        let frontends = (!e.frontends.is_empty()).then(|| {
+            let mut refs: Vec<FrontendRef> = p
+                .frontends
+                .iter()
+                .filter(|f| e.frontends.contains(&f.key))
+                .map(|f| frontend_ref(&f.key, f.kind))
+                .collect();
+            refs.sort_unstable();
+            refs.dedup();
+            refs
+        });
+        let (reason, why) = match e.error {
+            WriteError::Full(map) => (
+                "map_full",
+                format!(
+                    "BPF map {map} is full ({} entries); raise {}",
+                    self.capacity(map),
+                    size_flag(map)
+                ),
+            ),
+            WriteError::Other(e) => ("map_error", e.to_string()),
+        };
+        PortError {
+            port: name.clone(),
+            service: p.display.clone(),
+            reason,
+            message: format!(
+                "Service {} ({}) not fully programmed: {why}",
+                p.display,
+                name.protocol.as_str()
+            ),
+            frontends,
         }
     }
 
@@ -521,7 +565,7 @@ impl Writer {
         name: &ServicePortName,
         p: &PortPlan,
         svc_id: u32,
-    ) -> Result<(), WriteError> {
+    ) -> Result<(), PortFailure> {
         let mut touched_groups = Vec::new();
         let backends_before = self.next_backend;
         let result = self.apply_port_inner(name, p, svc_id, &mut touched_groups);
@@ -529,7 +573,9 @@ impl Writer {
         // Backends this call wrote that no group took (a later step failed).
         let fresh: Vec<u32> = (backends_before..self.next_backend).collect();
         let gc_backends = self.gc_backends(&fresh).map_err(WriteError::Other);
-        result.and(gc).and(gc_backends)
+        result
+            .and(gc.map_err(PortFailure::from))
+            .and(gc_backends.map_err(PortFailure::from))
     }
 
     fn apply_port_inner(
@@ -538,7 +584,7 @@ impl Writer {
         p: &PortPlan,
         svc_id: u32,
         touched: &mut Vec<u32>,
-    ) -> Result<(), WriteError> {
+    ) -> Result<(), PortFailure> {
         // 1. Backends and complete slot groups, one per distinct set.
         let mut group_of: HashMap<Set, (u32, u32)> = HashMap::new();
         for set in [Set::Cluster, Set::External] {
@@ -615,7 +661,7 @@ impl Writer {
                 changed.push((f.key, value));
             }
         }
-        let mut result = Ok(());
+        let mut failure: Option<PortFailure> = None;
         let mut rest = &changed[..];
         while !rest.is_empty() {
             let (written, failed) = match self.maps.frontends.put(rest) {
@@ -635,10 +681,16 @@ impl Writer {
                 }
             }
             // The one that failed is left out; the others are still tried.
-            rest = &rest[(written + 1).min(rest.len())..];
             if let Some(e) = failed {
-                result = Err(e.into());
+                let (key, _) = rest[written];
+                // A record it replaces stays in place (and this port's).
+                if self.frontends.contains_key(&key) {
+                    keys.push(key);
+                }
+                let f = failure.get_or_insert_with(|| PortFailure::from(e));
+                f.frontends.push(key);
             }
+            rest = &rest[(written + 1).min(rest.len())..];
         }
         // 4. Old frontends and ranges of this port that are gone.
         if let Some(old) = &old {
@@ -661,11 +713,10 @@ impl Writer {
                 ranges: p.src_ranges.clone(),
             },
         );
-        result
+        failure.map_or(Ok(()), Err)
     }
 
     fn remove_port(&mut self, name: &ServicePortName) -> Result<(), DataplaneError> {
-        self.failed.remove(name);
         let Some(old) = self.ports.remove(name) else {
             return Ok(());
         };

@@ -63,7 +63,9 @@ fn ops(log: &[(&'static str, &'static str, usize)]) -> Vec<(&'static str, &'stat
 }
 
 fn sync(w: &mut Writer, old: &DesiredState, new: &DesiredState, full: bool) -> usize {
-    let (counts, errors) = w.sync(new, &changed(old, new), full, &config()).unwrap();
+    let (counts, errors) = w
+        .sync(new, &changed(old, new), &[], full, &config())
+        .unwrap();
     assert!(errors.is_empty(), "{errors:?}");
     counts.written
 }
@@ -160,7 +162,9 @@ fn a_full_map_fails_one_port_leaves_nothing_behind_and_is_retried() {
         api(&["10.244.2.8", "10.244.2.9"]),
         web(&["10.244.2.1", "10.244.2.2"]),
     ]);
-    let (_, errors) = w.sync(&s, &changed(&empty, &s), false, &config()).unwrap();
+    let (_, errors) = w
+        .sync(&s, &changed(&empty, &s), &[], false, &config())
+        .unwrap();
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert_eq!(errors[0].service, "default/web:http");
     assert_eq!(errors[0].reason, "map_full");
@@ -175,9 +179,12 @@ fn a_full_map_fails_one_port_leaves_nothing_behind_and_is_retried() {
     let (_, slots, backends, svc_names, _) = fake.lens();
     assert_eq!((slots, backends, svc_names), (2, 2, 1));
 
-    // Room again: the next sync retries web without being told.
+    // Room again: a sync retrying web programs it.
     fake.set_capacity(names::SLOTS, 100);
-    let (_, errors) = w.sync(&s, &ChangeSet::default(), false, &config()).unwrap();
+    let retry = [errors[0].port.clone()];
+    let (_, errors) = w
+        .sync(&s, &ChangeSet::default(), &retry, false, &config())
+        .unwrap();
     assert!(errors.is_empty(), "{errors:?}");
     let (_, slots, backends, svc_names, _) = fake.lens();
     assert_eq!((slots, backends, svc_names), (4, 4, 2));
@@ -318,4 +325,49 @@ fn the_fakes_checks_cost_what_the_operations_wrote() {
         fake.checked(),
         frontends + slots + backends
     );
+}
+
+#[test]
+fn a_full_frontend_map_fails_only_the_frontends_that_did_not_fit() {
+    use crate::dataplane::{FrontendKind, FrontendRef};
+    let fake = MemoryMaps::default();
+    // lb has 5 records: ClusterIP, LB IP (2 scopes), node port (2 scopes).
+    fake.set_capacity(names::FRONTENDS, 3);
+    let mut w = Writer::over(fake.tables(), None).unwrap();
+    let s = state(vec![lb()]);
+    let (_, errors) = w
+        .sync(&s, &changed(&state(vec![]), &s), &[], false, &config())
+        .unwrap();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].port, lb().name);
+    assert_eq!(
+        errors[0].frontends,
+        Some(vec![FrontendRef {
+            kind: FrontendKind::NodePort,
+            ip: None,
+            port: 30053,
+        }])
+    );
+    assert!(
+        errors[0]
+            .message
+            .contains("BPF map FRONTENDS is full (3 entries); raise --bpf-lb-map-max"),
+        "{}",
+        errors[0].message
+    );
+    // The ClusterIP and the LB IP carry traffic.
+    let kinds: Vec<u8> = fake.frontends().iter().map(|(_, f)| f.kind).collect();
+    assert_eq!(kinds.len(), 3);
+    assert!(!kinds.contains(&proxy_common::KIND_NODE_PORT), "{kinds:?}");
+    assert_eq!(fake.violations(), Vec::<String>::new());
+
+    // Room: the retry writes the node port and nothing else.
+    fake.set_capacity(names::FRONTENDS, 10);
+    fake.take_log();
+    let (_, errors) = w
+        .sync(&s, &ChangeSet::default(), &[lb().name], false, &config())
+        .unwrap();
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(ops(&fake.take_log()), [(names::FRONTENDS, "put")]);
+    assert_eq!(fake.lens().0, 5);
 }

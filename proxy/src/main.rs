@@ -18,7 +18,10 @@ fn main() -> ExitCode {
     let status_lines = matches!(&cli.command, Command::Forward(f) if f.file.is_some())
         && std::io::IsTerminal::is_terminal(&std::io::stdout());
     kproxy::cli::logging::init(cli.verbosity, status_lines);
-    let kernel = !matches!(cli.command, Command::Forward(_) | Command::Render(_));
+    let kernel = !matches!(
+        cli.command,
+        Command::Forward(_) | Command::Render(_) | Command::UdpRelay(_)
+    );
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -69,6 +72,10 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(kproxy::forward::run(args))?),
+        Command::UdpRelay(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(kproxy::server::udp_relay::run_standalone(args)),
         Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?

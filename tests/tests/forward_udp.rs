@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
+use kproxy_test_apiserver::ephemeral::EphemeralHook;
 use kproxy_test_apiserver::portforward::{self, Dialer};
 use kproxy_test_apiserver::{Options, TestApiServer};
 use kproxy_tests::topo::{LAN_IP, NODE_IPS, NODE_NAMES};
@@ -121,6 +122,156 @@ fn dns_query(id: u16, name: &str) -> Vec<u8> {
     q
 }
 
+/// The test API server in the LAN namespace, with the runtime's
+/// port-forward and `ephemeral` starting ephemeral containers; its
+/// runtime and a kubeconfig for it.
+fn api_server(
+    topo: &Topology,
+    ephemeral: Option<EphemeralHook>,
+) -> Result<(tokio::runtime::Runtime, TestApiServer, std::path::PathBuf)> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let server = rt.block_on(TestApiServer::start_with(Options {
+        addr: format!("{LAN_IP}:0").parse()?,
+        bind: Some(topo.lan_binder()),
+        port_forward: Some(portforward::hook(runtime_dialer(namespaces(topo)?))),
+        ephemeral_containers: ephemeral,
+        ..Options::default()
+    }))?;
+    let kubeconfig = topo.workdir().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig)?;
+    Ok((rt, server, kubeconfig))
+}
+
+/// Each pod's and node's network namespace, by address.
+fn namespaces(topo: &Topology) -> Result<HashMap<std::net::IpAddr, String>> {
+    let mut namespaces = HashMap::new();
+    for p in &topo.pods {
+        namespaces.insert(p.ip.parse()?, p.ns.name.clone());
+    }
+    for n in &topo.nodes {
+        namespaces.insert(n.ip.parse()?, n.ns.name.clone());
+    }
+    Ok(namespaces)
+}
+
+/// The API objects of the DNS server in pod-b: pod `dns-0` (at `ip`, on
+/// node2) and Service `dns` (DNS over UDP and TCP, and a UDP echo).
+fn dns_objects(server: &TestApiServer, ip: &str) -> Result<()> {
+    server.apply(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "dns-0", "namespace": "default", "labels": {"app": "dns"}},
+        "spec": {"nodeName": "node2", "containers": [{"name": "dns", "image": "dns", "ports": [
+            {"name": "dns", "containerPort": 53, "protocol": "UDP"},
+            {"name": "dns-tcp", "containerPort": 53},
+            {"name": "echo", "containerPort": 9000, "protocol": "UDP"}]}]},
+        "status": {"phase": "Running", "podIP": ip,
+            "conditions": [{"type": "Ready", "status": "True"}]}}))?;
+    server.apply(json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "dns", "namespace": "default"},
+        "spec": {"selector": {"app": "dns"}, "ports": [
+            {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": "dns"},
+            {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": "dns-tcp"},
+            {"name": "echo", "port": 9000, "protocol": "UDP", "targetPort": "echo"}]}}))?;
+    Ok(())
+}
+
+/// DNS through forward port `port`: queries from `n` client sockets (a
+/// resolver's random source ports: a session each), each answered for its
+/// own name and id.
+fn dns_queries(topo: &Topology, port: u16, n: u16) -> Result<()> {
+    topo.ext.enter(move || -> Result<()> {
+        for i in 0..n {
+            let s = UdpSocket::bind("127.0.0.1:0")?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let name = format!("web-{i}.default.svc.cluster.local");
+            let id = 0x1000 + i;
+            s.send_to(&dns_query(id, &name), ("127.0.0.1", port))?;
+            let mut buf = [0u8; 512];
+            let n = s
+                .recv(&mut buf)
+                .with_context(|| format!("no answer to query {i}"))?;
+            let a = &buf[..n];
+            ensure!(a[..2] == id.to_be_bytes(), "answer {i}: wrong id");
+            ensure!(
+                a[2] & 0x80 != 0 && a[7] == 1,
+                "answer {i}: not a response with one answer"
+            );
+            let label = name.split('.').next().unwrap_or_default().as_bytes();
+            ensure!(
+                a.windows(label.len()).any(|w| w == label),
+                "answer {i}: not for {name}"
+            );
+            ensure!(
+                a[n - 4..] == [10, 96, 0, 53],
+                "answer {i}: address {:?}",
+                &a[n - 4..]
+            );
+        }
+        Ok(())
+    })?
+}
+
+/// Echo through forward port `port`: `count` numbered datagrams of 512
+/// bytes on one session, at most 64 in flight; fails on corruption or
+/// reordering, returns how many were lost.
+fn echo(topo: &Topology, port: u16, count: u32) -> Result<usize> {
+    let socket = topo.ext.enter(move || -> Result<UdpSocket> {
+        let s = UdpSocket::bind("127.0.0.1:0")?;
+        s.connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Ok(s)
+    })??;
+    let socket = Arc::new(socket);
+    let received = Arc::new(AtomicUsize::new(0));
+    let receiver = {
+        let (socket, received) = (socket.clone(), received.clone());
+        std::thread::spawn(move || -> Result<Vec<u32>> {
+            let mut seqs = Vec::with_capacity(count as usize);
+            let mut buf = [0u8; 2048];
+            // Ends after 2s without a datagram (the sender is long done then).
+            while let Ok(n) = socket.recv(&mut buf) {
+                ensure!(
+                    n == 512 && buf[4..512].iter().all(|b| *b == 0xab),
+                    "datagram corrupted"
+                );
+                seqs.push(u32::from_be_bytes(buf[..4].try_into()?));
+                received.fetch_add(1, Ordering::Relaxed);
+                if seqs.len() == count as usize {
+                    break;
+                }
+            }
+            Ok(seqs)
+        })
+    };
+    let started = Instant::now();
+    for seq in 0..count {
+        // Window of 64; a loss would stall it, so wait at most 200 ms.
+        let wait = Instant::now();
+        while seq as usize >= received.load(Ordering::Relaxed) + 64
+            && wait.elapsed() < Duration::from_millis(200)
+        {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let mut d = seq.to_be_bytes().to_vec();
+        d.resize(512, 0xab);
+        socket.send(&d)?;
+    }
+    let seqs = receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    let elapsed = started.elapsed();
+    let lost = count as usize - seqs.len();
+    let reordered = seqs.windows(2).filter(|w| w[1] < w[0]).count();
+    eprintln!(
+        "UDP echo through the relay: {count} datagrams of 512 bytes, {lost} lost, {reordered} out of order, {:.0} datagrams/s each way",
+        seqs.len() as f64 / elapsed.as_secs_f64()
+    );
+    ensure!(reordered == 0, "{reordered} datagrams out of order");
+    Ok(lost)
+}
+
 #[test]
 fn udp_through_the_node_agents_relay() -> Result<()> {
     let mut topo = Topology::build(Mode::Iptables)?;
@@ -133,25 +284,7 @@ fn udp_through_the_node_agents_relay() -> Result<()> {
     topo.serve(b, &["--dns", "53", "--udp-echo", "9000"])?;
     let pod_b_ip = topo.pods[b].ip.clone();
 
-    let mut namespaces = HashMap::new();
-    for p in &topo.pods {
-        namespaces.insert(p.ip.parse()?, p.ns.name.clone());
-    }
-    for n in &topo.nodes {
-        namespaces.insert(n.ip.parse()?, n.ns.name.clone());
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let server = rt.block_on(TestApiServer::start_with(Options {
-        addr: format!("{LAN_IP}:0").parse()?,
-        bind: Some(topo.lan_binder()),
-        port_forward: Some(portforward::hook(runtime_dialer(namespaces))),
-        ..Options::default()
-    }))?;
-    let kubeconfig = topo.workdir().join("kubeconfig");
-    server.write_kubeconfig(&kubeconfig)?;
+    let (rt, server, kubeconfig) = api_server(&topo, None)?;
     for i in 0..topo.nodes.len() {
         topo.nodes[i].config.kubeconfig = Some(kubeconfig.clone());
         topo.start_kproxy(i)?;
@@ -179,20 +312,7 @@ fn udp_through_the_node_agents_relay() -> Result<()> {
             "spec": {"nodeName": node, "hostNetwork": true, "containers": [{"name": "kproxy", "image": "kproxy"}]},
             "status": {"phase": "Running", "podIP": NODE_IPS[i]}}))?;
     }
-    server.apply(json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "dns-0", "namespace": "default", "labels": {"app": "dns"}},
-        "spec": {"nodeName": "node2", "containers": [{"name": "dns", "image": "dns", "ports": [
-            {"name": "dns", "containerPort": 53, "protocol": "UDP"},
-            {"name": "dns-tcp", "containerPort": 53},
-            {"name": "echo", "containerPort": 9000, "protocol": "UDP"}]}]},
-        "status": {"phase": "Running", "podIP": pod_b_ip,
-            "conditions": [{"type": "Ready", "status": "True"}]}}))?;
-    server.apply(json!({"apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": "dns", "namespace": "default"},
-        "spec": {"selector": {"app": "dns"}, "ports": [
-            {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": "dns"},
-            {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": "dns-tcp"},
-            {"name": "echo", "port": 9000, "protocol": "UDP", "targetPort": "echo"}]}}))?;
+    dns_objects(&server, &pod_b_ip)?;
 
     let fwd = Forward::start(
         &topo,
@@ -210,94 +330,8 @@ fn udp_through_the_node_agents_relay() -> Result<()> {
     let dns_port = fwd.next_port()?;
     let echo_port = fwd.next_port()?;
 
-    // DNS: queries from 20 client sockets (a resolver's random source
-    // ports: a session each), each answered for its own name and id.
-    let dns = topo.ext.enter(move || -> Result<()> {
-        for i in 0..20u16 {
-            let s = UdpSocket::bind("127.0.0.1:0")?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            let name = format!("web-{i}.default.svc.cluster.local");
-            let id = 0x1000 + i;
-            s.send_to(&dns_query(id, &name), ("127.0.0.1", dns_port))?;
-            let mut buf = [0u8; 512];
-            let n = s
-                .recv(&mut buf)
-                .with_context(|| format!("no answer to query {i}"))?;
-            let a = &buf[..n];
-            ensure!(a[..2] == id.to_be_bytes(), "answer {i}: wrong id");
-            ensure!(
-                a[2] & 0x80 != 0 && a[7] == 1,
-                "answer {i}: not a response with one answer"
-            );
-            let label = name.split('.').next().unwrap_or_default().as_bytes();
-            ensure!(
-                a.windows(label.len()).any(|w| w == label),
-                "answer {i}: not for {name}"
-            );
-            ensure!(
-                a[n - 4..] == [10, 96, 0, 53],
-                "answer {i}: address {:?}",
-                &a[n - 4..]
-            );
-        }
-        Ok(())
-    })?;
-    dns.with_context(|| fwd.stderr())?;
-
-    // Echo: 1,000 numbered datagrams on one session, at most 64 in
-    // flight; count what comes back, and that it comes back in order.
-    let socket = topo.ext.enter(move || -> Result<UdpSocket> {
-        let s = UdpSocket::bind("127.0.0.1:0")?;
-        s.connect(("127.0.0.1", echo_port))?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        Ok(s)
-    })??;
-    let socket = Arc::new(socket);
-    let received = Arc::new(AtomicUsize::new(0));
-    let receiver = {
-        let (socket, received) = (socket.clone(), received.clone());
-        std::thread::spawn(move || -> Result<Vec<u32>> {
-            let mut seqs = Vec::with_capacity(1000);
-            let mut buf = [0u8; 2048];
-            // Ends after 2s without a datagram (the sender is long done then).
-            while let Ok(n) = socket.recv(&mut buf) {
-                ensure!(
-                    n == 512 && buf[4..512].iter().all(|b| *b == 0xab),
-                    "datagram corrupted"
-                );
-                seqs.push(u32::from_be_bytes(buf[..4].try_into()?));
-                received.fetch_add(1, Ordering::Relaxed);
-                if seqs.len() == 1000 {
-                    break;
-                }
-            }
-            Ok(seqs)
-        })
-    };
-    let started = Instant::now();
-    for seq in 0..1000u32 {
-        // Window of 64; a loss would stall it, so wait at most 200 ms.
-        let wait = Instant::now();
-        while seq as usize >= received.load(Ordering::Relaxed) + 64
-            && wait.elapsed() < Duration::from_millis(200)
-        {
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        let mut d = seq.to_be_bytes().to_vec();
-        d.resize(512, 0xab);
-        socket.send(&d)?;
-    }
-    let seqs = receiver
-        .join()
-        .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
-    let elapsed = started.elapsed();
-    let lost = 1000 - seqs.len();
-    let reordered = seqs.windows(2).filter(|w| w[1] < w[0]).count();
-    eprintln!(
-        "UDP echo through the relay: 1000 datagrams of 512 bytes, {lost} lost, {reordered} out of order, {:.0} datagrams/s each way",
-        seqs.len() as f64 / elapsed.as_secs_f64()
-    );
-    ensure!(reordered == 0, "{reordered} datagrams out of order");
+    dns_queries(&topo, dns_port, 20).with_context(|| fwd.stderr())?;
+    let lost = echo(&topo, echo_port, 1000)?;
     // Loopback and veths in namespaces lose nothing at this pace.
     ensure!(
         lost == 0,
@@ -313,5 +347,210 @@ fn udp_through_the_node_agents_relay() -> Result<()> {
     drop(fwd);
     drop(server);
     drop(rt);
+    Ok(())
+}
+
+/// Ephemeral containers as the kubelet starts them: each runs its command
+/// (the image's kproxy is this build's) in the network namespace of its
+/// pod (found by the pod's IP), logging to the work dir. Killed on drop.
+#[derive(Default)]
+struct Containers(Arc<std::sync::Mutex<Vec<Child>>>);
+
+impl Containers {
+    fn count(&self) -> usize {
+        self.0.lock().map(|c| c.len()).unwrap_or_default()
+    }
+
+    fn hook(&self, topo: &Topology) -> Result<EphemeralHook> {
+        let namespaces = Arc::new(namespaces(topo)?);
+        let bin = kproxy_tests::kproxy::binary()?;
+        let dir = topo.workdir().to_path_buf();
+        let running = self.0.clone();
+        Ok(Arc::new(move |pod, container| {
+            let (namespaces, bin, dir, running) = (
+                namespaces.clone(),
+                bin.clone(),
+                dir.clone(),
+                running.clone(),
+            );
+            Box::pin(async move {
+                let fail = |why: String| ("RunContainerError".to_string(), why);
+                let ns = pod["status"]["podIP"]
+                    .as_str()
+                    .and_then(|ip| ip.parse().ok())
+                    .and_then(|ip: std::net::IpAddr| namespaces.get(&ip).cloned())
+                    .ok_or_else(|| fail("the pod has no network namespace".into()))?;
+                let argv: Vec<String> = container["command"]
+                    .as_array()
+                    .into_iter()
+                    .chain(container["args"].as_array())
+                    .flatten()
+                    .filter_map(|a| a.as_str().map(str::to_string))
+                    .collect();
+                if argv.first().map(String::as_str) != Some("/usr/local/bin/kproxy") {
+                    return Err(fail(format!("not kproxy's image command: {argv:?}")));
+                }
+                let name = container["name"].as_str().unwrap_or("container");
+                let log = std::fs::File::create(dir.join(format!("{name}.log")))
+                    .map_err(|e| fail(e.to_string()))?;
+                let child = kproxy_tests::netns::command_in(&ns, &bin, None)
+                    .args(&argv[1..])
+                    .stdin(Stdio::null())
+                    .stdout(log.try_clone().map_err(|e| fail(e.to_string()))?)
+                    .stderr(log)
+                    .spawn()
+                    .map_err(|e| fail(e.to_string()))?;
+                running
+                    .lock()
+                    .map_err(|_| fail("poisoned".into()))?
+                    .push(child);
+                Ok(())
+            })
+        }))
+    }
+}
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        if let Ok(mut all) = self.0.lock() {
+            for c in all.iter_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// Sends one datagram to forward port `port` from the outside namespace
+/// (to make the forward open a session) and waits until its stderr says
+/// `expected`.
+fn datagram_gets(topo: &Topology, fwd: &Forward, port: u16, expected: &[&str]) -> Result<()> {
+    topo.ext.enter(|| -> Result<()> {
+        let s = UdpSocket::bind("127.0.0.1:0")?;
+        s.send_to(b"hello", ("127.0.0.1", port))?;
+        Ok(())
+    })??;
+    kproxy_tests::poll::until(
+        &format!("kproxy forward to log {expected:?}"),
+        Duration::from_secs(30),
+        || {
+            let stderr = fwd.stderr();
+            ensure!(
+                expected.iter().all(|e| stderr.contains(e)),
+                "stderr so far:\n{stderr}"
+            );
+            Ok(())
+        },
+    )
+}
+
+#[test]
+fn udp_through_an_ephemeral_relay_container_where_no_agent_runs() -> Result<()> {
+    // No kproxy agent anywhere: a cluster that runs kube-proxy.
+    let mut topo = Topology::build(Mode::Iptables)?;
+    let b = topo
+        .pods
+        .iter()
+        .position(|p| p.name == "pod-b")
+        .context("pod-b")?;
+    topo.serve(b, &["--dns", "53", "--udp-echo", "9000"])?;
+    let pod_b_ip = topo.pods[b].ip.clone();
+    let containers = Containers::default();
+    let (rt, server, kubeconfig) = api_server(&topo, Some(containers.hook(&topo)?))?;
+    dns_objects(&server, &pod_b_ip)?;
+    let pod = || -> Result<serde_json::Value> {
+        let res = kproxy_test_apiserver::resources::find("", "v1", "pods").context("pods")?;
+        Ok((*server.store().get(res, Some("default"), "dns-0")?).clone())
+    };
+    let base = ["--address", "127.0.0.1", "--udp-idle-timeout", "2s"];
+
+    // Agents only: the forward says there is none and how to do without.
+    {
+        let fwd = Forward::start(
+            &topo,
+            &kubeconfig,
+            &[&["svc/dns", ":9000/udp", "--udp-relay", "agent"], &base[..]].concat(),
+        )?;
+        let port = fwd.next_port()?;
+        datagram_gets(
+            &topo,
+            &fwd,
+            port,
+            &["no kproxy agent runs on node node2", "--udp-relay=auto"],
+        )?;
+    }
+    // A role without patch on pods/ephemeralcontainers: the message names it.
+    server.deny("pods/ephemeralcontainers");
+    {
+        let fwd = Forward::start(
+            &topo,
+            &kubeconfig,
+            &[&["svc/dns", ":9000/udp"], &base[..]].concat(),
+        )?;
+        let port = fwd.next_port()?;
+        datagram_gets(
+            &topo,
+            &fwd,
+            port,
+            &["needs patch on pods/ephemeralcontainers in namespace default"],
+        )?;
+    }
+    server.allow("pods/ephemeralcontainers");
+    ensure!(
+        pod()?["spec"].get("ephemeralContainers").is_none(),
+        "a container was added although the forwards could not: {}",
+        pod()?["spec"]
+    );
+
+    // The default: the relay runs in an ephemeral container of the pod.
+    let fwd = Forward::start(
+        &topo,
+        &kubeconfig,
+        &[&["svc/dns", ":53/udp", ":9000/udp"], &base[..]].concat(),
+    )?;
+    let dns_port = fwd.next_port()?;
+    let echo_port = fwd.next_port()?;
+    dns_queries(&topo, dns_port, 20).with_context(|| fwd.stderr())?;
+    let lost = echo(&topo, echo_port, 1000)?;
+    ensure!(
+        lost == 0,
+        "{lost} of 1000 datagrams lost; stderr:\n{}",
+        fwd.stderr()
+    );
+    let added = pod()?["spec"]["ephemeralContainers"].clone();
+    let expected_image = format!("ghcr.io/kproxy/kproxy:{}", env!("CARGO_PKG_VERSION"));
+    ensure!(
+        added.as_array().map(Vec::len) == Some(1)
+            && added[0]["name"] == "kproxy-udp-relay-1"
+            && added[0]["image"] == expected_image.as_str()
+            && added[0]["command"][1] == "udp-relay"
+            && added[0]["securityContext"]["runAsNonRoot"] == true,
+        "ephemeral containers: {added}"
+    );
+    ensure!(
+        fwd.stderr().contains("ephemeral container"),
+        "{}",
+        fwd.stderr()
+    );
+
+    // A second forward to the same pod uses the running relay.
+    let fwd2 = Forward::start(
+        &topo,
+        &kubeconfig,
+        &[&["pod/dns-0", ":9000/udp"], &base[..]].concat(),
+    )?;
+    let port2 = fwd2.next_port()?;
+    let lost = echo(&topo, port2, 200)?;
+    ensure!(lost == 0, "{lost} of 200 lost; stderr:\n{}", fwd2.stderr());
+    let added = pod()?["spec"]["ephemeralContainers"].clone();
+    ensure!(
+        added.as_array().map(Vec::len) == Some(1) && containers.count() == 1,
+        "the second forward added a relay: {added}"
+    );
+    drop(fwd2);
+    drop(fwd);
+    drop(server);
+    drop(rt);
+    drop(containers);
     Ok(())
 }

@@ -55,6 +55,30 @@ pub enum Command {
     Render(RenderArgs),
     /// Forward local ports to a pod (as `kubectl port-forward`), surviving pod restarts and API drops.
     Forward(ForwardArgs),
+    /// The UDP relay of `kproxy forward .../udp` on its own: what kproxy forward runs in an
+    /// ephemeral container of the target pod where no kproxy agent runs on its node.
+    UdpRelay(UdpRelayArgs),
+}
+
+/// `kproxy udp-relay`
+#[derive(Debug, Args)]
+pub struct UdpRelayArgs {
+    /// Port to listen on, on loopback (127.0.0.1 and ::1): reached by a port-forward to the pod.
+    #[arg(long, value_name = "PORT", default_value_t = crate::server::udp_relay::DEFAULT_PORT)]
+    pub port: u16,
+    /// Networks datagrams may be sent to, comma-separated CIDRs. Default: loopback (in an
+    /// ephemeral container, the pod's own ports).
+    #[arg(
+        long,
+        value_name = "CIDR",
+        value_delimiter = ',',
+        default_value = "127.0.0.0/8,::1/128"
+    )]
+    pub allow: Vec<IpNet>,
+    /// Exit once no forward has had a stream open for this long (0: never), so an ephemeral
+    /// container ends when its forwards are gone.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub exit_after_idle: Duration,
 }
 
 /// `kproxy forward TYPE/NAME [LOCAL:]REMOTE...`
@@ -106,6 +130,18 @@ pub struct ForwardArgs {
     /// Connection set-ups (API requests) in flight at once; more connections wait their turn.
     #[arg(long, value_name = "N", default_value_t = 16)]
     pub max_concurrent_setups: usize,
+    /// UDP: which relay carries the datagrams: auto (the kproxy agent on the pod's node; where
+    /// none runs, or the agents cannot be listed, an ephemeral container in the target pod),
+    /// agent, or ephemeral.
+    #[arg(long, value_enum, default_value_t = crate::forward::udp::RelayMode::Auto)]
+    pub udp_relay: crate::forward::udp::RelayMode,
+    /// UDP: the image of the ephemeral relay container (kproxy's own image, which runs
+    /// `kproxy udp-relay`).
+    #[arg(long, value_name = "IMAGE", default_value = concat!("ghcr.io/kproxy/kproxy:", env!("CARGO_PKG_VERSION")))]
+    pub udp_relay_image: String,
+    /// UDP: how long the ephemeral relay container may take to start (its image pull).
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    pub udp_relay_start_timeout: Duration,
     /// UDP: namespace of the kproxy agent pods that relay datagrams.
     #[arg(long, value_name = "NAMESPACE", default_value = "kube-system")]
     pub udp_relay_namespace: String,
@@ -116,7 +152,8 @@ pub struct ForwardArgs {
         default_value = "app.kubernetes.io/name=kproxy"
     )]
     pub udp_relay_selector: String,
-    /// UDP: the agents' relay port (their `kproxy run --udp-relay-port`).
+    /// UDP: the relay's port (the agents' `kproxy run --udp-relay-port`; the ephemeral relay
+    /// container listens there too, on the pod's loopback).
     #[arg(long, value_name = "PORT", default_value_t = crate::server::udp_relay::DEFAULT_PORT)]
     pub udp_relay_port: u16,
     /// UDP: a client address's session is closed after this long without datagrams.

@@ -95,6 +95,7 @@ impl Stats {
 }
 
 /// Why a connection could not be set up.
+#[derive(Debug)]
 enum SetupError {
     /// Ends the whole forward.
     Fatal(String),
@@ -599,6 +600,9 @@ impl Common {
                 keepalive_interval: keepalive,
             },
             relay: udp::RelayOpts {
+                mode: args.udp_relay,
+                image: args.udp_relay_image.clone(),
+                start_timeout: args.udp_relay_start_timeout,
                 namespace: args.udp_relay_namespace.clone(),
                 selector: args.udp_relay_selector.clone(),
                 port: args.udp_relay_port,

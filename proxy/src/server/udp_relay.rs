@@ -19,7 +19,7 @@ use bytes::{Bytes, BytesMut};
 use ipnet::IpNet;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::forward::udp::frame::{self, Frame, MAX_DATAGRAM};
@@ -85,6 +85,28 @@ pub async fn start(port: u16, allowed: &[IpNet]) -> Option<RelayHandle> {
     }
 }
 
+/// `kproxy udp-relay`: the relay alone, until it has been unused for
+/// `--exit-after-idle`.
+pub async fn run_standalone(args: crate::cli::UdpRelayArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let listeners = bind(args.port)
+        .await
+        .with_context(|| format!("cannot listen on 127.0.0.1:{} (pass --port)", args.port))?;
+    let cfg = RelayConfig {
+        allowed: args.allow,
+        ..RelayConfig::default()
+    };
+    let nets: Vec<String> = cfg.allowed.iter().map(ToString::to_string).collect();
+    // The line kproxy forward's users see in the container's log.
+    tracing::info!(port = args.port, allowed = %nets.join(","), "UDP relay listening on loopback");
+    if args.exit_after_idle.is_zero() {
+        serve(listeners, cfg).await;
+    } else {
+        serve_until_idle(listeners, cfg, args.exit_after_idle).await;
+    }
+    Ok(())
+}
+
 /// Stops the relay when dropped.
 pub struct RelayHandle(tokio::task::JoinHandle<()>);
 
@@ -96,10 +118,61 @@ impl Drop for RelayHandle {
 
 /// Serves the relay on `listeners` until the task is dropped.
 pub async fn serve(listeners: Vec<TcpListener>, cfg: RelayConfig) {
+    serve_counting(listeners, cfg, Arc::new(watch::channel(0).0)).await
+}
+
+/// Serves the relay on `listeners` until no stream has been open for
+/// `exit_after` (`kproxy udp-relay` in an ephemeral container: the process,
+/// and so the container, ends once no forward uses it).
+pub async fn serve_until_idle(listeners: Vec<TcpListener>, cfg: RelayConfig, exit_after: Duration) {
+    let open = Arc::new(watch::channel(0usize).0);
+    let mut rx = open.subscribe();
+    let idle = async move {
+        loop {
+            if rx.wait_for(|n| *n == 0).await.is_err() {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(exit_after) => return,
+                _ = rx.wait_for(|n| *n > 0) => {}
+            }
+        }
+    };
+    tokio::select! {
+        _ = serve_counting(listeners, cfg, open) => {}
+        _ = idle => tracing::info!(
+            "no kproxy forward used the UDP relay for {exit_after:?}: exiting"
+        ),
+    }
+}
+
+/// Ends a stream's count in `open` when dropped.
+struct Open(Arc<watch::Sender<usize>>);
+
+impl Open {
+    fn new(open: &Arc<watch::Sender<usize>>) -> Open {
+        open.send_modify(|n| *n += 1);
+        Open(open.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+/// Serves the relay, counting the streams open in `open`.
+async fn serve_counting(
+    listeners: Vec<TcpListener>,
+    cfg: RelayConfig,
+    open: Arc<watch::Sender<usize>>,
+) {
     let cfg = Arc::new(cfg);
     let mut tasks = tokio::task::JoinSet::new();
     for l in listeners {
         let cfg = cfg.clone();
+        let open = open.clone();
         tasks.spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
@@ -108,7 +181,9 @@ pub async fn serve(listeners: Vec<TcpListener>, cfg: RelayConfig) {
                         Ok((s, peer)) => {
                             let _ = s.set_nodelay(true);
                             let cfg = cfg.clone();
+                            let counted = Open::new(&open);
                             conns.spawn(async move {
+                                let _counted = counted;
                                 if let Err(e) = relay(s, &cfg).await {
                                     tracing::debug!(%peer, "UDP relay stream ended: {e}");
                                 }
@@ -150,7 +225,9 @@ where
 {
     let (mut r, w) = tokio::io::split(stream);
     let (out_tx, out_rx) = mpsc::channel::<Frame>(256);
-    let writer = tokio::spawn(crate::forward::udp::write_frames(w, out_rx, &[]));
+    // The writer starts at the greeting, which may ask to be answered.
+    let mut unstarted = Some((w, out_rx));
+    let mut writer = None;
     let mut sessions: HashMap<u32, Session> = HashMap::new();
     let mut buf = BytesMut::with_capacity(128 * 1024);
     let mut greeted = false;
@@ -161,9 +238,17 @@ where
     );
     let result = loop {
         if !greeted {
-            match frame::take_magic(&mut buf) {
-                Ok(true) => greeted = true,
-                Ok(false) => {}
+            match frame::take_greeting(&mut buf) {
+                Ok(Some(ack)) => {
+                    greeted = true;
+                    if let Some((w, out_rx)) = unstarted.take() {
+                        let first: &'static [u8] = if ack { frame::MAGIC_ACK } else { &[] };
+                        writer = Some(tokio::spawn(crate::forward::udp::write_frames(
+                            w, out_rx, first,
+                        )));
+                    }
+                }
+                Ok(None) => {}
                 Err(e) => break Err(e.to_string()),
             }
         }
@@ -226,7 +311,9 @@ where
     };
     drop(sessions);
     drop(out_tx);
-    let _ = writer.await;
+    if let Some(writer) = writer {
+        let _ = writer.await;
+    }
     result
 }
 
@@ -399,5 +486,65 @@ mod tests {
         c.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
         let r = task.await.unwrap();
         assert!(r.unwrap_err().contains("greeting"));
+    }
+
+    #[tokio::test]
+    async fn a_greeting_that_asks_is_answered_before_any_frame() {
+        let echo = udp_echo().await;
+        let (mut c, server) = tokio::io::duplex(1 << 16);
+        tokio::spawn(async move { relay(server, &RelayConfig::default()).await });
+        let mut out = BytesMut::new();
+        out.extend_from_slice(frame::MAGIC_ACK);
+        frame::encode(
+            &Frame::Open {
+                session: 1,
+                dest: echo,
+            },
+            &mut out,
+        );
+        frame::encode(
+            &Frame::Data {
+                session: 1,
+                payload: Bytes::from_static(b"ping"),
+            },
+            &mut out,
+        );
+        c.write_all(&out).await.unwrap();
+        let mut answer = [0u8; 4];
+        c.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, frame::MAGIC_ACK);
+        let mut buf = BytesMut::new();
+        assert_eq!(
+            next(&mut c, &mut buf).await,
+            Frame::Data {
+                session: 1,
+                payload: Bytes::from_static(b"ping")
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn the_standalone_relay_exits_only_once_unused_for_its_idle_time() {
+        let listeners = bind(0).await.unwrap();
+        let port = listeners[0].local_addr().unwrap().port();
+        let idle = Duration::from_millis(300);
+        let relay = tokio::spawn(serve_until_idle(listeners, RelayConfig::default(), idle));
+        // A stream held open for three idle times keeps it up.
+        let s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        tokio::time::sleep(idle * 3).await;
+        assert!(!relay.is_finished(), "exited with a stream open");
+        let closed = Instant::now();
+        drop(s);
+        tokio::time::timeout(Duration::from_secs(10), relay)
+            .await
+            .expect("exits once idle")
+            .unwrap();
+        assert!(
+            closed.elapsed() >= idle,
+            "exited {:?} after the stream closed",
+            closed.elapsed()
+        );
     }
 }

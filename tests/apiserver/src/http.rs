@@ -37,6 +37,8 @@ pub struct Shared {
     pub port_forward_faults: Arc<crate::portforward::Faults>,
     /// RBAC: denied resources, a role, the 1.35 WebSocket `create` check.
     pub authz: std::sync::Mutex<crate::authz::Authz>,
+    /// Starts ephemeral containers (the kubelet's part).
+    pub ephemeral: Option<crate::ephemeral::EphemeralHook>,
 }
 
 pub type PortForwardHook = Arc<
@@ -260,6 +262,27 @@ async fn serve_request(shared: &Arc<Shared>, req: Request) -> Response {
     }
 }
 
+/// After a write of `pods/{name}/ephemeralcontainers`: the kubelet starts
+/// the containers it added.
+fn kubelet_starts(
+    shared: &Shared,
+    sub: Option<&str>,
+    dry_run: bool,
+    before: &Value,
+    after: &Arc<Value>,
+) {
+    if sub != Some("ephemeralcontainers") || dry_run {
+        return;
+    }
+    let added = crate::ephemeral::added(before, after);
+    crate::ephemeral::start(
+        shared.store.clone(),
+        shared.ephemeral.clone(),
+        after.clone(),
+        added,
+    );
+}
+
 /// `a=b&c=d` with percent- and plus-decoding.
 fn url_decode_pairs(q: &str) -> HashMap<String, String> {
     q.split('&')
@@ -370,7 +393,9 @@ async fn serve(
                 let updated = store.update(res, ns, name, obj, None, dry_run)?;
                 return Ok(ok(&crate::store::scale_of(res, &updated)));
             }
+            let before = store.get(res, ns, name)?;
             let updated = store.update(res, ns, name, obj, sub, dry_run)?;
+            kubelet_starts(shared, sub, dry_run, &before, &updated);
             Ok(ok(&updated))
         }
         (&Method::PATCH, Some(name)) => {
@@ -382,7 +407,11 @@ async fn serve(
                 )
             })?;
             let patch = parse_body(content_type, &body)?;
+            let before = store.get(res, ns, name).ok();
             let patched = store.patch(res, ns, name, kind, &patch, sub, dry_run)?;
+            if let Some(before) = before {
+                kubelet_starts(shared, sub, dry_run, &before, &patched);
+            }
             Ok(match sub {
                 Some("scale") => ok(&crate::store::scale_of(res, &patched)),
                 _ => ok(&patched),

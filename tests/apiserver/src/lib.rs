@@ -11,6 +11,7 @@
 //! port), compact the history (expire resourceVersions).
 
 pub mod authz;
+pub mod ephemeral;
 pub mod http;
 pub mod patch;
 pub mod portforward;
@@ -52,6 +53,9 @@ pub struct Options {
     pub port_forward: Option<http::PortForwardHook>,
     /// How to create the listener (default: bind in this process's namespace).
     pub bind: Option<Binder>,
+    /// Starts the ephemeral containers added to a pod (see [`ephemeral`]);
+    /// `None`: they stay waiting.
+    pub ephemeral_containers: Option<ephemeral::EphemeralHook>,
 }
 
 impl Default for Options {
@@ -61,6 +65,7 @@ impl Default for Options {
             bookmark_interval: Duration::from_secs(1),
             port_forward: Some(portforward::hook(portforward::direct_dialer())),
             bind: None,
+            ephemeral_containers: None,
         }
     }
 }
@@ -108,6 +113,7 @@ impl TestApiServer {
             port_forward: opts.port_forward,
             port_forward_faults: Arc::new(portforward::Faults::default()),
             authz: Mutex::new(Default::default()),
+            ephemeral: opts.ephemeral_containers,
         });
         let server = TestApiServer {
             addr,

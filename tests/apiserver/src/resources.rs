@@ -110,7 +110,7 @@ pub static RESOURCES: &[Resource] = &[
         "Pod",
         true,
         ["po"],
-        ["status", "portforward"],
+        ["status", "portforward", "ephemeralcontainers"],
         true
     ),
     res!(

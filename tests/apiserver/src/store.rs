@@ -514,7 +514,10 @@ impl Store {
                 ));
             }
         }
-        let new = merge_for_update(res, &old, obj, subresource);
+        let new = match subresource {
+            Some("ephemeralcontainers") => crate::ephemeral::merge(&old, &obj)?,
+            _ => merge_for_update(res, &old, obj, subresource),
+        };
         self.commit_update(&mut inner, res, key, old, new, dry_run)
     }
 
@@ -653,6 +656,7 @@ impl Store {
                 new["spec"]["replicas"] = target["spec"]["replicas"].clone();
                 new
             }
+            Some("ephemeralcontainers") => crate::ephemeral::merge(&old, &target)?,
             _ => merge_for_update(res, &old, target, subresource),
         };
         self.commit_update(&mut inner, res, key, old, new, dry_run)

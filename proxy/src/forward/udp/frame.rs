@@ -11,6 +11,11 @@ use std::net::{IpAddr, SocketAddr};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 pub const MAGIC: &[u8; 4] = b"KPU1";
+/// The greeting that asks the relay to answer with the same four bytes
+/// before anything else: a relay just started (an ephemeral container) is
+/// known to listen once they arrive. A relay that predates it drops the
+/// stream, so it is sent only to relays of the client's own version.
+pub const MAGIC_ACK: &[u8; 4] = b"KPU2";
 pub const HEADER_LEN: usize = 7;
 /// The largest UDP payload (IPv4: 65535 - 20 - 8).
 pub const MAX_DATAGRAM: usize = 65507;
@@ -78,18 +83,25 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
 
 /// Takes the greeting off the front of `buf`: Ok(true) once it was there.
 pub fn take_magic(buf: &mut BytesMut) -> Result<bool, FrameError> {
-    if buf.len() < MAGIC.len() {
-        return if MAGIC.starts_with(buf) {
-            Ok(false)
-        } else {
-            Err(FrameError::Magic)
-        };
-    }
-    if &buf[..MAGIC.len()] != MAGIC {
+    take_greeting(buf).map(|g| g.is_some())
+}
+
+/// Takes the client's greeting from the front of `buf`: None while only
+/// part of it is there, else whether it asks for an answer ([`MAGIC_ACK`]).
+pub fn take_greeting(buf: &mut BytesMut) -> Result<Option<bool>, FrameError> {
+    let n = buf.len().min(MAGIC.len());
+    let ack = if buf[..n] == MAGIC[..n] {
+        false
+    } else if buf[..n] == MAGIC_ACK[..n] {
+        true
+    } else {
         return Err(FrameError::Magic);
+    };
+    if n < MAGIC.len() {
+        return Ok(None);
     }
     buf.advance(MAGIC.len());
-    Ok(true)
+    Ok(Some(ack))
 }
 
 /// Takes one frame from the front of `buf`, if a whole one is there.
@@ -211,6 +223,19 @@ mod tests {
             Err(FrameError::Magic)
         );
         assert_eq!(take_magic(&mut BytesMut::from(&b"KP"[..])), Ok(false));
+        // The greeting that asks for an answer, whole and in part.
+        let mut buf = BytesMut::from(&b"KPU2\x02"[..]);
+        assert_eq!(take_greeting(&mut buf), Ok(Some(true)));
+        assert_eq!(&buf[..], b"\x02");
+        assert_eq!(take_greeting(&mut BytesMut::from(&b"KPU"[..])), Ok(None));
+        assert_eq!(
+            take_greeting(&mut BytesMut::from(&b"KPU1"[..])),
+            Ok(Some(false))
+        );
+        assert_eq!(
+            take_greeting(&mut BytesMut::from(&b"KPU3"[..])),
+            Err(FrameError::Magic)
+        );
         assert_eq!(
             decode(&mut BytesMut::from(&[9u8, 0, 0, 0, 1, 0, 0][..])),
             Err(FrameError::Type(9))

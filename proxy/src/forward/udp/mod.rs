@@ -8,8 +8,10 @@
 //! address opens it (towards the pod the target resolves to then), replies
 //! go back to that address, and it is closed after `--udp-idle-timeout`
 //! without traffic. One stream per local socket keeps every session's
-//! datagrams in order.
+//! datagrams in order. Where no agent runs, the relay runs in an ephemeral
+//! container of the target pod instead ([`ephemeral`], `--udp-relay`).
 
+pub mod ephemeral;
 pub mod frame;
 
 use std::collections::HashMap;
@@ -31,9 +33,27 @@ use super::dial::{Dialer, Opened};
 use super::{tunnel, SetupError, Shared};
 use frame::{Frame, MAX_DATAGRAM};
 
-/// Where the relays are: the kproxy agent pods.
+/// Which relay a UDP forward uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum RelayMode {
+    /// The kproxy agent on the pod's node; where none runs (or the agents cannot be
+    /// listed), an ephemeral container in the target pod.
+    #[default]
+    Auto,
+    /// Only the kproxy agent on the pod's node.
+    Agent,
+    /// Only an ephemeral container in the target pod.
+    Ephemeral,
+}
+
+/// Where the relays are: the kproxy agent pods, or ephemeral containers.
 #[derive(Debug, Clone)]
 pub struct RelayOpts {
+    pub mode: RelayMode,
+    /// The image of the ephemeral relay container.
+    pub image: String,
+    /// How long the ephemeral relay container may take to start.
+    pub start_timeout: Duration,
     pub namespace: String,
     /// Label selector of the agent pods.
     pub selector: String,
@@ -45,8 +65,10 @@ pub struct RelayOpts {
 
 /// A relay stream: frames out, frames in.
 struct Relay {
-    agent: String,
-    node: String,
+    /// Which relay, for messages (`agent pod X`, `pod Y's container Z`).
+    name: String,
+    /// What it serves: `node N` (an agent) or `pod NS/NAME` (its own relay).
+    key: String,
     tx: mpsc::Sender<Frame>,
     rx: mpsc::Receiver<Frame>,
     /// The stream's tasks (the port-forward, framing both ways): aborted
@@ -54,17 +76,30 @@ struct Relay {
     _tasks: tokio::task::JoinSet<()>,
 }
 
+/// Why no agent relay can be used.
+enum NoAgent {
+    /// There is none (or the agents cannot be listed): the ephemeral
+    /// container may stand in.
+    Missing(String),
+    /// Looking failed otherwise (the API is down...).
+    Failed(SetupError),
+}
+
 /// The kproxy agent pod on `node`.
-async fn find_agent(shared: &Shared, opts: &RelayOpts, node: &str) -> Result<String, SetupError> {
+async fn find_agent(shared: &Shared, opts: &RelayOpts, node: &str) -> Result<String, NoAgent> {
     let pods: Api<Pod> = Api::namespaced(shared.resolver.client().clone(), &opts.namespace);
     let lp = ListParams::default()
         .labels(&opts.selector)
         .fields(&format!("spec.nodeName={node}"));
     let list = pods.list(&lp).await.map_err(|e| {
-        SetupError::Conn(format!(
+        let msg = format!(
             "listing the kproxy agent pods ({} in namespace {}): {e}",
             opts.selector, opts.namespace
-        ))
+        );
+        match e {
+            kube::Error::Api(s) if s.code == 403 => NoAgent::Missing(msg),
+            _ => NoAgent::Failed(SetupError::Conn(msg)),
+        }
     })?;
     list.items
         .into_iter()
@@ -75,24 +110,29 @@ async fn find_agent(shared: &Shared, opts: &RelayOpts, node: &str) -> Result<Str
         .filter_map(|p| p.metadata.name)
         .min()
         .ok_or_else(|| {
-            SetupError::Conn(format!(
-                "no kproxy agent runs on node {node} (no Running pod with labels {} in namespace {}): UDP forwarding needs `kproxy run --udp-relay-port {}` on the target pod's node",
-                opts.selector, opts.namespace, opts.port
+            NoAgent::Missing(format!(
+                "no kproxy agent runs on node {node} (no Running pod with labels {} in namespace {})",
+                opts.selector, opts.namespace
             ))
         })
 }
 
-/// Opens a stream to the relay of `agent` and runs the framing on it.
+/// Opens a stream to the relay in pod `pod` (of `namespace`, reached by
+/// `dialer`) and runs the framing on it. With `ack`, the relay must answer
+/// the greeting first (a relay just started: the stream is known to reach
+/// it, not a port nobody listens on yet).
 async fn connect(
     dialer: &Dialer,
-    agent: &str,
+    pod: &str,
+    namespace: &str,
     opts: &RelayOpts,
     shared: &Arc<Shared>,
+    ack: bool,
 ) -> Result<Relay, SetupError> {
-    let opened = dialer.dial(agent, opts.port).await.map_err(|e| {
+    let opened = dialer.dial(pod, opts.port).await.map_err(|e| {
         SetupError::Conn(format!(
-            "port-forward to the UDP relay (pod {agent} in {}, port {}): {e}",
-            opts.namespace, opts.port
+            "port-forward to the UDP relay (pod {pod} in {namespace}, port {}): {e}",
+            opts.port
         ))
     })?;
     // The port-forward splices onto one end of an in-memory pipe; the
@@ -119,7 +159,30 @@ async fn connect(
     let (mut r, w) = tokio::io::split(ours);
     let (out_tx, out_rx) = mpsc::channel::<Frame>(256);
     let (in_tx, in_rx) = mpsc::channel::<Frame>(256);
-    tasks.spawn(write_frames(w, out_rx, frame::MAGIC));
+    let greeting = if ack { frame::MAGIC_ACK } else { frame::MAGIC };
+    tasks.spawn(write_frames(w, out_rx, greeting));
+    if ack {
+        let mut answer = [0u8; 4];
+        let answered = tokio::time::timeout(Duration::from_secs(10), r.read_exact(&mut answer));
+        match answered.await {
+            Ok(Ok(_)) if &answer == frame::MAGIC_ACK => {}
+            Ok(Ok(_)) => {
+                return Err(SetupError::Conn(format!(
+                    "port {port} of pod {pod} is not the kproxy UDP relay (it answered {answer:?}); pass --udp-relay-port"
+                )))
+            }
+            Ok(Err(_)) => {
+                return Err(SetupError::Conn(format!(
+                    "the UDP relay in pod {pod} did not answer: the stream to port {port} ended"
+                )))
+            }
+            Err(_) => {
+                return Err(SetupError::Conn(format!(
+                    "the UDP relay in pod {pod} did not answer within 10s"
+                )))
+            }
+        }
+    }
     tasks.spawn(async move {
         let mut buf = BytesMut::with_capacity(128 * 1024);
         loop {
@@ -145,8 +208,8 @@ async fn connect(
         }
     });
     Ok(Relay {
-        agent: agent.to_string(),
-        node: String::new(),
+        name: pod.to_string(),
+        key: String::new(),
         tx: out_tx,
         rx: in_rx,
         _tasks: tasks,
@@ -283,7 +346,7 @@ pub(super) async fn serve(
                     if let Some(r) = relay.take() {
                         tracing::warn!(
                             "the UDP relay stream to {} ended ({} sessions dropped); the next datagram opens a new one",
-                            r.agent,
+                            r.name,
                             clients.len()
                         );
                     }
@@ -318,8 +381,9 @@ async fn next_frame(relay: &mut Option<Relay>) -> Option<Frame> {
     }
 }
 
-/// Resolves the target for a new session and makes sure a relay stream to
-/// the agent on the pod's node is up. Returns the session's destination.
+/// Resolves the target for a new session and makes sure a relay stream for
+/// it is up: to the agent on the pod's node, or to the pod's own relay
+/// container (`--udp-relay`). Returns the session's destination.
 async fn open_session(
     shared: &Arc<Shared>,
     opts: &RelayOpts,
@@ -334,23 +398,85 @@ async fn open_session(
     let node = pod.node().ok_or_else(|| {
         SetupError::Conn(format!("pod {} is on no node (spec.nodeName)", pod.name))
     })?;
-    let dest = SocketAddr::new(ip, ports[0]);
-    // The stream to this node's relay is up: no need to look the agent up.
-    if relay
-        .as_ref()
-        .is_some_and(|r| r.node == node && !r.tx.is_closed())
-    {
-        return Ok(dest);
+    let namespace = pod.pod.metadata.namespace.clone().unwrap_or_default();
+    let (node_key, pod_key) = (
+        format!("node {node}"),
+        format!("pod {namespace}/{}", pod.name),
+    );
+    // Through the agent the destination is the pod's address; through the
+    // pod's own relay, its loopback.
+    let via_agent = SocketAddr::new(ip, ports[0]);
+    let via_pod = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), ports[0]);
+    // The stream for this node or pod is up: nothing to look up.
+    if let Some(r) = relay.as_ref().filter(|r| !r.tx.is_closed()) {
+        if r.key == node_key {
+            return Ok(via_agent);
+        }
+        if r.key == pod_key {
+            return Ok(via_pod);
+        }
     }
-    let agent = find_agent(shared, opts, node).await?;
-    let dialer = shared
-        .relay_dialer
-        .as_ref()
-        .ok_or_else(|| SetupError::Conn("no UDP relay configured".into()))?;
-    let mut r = connect(dialer, &agent, opts, shared).await?;
-    r.node = node.to_string();
+    let missing = match opts.mode {
+        RelayMode::Ephemeral => None,
+        RelayMode::Agent | RelayMode::Auto => match find_agent(shared, opts, node).await {
+            Ok(agent) => {
+                let dialer = shared
+                    .relay_dialer
+                    .as_ref()
+                    .ok_or_else(|| SetupError::Conn("no UDP relay configured".into()))?;
+                let mut r = connect(dialer, &agent, &opts.namespace, opts, shared, false).await?;
+                r.key = node_key;
+                *relay = Some(r);
+                tracing::info!(%agent, %node, "UDP relay stream open");
+                drop(permit);
+                return Ok(via_agent);
+            }
+            Err(NoAgent::Failed(e)) => return Err(e),
+            Err(NoAgent::Missing(why)) if opts.mode == RelayMode::Agent => {
+                return Err(SetupError::Conn(format!(
+                    "{why}: UDP forwarding needs `kproxy run --udp-relay-port {}` on the target pod's node, or --udp-relay=auto to run the relay in an ephemeral container of the pod",
+                    opts.port
+                )))
+            }
+            Err(NoAgent::Missing(why)) => Some(why),
+        },
+    };
+    let pods: Api<Pod> = Api::namespaced(shared.resolver.client().clone(), &namespace);
+    let pod_relay = async {
+        let container = ephemeral::ensure(
+            &pods,
+            &pod.name,
+            &namespace,
+            &opts.image,
+            opts.port,
+            opts.start_timeout,
+        )
+        .await?;
+        // The container runs; its relay listens a moment later.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            match connect(&shared.dialer, &pod.name, &namespace, opts, shared, true).await {
+                Ok(r) => break Ok((container, r)),
+                Err(e) if Instant::now() >= deadline => break Err(e),
+                Err(e) => {
+                    tracing::debug!("UDP relay in pod {} not reachable yet: {e:?}", pod.name);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+            }
+        }
+    };
+    let (container, mut r) = pod_relay.await.map_err(|e| match (e, missing) {
+        (SetupError::Conn(e), Some(why)) => {
+            SetupError::Conn(format!("{why}, and the pod's own relay failed: {e}"))
+        }
+        (e, _) => e,
+    })?;
+    r.name = format!("pod {}'s container {container}", pod.name);
+    r.key = pod_key;
     *relay = Some(r);
-    tracing::info!(%agent, %node, "UDP relay stream open");
+    tracing::info!(pod = %pod.name, %container, "UDP relay stream open (ephemeral container)");
     drop(permit);
-    Ok(dest)
+    Ok(via_pod)
 }

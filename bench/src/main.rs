@@ -4,7 +4,6 @@
 //! it creates network namespaces and cgroups and removes them).
 
 mod floor;
-mod manifests;
 mod nftables;
 mod plot;
 mod point;
@@ -13,6 +12,9 @@ mod report;
 mod stats;
 mod sys;
 mod topo;
+
+// The generated Services are shared with the namespace suite's scale test.
+use kproxy_tests::generated as manifests;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

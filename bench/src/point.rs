@@ -284,13 +284,13 @@ fn kproxy_point(
 ) -> Result<()> {
     let vip = SocketAddrV4::new(PROBE_VIP, 80);
     let direct = SocketAddrV4::new(POD_A, BACKEND_PORT);
-    manifests::write_atomic(
+    kproxy_tests::manifests::write_raw(
         setup.manifests,
         "probe.yaml",
         &manifests::probe_service(PROBE_VIP),
     )?;
-    manifests::write_atomic(setup.manifests, "probe-slice.yaml", &probe_slice(POD_A))?;
-    manifests::write_atomic(
+    kproxy_tests::manifests::write_raw(setup.manifests, "probe-slice.yaml", &probe_slice(POD_A))?;
+    kproxy_tests::manifests::write_raw(
         setup.manifests,
         "sustain.yaml",
         &manifests::sustain_service(POD_D),
@@ -712,7 +712,7 @@ fn endpoint_changes(manifests: &Path, topo: &Topology, plan: &Plan) -> Result<Ch
             // Drop what was read before the switch.
             while rx.try_recv().is_ok() {}
             let t0 = probe::monotonic_ns();
-            manifests::write_atomic(manifests, "probe-slice.yaml", &probe_slice(ip))?;
+            kproxy_tests::manifests::write_raw(manifests, "probe-slice.yaml", &probe_slice(ip))?;
             let t = wait_line(
                 &rx,
                 t0,

@@ -19,12 +19,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::Context;
-use kproxy::dataplane::ebpf::tables::{PutError, RangeKey, Table, TableError, Tables};
+use kproxy::dataplane::ebpf::tables::discard;
 use kproxy::dataplane::ebpf::writer::Writer;
 use kproxy::dataplane::DataplaneConfig;
 use kproxy::model::{Event, ModelConfig, Object, Tracker};
 use kproxy::source::ManifestSource;
-use proxy_common::{Backend, Frontend, FrontendKey, SlotKey, SvcInfo};
 
 struct Counting;
 
@@ -59,37 +58,6 @@ static ALLOC: Counting = Counting;
 
 fn held() -> usize {
     HELD.load(Ordering::Relaxed)
-}
-
-/// A map that keeps nothing: the writer's own memory alone is counted.
-struct Nothing(&'static str);
-
-impl<K: Send, V: Send> Table<K, V> for Nothing {
-    fn name(&self) -> &'static str {
-        self.0
-    }
-    fn dump(&self) -> Result<Vec<(K, V)>, TableError> {
-        Ok(Vec::new())
-    }
-    fn put(&mut self, _: &[(K, V)]) -> Result<(), PutError> {
-        Ok(())
-    }
-    fn delete(&mut self, _: &[K]) -> Result<(), TableError> {
-        Ok(())
-    }
-    fn capacity(&self) -> u32 {
-        u32::MAX
-    }
-}
-
-fn nothing() -> Tables {
-    Tables {
-        frontends: Box::new(Nothing("FRONTENDS")) as Box<dyn Table<FrontendKey, Frontend>>,
-        slots: Box::new(Nothing("SLOTS")) as Box<dyn Table<SlotKey, u32>>,
-        backends: Box::new(Nothing("BACKENDS")) as Box<dyn Table<u32, Backend>>,
-        svc_info: Box::new(Nothing("SVC_INFO")) as Box<dyn Table<u32, SvcInfo>>,
-        src_ranges: Box::new(Nothing("SRC_RANGES")) as Box<dyn Table<RangeKey, u8>>,
-    }
 }
 
 struct Report {
@@ -162,7 +130,7 @@ fn main() -> anyhow::Result<()> {
         cluster_cidrs: vec!["10.128.0.0/9".parse()?],
         ..DataplaneConfig::default()
     };
-    let mut writer = Writer::over(nothing(), None)?;
+    let mut writer = Writer::over(discard::tables(), None)?;
     writer.sync(tracker.state(), &changes, &[], true, &config)?;
     r.stage("writer: first full sync (its mirror)", t);
     let t = Instant::now();

@@ -9,6 +9,7 @@
 
 pub mod cgroup;
 pub mod client;
+pub mod generated;
 pub mod kproxy;
 pub mod leftovers;
 pub mod manifests;

@@ -640,3 +640,43 @@ pub mod memory {
             .collect()
     }
 }
+
+// --------------------------------------------------------------- discard
+
+/// Tables that accept every operation and keep nothing: the writer's own
+/// work and memory alone, without a kernel's or a fake's (the control-plane
+/// cost example and benchmark).
+pub mod discard {
+    use super::*;
+
+    struct Discard(&'static str);
+
+    impl<K: Send, V: Send> Table<K, V> for Discard {
+        fn name(&self) -> &'static str {
+            self.0
+        }
+        fn dump(&self) -> Result<Vec<(K, V)>, TableError> {
+            Ok(Vec::new())
+        }
+        fn put(&mut self, _: &[(K, V)]) -> Result<(), PutError> {
+            Ok(())
+        }
+        fn delete(&mut self, _: &[K]) -> Result<(), TableError> {
+            Ok(())
+        }
+        fn capacity(&self) -> u32 {
+            u32::MAX
+        }
+    }
+
+    /// The writer's maps, each keeping nothing.
+    pub fn tables() -> Tables {
+        Tables {
+            frontends: Box::new(Discard("FRONTENDS")),
+            slots: Box::new(Discard("SLOTS")),
+            backends: Box::new(Discard("BACKENDS")),
+            svc_info: Box::new(Discard("SVC_INFO")),
+            src_ranges: Box::new(Discard("SRC_RANGES")),
+        }
+    }
+}

@@ -1,7 +1,9 @@
-//! Synthetic manifests: N Services with 10 endpoints each, written as
-//! Kubernetes YAML the way a user would (Service + discovery.k8s.io/v1
-//! EndpointSlice), split into files of 1000 Services. [`spec`] describes
-//! the same Services for the nftables floor.
+//! Synthetic manifests at scale: N Services with 10 endpoints each,
+//! written as Kubernetes YAML the way a user would (Service +
+//! discovery.k8s.io/v1 EndpointSlice), split into files of 1000 Services.
+//! [`spec`] describes the same Services for the bench's nftables floor.
+//! Used by the bench (`kproxy-bench manifests`), the scale test of the
+//! namespace suite and kproxy's criterion benchmark.
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
@@ -161,15 +163,6 @@ pub fn sustain_service(endpoint: Ipv4Addr) -> String {
     );
     endpoint_slice_on(&mut y, "sustain", &[endpoint], "node2");
     y
-}
-
-/// Writes `content` to `dir/name` atomically: a hidden temp file (ignored by
-/// kproxy's source) renamed over the target, as an editor or kubectl would.
-pub fn write_atomic(dir: &Path, name: &str, content: &str) -> Result<()> {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, content).with_context(|| format!("writing {}", tmp.display()))?;
-    let dst = dir.join(name);
-    std::fs::rename(&tmp, &dst).with_context(|| format!("renaming to {}", dst.display()))
 }
 
 #[cfg(test)]

@@ -104,7 +104,7 @@ fn probe_slice(endpoint: &Endpoint) -> serde_json::Value {
 }
 
 /// Everything up to a serving probe at 10,000 Services; returns how long
-/// kproxy took from its start to the probe's first answer.
+/// kproxy took from its start to healthy.
 fn start(mode: Mode, extra: &[&str]) -> Result<(Topology, Duration)> {
     let mut topo = Topology::build(mode)?;
     for i in 0..topo.pods.len() {
@@ -127,15 +127,24 @@ fn start(mode: Mode, extra: &[&str]) -> Result<(Topology, Duration)> {
     topo.nodes[0].config.extra_args = args.iter().map(|a| a.to_string()).collect();
     let started = Instant::now();
     topo.start_kproxy(0)?;
-    // The first answer through the probe is the first sync done (polling
-    // `kproxy status` would read back 10,000 Services each time).
-    poll::until("the probe answering", Duration::from_secs(240), || {
+    // Healthy: the first sync is done, bookkeeping included (a change
+    // arriving earlier waits for the start, which is not what is measured
+    // here). Polling `kproxy status` instead would read back 10,000
+    // Services each time.
+    poll::until("kproxy healthy", Duration::from_secs(600), || {
+        let (code, body) = Topology::http_get(&topo.nodes[0].ns, "127.0.0.1:10256", "/healthz")?;
+        ensure!(code == 200, "/healthz answered {code}: {body}");
+        Ok(())
+    })
+    .with_context(|| topo.logs())?;
+    let healthy = started.elapsed();
+    poll::until("the probe answering", Duration::from_secs(30), || {
         let out = topo.from_pod("pod-a", &ClientSpec::tcp(format!("{VIP}:80"), 1))?;
         ensure!(out.all_ok(), "{}", out.summary());
         Ok(())
     })
     .with_context(|| topo.logs())?;
-    Ok((topo, started.elapsed()))
+    Ok((topo, healthy))
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -158,7 +167,7 @@ fn one_change_reaches_traffic(mode: Mode, extra: &[&str], bound: Duration) -> Re
     }
     l.sort();
     println!(
-        "{} mode, {SERVICES} Services: start to first answer {:.1} s; {} endpoint switches, write to first answer from the new backend: p50 {:.0} ms, max {:.0} ms (bound {} ms); all: {:?}",
+        "{} mode, {SERVICES} Services: start to healthy {:.1} s; {} endpoint switches, write to first answer from the new backend: p50 {:.0} ms, max {:.0} ms (bound {} ms); all: {:?}",
         mode.flag(),
         start_up.as_secs_f64(),
         l.len(),
@@ -178,12 +187,15 @@ fn one_change_reaches_traffic(mode: Mode, extra: &[&str], bound: Duration) -> Re
 mod ebpf {
     use super::*;
 
-    /// A change costs the change (milliseconds; measured in a debug build
-    /// under load: p50 0.1–0.3 s, max 0.37–0.45 s, most of it the
-    /// previous sync's bookkeeping).
+    /// The change itself costs milliseconds (the first switch, with the
+    /// sync loop idle: ~20 ms in a debug build); switches back to back
+    /// also wait for the previous sync's bookkeeping, which still walks
+    /// every Service (measured in a debug build at a load average of 10:
+    /// p50 0.64 s, max 0.82 s). A change that waits for a rebuild of
+    /// everything takes over 10 s here.
     #[test]
     fn one_change_among_10k_services_reaches_traffic() -> Result<()> {
-        one_change_reaches_traffic(Mode::Ebpf, &[], Duration::from_secs(1))
+        one_change_reaches_traffic(Mode::Ebpf, &[], Duration::from_secs(2))
     }
 }
 

@@ -515,6 +515,92 @@ pub fn icmp_port_unreachable_reaches_the_client(mode: Mode) -> Result<()> {
     Ok(())
 }
 
+/// A ClusterIP Service `name` on TCP 80 -> 8080 of pod-b.
+fn cluster_ip_on_b(name: &str, vip: &str) -> Vec<Value> {
+    vec![
+        service(name, vip, vec![m::tcp("http", 80, 8080)]).to_json(),
+        slice(&format!("{name}-1"), name, &[("http", "TCP", 8080)], &[b()]),
+    ]
+}
+
+/// What node1's kproxy reports about its frontends (`kproxy status
+/// --summary -o json`): `{"frontends": {"counts", "frontends"}, ...}`.
+fn frontend_report(topo: &Topology) -> Result<Value> {
+    let node = &topo.nodes[0];
+    let out = kproxy_tests::kproxy::run_command(
+        &node.ns,
+        &node.config,
+        &["status", "--summary", "-o", "json"],
+    )?;
+    let v: Value = serde_json::from_str(&out).context("parsing kproxy status --summary")?;
+    ensure!(
+        v["frontends"].is_object(),
+        "the running kproxy did not answer: {out}"
+    );
+    Ok(v["frontends"].clone())
+}
+
+/// A Service that does not fit in the BPF maps (`--bpf-lb-map-max=2`, two
+/// Services already there) is shown in error by `kproxy status`, naming
+/// the map and the flag, while the others carry traffic; when one of them
+/// goes, the retry programs it and it carries traffic too.
+fn a_service_that_does_not_fit_is_shown_in_error_and_the_others_carry_traffic(
+    mode: Mode,
+) -> Result<()> {
+    let topo = start(mode, &["--bpf-lb-map-max=2"])?;
+    topo.write("web.yaml", &cluster_ip_on_b("web", VIP))?;
+    topo.write("api.yaml", &cluster_ip_on_b("api", "10.96.0.11"))?;
+    topo.wait_backends("default/web:http", "ClusterIP", &[&format!("{B}:8080")])?;
+    topo.wait_backends("default/api:http", "ClusterIP", &[&format!("{B}:8080")])?;
+    topo.write("big.yaml", &cluster_ip_on_b("big", "10.96.0.12"))?;
+
+    let report = poll::until("big in error", Duration::from_secs(15), || {
+        let r = frontend_report(&topo)?;
+        ensure!(r["counts"]["error"] == 1, "{r:#}");
+        Ok(r)
+    })?;
+    ensure!(report["counts"]["applied"] == 2, "{report:#}");
+    let big = &report["frontends"][0];
+    ensure!(
+        big["service"] == "default/big:http"
+            && big["kind"] == "ClusterIP"
+            && big["frontend"] == "10.96.0.12:80/tcp"
+            && big["status"] == "error"
+            && big["reason"] == "map_full",
+        "{report:#}"
+    );
+    let error = big["error"].as_str().unwrap_or_default();
+    ensure!(
+        error.contains("is full (2 entries); raise --bpf-lb-map-max"),
+        "{error}"
+    );
+    // What a user reads.
+    let node = &topo.nodes[0];
+    let text = kproxy_tests::kproxy::run_command(&node.ns, &node.config, &["status"])?;
+    ensure!(
+        text.contains("FRONTENDS (as the running kproxy reports): 2 applied, 0 pending, 1 error")
+            && text.lines().any(|l| l.starts_with("default/big:http")
+                && l.contains("error")
+                && l.contains("raise --bpf-lb-map-max")),
+        "kproxy status:\n{text}"
+    );
+    // The Services that fit carry traffic.
+    let out = topo.from_pod("pod-c", &ClientSpec::tcp(format!("{VIP}:80"), 50))?;
+    out.expect_all_ok("web while big does not fit")?;
+
+    // api goes: big is retried in the same sync, and works.
+    topo.remove("api.yaml")?;
+    topo.wait_backends("default/big:http", "ClusterIP", &[&format!("{B}:8080")])?;
+    let out = topo.from_pod("pod-c", &ClientSpec::tcp("10.96.0.12:80".to_string(), 50))?;
+    out.expect_all_ok("big once it fits")?;
+    let report = frontend_report(&topo)?;
+    ensure!(
+        report["counts"]["error"] == 0 && report["counts"]["applied"] == 2,
+        "{report:#}"
+    );
+    Ok(())
+}
+
 macro_rules! traffic_tests {
     ($mode:expr; $($name:ident),* $(,)?) => {
         $(
@@ -550,5 +636,9 @@ mod iptables {
 mod ebpf {
     use kproxy_tests::Mode;
     shared!(Mode::Ebpf);
-    traffic_tests!(Mode::Ebpf; syn_flood_leaves_established_flows_alone);
+    traffic_tests!(
+        Mode::Ebpf;
+        syn_flood_leaves_established_flows_alone,
+        a_service_that_does_not_fit_is_shown_in_error_and_the_others_carry_traffic,
+    );
 }

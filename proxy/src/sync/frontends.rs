@@ -146,7 +146,7 @@ pub struct FrontendTable {
     unsettled: BTreeSet<ServicePortName>,
     /// Ports [`FrontendTable::begin`] handed to the dataplane, and whether
     /// each is a retry.
-    in_flight: Vec<(ServicePortName, bool)>,
+    in_flight: HashMap<ServicePortName, bool>,
     counts: [usize; 3],
 }
 
@@ -253,7 +253,7 @@ impl FrontendTable {
             match &change.new {
                 Some(sp) => {
                     self.replace(name, FrontendRef::of(sp), now);
-                    self.in_flight.push((name.clone(), false));
+                    self.in_flight.insert(name.clone(), false);
                 }
                 None => self.remove(name),
             }
@@ -272,13 +272,13 @@ impl FrontendTable {
             for (name, sp) in &desired.services {
                 if !self.ports.contains_key(name) {
                     self.replace(name, FrontendRef::of(sp), now);
-                    self.in_flight.push((name.clone(), false));
+                    self.in_flight.insert(name.clone(), false);
                 }
             }
             again.extend(self.unsettled.iter().cloned());
         }
         for name in again {
-            if self.in_flight.iter().any(|(n, _)| *n == name) {
+            if self.in_flight.contains_key(&name) {
                 continue;
             }
             let Some(port) = self.ports.get_mut(&name) else {
@@ -298,7 +298,7 @@ impl FrontendTable {
             for _ in 0..moved {
                 self.count(Some(Status::Error), Some(Status::Pending));
             }
-            self.in_flight.push((name, true));
+            self.in_flight.insert(name, true);
         }
     }
 
@@ -320,21 +320,21 @@ impl FrontendTable {
         }
         let in_flight = std::mem::take(&mut self.in_flight);
         let mut errors_by_reason: HashMap<String, usize> = HashMap::new();
-        let names = in_flight.iter().map(|(n, _)| n).chain(
+        let names = in_flight.keys().chain(
             // A full sync may report a port that was applied (a restart
             // over maps that do not fit, drift).
             failed
                 .keys()
                 .copied()
-                .filter(|n| !in_flight.iter().any(|(m, _)| m == *n)),
+                .filter(|n| !in_flight.contains_key(*n)),
         );
         let mut transitions: Vec<(Status, Status)> = Vec::new();
         for name in names {
             let Some(port) = self.ports.get_mut(name) else {
                 continue;
             };
-            let flight = in_flight.iter().find(|(n, _)| n == name);
-            let retried = flight.is_some_and(|(_, r)| *r);
+            let flight = in_flight.get(name);
+            let retried = flight.copied().unwrap_or(false);
             if flight.is_none() {
                 // Applied, and failing now: a new run of attempts.
                 port.attempts = 0;

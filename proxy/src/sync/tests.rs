@@ -164,6 +164,15 @@ async fn failure_and_progress_metrics_move_with_their_causes() {
         text.contains("kubeproxy_sync_proxy_rules_endpoint_changes_pending 1\n"),
         "the slice change waits:\n{text}"
     );
+    // The Service's frontend shows the failed restore until a sync succeeds.
+    let report = wait_report(&metrics, "web in error", |r| r.counts.error == 1).await;
+    let web = &report.frontends[0];
+    assert_eq!(web.frontend, "10.96.0.10:80/udp");
+    assert_eq!(web.reason.as_deref(), Some(frontends::SYNC_FAILED));
+    assert_eq!(
+        web.error.as_deref(),
+        Some("iptables-nft-restore --noflush failed: line 3 failed")
+    );
     // Retries fail until the queue is empty, then the change goes through.
     wait_for(
         &metrics,
@@ -182,6 +191,14 @@ async fn failure_and_progress_metrics_move_with_their_causes() {
         "{text}"
     );
     assert!(text.contains("kproxy_sync_errors_total 3\n"), "{text}");
+    wait_report(&metrics, "web applied", |r| {
+        r.counts.error == 0 && r.counts.pending == 0 && r.counts.applied == 1
+    })
+    .await;
+    assert!(
+        text.contains("kproxy_frontend_errors_total{reason=\"sync_failed\"} 3\n"),
+        "{text}"
+    );
     task.abort();
 }
 

@@ -40,6 +40,15 @@ fn full_error(sp: &ServicePort) -> ServiceError {
     }
 }
 
+/// (applied, pending, error).
+fn counts(applied: usize, pending: usize, error: usize) -> Counts {
+    Counts {
+        applied,
+        pending,
+        error,
+    }
+}
+
 fn changes(old: &DesiredState, new: &DesiredState) -> ChangeSet {
     ChangeSet::between(old, new)
 }
@@ -50,25 +59,11 @@ fn a_port_in_error_keeps_its_message_others_are_applied_and_a_retry_applies_it()
     let mut t = FrontendTable::default();
     let s = state(vec![web(), port("api", "10.96.0.11")]);
     t.begin(&s, &changes(&state(vec![]), &s), &[], false, t0);
-    assert_eq!(
-        t.counts(),
-        Counts {
-            applied: 0,
-            pending: 3,
-            error: 0
-        }
-    );
+    assert_eq!(t.counts(), counts(0, 3, 0));
     let outcome = t.finish(Ok(&[full_error(&web())]), t0);
     assert_eq!(outcome.errors, vec![("map_full".to_string(), 2)]);
     assert_eq!(outcome.retried, 0);
-    assert_eq!(
-        t.counts(),
-        Counts {
-            applied: 1,
-            pending: 0,
-            error: 2
-        }
-    );
+    assert_eq!(t.counts(), counts(1, 0, 2));
     let r = t.report(false, t0);
     assert_eq!(r.frontends.len(), 2, "only the frontends not applied");
     let np = &r.frontends[0];
@@ -106,14 +101,7 @@ fn a_port_in_error_keeps_its_message_others_are_applied_and_a_retry_applies_it()
     t.begin(&s, &ChangeSet::default(), &t.due(t2), false, t2);
     let outcome = t.finish(Ok(&[]), t2);
     assert_eq!(outcome.retried, 2);
-    assert_eq!(
-        t.counts(),
-        Counts {
-            applied: 3,
-            pending: 0,
-            error: 0
-        }
-    );
+    assert_eq!(t.counts(), counts(3, 0, 0));
     assert_eq!(t.report(false, t2).frontends, vec![]);
     assert_eq!(t.next_retry(), None);
     assert_eq!(t.port_errors(), vec![]);
@@ -149,14 +137,7 @@ fn only_the_frontends_a_dataplane_names_fail() {
     // A retry moves only the one in error.
     let t1 = t0 + FIRST_BACKOFF;
     t.begin(&s, &ChangeSet::default(), &t.due(t1), false, t1);
-    assert_eq!(
-        t.counts(),
-        Counts {
-            applied: 1,
-            pending: 1,
-            error: 0
-        }
-    );
+    assert_eq!(t.counts(), counts(1, 1, 0));
 }
 
 #[test]
@@ -176,14 +157,7 @@ fn a_failed_sync_marks_its_ports_until_the_next_full_sync() {
     };
     let outcome = t.finish(Err(&err), t0);
     assert_eq!(outcome.errors, vec![(SYNC_FAILED.to_string(), 2)]);
-    assert_eq!(
-        t.counts(),
-        Counts {
-            applied: 1,
-            pending: 0,
-            error: 2
-        }
-    );
+    assert_eq!(t.counts(), counts(1, 0, 2));
     let r = t.report(false, t0);
     assert_eq!(
         r.frontends[0].error.as_deref(),
@@ -196,14 +170,7 @@ fn a_failed_sync_marks_its_ports_until_the_next_full_sync() {
     let t1 = t0 + Duration::from_secs(1);
     t.begin(&s2, &ChangeSet::default(), &[], true, t1);
     t.finish(Ok(&[]), t1);
-    assert_eq!(
-        t.counts(),
-        Counts {
-            applied: 3,
-            pending: 0,
-            error: 0
-        }
-    );
+    assert_eq!(t.counts(), counts(3, 0, 0));
 }
 
 #[test]
@@ -226,14 +193,7 @@ fn a_changed_port_starts_again_and_a_removed_one_leaves() {
     let s3 = state(vec![port("api", "10.96.0.11")]);
     t.begin(&s3, &changes(&s2, &s3), &[], false, t0);
     t.finish(Ok(&[]), t0);
-    assert_eq!(
-        t.counts(),
-        Counts {
-            applied: 1,
-            pending: 0,
-            error: 0
-        }
-    );
+    assert_eq!(t.counts(), counts(1, 0, 0));
 }
 
 #[test]

@@ -83,15 +83,22 @@ async fn wait_for(metrics: &Metrics, line: &str) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failure_and_progress_metrics_move_with_their_causes() {
-    let outcomes = Arc::new(Mutex::new(VecDeque::new()));
-    let metrics = Arc::new(Metrics::new(ProxyMode::Iptables));
+/// A running sync loop, as [`spawn_loop`] starts it.
+struct Looping {
+    metrics: Arc<Metrics>,
+    events: mpsc::UnboundedSender<Vec<Event>>,
+    /// Dropping it stops the loop.
+    _stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), SyncError>>,
+}
+
+/// A sync loop over `dataplane` (changes applied at once, no periodic full
+/// sync).
+fn spawn_loop(dataplane: Box<dyn Dataplane>) -> Looping {
+    let metrics = Arc::new(Metrics::new(dataplane.mode()));
     let health = Arc::new(HealthState::new(Duration::from_secs(60)));
     let sync = SyncLoop::new(
-        Box::new(FakeDataplane {
-            outcomes: outcomes.clone(),
-        }),
+        dataplane,
         ModelConfig {
             node_name: "node1".into(),
         },
@@ -104,8 +111,26 @@ async fn failure_and_progress_metrics_move_with_their_causes() {
         HealthCheckServers::new(vec![], health.clone()),
     );
     let (events, events_rx) = mpsc::unbounded_channel();
-    let (_stop_tx, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(sync.run(events_rx, stop_rx));
+    let (stop, stop_rx) = watch::channel(false);
+    Looping {
+        metrics,
+        events,
+        _stop: stop,
+        task: tokio::spawn(sync.run(events_rx, stop_rx)),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_and_progress_metrics_move_with_their_causes() {
+    let outcomes = Arc::new(Mutex::new(VecDeque::new()));
+    let Looping {
+        metrics,
+        events,
+        _stop,
+        task,
+    } = spawn_loop(Box::new(FakeDataplane {
+        outcomes: outcomes.clone(),
+    }));
 
     // First sync: the dataplane reports its rules and a conntrack reconcile.
     outcomes.lock().unwrap().push_back(Ok(SyncStats {
@@ -293,24 +318,12 @@ async fn a_frontend_that_does_not_fit_is_in_error_alone_and_retried_until_it_fit
     // Room for two frontend records: the third Service does not fit.
     fake.set_capacity(proxy_common::maps::FRONTENDS, 2);
     let writer = crate::dataplane::ebpf::writer::Writer::over(fake.tables(), None).unwrap();
-    let metrics = Arc::new(Metrics::new(ProxyMode::Ebpf));
-    let health = Arc::new(HealthState::new(Duration::from_secs(60)));
-    let sync = SyncLoop::new(
-        Box::new(FakeMapsDataplane { writer }),
-        ModelConfig {
-            node_name: "node1".into(),
-        },
-        SyncTiming {
-            full_sync_period: Duration::from_secs(3600),
-            min_sync_period: Duration::ZERO,
-        },
-        metrics.clone(),
-        health.clone(),
-        HealthCheckServers::new(vec![], health.clone()),
-    );
-    let (events, events_rx) = mpsc::unbounded_channel();
-    let (_stop_tx, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(sync.run(events_rx, stop_rx));
+    let Looping {
+        metrics,
+        events,
+        _stop,
+        task,
+    } = spawn_loop(Box::new(FakeMapsDataplane { writer }));
 
     let mut first = cluster_ip("a", "10.96.0.1");
     first.extend(cluster_ip("b", "10.96.0.2"));

@@ -3,7 +3,7 @@
 //! the process collector (`process_*`), plus `kproxy_*` ones of our own. The
 //! sync loop and the dataplanes feed them; `/metrics` renders them.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::{
@@ -12,7 +12,7 @@ use prometheus::{
 };
 
 use crate::dataplane::ProxyMode;
-use crate::model::{DesiredState, Rejection, ServiceKey, TrafficPolicy};
+use crate::model::{ChangeSet, DesiredState, Rejection, ServicePort, TrafficPolicy};
 use crate::sync::frontends::{self, FrontendTable, Status};
 
 /// Content type of [`Metrics::render`]'s output.
@@ -58,6 +58,8 @@ pub struct Metrics {
     /// Every frontend's status, kept by the sync loop, for
     /// `/kproxy/frontends` (`kproxy status`).
     frontend_table: std::sync::Mutex<FrontendTable>,
+    /// The programmed counts, kept up to date change by change.
+    desired_counts: std::sync::Mutex<DesiredCounts>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -304,6 +306,7 @@ impl Metrics {
             ),
             rejections: std::sync::Mutex::new(Vec::new()),
             frontend_table: std::sync::Mutex::new(FrontendTable::default()),
+            desired_counts: std::sync::Mutex::new(DesiredCounts::default()),
             registry: r,
         };
         for status in Status::ALL {
@@ -514,9 +517,33 @@ impl Metrics {
     /// and no-local-endpoint counts, all derived from the desired state.
     pub fn observe_desired(&self, desired: &DesiredState) {
         let counts = DesiredCounts::of(desired);
+        *self
+            .desired_counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = counts;
+        self.set_counts(counts);
+        self.set_rejected(&desired.rejected);
+    }
+
+    /// As [`Self::observe_desired`] after a sync that applied `changes`:
+    /// the counts move by what the changed ports had and have (a sync costs
+    /// its changes, not a walk over every Service).
+    pub fn observe_changes(&self, desired: &DesiredState, changes: &ChangeSet) {
+        let counts = {
+            let mut c = self
+                .desired_counts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            c.update(changes);
+            *c
+        };
+        self.set_counts(counts);
+        self.set_rejected(&desired.rejected);
+    }
+
+    fn set_counts(&self, counts: DesiredCounts) {
         self.set_programmed(counts.service_ports, counts.endpoints);
         self.set_no_local_endpoints(counts.no_local_internal, counts.no_local_external);
-        self.set_rejected(&desired.rejected);
     }
 
     /// The current rejections (objects or parts of them not programmed).
@@ -540,8 +567,6 @@ impl Metrics {
 /// Counts derived from a desired state, for [`Metrics::observe_desired`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DesiredCounts {
-    /// Distinct Services.
-    pub services: usize,
     pub service_ports: usize,
     /// Sum over Service ports of the distinct endpoints receiving any traffic.
     pub endpoints: usize,
@@ -555,29 +580,61 @@ pub struct DesiredCounts {
 impl DesiredCounts {
     pub fn of(desired: &DesiredState) -> Self {
         let mut c = DesiredCounts::default();
-        let mut services: BTreeSet<&ServiceKey> = BTreeSet::new();
         for sp in desired.services.values() {
-            services.insert(&sp.name.service);
-            c.service_ports += 1;
-            let eps: BTreeSet<_> = sp
-                .cluster_endpoints
-                .iter()
-                .chain(&sp.external_endpoints)
-                .map(|e| (e.ip, e.port))
-                .collect();
-            c.endpoints += eps.len();
-            if sp.internal_policy == TrafficPolicy::Local && sp.cluster_endpoints.is_empty() {
-                c.no_local_internal += 1;
+            c.add(&DesiredCounts::port(sp));
+        }
+        c
+    }
+
+    /// What one Service port counts for.
+    fn port(sp: &ServicePort) -> Self {
+        let mut eps: Vec<_> = sp
+            .cluster_endpoints
+            .iter()
+            .chain(&sp.external_endpoints)
+            .map(|e| (e.ip, e.port))
+            .collect();
+        eps.sort_unstable();
+        eps.dedup();
+        DesiredCounts {
+            service_ports: 1,
+            endpoints: eps.len(),
+            no_local_internal: usize::from(
+                sp.internal_policy == TrafficPolicy::Local && sp.cluster_endpoints.is_empty(),
+            ),
+            no_local_external: usize::from(
+                sp.has_external_frontends()
+                    && sp.external_policy == TrafficPolicy::Local
+                    && sp.external_endpoints.is_empty(),
+            ),
+        }
+    }
+
+    fn add(&mut self, o: &Self) {
+        self.service_ports += o.service_ports;
+        self.endpoints += o.endpoints;
+        self.no_local_internal += o.no_local_internal;
+        self.no_local_external += o.no_local_external;
+    }
+
+    fn sub(&mut self, o: &Self) {
+        self.service_ports -= o.service_ports;
+        self.endpoints -= o.endpoints;
+        self.no_local_internal -= o.no_local_internal;
+        self.no_local_external -= o.no_local_external;
+    }
+
+    /// The counts after `changes`: each changed port's old part out, its new
+    /// part in.
+    pub fn update(&mut self, changes: &ChangeSet) {
+        for (_, c) in changes.iter() {
+            if let Some(old) = &c.old {
+                self.sub(&DesiredCounts::port(old));
             }
-            if sp.has_external_frontends()
-                && sp.external_policy == TrafficPolicy::Local
-                && sp.external_endpoints.is_empty()
-            {
-                c.no_local_external += 1;
+            if let Some(new) = &c.new {
+                self.add(&DesiredCounts::port(new));
             }
         }
-        c.services = services.len();
-        c
     }
 }
 

@@ -20,7 +20,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
 use crate::health::HealthState;
-use crate::model::{DesiredState, ServiceKey, TrafficPolicy};
+use crate::model::{
+    ChangeSet, DesiredState, Protocol, ServiceKey, ServicePort, ServicePortName, TrafficPolicy,
+};
 
 /// What one Service's handler reads: updated in place by `sync`.
 #[derive(Debug)]
@@ -109,6 +111,8 @@ pub struct HealthCheckServers {
     addresses: Vec<IpAddr>,
     health: Arc<HealthState>,
     services: BTreeMap<ServiceKey, Instance>,
+    /// Services whose port could not be bound: tried again at each sync.
+    unbound: BTreeSet<ServiceKey>,
 }
 
 impl HealthCheckServers {
@@ -120,6 +124,7 @@ impl HealthCheckServers {
             addresses,
             health,
             services: BTreeMap::new(),
+            unbound: BTreeSet::new(),
         }
     }
 
@@ -128,44 +133,100 @@ impl HealthCheckServers {
     /// that cannot be bound is logged and retried at the next sync. Must be
     /// called within a tokio runtime.
     pub fn sync(&mut self, desired: &DesiredState) {
-        let wanted = wanted_servers(desired);
+        let wanted = wanted_servers(desired.services.values());
+        let gone: Vec<ServiceKey> = self
+            .services
+            .keys()
+            .filter(|k| !wanted.contains_key(*k))
+            .cloned()
+            .collect();
+        self.unbound.clear();
+        for key in gone {
+            self.reconcile(&key, None);
+        }
+        for (key, w) in wanted {
+            self.reconcile(&key, Some(w));
+        }
+    }
 
-        self.services.retain(|key, inst| match wanted.get(key) {
-            Some(&(port, _)) if port == inst.port => true,
-            _ => {
-                tracing::info!(service = %key, port = inst.port, "closing healthCheckNodePort");
-                false
-            }
-        });
+    /// As [`Self::sync`] after a sync that applied `changes`: only the
+    /// Services of changed ports that have or had a healthCheckNodePort
+    /// (and those whose port could not be bound yet) are looked at, so a
+    /// sync costs its changes, not a walk over every Service.
+    pub fn sync_changes(&mut self, desired: &DesiredState, changes: &ChangeSet) {
+        let mut keys: BTreeSet<ServiceKey> = changes
+            .iter()
+            .filter(|(_, c)| {
+                c.old
+                    .iter()
+                    .chain(&c.new)
+                    .any(|sp| sp.health_check_node_port.is_some())
+            })
+            .map(|(n, _)| n.service.clone())
+            .collect();
+        keys.extend(self.unbound.iter().cloned());
+        for key in keys {
+            let lowest = ServicePortName {
+                service: key.clone(),
+                port: String::new(),
+                protocol: Protocol::Tcp,
+            };
+            // The Service's ports: a range of the map, which is ordered by
+            // Service first.
+            let ports = desired
+                .services
+                .range(lowest..)
+                .take_while(|(n, _)| n.service == key)
+                .map(|(_, sp)| sp);
+            let wanted = wanted_servers(ports).remove(&key);
+            self.reconcile(&key, wanted);
+        }
+    }
 
-        for (key, (port, count)) in wanted {
-            if let Some(inst) = self.services.get(&key) {
-                inst.state.local_endpoints.store(count, Ordering::Relaxed);
-                continue;
-            }
-            let state = Arc::new(ServiceHealth {
-                key: key.clone(),
-                local_endpoints: AtomicUsize::new(count),
-                proxy: self.health.clone(),
-            });
-            match self.start(port, &state) {
-                Ok(running) => {
-                    tracing::info!(service = %key, port, "serving healthCheckNodePort");
-                    self.services.insert(
-                        key,
-                        Instance {
-                            port,
-                            state,
-                            running,
-                        },
-                    );
+    /// One Service's server to what it should be: `wanted` (port, local
+    /// endpoints), or none.
+    fn reconcile(&mut self, key: &ServiceKey, wanted: Option<(u16, usize)>) {
+        self.unbound.remove(key);
+        if let Some(inst) = self.services.get(key) {
+            match wanted {
+                Some((port, count)) if port == inst.port => {
+                    inst.state.local_endpoints.store(count, Ordering::Relaxed);
+                    return;
                 }
-                Err((addr, err)) => tracing::error!(
+                _ => {
+                    tracing::info!(service = %key, port = inst.port, "closing healthCheckNodePort");
+                    self.services.remove(key);
+                }
+            }
+        }
+        let Some((port, count)) = wanted else {
+            return;
+        };
+        let state = Arc::new(ServiceHealth {
+            key: key.clone(),
+            local_endpoints: AtomicUsize::new(count),
+            proxy: self.health.clone(),
+        });
+        match self.start(port, &state) {
+            Ok(running) => {
+                tracing::info!(service = %key, port, "serving healthCheckNodePort");
+                self.services.insert(
+                    key.clone(),
+                    Instance {
+                        port,
+                        state,
+                        running,
+                    },
+                );
+            }
+            Err((addr, err)) => {
+                tracing::error!(
                     service = %key,
                     %addr,
                     %err,
                     "cannot serve healthCheckNodePort {port} for Service {key}; retrying at the next sync"
-                ),
+                );
+                self.unbound.insert(key.clone());
             }
         }
     }
@@ -270,10 +331,12 @@ fn service_health_body(key: &ServiceKey, count: usize, proxy_healthy: bool) -> S
 /// ready endpoint IPs over all ports of the Service, as kube-proxy: only
 /// ready ones, so a node whose endpoints are all terminating reports 503 and
 /// load balancers drain it while existing connections finish.
-fn wanted_servers(desired: &DesiredState) -> BTreeMap<ServiceKey, (u16, usize)> {
+fn wanted_servers<'a>(
+    service_ports: impl Iterator<Item = &'a ServicePort>,
+) -> BTreeMap<ServiceKey, (u16, usize)> {
     let mut ports: BTreeMap<&ServiceKey, u16> = BTreeMap::new();
     let mut local: BTreeMap<&ServiceKey, BTreeSet<IpAddr>> = BTreeMap::new();
-    for sp in desired.services.values() {
+    for sp in service_ports {
         // kube-proxy serves it only for externalTrafficPolicy Local.
         let Some(port) = sp.health_check_node_port else {
             continue;

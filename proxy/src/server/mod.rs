@@ -13,7 +13,9 @@
 //! let mut hc = HealthCheckServers::new(nodeport_ips, health.clone()); // empty = 0.0.0.0
 //! // on every change:  health.queued(now); metrics.observe_queued(now);
 //! // after each sync:  metrics.observe_sync(full, elapsed, ok);
-//! //   ok:  health.updated(now); metrics.observe_desired(&desired); hc.sync(&desired);
+//! //   ok, full:    health.updated(now); metrics.observe_desired(&desired); hc.sync(&desired);
+//! //   ok, partial: health.updated(now); metrics.observe_changes(&desired, &changes);
+//! //                hc.sync_changes(&desired, &changes);
 //! //   err: health.sync_failed(&err);
 //! ```
 

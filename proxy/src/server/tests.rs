@@ -6,8 +6,10 @@ use std::time::{Duration, SystemTime};
 
 use super::testclient::get;
 use super::*;
+use crate::metrics::DesiredCounts;
 use crate::model::{
-    DesiredState, Endpoint, Protocol, ServiceKey, ServicePort, ServicePortName, TrafficPolicy,
+    ChangeSet, DesiredState, Endpoint, Protocol, ServiceKey, ServicePort, ServicePortName,
+    TrafficPolicy,
 };
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -567,4 +569,94 @@ async fn frontend_status_reaches_kproxy_status() {
     );
     assert_eq!(b.error.as_deref(), Some("BPF map FRONTENDS is full"));
     assert_eq!(all.expect("the agent answers").frontends.len(), 2);
+}
+
+/// A sync that applied a change set looks only at the Services it changed
+/// (and at ports not bound yet): servers open, follow their local
+/// endpoints, move, are retried when busy, and close, as a full sync has
+/// them.
+#[tokio::test]
+async fn sync_of_changes_follows_only_the_changed_services() {
+    let health = synced_health();
+    let mut servers = HealthCheckServers::new(vec![LOCALHOST], health);
+    let [p1, p2] = free_ports::<2>();
+    let one = vec![endpoint([10, 244, 1, 5], 8080, true, true)];
+    let two = vec![
+        endpoint([10, 244, 1, 5], 8080, true, true),
+        endpoint([10, 244, 1, 6], 8080, true, true),
+    ];
+    let web = |port, eps| service_port("shop", "web", "", Some(port), eps);
+    let db = |eps| service_port("shop", "db", "", None, eps);
+    let local_endpoints = |port| async move {
+        get(SocketAddr::new(LOCALHOST, port), "/")
+            .await
+            .unwrap()
+            .json()["localEndpoints"]
+            .clone()
+    };
+    let mut current = state(vec![]);
+    let mut step = |servers: &mut HealthCheckServers, next: DesiredState| {
+        servers.sync_changes(&next, &ChangeSet::between(&current, &next));
+        current = next;
+    };
+
+    step(&mut servers, state(vec![web(p1, one.clone()), db(vec![])]));
+    assert_eq!(local_endpoints(p1).await, 1);
+    step(&mut servers, state(vec![web(p1, two.clone()), db(vec![])]));
+    assert_eq!(local_endpoints(p1).await, 2);
+    step(&mut servers, state(vec![web(p2, two.clone()), db(vec![])]));
+    assert_refused(SocketAddr::new(LOCALHOST, p1)).await;
+    assert_eq!(local_endpoints(p2).await, 2);
+
+    // A new Service on a busy port: not served, and tried again at the
+    // next sync even though that sync changes another Service.
+    let blocker = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let busy = blocker.local_addr().unwrap().port();
+    let api = service_port("shop", "api", "", Some(busy), one.clone());
+    step(
+        &mut servers,
+        state(vec![web(p2, two.clone()), db(vec![]), api.clone()]),
+    );
+    assert!(!servers
+        .serving()
+        .contains_key(&ServiceKey::new("shop", "api")));
+    drop(blocker);
+    step(
+        &mut servers,
+        state(vec![web(p2, two.clone()), db(one.clone()), api]),
+    );
+    assert_eq!(local_endpoints(busy).await, 1);
+
+    step(&mut servers, state(vec![]));
+    assert!(servers.serving().is_empty());
+    assert_refused(SocketAddr::new(LOCALHOST, p2)).await;
+}
+
+/// The programmed counts kept change by change equal a recount.
+#[test]
+fn programmed_counts_follow_changes_as_a_recount_has_them() {
+    let eps = |n: u8| -> Vec<Endpoint> {
+        (0..n)
+            .map(|i| endpoint([10, 244, 1, i], 8080, i % 2 == 0, i % 3 != 0))
+            .collect()
+    };
+    let states = [
+        state(vec![]),
+        state(vec![
+            service_port("a", "web", "", Some(30001), eps(3)),
+            service_port("a", "db", "", None, eps(0)),
+        ]),
+        state(vec![
+            service_port("a", "web", "", Some(30001), eps(5)),
+            service_port("a", "db", "", None, eps(2)),
+            service_port("b", "web", "http", None, eps(1)),
+        ]),
+        state(vec![service_port("b", "web", "http", None, eps(4))]),
+        state(vec![]),
+    ];
+    let mut counts = DesiredCounts::default();
+    for pair in states.windows(2) {
+        counts.update(&ChangeSet::between(&pair[0], &pair[1]));
+        assert_eq!(counts, DesiredCounts::of(&pair[1]));
+    }
 }

@@ -298,14 +298,22 @@ impl SyncLoop {
                     self.metrics
                         .observe_conntrack_reconcile(ct.duration, ct.deleted);
                 }
-                self.metrics.observe_desired(desired);
+                if full {
+                    self.metrics.observe_desired(desired);
+                } else {
+                    self.metrics.observe_changes(desired, &changes);
+                }
                 self.metrics.count_service_errors(&stats.errors);
                 for e in &stats.errors {
                     tracing::error!(service = %e.service, reason = %e.reason, "{}", e.message);
                 }
                 // Before the health-check servers, which report proxy health.
                 self.health.updated(SystemTime::now());
-                self.health_checks.sync(desired);
+                if full {
+                    self.health_checks.sync(desired);
+                } else {
+                    self.health_checks.sync_changes(desired, &changes);
+                }
                 tracing::info!(
                     full,
                     services = desired.services.len(),

@@ -115,8 +115,8 @@ fn endpoint_change(c: &mut Criterion) {
         group.throughput(Throughput::Elements(1));
         group.bench_function(BenchmarkId::from_parameter(n), |b| {
             b.iter(|| {
-                k += 1;
                 let slice = versions[k % 2].clone();
+                k += 1;
                 tracker.apply(Event::upsert(Object::EndpointSlice(slice)));
                 let changes = tracker.take_changes();
                 assert_eq!(changes.len(), 1, "one Service port changed");

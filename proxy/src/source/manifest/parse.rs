@@ -6,7 +6,7 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Map, Value};
 use tracing::debug;
 
@@ -235,14 +235,36 @@ fn parse_list(kind: &str, value: Value, origin: &str, out: &mut ParsedFile) {
 
 /// Deserializes into the typed object, reporting type errors with their
 /// field path and fields the type does not know (strict validation).
-fn typed<T: DeserializeOwned + Serialize>(
+fn typed<T: DeserializeOwned>(
     key: &ObjectKey,
     value: Value,
     origin: &str,
     out: &mut ParsedFile,
 ) -> Option<T> {
     let kind = key.kind.as_str();
-    let obj: T = match serde_path_to_error::deserialize(&value) {
+    // Serde silently skips fields a type does not know; a typo like
+    // `prot: 80` must not go unnoticed. `serde_ignored` names every value
+    // the typed object skipped, in the same single pass.
+    let mut unknown = Vec::new();
+    let mut note = |path: &serde_ignored::Path<'_>| {
+        let mut field = String::new();
+        field_path(path, &mut field);
+        unknown.push(field);
+    };
+    let result = if has_null(&value) {
+        // A null value is "not set", whatever its key: look at the value of
+        // each skipped field (rare; a borrowed document costs a copy of
+        // every string).
+        tracked(&value, |path| {
+            if value_at(&value, &path).is_some_and(|v| !v.is_null()) {
+                note(&path)
+            }
+        })
+    } else {
+        // The strings move into the typed object.
+        tracked(value, |path| note(&path))
+    };
+    let obj: T = match result {
         Ok(obj) => obj,
         Err(e) => {
             let field = e.path().to_string();
@@ -259,11 +281,6 @@ fn typed<T: DeserializeOwned + Serialize>(
             return None;
         }
     };
-    // Serde silently drops fields it does not know; a typo like `prot: 80`
-    // must not go unnoticed, so compare with what the typed object keeps.
-    let back = serde_json::to_value(&obj).unwrap_or(Value::Null);
-    let mut unknown = Vec::new();
-    unknown_fields(&value, &back, "", &mut unknown);
     if unknown.is_empty() {
         return Some(obj);
     }
@@ -286,32 +303,61 @@ fn typed<T: DeserializeOwned + Serialize>(
     None
 }
 
-/// Paths of keys present in `orig` but absent from `typed` (null values are
-/// fine: serde maps them to "not set").
-fn unknown_fields(orig: &Value, typed: &Value, path: &str, out: &mut Vec<String>) {
-    match (orig, typed) {
-        (Value::Object(o), Value::Object(t)) => {
-            for (k, v) in o {
-                if v.is_null() {
-                    continue;
-                }
-                let p = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
-                match t.get(k) {
-                    None => out.push(p),
-                    Some(tv) => unknown_fields(v, tv, &p, out),
-                }
-            }
+/// Deserializes `de` into `T`, naming the field of an error and calling
+/// `on_ignored` with each value the type skipped.
+fn tracked<'de, D, T>(
+    de: D,
+    mut on_ignored: impl FnMut(serde_ignored::Path<'_>),
+) -> Result<T, serde_path_to_error::Error<D::Error>>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    serde_path_to_error::deserialize(serde_ignored::Deserializer::new(de, &mut on_ignored))
+}
+
+/// Whether a null appears anywhere in `value`.
+fn has_null(value: &Value) -> bool {
+    match value {
+        Value::Null => true,
+        Value::Array(a) => a.iter().any(has_null),
+        Value::Object(o) => o.values().any(has_null),
+        _ => false,
+    }
+}
+
+/// Writes `path` as `spec.ports[0].prot`.
+fn field_path(path: &serde_ignored::Path<'_>, out: &mut String) {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => {}
+        Path::Seq { parent, index } => {
+            field_path(parent, out);
+            out.push_str(&format!("[{index}]"));
         }
-        (Value::Array(o), Value::Array(t)) => {
-            for (i, (v, tv)) in o.iter().zip(t).enumerate() {
-                unknown_fields(v, tv, &format!("{path}[{i}]"), out);
+        Path::Map { parent, key } => {
+            field_path(parent, out);
+            if !out.is_empty() {
+                out.push('.');
             }
+            out.push_str(key);
         }
-        _ => {}
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => field_path(parent, out),
+    }
+}
+
+/// The value of the document at `path`.
+fn value_at<'v>(value: &'v Value, path: &serde_ignored::Path<'_>) -> Option<&'v Value> {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => Some(value),
+        Path::Seq { parent, index } => value_at(value, parent)?.get(index),
+        Path::Map { parent, key } => value_at(value, parent)?.get(key.as_str()),
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => value_at(value, parent),
     }
 }
 

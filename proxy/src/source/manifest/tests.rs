@@ -763,3 +763,175 @@ fn new_slice_with_one_bad_endpoint_keeps_the_good_ones() {
     let eps: Vec<String> = port.all_endpoints.iter().map(|e| e.to_string()).collect();
     assert_eq!(eps, ["10.0.0.1:8080"]);
 }
+
+/// The unknown fields `parse_file` reports for a one-document file.
+fn unknown_of(text: &str) -> Vec<String> {
+    let parsed = parse::parse_file("t.yaml", text);
+    let mut out: Vec<String> = parsed
+        .rejections
+        .iter()
+        .filter(|r| r.reason == "unknown_field")
+        .map(|r| r.field.clone())
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn every_unknown_field_is_reported_and_null_ones_are_not() {
+    let doc = |nulls: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nextraTop: x\nmetadata: {{name: web{nulls}}}\nspec:\n  bogus: 1\n  ports:\n  - {{port: 80, prot: 81}}\n  - {{name: b, port: 81, xyz: {{a: 1}}}}\nstatus:\n  loadBalancer:\n    ingress:\n    - {{ip: 1.2.3.4, foo: bar}}\n"
+        )
+    };
+    let want = [
+        "extraTop",
+        "spec.bogus",
+        "spec.ports[0].prot",
+        "spec.ports[1].xyz",
+        "status.loadBalancer.ingress[0].foo",
+    ];
+    // Without a null, and with nulls (an unknown one among them: "not set").
+    assert_eq!(unknown_of(&doc("")), want);
+    assert_eq!(unknown_of(&doc(", labels: null, extra: null")), want);
+    let parsed = parse::parse_file("t.yaml", &doc(""));
+    assert!(parsed.documents.is_empty());
+    let r = &parsed.rejections[0];
+    assert_eq!(r.message, "unknown field \"extraTop\": not a field of Service at this place (check the spelling; kproxy validates strictly, like kubectl apply)");
+}
+
+/// The unknown-field check before fields were tracked during
+/// deserialization: the typed object serialized back and compared with
+/// the document. The property test below holds the new check to it.
+fn unknown_by_round_trip(doc: &serde_json::Value) -> Option<Vec<String>> {
+    fn walk(
+        orig: &serde_json::Value,
+        typed: &serde_json::Value,
+        path: &str,
+        out: &mut Vec<String>,
+    ) {
+        use serde_json::Value;
+        match (orig, typed) {
+            (Value::Object(o), Value::Object(t)) => {
+                for (k, v) in o {
+                    if v.is_null() {
+                        continue;
+                    }
+                    let p = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    match t.get(k) {
+                        None => out.push(p),
+                        Some(tv) => walk(v, tv, &p, out),
+                    }
+                }
+            }
+            (Value::Array(o), Value::Array(t)) => {
+                for (i, (v, tv)) in o.iter().zip(t).enumerate() {
+                    walk(v, tv, &format!("{path}[{i}]"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut doc = doc.clone();
+    // As parse_file does before the typed step.
+    doc["metadata"]["namespace"] = "default".into();
+    let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(doc.clone()).ok()?;
+    let back = serde_json::to_value(&svc).unwrap();
+    let mut out = Vec::new();
+    walk(&doc, &back, "", &mut out);
+    out.sort();
+    Some(out)
+}
+
+mod unknown_fields_prop {
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+
+    use super::{unknown_by_round_trip, unknown_of};
+
+    fn base() -> Value {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "web", "labels": {"app": "web"}},
+            "spec": {
+                "clusterIP": "10.96.0.1",
+                "ports": [{"name": "a", "port": 80}, {"name": "b", "port": 81, "targetPort": 8081}],
+                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 10}},
+            },
+            "status": {"loadBalancer": {"ingress": [{"ip": "1.2.3.4"}]}},
+        })
+    }
+
+    /// Every mapping of `v` (as a path of keys and indexes).
+    fn mappings(v: &Value, at: Vec<Value>, out: &mut Vec<Vec<Value>>) {
+        match v {
+            Value::Object(o) => {
+                out.push(at.clone());
+                // Labels take any key.
+                for (k, c) in o.iter().filter(|(k, _)| *k != "labels") {
+                    let mut p = at.clone();
+                    p.push(k.as_str().into());
+                    mappings(c, p, out);
+                }
+            }
+            Value::Array(a) => {
+                for (i, c) in a.iter().enumerate() {
+                    let mut p = at.clone();
+                    p.push(i.into());
+                    mappings(c, p, out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn at<'v>(v: &'v mut Value, path: &[Value]) -> &'v mut Value {
+        path.iter().fold(v, |v, p| match p {
+            Value::String(k) => &mut v[k.as_str()],
+            Value::Number(i) => &mut v[i.as_u64().unwrap() as usize],
+            _ => unreachable!(),
+        })
+    }
+
+    fn extra() -> impl Strategy<Value = (usize, String, Value)> {
+        (
+            any::<usize>(),
+            prop::sample::select(vec!["prot", "xyz", "Port", "name2", "a.b", "clusterIp"]),
+            prop::sample::select(vec![
+                Value::Null,
+                json!(1),
+                json!("s"),
+                json!({"a": 1, "b": null}),
+                json!([1, null]),
+            ]),
+        )
+            .prop_map(|(i, k, v)| (i, k.to_string(), v))
+    }
+
+    proptest! {
+        /// Whatever unknown keys (null-valued or not) a Service gets, at
+        /// whatever depth, the check in the typed pass reports exactly the
+        /// fields the round-trip check did.
+        #[test]
+        fn tracked_check_equals_round_trip(extras in prop::collection::vec(extra(), 0..6)) {
+            let mut doc = base();
+            for (i, key, value) in extras {
+                let mut maps = Vec::new();
+                mappings(&doc, Vec::new(), &mut maps);
+                let path = maps[i % maps.len()].clone();
+                // Only new keys: a known field given a wrong type is a type error.
+                if let Value::Object(o) = at(&mut doc, &path) {
+                    o.entry(key).or_insert(value);
+                }
+            }
+            let want = unknown_by_round_trip(&doc).expect("only unknown keys were added");
+            let text = serde_json::to_string(&doc).unwrap();
+            prop_assert_eq!(unknown_of(&text), want, "{}", text);
+        }
+    }
+}

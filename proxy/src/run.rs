@@ -265,18 +265,50 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         return Ok(());
     }
 
-    let mut dataplane = match mode {
-        ProxyMode::Ebpf if !args.cleanup => Box::new(
-            EbpfDataplane::start(config.clone(), args.mode.ebpf.config_with(&args))
-                .context("setting up ebpf mode")?,
-        ),
-        _ => open_dataplane(&args.mode, config.clone())?,
-    };
     if args.cleanup {
-        dataplane.cleanup().context("cleaning up")?;
+        open_dataplane(&args.mode, config.clone())?
+            .cleanup()
+            .context("cleaning up")?;
         tracing::info!("removed everything kproxy programmed");
         return Ok(());
     }
+    // kube-proxy's healthz allows two full sync periods before it calls a sync stalled.
+    let health = Arc::new(HealthState::new(args.iptables_sync_period * 2));
+
+    // The source reads its objects (at 10,000 Services, parsing the
+    // manifests is most of a start) while the dataplane sets up (loading
+    // the BPF programs is the rest): its first batch waits in the channel.
+    let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    let source_task = match (args.manifests.clone(), kube_client) {
+        (Some(dir), _) => tokio::spawn(async move {
+            ManifestSource::new(dir)
+                .run(events_tx)
+                .await
+                .context("manifest source failed")
+        }),
+        (None, Some(client)) => {
+            let source = KubeSource::new(client, node_name.clone()).with_health(health.clone());
+            tokio::spawn(async move {
+                source.run(events_tx).await;
+                Ok(())
+            })
+        }
+        (None, None) => unreachable!("a client is built whenever --manifests is absent"),
+    };
+
+    let dataplane: Box<dyn Dataplane> = match mode {
+        ProxyMode::Ebpf => {
+            let started = std::time::Instant::now();
+            let dp = EbpfDataplane::start(config.clone(), args.mode.ebpf.config_with(&args))
+                .context("setting up ebpf mode")?;
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+                "ebpf programs loaded and attached"
+            );
+            Box::new(dp)
+        }
+        _ => open_dataplane(&args.mode, config.clone())?,
+    };
     tracing::info!(node = %node_name, mode = %mode, manifests = ?args.manifests, "starting kproxy");
 
     let metrics = Arc::new(Metrics::new(mode));
@@ -285,8 +317,6 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
             tracing::warn!(error = %e, "registering a dataplane metric");
         }
     }
-    // kube-proxy's healthz allows two full sync periods before it calls a sync stalled.
-    let health = Arc::new(HealthState::new(args.iptables_sync_period * 2));
 
     let hard_fail = args.bind_address_hard_fail;
     let healthz = match args.healthz_addr() {
@@ -317,24 +347,6 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
 
     // For `kproxy forward .../udp`; dropped (stopped) when run returns.
     let _udp_relay = server::udp_relay::start(args.udp_relay_port, &args.cluster_cidrs()).await;
-
-    let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
-    let source_task = match (args.manifests.clone(), kube_client) {
-        (Some(dir), _) => tokio::spawn(async move {
-            ManifestSource::new(dir)
-                .run(events_tx)
-                .await
-                .context("manifest source failed")
-        }),
-        (None, Some(client)) => {
-            let source = KubeSource::new(client, node_name.clone()).with_health(health.clone());
-            tokio::spawn(async move {
-                source.run(events_tx).await;
-                Ok(())
-            })
-        }
-        (None, None) => unreachable!("a client is built whenever --manifests is absent"),
-    };
 
     // healthCheckNodePorts listen on the addresses --nodeport-addresses allows (all when empty).
     let nodeport_ips: Vec<std::net::IpAddr> = if config.nodeport_addresses.is_empty() {

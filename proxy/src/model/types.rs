@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -95,8 +96,10 @@ impl fmt::Display for ServicePortName {
 pub struct Endpoint {
     pub ip: IpAddr,
     pub port: u16,
-    /// `nodeName` of the endpoint, when the EndpointSlice says.
-    pub node_name: Option<String>,
+    /// `nodeName` of the endpoint, when the EndpointSlice says (shared:
+    /// a Service port holds each endpoint up to three times).
+    #[serde(default, with = "shared_str")]
+    pub node_name: Option<Arc<str>>,
     /// Runs on this node (node name equals ours).
     pub is_local: bool,
     pub ready: bool,
@@ -375,5 +378,20 @@ mod services_as_list {
     ) -> Result<BTreeMap<ServicePortName, ServicePort>, D::Error> {
         let list = Vec::<ServicePort>::deserialize(d)?;
         Ok(list.into_iter().map(|p| (p.name.clone(), p)).collect())
+    }
+}
+
+/// (De)serializes a shared string as a plain one.
+mod shared_str {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Arc<str>>, s: S) -> Result<S::Ok, S::Error> {
+        v.as_deref().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Arc<str>>, D::Error> {
+        Ok(Option::<String>::deserialize(d)?.map(Arc::from))
     }
 }

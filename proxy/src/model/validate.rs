@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -537,7 +538,9 @@ fn finish<T>(parsed: T, r: Reporter) -> (Option<T>, Vec<Rejection>) {
 #[derive(Debug, Clone)]
 pub(crate) struct ParsedEndpoint {
     pub ip: IpAddr,
-    pub node_name: Option<String>,
+    /// Shared by the endpoints of a slice on one node, and by every copy
+    /// of the endpoint in the desired state.
+    pub node_name: Option<Arc<str>>,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -608,6 +611,7 @@ pub(crate) fn parse_slice(slice: &EndpointSlice) -> (Option<ParsedSlice>, Vec<Re
         ports: Vec::new(),
     };
 
+    let mut last_node: Option<Arc<str>> = None;
     for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
         let mut ok = true;
         if ep.addresses.is_empty() {
@@ -649,9 +653,14 @@ pub(crate) fn parse_slice(slice: &EndpointSlice) -> (Option<ParsedSlice>, Vec<Re
         };
         let c = ep.conditions.clone().unwrap_or_default();
         let ready = c.ready.unwrap_or(true);
+        let node_name = ep.node_name.as_deref().map(|n| match &last_node {
+            Some(last) if **last == *n => last.clone(),
+            _ => Arc::<str>::from(n),
+        });
+        last_node.clone_from(&node_name);
         parsed.endpoints.push(ParsedEndpoint {
             ip,
-            node_name: ep.node_name.clone(),
+            node_name,
             ready,
             serving: c.serving.unwrap_or(ready),
             terminating: c.terminating.unwrap_or(false),

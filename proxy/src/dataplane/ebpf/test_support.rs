@@ -12,7 +12,7 @@ pub fn ep(ip: &str, port: u16, local: bool) -> Endpoint {
     Endpoint {
         ip: ip.parse().unwrap(),
         port,
-        node_name: Some(if local { "node1" } else { "node2" }.to_string()),
+        node_name: Some(if local { "node1" } else { "node2" }.into()),
         is_local: local,
         ready: true,
         serving: true,

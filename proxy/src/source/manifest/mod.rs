@@ -121,6 +121,38 @@ impl FileState {
     }
 }
 
+/// The files defining one object, in path order (nearly always one: a
+/// sorted `Vec` costs a fraction of a `BTreeSet` node per object).
+#[derive(Debug, Default)]
+struct Owners(Vec<PathBuf>);
+
+impl Owners {
+    fn insert(&mut self, path: PathBuf) {
+        if let Err(i) = self.0.binary_search(&path) {
+            self.0.insert(i, path);
+        }
+    }
+
+    fn remove(&mut self, path: &Path) {
+        if let Ok(i) = self.0.binary_search_by(|p| p.as_path().cmp(path)) {
+            self.0.remove(i);
+        }
+    }
+
+    /// The definition in effect: the last file in path order.
+    fn last(&self) -> Option<&PathBuf> {
+        self.0.last()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &PathBuf> {
+        self.0.iter()
+    }
+}
+
 /// The source's memory across scans: what every file contributes, who
 /// defines each object, and what was told about it.
 #[derive(Debug)]
@@ -128,7 +160,7 @@ struct DirState {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
     /// The files defining each object; the last one (in path order) wins.
-    owners: HashMap<ObjectKey, BTreeSet<PathBuf>>,
+    owners: HashMap<ObjectKey, Owners>,
     /// Objects defined by more than one file.
     duplicated: BTreeSet<ObjectKey>,
     /// The version of each object last told.

@@ -300,7 +300,11 @@ fn kproxy_point(
         _ => None,
     };
     let mode: Vec<String> = match (line, &bpffs) {
-        (Line::Ebpf, Some(b)) => b.args(topo.cgroups.child("hooked"), DEVICES),
+        (Line::Ebpf, Some(b)) => {
+            let mut args = b.args(topo.cgroups.child("hooked"), DEVICES);
+            args.extend(map_sizes(setup.services));
+            args
+        }
         (Line::Nft, _) => ipt_args(Backend::Nft),
         _ => ipt_args(Backend::Legacy),
     };
@@ -366,6 +370,28 @@ fn kproxy_point(
     }
     kproxy.stop();
     Ok(())
+}
+
+/// ebpf mode's map sizes for `services` Services of 10 endpoints, where the
+/// defaults (65,536 frontends, 262,144 backends) are too small, as a user
+/// at that scale sets them: a quarter to spare, rounded up to a power of two.
+fn map_sizes(services: usize) -> Vec<String> {
+    let size = |needed: usize| (needed + needed / 4).next_power_of_two();
+    let mut out = Vec::new();
+    // Two frontends per Service port at most (ClusterIP, NodePort).
+    if size(services * 2) > 65_536 {
+        out.extend([
+            "--bpf-lb-map-max".to_string(),
+            size(services * 2).to_string(),
+        ]);
+    }
+    if size(services * 10) > 262_144 {
+        out.extend([
+            "--bpf-backend-map-max".to_string(),
+            size(services * 10).to_string(),
+        ]);
+    }
+    out
 }
 
 fn ipt_args(b: Backend) -> Vec<String> {

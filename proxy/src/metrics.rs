@@ -58,6 +58,9 @@ pub struct Metrics {
     /// Every frontend's status, kept by the sync loop, for
     /// `/kproxy/frontends` (`kproxy status`).
     frontend_table: std::sync::Mutex<FrontendTable>,
+    /// The frontend table's errors generation last exported to
+    /// `kproxy_service_program_errors`.
+    exported_errors: std::sync::Mutex<Option<u64>>,
     /// The programmed counts, kept up to date change by change.
     desired_counts: std::sync::Mutex<DesiredCounts>,
 }
@@ -306,6 +309,7 @@ impl Metrics {
             ),
             rejections: std::sync::Mutex::new(Vec::new()),
             frontend_table: std::sync::Mutex::new(FrontendTable::default()),
+            exported_errors: std::sync::Mutex::new(None),
             desired_counts: std::sync::Mutex::new(DesiredCounts::default()),
             registry: r,
         };
@@ -490,18 +494,29 @@ impl Metrics {
     pub fn observe_frontends(&self, outcome: Option<&frontends::Outcome>) {
         let (counts, errors) = {
             let t = self.frontend_table();
-            (t.counts(), t.port_errors())
+            let generation = t.errors_generation();
+            let mut exported = self
+                .exported_errors
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            // Rebuilt only when the ports in error changed: a sync that
+            // leaves them as they were costs nothing here.
+            let errors = (*exported != Some(generation)).then(|| t.port_errors());
+            *exported = Some(generation);
+            (t.counts(), errors)
         };
         for status in Status::ALL {
             self.frontends
                 .with_label_values(&[status.as_str()])
                 .set(counts.get(status) as i64);
         }
-        self.service_program_errors.reset();
-        for (service, reason) in &errors {
-            self.service_program_errors
-                .with_label_values(&[service, reason])
-                .set(1);
+        if let Some(errors) = errors {
+            self.service_program_errors.reset();
+            for (service, reason) in &errors {
+                self.service_program_errors
+                    .with_label_values(&[service, reason])
+                    .set(1);
+            }
         }
         if let Some(o) = outcome {
             for (reason, n) in &o.errors {

@@ -148,6 +148,10 @@ pub struct FrontendTable {
     /// each is a retry.
     in_flight: HashMap<ServicePortName, bool>,
     counts: [usize; 3],
+    /// Bumped whenever what [`FrontendTable::port_errors`] returns may have
+    /// changed, so that its per-Service metric is rebuilt only then (a full
+    /// map can leave tens of thousands of ports in error).
+    errors_generation: u64,
 }
 
 /// The wait before retry number `attempts` (1: the first retry).
@@ -176,6 +180,9 @@ impl FrontendTable {
 
     fn remove(&mut self, name: &ServicePortName) {
         if let Some(port) = self.ports.remove(name) {
+            if port.error.is_some() {
+                self.errors_generation += 1;
+            }
             for (_, s) in &port.frontends {
                 self.count(Some(*s), None);
             }
@@ -295,6 +302,7 @@ impl FrontendTable {
                 continue;
             }
             port.retry_at = None;
+            self.errors_generation += 1;
             for _ in 0..moved {
                 self.count(Some(Status::Error), Some(Status::Pending));
             }
@@ -372,6 +380,9 @@ impl FrontendTable {
                     port.since = now;
                 }
             }
+            if port.error.is_some() || failed_here > 0 {
+                self.errors_generation += 1;
+            }
             match error {
                 Some((reason, message, _)) if failed_here > 0 => {
                     *errors_by_reason.entry(reason.clone()).or_default() += failed_here;
@@ -396,6 +407,11 @@ impl FrontendTable {
         errors.sort();
         outcome.errors = errors;
         outcome
+    }
+
+    /// Changes whenever [`Self::port_errors`] may answer differently.
+    pub fn errors_generation(&self) -> u64 {
+        self.errors_generation
     }
 
     /// (service, reason) of the ports in error that the dataplane reported

@@ -216,3 +216,34 @@ fn backoff_doubles_up_to_a_minute() {
     assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
     assert_eq!(backoff(u32::MAX), MAX_BACKOFF);
 }
+
+/// The per-Service error metric is rebuilt only when the ports in error may
+/// have changed: a sync of another port leaves the generation alone (with
+/// tens of thousands of ports in a full map, rebuilding it cost every sync
+/// tens of milliseconds).
+#[test]
+fn the_errors_generation_moves_only_with_the_ports_in_error() {
+    let t0 = Instant::now();
+    let mut t = FrontendTable::default();
+    let s = state(vec![web(), port("api", "10.96.0.11")]);
+    t.begin(&s, &changes(&state(vec![]), &s), &[], false, t0);
+    t.finish(Ok(&[full_error(&web())]), t0);
+    let after_error = t.errors_generation();
+    assert_ne!(after_error, 0);
+
+    // Another port changes and is applied: the errors are as they were.
+    let mut api = port("api", "10.96.0.11");
+    api.port = 81;
+    let s2 = state(vec![web(), api]);
+    t.begin(&s2, &changes(&s, &s2), &[], false, t0);
+    t.finish(Ok(&[]), t0);
+    assert_eq!(t.errors_generation(), after_error);
+    assert_eq!(t.port_errors().len(), 1);
+
+    // The port in error is retried and applied: the generation moves.
+    let t1 = t0 + Duration::from_secs(1);
+    t.begin(&s2, &ChangeSet::default(), &t.due(t1), false, t1);
+    t.finish(Ok(&[]), t1);
+    assert_ne!(t.errors_generation(), after_error);
+    assert_eq!(t.port_errors(), vec![]);
+}

@@ -122,6 +122,20 @@ fn dns_query(id: u16, name: &str) -> Vec<u8> {
     q
 }
 
+/// The namespace topology (no kproxy started) with pod-b (10.244.2.10, on
+/// node2) serving DNS on 53 and a UDP echo on 9000; and pod-b's address.
+fn topology_with_dns() -> Result<(Topology, String)> {
+    let mut topo = Topology::build(Mode::Iptables)?;
+    let b = topo
+        .pods
+        .iter()
+        .position(|p| p.name == "pod-b")
+        .context("pod-b")?;
+    topo.serve(b, &["--dns", "53", "--udp-echo", "9000"])?;
+    let ip = topo.pods[b].ip.clone();
+    Ok((topo, ip))
+}
+
 /// The test API server in the LAN namespace, with the runtime's
 /// port-forward and `ephemeral` starting ephemeral containers; its
 /// runtime and a kubeconfig for it.
@@ -274,15 +288,7 @@ fn echo(topo: &Topology, port: u16, count: u32) -> Result<usize> {
 
 #[test]
 fn udp_through_the_node_agents_relay() -> Result<()> {
-    let mut topo = Topology::build(Mode::Iptables)?;
-    // pod-b (10.244.2.10, on node2): a DNS server and a UDP echo.
-    let b = topo
-        .pods
-        .iter()
-        .position(|p| p.name == "pod-b")
-        .context("pod-b")?;
-    topo.serve(b, &["--dns", "53", "--udp-echo", "9000"])?;
-    let pod_b_ip = topo.pods[b].ip.clone();
+    let (mut topo, pod_b_ip) = topology_with_dns()?;
 
     let (rt, server, kubeconfig) = api_server(&topo, None)?;
     for i in 0..topo.nodes.len() {
@@ -447,14 +453,7 @@ fn datagram_gets(topo: &Topology, fwd: &Forward, port: u16, expected: &[&str]) -
 #[test]
 fn udp_through_an_ephemeral_relay_container_where_no_agent_runs() -> Result<()> {
     // No kproxy agent anywhere: a cluster that runs kube-proxy.
-    let mut topo = Topology::build(Mode::Iptables)?;
-    let b = topo
-        .pods
-        .iter()
-        .position(|p| p.name == "pod-b")
-        .context("pod-b")?;
-    topo.serve(b, &["--dns", "53", "--udp-echo", "9000"])?;
-    let pod_b_ip = topo.pods[b].ip.clone();
+    let (topo, pod_b_ip) = topology_with_dns()?;
     let containers = Containers::default();
     let (rt, server, kubeconfig) = api_server(&topo, Some(containers.hook(&topo)?))?;
     dns_objects(&server, &pod_b_ip)?;

@@ -1,5 +1,6 @@
 //! The UDP relay protocol: datagrams framed on one TCP stream (a
-//! port-forward to the relay). The client starts with [`MAGIC`]; then
+//! port-forward to the relay). The client starts with [`MAGIC`] (or
+//! [`MAGIC_ACK`], which the relay answers with the same bytes); then
 //! frames `type (u8) | session (u32) | length (u16) | payload`, big endian.
 //! A session is one client address: OPEN names its destination, DATA
 //! carries one datagram each way, CLOSE ends it (either side), ERROR (relay
@@ -79,11 +80,6 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
             out.put_slice(m);
         }
     }
-}
-
-/// Takes the greeting off the front of `buf`: Ok(true) once it was there.
-pub fn take_magic(buf: &mut BytesMut) -> Result<bool, FrameError> {
-    take_greeting(buf).map(|g| g.is_some())
 }
 
 /// Takes the client's greeting from the front of `buf`: None while only
@@ -193,7 +189,7 @@ mod tests {
         for b in buf.iter() {
             feed.put_u8(*b);
             if !greeted {
-                greeted = take_magic(&mut feed).unwrap();
+                greeted = take_greeting(&mut feed).unwrap().is_some();
                 continue;
             }
             while let Some(f) = decode(&mut feed).unwrap() {
@@ -219,10 +215,10 @@ mod tests {
     #[test]
     fn garbage_is_refused() {
         assert_eq!(
-            take_magic(&mut BytesMut::from(&b"GET / HTTP/1.1"[..])),
+            take_greeting(&mut BytesMut::from(&b"GET / HTTP/1.1"[..])),
             Err(FrameError::Magic)
         );
-        assert_eq!(take_magic(&mut BytesMut::from(&b"KP"[..])), Ok(false));
+        assert_eq!(take_greeting(&mut BytesMut::from(&b"KP"[..])), Ok(None));
         // The greeting that asks for an answer, whole and in part.
         let mut buf = BytesMut::from(&b"KPU2\x02"[..]);
         assert_eq!(take_greeting(&mut buf), Ok(Some(true)));

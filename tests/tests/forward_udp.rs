@@ -191,6 +191,31 @@ fn dns_objects(server: &TestApiServer, ip: &str) -> Result<()> {
     Ok(())
 }
 
+/// The flags every forward here runs with: the outside namespace's
+/// loopback, and sessions idle after 2 s.
+const FORWARD_FLAGS: [&str; 4] = ["--address", "127.0.0.1", "--udp-idle-timeout", "2s"];
+
+/// `kproxy forward svc/dns :53/udp :9000/udp`: 20 DNS queries answered and
+/// 1,000 datagrams echoed with none lost (loopback and veths in namespaces
+/// lose nothing at this pace); the forward, for the checks that follow.
+fn forward_dns_and_echo(topo: &Topology, kubeconfig: &std::path::Path) -> Result<Forward> {
+    let fwd = Forward::start(
+        topo,
+        kubeconfig,
+        &[&["svc/dns", ":53/udp", ":9000/udp"], &FORWARD_FLAGS[..]].concat(),
+    )?;
+    let dns_port = fwd.next_port()?;
+    let echo_port = fwd.next_port()?;
+    dns_queries(topo, dns_port, 20).with_context(|| fwd.stderr())?;
+    let lost = echo(topo, echo_port, 1000)?;
+    ensure!(
+        lost == 0,
+        "{lost} of 1000 datagrams lost; stderr:\n{}",
+        fwd.stderr()
+    );
+    Ok(fwd)
+}
+
 /// DNS through forward port `port`: queries from `n` client sockets (a
 /// resolver's random source ports: a session each), each answered for its
 /// own name and id.
@@ -320,30 +345,7 @@ fn udp_through_the_node_agents_relay() -> Result<()> {
     }
     dns_objects(&server, &pod_b_ip)?;
 
-    let fwd = Forward::start(
-        &topo,
-        &kubeconfig,
-        &[
-            "svc/dns",
-            ":53/udp",
-            ":9000/udp",
-            "--address",
-            "127.0.0.1",
-            "--udp-idle-timeout",
-            "2s",
-        ],
-    )?;
-    let dns_port = fwd.next_port()?;
-    let echo_port = fwd.next_port()?;
-
-    dns_queries(&topo, dns_port, 20).with_context(|| fwd.stderr())?;
-    let lost = echo(&topo, echo_port, 1000)?;
-    // Loopback and veths in namespaces lose nothing at this pace.
-    ensure!(
-        lost == 0,
-        "{lost} of 1000 datagrams lost; stderr:\n{}",
-        fwd.stderr()
-    );
+    let fwd = forward_dns_and_echo(&topo, &kubeconfig)?;
     // 21 sessions (20 DNS clients, 1 echo) through node2's agent.
     let stderr = fwd.stderr();
     ensure!(
@@ -461,14 +463,17 @@ fn udp_through_an_ephemeral_relay_container_where_no_agent_runs() -> Result<()> 
         let res = kproxy_test_apiserver::resources::find("", "v1", "pods").context("pods")?;
         Ok((*server.store().get(res, Some("default"), "dns-0")?).clone())
     };
-    let base = ["--address", "127.0.0.1", "--udp-idle-timeout", "2s"];
 
     // Agents only: the forward says there is none and how to do without.
     {
         let fwd = Forward::start(
             &topo,
             &kubeconfig,
-            &[&["svc/dns", ":9000/udp", "--udp-relay", "agent"], &base[..]].concat(),
+            &[
+                &["svc/dns", ":9000/udp", "--udp-relay", "agent"],
+                &FORWARD_FLAGS[..],
+            ]
+            .concat(),
         )?;
         let port = fwd.next_port()?;
         datagram_gets(
@@ -484,7 +489,7 @@ fn udp_through_an_ephemeral_relay_container_where_no_agent_runs() -> Result<()> 
         let fwd = Forward::start(
             &topo,
             &kubeconfig,
-            &[&["svc/dns", ":9000/udp"], &base[..]].concat(),
+            &[&["svc/dns", ":9000/udp"], &FORWARD_FLAGS[..]].concat(),
         )?;
         let port = fwd.next_port()?;
         datagram_gets(
@@ -502,20 +507,7 @@ fn udp_through_an_ephemeral_relay_container_where_no_agent_runs() -> Result<()> 
     );
 
     // The default: the relay runs in an ephemeral container of the pod.
-    let fwd = Forward::start(
-        &topo,
-        &kubeconfig,
-        &[&["svc/dns", ":53/udp", ":9000/udp"], &base[..]].concat(),
-    )?;
-    let dns_port = fwd.next_port()?;
-    let echo_port = fwd.next_port()?;
-    dns_queries(&topo, dns_port, 20).with_context(|| fwd.stderr())?;
-    let lost = echo(&topo, echo_port, 1000)?;
-    ensure!(
-        lost == 0,
-        "{lost} of 1000 datagrams lost; stderr:\n{}",
-        fwd.stderr()
-    );
+    let fwd = forward_dns_and_echo(&topo, &kubeconfig)?;
     let added = pod()?["spec"]["ephemeralContainers"].clone();
     let expected_image = format!("ghcr.io/kproxy/kproxy:{}", env!("CARGO_PKG_VERSION"));
     ensure!(
@@ -536,7 +528,7 @@ fn udp_through_an_ephemeral_relay_container_where_no_agent_runs() -> Result<()> 
     let fwd2 = Forward::start(
         &topo,
         &kubeconfig,
-        &[&["pod/dns-0", ":9000/udp"], &base[..]].concat(),
+        &[&["pod/dns-0", ":9000/udp"], &FORWARD_FLAGS[..]].concat(),
     )?;
     let port2 = fwd2.next_port()?;
     let lost = echo(&topo, port2, 200)?;

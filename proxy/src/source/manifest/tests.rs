@@ -935,3 +935,43 @@ mod unknown_fields_prop {
         }
     }
 }
+
+#[test]
+fn files_parsed_on_several_threads_come_back_in_order_and_as_on_one() {
+    let files = || -> Vec<ChangedFile> {
+        (0..23)
+            .map(|i| {
+                let mut text = String::new();
+                for j in 0..(1 + i % 4) {
+                    text.push_str(&svc(&format!("s{i}-{j}"), 80 + j as u32));
+                    text.push_str("---\n");
+                }
+                if i % 7 == 3 {
+                    text.push_str("kind: Service\napiVersion: v1\nmetadata: {name: bad}\nspec: {ports: [{prot: 1}]}\n");
+                }
+                let content = text.into_bytes();
+                ChangedFile {
+                    rel: PathBuf::from(format!("f{i:02}.yaml")),
+                    digest: digest(&content),
+                    content,
+                    prev: None,
+                }
+            })
+            .collect()
+    };
+    let summary =
+        |out: Vec<(PathBuf, FileState)>| -> Vec<(PathBuf, Vec<ObjectKey>, Vec<Rejection>)> {
+            out.into_iter()
+                .map(|(rel, state)| (rel, state.keys().cloned().collect(), state.rejections))
+                .collect()
+        };
+    let one = summary(parse_files_on(files(), 1, 0));
+    let three = summary(parse_files_on(files(), 3, 0));
+    assert_eq!(one.len(), 23);
+    assert!(one.windows(2).all(|w| w[0].0 < w[1].0), "in file order");
+    assert!(
+        one.iter().any(|(_, _, r)| !r.is_empty()),
+        "a bad document is reported"
+    );
+    assert_eq!(one, three);
+}

@@ -23,7 +23,7 @@ use aya::programs::{
 use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::maps as names;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::checks::Device;
 use super::maps::{links_dir, maps_dir};
@@ -106,6 +106,19 @@ pub fn load(pin: &Path, sizes: &MapSizes) -> Result<Ebpf, DataplaneError> {
     Ok(ebpf)
 }
 
+/// Logs what loading one program cost: most of a start's wait is the
+/// kernel verifying the TC ingress program, and the verifier's work grows
+/// with the program's branches and loops.
+fn log_loaded(name: &str, info: Option<aya::programs::ProgramInfo>, started: std::time::Instant) {
+    let verified = info.and_then(|i| i.verified_instruction_count());
+    debug!(
+        program = name,
+        elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+        verified_insns = verified,
+        "eBPF program verified and loaded"
+    );
+}
+
 /// Attaches the socket programs to `cgroup`, replacing (and releasing) a
 /// link a previous instance pinned.
 pub fn attach_cgroup(ebpf: &mut Ebpf, pin: &Path, cgroup: &Path) -> Result<(), DataplaneError> {
@@ -117,7 +130,9 @@ pub fn attach_cgroup(ebpf: &mut Ebpf, pin: &Path, cgroup: &Path) -> Result<(), D
             .ok_or_else(|| other(format!("program {name} missing from the object")))?
             .try_into()
             .map_err(|e| prog_err(name, "typing", e))?;
+        let started = std::time::Instant::now();
         prog.load().map_err(|e| prog_err(name, "loading", e))?;
+        log_loaded(name, prog.info().ok(), started);
         let id = prog
             .attach(&cg, CgroupAttachMode::Single)
             .map_err(|e| prog_err(name, &format!("attaching to {}", cgroup.display()), e))?;
@@ -158,8 +173,10 @@ pub fn attach_tc(ebpf: &mut Ebpf, pin: &Path, devices: &[Device]) -> Result<(), 
             .try_into()
             .map_err(|e| prog_err(name, "typing", e))?;
         // Loaded once; later calls only attach to new devices.
+        let started = std::time::Instant::now();
         match prog.load() {
-            Ok(()) | Err(aya::programs::ProgramError::AlreadyLoaded) => {}
+            Ok(()) => log_loaded(name, prog.info().ok(), started),
+            Err(aya::programs::ProgramError::AlreadyLoaded) => {}
             Err(e) => return Err(prog_err(name, "loading", e)),
         }
         for dev in devices {

@@ -303,7 +303,7 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
                 .context("setting up ebpf mode")?;
             tracing::info!(
                 elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
-                "ebpf maps and socket programs ready; TC programs verifying beside the first sync"
+                "ebpf programs loaded and attached"
             );
             Box::new(dp)
         }

@@ -302,14 +302,6 @@ pub trait Dataplane: Send {
         self.sync(desired, changes, full)
     }
 
-    /// Waits for what the dataplane's start left running beside the first
-    /// sync (ebpf mode: the TC programs' verification); an error here means
-    /// the dataplane cannot work. Called after every sync until it returned
-    /// once; a no-op afterwards.
-    fn finish_start(&mut self) -> Result<(), DataplaneError> {
-        Ok(())
-    }
-
     /// Removes everything this dataplane ever programmed.
     fn cleanup(&mut self) -> Result<(), DataplaneError>;
 

@@ -27,11 +27,6 @@ use crate::source::EventReceiver;
 pub enum SyncError {
     #[error("every Service of this cluster is IPv6 ({count} of them, e.g. {example}): kproxy supports IPv4 only, so it would serve nothing on this node; keep kube-proxy on IPv6-only clusters")]
     Ipv6Only { count: usize, example: String },
-    #[error("setting up the {mode} dataplane: {source}")]
-    Start {
-        mode: ProxyMode,
-        source: crate::dataplane::DataplaneError,
-    },
 }
 
 /// Timing settings of the loop (kube-proxy's `--iptables-sync-period` and
@@ -76,8 +71,6 @@ pub struct SyncLoop {
     /// The next sync must rewrite everything (start, after an error, drift
     /// repair): the only full-sync flag.
     need_full: bool,
-    /// An error that ends the loop (the dataplane could not finish starting).
-    fatal: Option<SyncError>,
     /// Rejections already logged, so each is logged once while it lasts.
     reported: BTreeSet<Rejection>,
     /// Objects changed since the last successful sync (the pending-change
@@ -102,7 +95,6 @@ impl SyncLoop {
             health_checks,
             tracker: Tracker::new(model_config),
             need_full: true,
-            fatal: None,
             reported: BTreeSet::new(),
             pending: changes::Pending::default(),
         }
@@ -176,9 +168,6 @@ impl SyncLoop {
                 open = self.drain(&mut events) && open;
                 let full = self.need_full || Instant::now() >= next_full;
                 let ok = self.sync_once(full);
-                if let Some(fatal) = self.fatal.take() {
-                    return Err(fatal);
-                }
                 last_sync = Some(Instant::now());
                 if full && ok {
                     next_full = Instant::now() + self.timing.full_sync_period;
@@ -282,17 +271,9 @@ impl SyncLoop {
         self.metrics.observe_frontends(None);
         // iptables-restore blocks; keep the runtime's other tasks (healthz) answering.
         let dataplane = &mut self.dataplane;
-        let (result, start) = tokio::task::block_in_place(|| {
-            let result = dataplane.sync_retrying(desired, &changes, &retry, full);
-            (result, dataplane.finish_start())
+        let result = tokio::task::block_in_place(|| {
+            dataplane.sync_retrying(desired, &changes, &retry, full)
         });
-        if let Err(source) = start {
-            self.fatal = Some(SyncError::Start {
-                mode: self.dataplane.mode(),
-                source,
-            });
-            return false;
-        }
         let elapsed = started.elapsed();
         let outcome = self
             .metrics

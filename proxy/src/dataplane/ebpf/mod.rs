@@ -136,11 +136,6 @@ pub struct EbpfDataplane {
     node: NodeSettings,
     /// The loaded programs, kept to attach them to devices that appear later.
     programs: Option<aya::Ebpf>,
-    /// The TC programs being verified and attached after start (joined by
-    /// [`Dataplane::finish_start`]); the programs once done.
-    attaching: Option<std::thread::JoinHandle<AttachResult>>,
-    /// Why attaching them failed, until the sync loop asks.
-    start_failed: Option<DataplaneError>,
     /// Devices the TC programs are attached to.
     devices: Vec<checks::Device>,
     /// The conntrack garbage collector (stopped on drop).
@@ -173,8 +168,6 @@ impl EbpfDataplane {
             writer: None,
             node: NodeSettings::default(),
             programs: None,
-            attaching: None,
-            start_failed: None,
             devices: Vec::new(),
             gc: None,
             local_ifs: None,
@@ -217,28 +210,10 @@ impl EbpfDataplane {
         let mut obj = loader::load(&ebpf.pin_path, &ebpf.map_sizes)?;
         layout::write(&ebpf.pin_path, stamp)?;
         loader::attach_cgroup(&mut obj, &ebpf.pin_path, &cgroup)?;
-        // The kernel verifies the TC ingress program for about a second at
-        // start (most of a start's wait, on one core): it runs beside the
-        // first sync, which fills the maps meanwhile, and the first sync
-        // ends only when the programs are attached (`finish_start`). A
-        // program attached over filled maps also never sees a moment of
-        // empty ones.
-        let attaching = {
-            let pin = ebpf.pin_path.clone();
-            let devices = devices.clone();
-            std::thread::Builder::new()
-                .name("ebpf-tc-attach".into())
-                .spawn(move || {
-                    let started = std::time::Instant::now();
-                    loader::attach_tc(&mut obj, &pin, &devices)?;
-                    // The old programs are gone (their links now run ours):
-                    // drop the old maps' pins. Also the leftovers of an
-                    // interrupted take-over.
-                    layout::remove_retired(&pin)?;
-                    Ok((obj, started.elapsed()))
-                })
-                .map_err(DataplaneError::Io)?
-        };
+        loader::attach_tc(&mut obj, &ebpf.pin_path, &devices)?;
+        // The old programs are gone (their links now run ours): drop the
+        // old maps' pins. Also the leftovers of an interrupted take-over.
+        layout::remove_retired(&ebpf.pin_path)?;
         let nodeport_ips = config
             .node_ips
             .iter()
@@ -295,44 +270,12 @@ impl EbpfDataplane {
             ebpf,
             writer: Some(writer),
             node,
-            programs: None,
-            attaching: Some(attaching),
-            start_failed: None,
+            programs: Some(obj),
             devices,
             gc: Some(gc),
             local_ifs,
             netns: current_netns(),
         })
-    }
-
-    /// Waits for the TC programs started by [`EbpfDataplane::start`]. A
-    /// failure fails this sync and is kept for [`Dataplane::finish_start`],
-    /// which ends kproxy with it (a kernel that rejects the programs is not
-    /// worth retrying).
-    fn join_attach(&mut self) -> Result<(), DataplaneError> {
-        let Some(attaching) = self.attaching.take() else {
-            return Ok(());
-        };
-        let joined = attaching.join().unwrap_or_else(|_| {
-            Err(DataplaneError::Other(
-                "the TC attach thread panicked".into(),
-            ))
-        });
-        match joined {
-            Ok((obj, elapsed)) => {
-                info!(
-                    elapsed_ms = elapsed.as_secs_f64() * 1000.0,
-                    "TC programs verified and attached"
-                );
-                self.programs = Some(obj);
-                Ok(())
-            }
-            Err(e) => {
-                let message = e.to_string();
-                self.start_failed = Some(e);
-                Err(DataplaneError::Other(message))
-            }
-        }
     }
 
     /// Without `--devices`, every device is hooked, including pod devices
@@ -366,9 +309,6 @@ impl EbpfDataplane {
         &self.ebpf.pin_path
     }
 }
-
-/// The programs once attached, and how long the kernel took.
-type AttachResult = Result<(aya::Ebpf, std::time::Duration), DataplaneError>;
 
 /// `config` with `cluster_cidrs` set to the local-source CIDRs the maps and
 /// frontend flags use (`--detect-local-mode ClusterCIDR` or `NodeCIDR`;
@@ -424,14 +364,6 @@ impl Dataplane for EbpfDataplane {
         self.sync_retrying(desired, changes, &[], full)
     }
 
-    fn finish_start(&mut self) -> Result<(), DataplaneError> {
-        self.join_attach()?;
-        match self.start_failed.take() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-
     fn sync_retrying(
         &mut self,
         desired: &DesiredState,
@@ -466,14 +398,6 @@ impl Dataplane for EbpfDataplane {
                     // clears their conntrack entries.
                     if let Some(gc) = &self.gc {
                         gc.backends_changed();
-                    }
-                }
-                // The first sync is done once the TC programs run, also on
-                // the devices that appeared while they were verified.
-                if self.attaching.is_some() {
-                    self.join_attach()?;
-                    if let Err(e) = self.follow_devices() {
-                        warn!(error = %e, "following devices; TC programs stay on the devices they had");
                     }
                 }
                 Ok(to_stats(full, counts, errors))

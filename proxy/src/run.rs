@@ -281,13 +281,17 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let source_task = match (args.manifests.clone(), kube_client) {
         (Some(dir), _) => tokio::spawn(async move {
+            // The model reads only the checked parts of objects.
             ManifestSource::new(dir)
+                .without_objects()
                 .run(events_tx)
                 .await
                 .context("manifest source failed")
         }),
         (None, Some(client)) => {
-            let source = KubeSource::new(client, node_name.clone()).with_health(health.clone());
+            let source = KubeSource::new(client, node_name.clone())
+                .with_health(health.clone())
+                .without_objects();
             tokio::spawn(async move {
                 source.run(events_tx).await;
                 Ok(())

@@ -9,7 +9,7 @@ mod tracker;
 mod types;
 mod validate;
 
-pub use objects::{Checked, Event, Kind, Object, ObjectKey};
+pub use objects::{Checked, Event, Kind, Object, ObjectKey, TRIGGER_TIME};
 pub use tracker::Tracker;
 pub use types::*;
 
@@ -103,30 +103,20 @@ pub struct ServiceFamilies {
     pub example: Option<String>,
 }
 
-pub fn service_families(objects: &ClusterObjects) -> ServiceFamilies {
+pub(crate) fn service_families<'a>(
+    services: impl Iterator<Item = &'a validate::ParsedService>,
+) -> ServiceFamilies {
     let mut f = ServiceFamilies::default();
-    for svc in &objects.services {
-        let Some(spec) = &svc.spec else { continue };
-        if spec.type_.as_deref() == Some("ExternalName") {
+    for svc in services {
+        if svc.type_ == validate::ServiceType::ExternalName {
             continue;
         }
-        let ips: Vec<std::net::IpAddr> = spec
-            .cluster_ips
-            .iter()
-            .flatten()
-            .chain(spec.cluster_ip.iter())
-            .filter_map(|ip| ip.parse().ok())
-            .collect();
-        if ips.iter().any(std::net::IpAddr::is_ipv4) {
+        if svc.cluster_ips.iter().any(std::net::IpAddr::is_ipv4) {
             f.ipv4 += 1;
-        } else if !ips.is_empty() {
+        } else if !svc.cluster_ips.is_empty() {
             f.ipv6_only += 1;
             if f.example.is_none() {
-                f.example = Some(format!(
-                    "{}/{}",
-                    svc.metadata.namespace.as_deref().unwrap_or("default"),
-                    svc.metadata.name.as_deref().unwrap_or("")
-                ));
+                f.example = Some(svc.key.to_string());
             }
         }
     }

@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -126,17 +127,32 @@ impl Object {
                 (Parsed::Node(p.map(Arc::new)), r)
             }
         };
-        Checked {
+        let trigger_time = match &self {
+            Object::EndpointSlice(s) => trigger_time(s),
+            _ => None,
+        };
+        Checked(Arc::new(CheckedParts {
             key,
-            object: self,
+            object: Some(self),
             parsed,
             rejections,
-        }
+            trigger_time,
+        }))
     }
 }
 
+/// The annotation the EndpointSlice controller sets: when the pod or
+/// Service change that led to this version of the slice happened.
+pub const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+fn trigger_time(slice: &EndpointSlice) -> Option<SystemTime> {
+    let value = slice.metadata.annotations.as_ref()?.get(TRIGGER_TIME)?;
+    let ts: jiff::Timestamp = value.parse().ok()?;
+    Some(SystemTime::from(ts))
+}
+
 /// The checked parts of an object; `None` where the object is left out.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Parsed {
     Service(Option<Arc<ParsedService>>),
     Slice(Option<Arc<ParsedSlice>>),
@@ -144,35 +160,67 @@ pub(crate) enum Parsed {
 }
 
 /// An object with the result of its one validation.
+///
+/// The checked parts are all the model reads. `kproxy run` drops the
+/// object itself once checked ([`Checked::without_object`]): at 10,000
+/// Services the typed objects were most of the agent's heap. Sources that
+/// serve whole objects (`kproxy render`, tests) keep it. Shared: the
+/// source's copy, the event and the tracker's copy are one allocation.
 #[derive(Debug, Clone)]
-pub struct Checked {
+pub struct Checked(Arc<CheckedParts>);
+
+#[derive(Debug, Clone)]
+struct CheckedParts {
     key: ObjectKey,
-    object: Object,
-    pub(crate) parsed: Parsed,
+    object: Option<Object>,
+    parsed: Parsed,
     rejections: Vec<Rejection>,
+    /// An EndpointSlice's trigger-time annotation ([`TRIGGER_TIME`]).
+    trigger_time: Option<SystemTime>,
 }
 
 impl Checked {
     pub fn key(&self) -> &ObjectKey {
-        &self.key
+        &self.0.key
     }
 
-    pub fn object(&self) -> &Object {
-        &self.object
+    /// The object, unless it was dropped after the check.
+    pub fn object(&self) -> Option<&Object> {
+        self.0.object.as_ref()
+    }
+
+    pub(crate) fn parsed(&self) -> &Parsed {
+        &self.0.parsed
+    }
+
+    /// The same checked parts without the object (which is freed when no
+    /// one else holds it).
+    pub fn without_object(mut self) -> Checked {
+        if self.0.object.is_some() {
+            Arc::make_mut(&mut self.0).object = None;
+        }
+        self
+    }
+
+    /// An EndpointSlice's `endpoints.kubernetes.io/last-change-trigger-time`.
+    pub fn trigger_time(&self) -> Option<SystemTime> {
+        self.0.trigger_time
     }
 
     /// What is wrong with the object; empty when it is valid. A Service
     /// with any problem is left out whole; an EndpointSlice or Node loses
     /// only its bad parts (see [`super::validate_endpoint_slice`]).
     pub fn rejections(&self) -> &[Rejection] {
-        &self.rejections
+        &self.0.rejections
     }
 
     /// Says where the object came from in each of its rejections
     /// (`path/to/file.yaml, document 2`).
     pub fn with_origin(mut self, origin: &str) -> Checked {
-        for r in &mut self.rejections {
-            r.origin = Some(origin.to_string());
+        if !self.0.rejections.is_empty() {
+            for r in &mut Arc::make_mut(&mut self.0).rejections {
+                r.origin = Some(origin.to_string());
+            }
         }
         self
     }
@@ -180,11 +228,21 @@ impl Checked {
 
 impl PartialEq for Checked {
     /// The same object with the same problems (the parsed parts follow
-    /// from the object).
+    /// from the object); without objects, the same checked parts: what the
+    /// model reads is the same.
     fn eq(&self, other: &Checked) -> bool {
-        self.key == other.key
-            && (self.object.same(&other.object) || self.object == other.object)
-            && self.rejections == other.rejections
+        if Arc::ptr_eq(&self.0, &other.0) {
+            return true;
+        }
+        let (a, b) = (&*self.0, &*other.0);
+        if a.key != b.key || a.rejections != b.rejections || a.trigger_time != b.trigger_time {
+            return false;
+        }
+        match (&a.object, &b.object) {
+            (Some(x), Some(y)) => x.same(y) || x == y,
+            (None, None) => a.parsed == b.parsed,
+            _ => false,
+        }
     }
 }
 

@@ -42,7 +42,7 @@ struct ServiceEntry {
 
 impl ServiceEntry {
     fn parsed(&self) -> Option<&Arc<ParsedService>> {
-        match &self.object.as_ref()?.parsed {
+        match self.object.as_ref()?.parsed() {
             Parsed::Service(p) => p.as_ref(),
             _ => None,
         }
@@ -180,7 +180,7 @@ impl Tracker {
                 if let Some(old) = old {
                     self.unlink_slice(&old);
                 }
-                if let Parsed::Slice(Some(p)) = &c.parsed {
+                if let Parsed::Slice(Some(p)) = c.parsed() {
                     let skey = ServiceKey::new(p.namespace.clone(), p.service_name.clone());
                     let entry = self.services.entry(skey.clone()).or_default();
                     entry.slices.insert(p.name.clone(), p.clone());
@@ -230,7 +230,7 @@ impl Tracker {
 
     /// Takes a slice's endpoints away from its Service.
     fn unlink_slice(&mut self, old: &Checked) {
-        let Parsed::Slice(Some(p)) = &old.parsed else {
+        let Parsed::Slice(Some(p)) = old.parsed() else {
             return;
         };
         let skey = ServiceKey::new(p.namespace.clone(), p.service_name.clone());
@@ -246,7 +246,7 @@ impl Tracker {
         let ours = self
             .nodes
             .get(&self.config.node_name)
-            .and_then(|c| match &c.parsed {
+            .and_then(|c| match c.parsed() {
                 Parsed::Node(Some(p)) => Some(p.clone()),
                 _ => None,
             });
@@ -442,7 +442,18 @@ impl Tracker {
         self.recomputed
     }
 
-    /// Every object held, by kind (in key order).
+    /// How many Services have an IPv4 ClusterIP and how many only IPv6
+    /// ones (from their checked parts).
+    pub fn service_families(&self) -> super::ServiceFamilies {
+        super::service_families(
+            self.services
+                .values()
+                .filter_map(|e| e.parsed().map(|p| &**p)),
+        )
+    }
+
+    /// Every object held, by kind (in key order; objects dropped after
+    /// their check are left out).
     pub fn objects(&self) -> ClusterObjects {
         let mut services: Vec<(&ServiceKey, &Checked)> = self
             .services
@@ -452,13 +463,13 @@ impl Tracker {
         services.sort_by(|a, b| a.0.cmp(b.0));
         let mut slices: Vec<(&ObjectKey, &Checked)> = self.slices.iter().collect();
         slices.sort_by(|a, b| a.0.cmp(b.0));
-        let pick = |c: &Checked| c.object().clone();
+        let pick = |c: &Checked| c.object().cloned();
         let mut out = ClusterObjects::default();
         for o in services
             .into_iter()
-            .map(|(_, c)| pick(c))
-            .chain(slices.into_iter().map(|(_, c)| pick(c)))
-            .chain(self.nodes.values().map(pick))
+            .filter_map(|(_, c)| pick(c))
+            .chain(slices.into_iter().filter_map(|(_, c)| pick(c)))
+            .chain(self.nodes.values().filter_map(pick))
         {
             match o {
                 Object::Service(s) => out.services.push(s),

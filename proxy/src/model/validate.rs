@@ -178,7 +178,7 @@ pub(crate) enum ServiceType {
 }
 
 /// One checked `spec.ports[]` entry.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ParsedServicePort {
     pub name: String,
     pub protocol: Protocol,
@@ -187,7 +187,7 @@ pub(crate) struct ParsedServicePort {
 }
 
 /// A checked Service, with every address parsed.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ParsedService {
     pub key: ServiceKey,
     pub type_: ServiceType,
@@ -535,7 +535,7 @@ fn finish<T>(parsed: T, r: Reporter) -> (Option<T>, Vec<Rejection>) {
 // ---------------------------------------------------------------- EndpointSlice
 
 /// One usable endpoint of a slice (conditions already defaulted).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ParsedEndpoint {
     pub ip: IpAddr,
     /// Shared by the endpoints of a slice on one node, and by every copy
@@ -549,7 +549,7 @@ pub(crate) struct ParsedEndpoint {
 }
 
 /// One usable port of a slice.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ParsedSlicePort {
     pub name: String,
     pub protocol: Protocol,
@@ -557,7 +557,7 @@ pub(crate) struct ParsedSlicePort {
 }
 
 /// The usable part of an IPv4 EndpointSlice of a Service.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ParsedSlice {
     pub namespace: String,
     pub name: String,
@@ -735,7 +735,7 @@ pub(crate) fn parse_slice(slice: &EndpointSlice) -> (Option<ParsedSlice>, Vec<Re
 // ---------------------------------------------------------------- Node
 
 /// A checked Node: its name and the usable InternalIP/ExternalIP addresses.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ParsedNode {
     pub name: String,
     pub addresses: Vec<IpAddr>,

@@ -57,9 +57,10 @@ impl Snapshot {
         for c in self.held.values() {
             rejected.extend(c.rejections().iter().cloned());
             match c.object() {
-                Object::Service(s) => objects.services.push(s.clone()),
-                Object::EndpointSlice(s) => objects.endpoint_slices.push(s.clone()),
-                Object::Node(n) => objects.nodes.push(n.clone()),
+                Some(Object::Service(s)) => objects.services.push(s.clone()),
+                Some(Object::EndpointSlice(s)) => objects.endpoint_slices.push(s.clone()),
+                Some(Object::Node(n)) => objects.nodes.push(n.clone()),
+                None => {}
             }
         }
         rejected.sort();

@@ -10,10 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::SystemTime;
 
-use crate::model::{Event, Kind, Object, ObjectKey};
-
-/// The annotation the EndpointSlice controller sets.
-pub const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+use crate::model::{Event, Kind, ObjectKey};
 
 /// Objects changed (deletions included) since the last successful sync.
 #[derive(Debug, Default)]
@@ -38,15 +35,7 @@ impl Pending {
             Kind::EndpointSlice => {
                 self.slices.insert(key.clone());
                 let time = match ev {
-                    Event::Upsert(c) => match c.object() {
-                        Object::EndpointSlice(s) => s
-                            .metadata
-                            .annotations
-                            .as_ref()
-                            .and_then(|a| a.get(TRIGGER_TIME))
-                            .and_then(|t| parse_time(t)),
-                        _ => None,
-                    },
+                    Event::Upsert(c) => c.trigger_time(),
                     _ => None,
                 };
                 match time {
@@ -76,11 +65,6 @@ impl Pending {
     }
 }
 
-fn parse_time(s: &str) -> Option<SystemTime> {
-    let ts: jiff::Timestamp = s.parse().ok()?;
-    Some(SystemTime::from(ts))
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -90,6 +74,7 @@ mod tests {
     use k8s_openapi::api::discovery::v1::EndpointSlice;
 
     use super::*;
+    use crate::model::{Object, TRIGGER_TIME};
 
     fn slice(name: &str, trigger: Option<&str>) -> Event {
         let mut s = EndpointSlice::default();

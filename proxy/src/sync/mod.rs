@@ -29,6 +29,14 @@ pub enum SyncError {
     Ipv6Only { count: usize, example: String },
 }
 
+/// How long after an incremental sync freed heap goes back to the kernel
+/// (at most once per this period, however many syncs run). Each change
+/// frees what its rescan and recomputation allocated, on whichever
+/// thread's allocator arena ran them: without this, 1,000 endpoint changes
+/// at 10,000 Services grew the RSS by 10 MiB until the next full sync.
+/// A trim costs about a millisecond.
+const IDLE_TRIM_AFTER: Duration = Duration::from_secs(1);
+
 /// Timing settings of the loop (kube-proxy's `--iptables-sync-period` and
 /// `--iptables-min-sync-period`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,7 +147,7 @@ impl SyncLoop {
             }
         }
         self.drain(&mut events);
-        let families = model::service_families(&self.tracker.objects());
+        let families = self.tracker.service_families();
         if families.ipv6_only > 0 && families.ipv4 == 0 {
             return Err(SyncError::Ipv6Only {
                 count: families.ipv6_only,
@@ -151,6 +159,8 @@ impl SyncLoop {
         let mut last_sync: Option<Instant> = None;
         let mut next_full = Instant::now();
         let mut open = true;
+        // When freed heap goes back to the kernel after incremental syncs.
+        let mut trim_at: Option<Instant> = None;
 
         loop {
             if let Some(queued) = queued_at {
@@ -168,6 +178,9 @@ impl SyncLoop {
                 open = self.drain(&mut events) && open;
                 let full = self.need_full || Instant::now() >= next_full;
                 let ok = self.sync_once(full);
+                if ok && !full && trim_at.is_none() {
+                    trim_at = Some(Instant::now() + IDLE_TRIM_AFTER);
+                }
                 last_sync = Some(Instant::now());
                 if full && ok {
                     next_full = Instant::now() + self.timing.full_sync_period;
@@ -211,6 +224,11 @@ impl SyncLoop {
                 // Ports in error, retried on their own (no full sync).
                 _ = sleep_until_some(next_retry) => {
                     queued_at = Some(Instant::now());
+                }
+                _ = sleep_until_some(trim_at) => {
+                    trim_at = None;
+                    let took = memory::release_freed();
+                    tracing::debug!(trim_ms = took.as_secs_f64() * 1000.0, "returned freed heap after incremental syncs");
                 }
                 _ = shutdown.changed() => return Ok(()),
             }

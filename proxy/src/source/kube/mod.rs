@@ -53,6 +53,7 @@ pub struct KubeSource {
     client: Client,
     node_name: String,
     health: Option<Arc<HealthState>>,
+    keep_objects: bool,
 }
 
 impl KubeSource {
@@ -61,7 +62,16 @@ impl KubeSource {
             client,
             node_name: node_name.into(),
             health: None,
+            keep_objects: true,
         }
+    }
+
+    /// Tells only the checked parts of objects, not the objects (`kproxy
+    /// run`: the model needs no more; see
+    /// [`crate::model::Checked::without_object`]).
+    pub fn without_objects(mut self) -> Self {
+        self.keep_objects = false;
+        self
     }
 
     /// Report "waiting for the API server" (with the error) on `/healthz`
@@ -95,6 +105,7 @@ impl KubeSource {
             progress: progress.clone(),
             changed: changed.clone(),
             tx: tx.clone(),
+            keep_objects: self.keep_objects,
         };
         let drivers = [
             tokio::spawn(drive(shared(0), svc_stream, |o| {
@@ -223,6 +234,17 @@ struct Driver {
     progress: Arc<Mutex<Progress>>,
     changed: Arc<Notify>,
     tx: EventSender,
+    keep_objects: bool,
+}
+
+/// The event telling `o`, checked (and without the object unless kept).
+fn upsert(o: Object, keep_objects: bool) -> Event {
+    let checked = o.check();
+    Event::Upsert(if keep_objects {
+        checked
+    } else {
+        checked.without_object()
+    })
 }
 
 /// Polls one watcher stream and sends its events: each change at once, a
@@ -248,7 +270,7 @@ where
                     watcher::Event::Apply(o) => {
                         let o = wrap(o);
                         known.insert(o.key(), o.meta().resource_version.clone());
-                        vec![Event::upsert(o)]
+                        vec![upsert(o, d.keep_objects)]
                     }
                     watcher::Event::Delete(o) => {
                         let key = wrap(o).key();
@@ -263,7 +285,9 @@ where
                         listing.push(wrap(o));
                         Vec::new()
                     }
-                    watcher::Event::InitDone => relisted(&mut known, std::mem::take(&mut listing)),
+                    watcher::Event::InitDone => {
+                        relisted(&mut known, std::mem::take(&mut listing), d.keep_objects)
+                    }
                 };
                 if !batch.is_empty() && d.tx.send(batch).is_err() {
                     return;
@@ -305,7 +329,11 @@ where
 
 /// A completed (re)list as one batch: the objects new or changed since
 /// they were last told, and deletes for the ones no longer listed.
-fn relisted(known: &mut HashMap<ObjectKey, Option<String>>, listed: Vec<Object>) -> Vec<Event> {
+fn relisted(
+    known: &mut HashMap<ObjectKey, Option<String>>,
+    listed: Vec<Object>,
+    keep_objects: bool,
+) -> Vec<Event> {
     let mut batch = Vec::new();
     let mut seen = HashSet::with_capacity(listed.len());
     for o in listed {
@@ -314,7 +342,7 @@ fn relisted(known: &mut HashMap<ObjectKey, Option<String>>, listed: Vec<Object>)
         let unchanged = version.is_some() && known.get(&key) == Some(&version);
         if !unchanged {
             known.insert(key.clone(), version);
-            batch.push(Event::upsert(o));
+            batch.push(upsert(o, keep_objects));
         }
         seen.insert(key);
     }

@@ -168,6 +168,8 @@ struct DirState {
     /// The version of each object last told.
     told: HashMap<ObjectKey, Checked>,
     told_problems: Vec<Rejection>,
+    /// Keep each object beside its checked parts (see [`Checked::without_object`]).
+    keep_objects: bool,
 }
 
 impl DirState {
@@ -179,7 +181,14 @@ impl DirState {
             duplicated: BTreeSet::new(),
             told: HashMap::new(),
             told_problems: Vec::new(),
+            keep_objects: true,
         }
+    }
+
+    /// Keeps only the checked parts of objects (`kproxy run`).
+    fn without_objects(mut self) -> Self {
+        self.keep_objects = false;
+        self
     }
 
     /// Re-reads the directory and returns what changed since the last
@@ -272,6 +281,7 @@ impl DirState {
                         content,
                         digest,
                         prev,
+                        keep_objects: self.keep_objects,
                     });
                 }
             }
@@ -368,6 +378,7 @@ struct ChangedFile {
     content: Vec<u8>,
     digest: [u8; 32],
     prev: Option<FileState>,
+    keep_objects: bool,
 }
 
 impl ChangedFile {
@@ -377,6 +388,7 @@ impl ChangedFile {
             &self.content,
             self.digest,
             self.prev,
+            self.keep_objects,
         );
         (self.rel, state)
     }
@@ -388,11 +400,14 @@ const PARALLEL_PARSE_MIN_BYTES: usize = 1 << 20;
 
 /// Parses and checks changed files, in their order. Parsing is most of a
 /// start at scale (about 0.1 ms of CPU per object, mostly the YAML
-/// scanner), and files are independent: with enough to share, every core
-/// takes the next file until none is left.
+/// scanner), and files are independent: with enough to share, the cores
+/// take the next file until none is left. One core is left to what runs
+/// beside the first parse: in ebpf mode the kernel verifying the TC
+/// programs, the start's longest wait, which a parse thread on every core
+/// only slowed down (on 2 cores the parse stays on one thread).
 fn parse_files(files: Vec<ChangedFile>) -> Vec<(PathBuf, FileState)> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    parse_files_on(files, threads, PARALLEL_PARSE_MIN_BYTES)
+    parse_files_on(files, threads.saturating_sub(1), PARALLEL_PARSE_MIN_BYTES)
 }
 
 fn parse_files_on(
@@ -441,7 +456,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Parses and checks a changed file, falling back to `prev` where the new
 /// content is broken.
-fn process_file(rel: &str, content: &[u8], digest: [u8; 32], prev: Option<FileState>) -> FileState {
+fn process_file(
+    rel: &str,
+    content: &[u8],
+    digest: [u8; 32],
+    prev: Option<FileState>,
+    keep_objects: bool,
+) -> FileState {
     let prev_effective = prev.map(|p| p.effective);
     let parsed = match std::str::from_utf8(content) {
         Ok(text) => parse::parse_file(rel, text),
@@ -478,6 +499,11 @@ fn process_file(rel: &str, content: &[u8], digest: [u8; 32], prev: Option<FileSt
     let mut index: HashMap<ObjectKey, usize> = HashMap::new();
     for doc in parsed.documents {
         let checked = doc.object.check().with_origin(&doc.origin);
+        let checked = if keep_objects {
+            checked
+        } else {
+            checked.without_object()
+        };
         let chosen = if checked.rejections().is_empty() {
             Some(Effective {
                 checked,

@@ -955,6 +955,7 @@ fn files_parsed_on_several_threads_come_back_in_order_and_as_on_one() {
                     digest: digest(&content),
                     content,
                     prev: None,
+                    keep_objects: true,
                 }
             })
             .collect()
@@ -974,4 +975,59 @@ fn files_parsed_on_several_threads_come_back_in_order_and_as_on_one() {
         "a bad document is reported"
     );
     assert_eq!(one, three);
+}
+
+/// `kproxy run` keeps only the checked parts: an edit the model cannot see
+/// (a label it does not read) tells nothing, an edit it reads (a port, an
+/// endpoint, a trigger time) tells the object again, and the events carry
+/// no objects.
+#[test]
+fn without_objects_an_edit_is_told_only_when_the_checked_parts_change() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let slice = |ip: &str, trigger: &str, team: &str| {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  labels: {{kubernetes.io/service-name: web, team: {team}}}\n  annotations: {{endpoints.kubernetes.io/last-change-trigger-time: \"{trigger}\"}}\naddressType: IPv4\nendpoints:\n- addresses: [{ip}]\nports:\n- {{name: http, port: 8080, protocol: TCP}}\n"
+        )
+    };
+    let t1 = "2026-01-01T00:00:01Z";
+    let t2 = "2026-01-01T00:00:02Z";
+    write(d, "svc.yaml", &svc("web", 80));
+    write(d, "slice.yaml", &slice("10.244.1.10", t1, "a"));
+    let mut state = DirState::new(d.to_path_buf()).without_objects();
+    let upserts = |events: Vec<Event>| -> Vec<Checked> {
+        events
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Upsert(c) => Some(c),
+                _ => None,
+            })
+            .collect()
+    };
+    let first = upserts(state.scan().unwrap());
+    assert_eq!(first.len(), 2);
+    assert!(
+        first.iter().all(|c| c.object().is_none()),
+        "no objects kept"
+    );
+    let slice_told = first
+        .iter()
+        .find(|c| c.key().kind == Kind::EndpointSlice)
+        .unwrap();
+    assert!(slice_told.trigger_time().is_some());
+
+    // A label the model does not read: nothing to tell.
+    write(d, "slice.yaml", &slice("10.244.1.10", t1, "b"));
+    assert_eq!(upserts(state.scan().unwrap()), Vec::<Checked>::new());
+    // Another trigger time: told (the programming-latency metric reads it).
+    write(d, "slice.yaml", &slice("10.244.1.10", t2, "b"));
+    assert_eq!(upserts(state.scan().unwrap()).len(), 1);
+    // Another endpoint: told.
+    write(d, "slice.yaml", &slice("10.244.1.11", t2, "b"));
+    assert_eq!(upserts(state.scan().unwrap()).len(), 1);
+    // Another Service port: told.
+    write(d, "svc.yaml", &svc("web", 81));
+    let told = upserts(state.scan().unwrap());
+    assert_eq!(told.len(), 1);
+    assert_eq!(told[0].key().kind, Kind::Service);
 }

@@ -28,6 +28,7 @@ const MAX_DELAY: Duration = Duration::from_millis(400);
 pub struct ManifestSource {
     dir: PathBuf,
     debounce: Duration,
+    keep_objects: bool,
 }
 
 impl ManifestSource {
@@ -35,7 +36,16 @@ impl ManifestSource {
         ManifestSource {
             dir,
             debounce: DEFAULT_DEBOUNCE,
+            keep_objects: true,
         }
+    }
+
+    /// Tells and keeps only the checked parts of objects, not the objects
+    /// (`kproxy run`: the model needs no more; see
+    /// [`crate::model::Checked::without_object`]).
+    pub fn without_objects(mut self) -> Self {
+        self.keep_objects = false;
+        self
     }
 
     /// Overrides the quiet time that coalesces bursts of file events.
@@ -55,6 +65,9 @@ impl ManifestSource {
         // Absolute, so event paths compare with it and its parent is known.
         let dir = std::path::absolute(&self.dir).unwrap_or_else(|_| self.dir.clone());
         let mut state = DirState::new(dir.clone());
+        if !self.keep_objects {
+            state = state.without_objects();
+        }
         // Fail early with a clear error if the directory is missing.
         super::list_files(&dir)?;
 

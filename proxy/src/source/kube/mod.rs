@@ -28,7 +28,7 @@ use tokio::sync::Notify;
 
 use super::EventSender;
 use crate::health::HealthState;
-use crate::model::{Event, Object, ObjectKey};
+use crate::model::{Checked, Event, Object, ObjectKey};
 
 pub use client::{client_config, ClientError};
 
@@ -237,14 +237,43 @@ struct Driver {
     keep_objects: bool,
 }
 
-/// The event telling `o`, checked (and without the object unless kept).
-fn upsert(o: Object, keep_objects: bool) -> Event {
+/// `o` checked (and without the object unless kept).
+fn checked(o: Object, keep_objects: bool) -> Checked {
     let checked = o.check();
-    Event::Upsert(if keep_objects {
+    if keep_objects {
         checked
     } else {
         checked.without_object()
-    })
+    }
+}
+
+/// The event telling `o`.
+fn upsert(o: Object, keep_objects: bool) -> Event {
+    Event::Upsert(checked(o, keep_objects))
+}
+
+/// One object of a (re)list in progress, checked as it arrives so that a
+/// list of 10,000 Services does not hold 10,000 typed objects until it
+/// completes; one whose resourceVersion was told already is only named.
+enum Listed {
+    Unchanged(ObjectKey),
+    Changed {
+        version: Option<String>,
+        checked: Checked,
+    },
+}
+
+fn list_item(known: &HashMap<ObjectKey, Option<String>>, o: Object, keep_objects: bool) -> Listed {
+    let key = o.key();
+    let version = o.meta().resource_version.clone();
+    if version.is_some() && known.get(&key) == Some(&version) {
+        Listed::Unchanged(key)
+    } else {
+        Listed::Changed {
+            version,
+            checked: checked(o, keep_objects),
+        }
+    }
 }
 
 /// Polls one watcher stream and sends its events: each change at once, a
@@ -261,7 +290,7 @@ where
     // The resourceVersion of every object told, to tell a relist's
     // unchanged objects from changed ones.
     let mut known: HashMap<ObjectKey, Option<String>> = HashMap::new();
-    let mut listing: Vec<Object> = Vec::new();
+    let mut listing: Vec<Listed> = Vec::new();
     while let Some(item) = stream.next().await {
         match item {
             Ok(event) => {
@@ -282,12 +311,10 @@ where
                         Vec::new()
                     }
                     watcher::Event::InitApply(o) => {
-                        listing.push(wrap(o));
+                        listing.push(list_item(&known, wrap(o), d.keep_objects));
                         Vec::new()
                     }
-                    watcher::Event::InitDone => {
-                        relisted(&mut known, std::mem::take(&mut listing), d.keep_objects)
-                    }
+                    watcher::Event::InitDone => relisted(&mut known, std::mem::take(&mut listing)),
                 };
                 if !batch.is_empty() && d.tx.send(batch).is_err() {
                     return;
@@ -329,22 +356,21 @@ where
 
 /// A completed (re)list as one batch: the objects new or changed since
 /// they were last told, and deletes for the ones no longer listed.
-fn relisted(
-    known: &mut HashMap<ObjectKey, Option<String>>,
-    listed: Vec<Object>,
-    keep_objects: bool,
-) -> Vec<Event> {
+fn relisted(known: &mut HashMap<ObjectKey, Option<String>>, listed: Vec<Listed>) -> Vec<Event> {
     let mut batch = Vec::new();
     let mut seen = HashSet::with_capacity(listed.len());
-    for o in listed {
-        let key = o.key();
-        let version = o.meta().resource_version.clone();
-        let unchanged = version.is_some() && known.get(&key) == Some(&version);
-        if !unchanged {
-            known.insert(key.clone(), version);
-            batch.push(upsert(o, keep_objects));
+    for item in listed {
+        match item {
+            Listed::Unchanged(key) => {
+                seen.insert(key);
+            }
+            Listed::Changed { version, checked } => {
+                let key = checked.key().clone();
+                known.insert(key.clone(), version);
+                batch.push(Event::Upsert(checked));
+                seen.insert(key);
+            }
         }
-        seen.insert(key);
     }
     let gone: Vec<ObjectKey> = known
         .keys()

@@ -460,3 +460,48 @@ fn backoff_grows_to_its_cap_and_expired_relists_at_once() {
     b.reset();
     assert_eq!(b.delay(&down, 1.0), Duration::from_millis(800));
 }
+
+/// A relist tells only objects whose resourceVersion changed, deletes the
+/// ones no longer listed, and (as `kproxy run` has it) carries no objects.
+#[test]
+fn a_relist_tells_changed_and_gone_objects_only() {
+    use std::collections::HashMap;
+
+    use k8s_openapi::api::core::v1::Service;
+
+    use super::{list_item, relisted};
+    use crate::model::{Event, Object, ObjectKey};
+
+    let svc = |name: &str, version: &str| {
+        let mut s = Service::default();
+        s.metadata.name = Some(name.into());
+        s.metadata.namespace = Some("default".into());
+        s.metadata.resource_version = Some(version.into());
+        Object::Service(Arc::new(s))
+    };
+    let mut known: HashMap<ObjectKey, Option<String>> = HashMap::new();
+    let list = |known: &HashMap<ObjectKey, Option<String>>, objs: Vec<Object>| {
+        objs.into_iter()
+            .map(|o| list_item(known, o, false))
+            .collect::<Vec<_>>()
+    };
+    let first = list(&known, vec![svc("a", "1"), svc("b", "1"), svc("c", "1")]);
+    let told = relisted(&mut known, first);
+    assert_eq!(told.len(), 3);
+    assert!(told
+        .iter()
+        .all(|e| matches!(e, Event::Upsert(c) if c.object().is_none())));
+
+    // b changed, c is gone, a is as it was.
+    let again = list(&known, vec![svc("a", "1"), svc("b", "2")]);
+    let told = relisted(&mut known, again);
+    let names: Vec<String> = told
+        .iter()
+        .map(|e| match e {
+            Event::Upsert(c) => format!("upsert {}", c.key().name),
+            Event::Delete(k) => format!("delete {}", k.name),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(names, ["upsert b", "delete c"]);
+}

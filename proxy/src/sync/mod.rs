@@ -325,19 +325,37 @@ impl SyncLoop {
                 for e in &stats.errors {
                     tracing::error!(service = %e.service, reason = %e.reason, "{}", e.message);
                 }
+                let (added, updated, removed) = (
+                    changes.added().count(),
+                    changes.updated().count(),
+                    changes.removed().count(),
+                );
+                self.need_full = false;
+                // A full sync (its change set included) may free much: it
+                // goes back to the kernel before `/healthz` says the sync
+                // is done, so the RSS seen then is the settled one.
+                // Incremental syncs free little; they are trimmed when
+                // idle ([`IDLE_TRIM_AFTER`]).
+                let changes = if full {
+                    drop(changes);
+                    let trim = memory::release_freed();
+                    tracing::debug!(trim_ms = trim.as_secs_f64() * 1000.0, "returned freed heap");
+                    None
+                } else {
+                    Some(changes)
+                };
                 // Before the health-check servers, which report proxy health.
                 self.health.updated(SystemTime::now());
-                if full {
-                    self.health_checks.sync(desired);
-                } else {
-                    self.health_checks.sync_changes(desired, &changes);
+                match &changes {
+                    None => self.health_checks.sync(desired),
+                    Some(changes) => self.health_checks.sync_changes(desired, changes),
                 }
                 tracing::info!(
                     full,
                     services = desired.services.len(),
-                    added = changes.added().count(),
-                    updated = changes.updated().count(),
-                    removed = changes.removed().count(),
+                    added,
+                    updated,
+                    removed,
                     retried = retry.len(),
                     errors = stats.errors.len(),
                     recomputed = self.tracker.recomputed(),
@@ -348,14 +366,6 @@ impl SyncLoop {
                     "synced {} dataplane",
                     self.dataplane.mode()
                 );
-                self.need_full = false;
-                if full {
-                    // Incremental syncs free little; a full one (its change
-                    // set included) may free much.
-                    drop(changes);
-                    let trim = memory::release_freed();
-                    tracing::debug!(trim_ms = trim.as_secs_f64() * 1000.0, "returned freed heap");
-                }
                 true
             }
             Err(err) => {

@@ -182,9 +182,7 @@ fn main() -> anyhow::Result<()> {
                 e.addresses = vec![format!("10.200.{}.{}", i / 250, i % 250 + 1)];
             }
             tracker.apply(Event::Upsert(
-                Object::EndpointSlice(std::sync::Arc::new(s))
-                    .check()
-                    .without_object(),
+                Object::EndpointSlice(std::sync::Arc::new(s)).check_keeping(false),
             ));
             let changes = tracker.take_changes();
             writer.sync(tracker.state(), &changes, &[], false, &config)?;

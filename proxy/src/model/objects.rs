@@ -139,6 +139,17 @@ impl Object {
             trigger_time,
         }))
     }
+
+    /// [`Object::check`], keeping the object beside its checked parts only
+    /// when asked (sources serving whole objects; `kproxy run` does not).
+    pub fn check_keeping(self, keep_object: bool) -> Checked {
+        let checked = self.check();
+        if keep_object {
+            checked
+        } else {
+            checked.without_object()
+        }
+    }
 }
 
 /// The annotation the EndpointSlice controller sets: when the pod or

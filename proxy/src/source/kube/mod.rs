@@ -237,21 +237,6 @@ struct Driver {
     keep_objects: bool,
 }
 
-/// `o` checked (and without the object unless kept).
-fn checked(o: Object, keep_objects: bool) -> Checked {
-    let checked = o.check();
-    if keep_objects {
-        checked
-    } else {
-        checked.without_object()
-    }
-}
-
-/// The event telling `o`.
-fn upsert(o: Object, keep_objects: bool) -> Event {
-    Event::Upsert(checked(o, keep_objects))
-}
-
 /// One object of a (re)list in progress, checked as it arrives so that a
 /// list of 10,000 Services does not hold 10,000 typed objects until it
 /// completes; one whose resourceVersion was told already is only named.
@@ -271,7 +256,7 @@ fn list_item(known: &HashMap<ObjectKey, Option<String>>, o: Object, keep_objects
     } else {
         Listed::Changed {
             version,
-            checked: checked(o, keep_objects),
+            checked: o.check_keeping(keep_objects),
         }
     }
 }
@@ -299,7 +284,7 @@ where
                     watcher::Event::Apply(o) => {
                         let o = wrap(o);
                         known.insert(o.key(), o.meta().resource_version.clone());
-                        vec![upsert(o, d.keep_objects)]
+                        vec![Event::Upsert(o.check_keeping(d.keep_objects))]
                     }
                     watcher::Event::Delete(o) => {
                         let key = wrap(o).key();

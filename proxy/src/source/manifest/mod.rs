@@ -498,12 +498,10 @@ fn process_file(
     let mut slots: Vec<Option<Effective>> = Vec::new();
     let mut index: HashMap<ObjectKey, usize> = HashMap::new();
     for doc in parsed.documents {
-        let checked = doc.object.check().with_origin(&doc.origin);
-        let checked = if keep_objects {
-            checked
-        } else {
-            checked.without_object()
-        };
+        let checked = doc
+            .object
+            .check_keeping(keep_objects)
+            .with_origin(&doc.origin);
         let chosen = if checked.rejections().is_empty() {
             Some(Effective {
                 checked,

@@ -6,7 +6,8 @@
 # restart over the pinned maps, RUNS times; RSS one second after each. Runs
 # in a network namespace of its own (a veth pair inside it), a cgroup and a
 # bpffs of its own; all removed on exit. Logs: /tmp/kpst-{start,restart}.log
-# (each program's verification time at debug level). Needs root.
+# (each program's verification time at debug level; KP_LOG overrides
+# RUST_LOG). Needs root.
 set -u
 KP=$1; M=$2; RUNS=${3:-2}
 NS=kpst$$; CGM=/tmp/kpst-cg$$; CG=$CGM/kpst$$; BPF=/tmp/kpst-bpf$$
@@ -24,7 +25,7 @@ for i in $(seq 1 $RUNS); do
   for kind in start restart; do
     [ $kind = start ] && { umount $BPF; mount -t bpf bpf $BPF; }
     t0=$(date +%s.%N)
-    ip netns exec $NS env RUST_LOG=info,kproxy::dataplane::ebpf::loader=debug $KP run --proxy-mode ebpf --bpf-pin-path $BPF/kproxy --cgroup-root $CG --devices kpa \
+    ip netns exec $NS env RUST_LOG=${KP_LOG:-info,kproxy::dataplane::ebpf::loader=debug} $KP run --proxy-mode ebpf --bpf-pin-path $BPF/kproxy --cgroup-root $CG --devices kpa \
       --manifests $M --hostname-override node1 --cluster-cidr 10.244.0.0/16 \
       --healthz-bind-address 127.0.0.1:10256 --metrics-bind-address 127.0.0.1:10249 > /tmp/kpst-$kind.log 2>&1 &
     PID=$!

@@ -917,6 +917,57 @@ fn restart_adopts_pinned_state_and_keeps_connections() {
     assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
 }
 
+/// A restart reads the pinned maps back in batches of 4,096 entries: over
+/// more entries than one batch (6,000 backends and slots), an unchanged
+/// state still writes and deletes nothing, so no batch boundary lost or
+/// repeated an entry.
+#[test]
+fn a_restart_over_more_entries_than_one_batch_writes_nothing() {
+    let mut w = World::new();
+    w.start();
+    let ports: Vec<ServicePort> = (0..600u32)
+        .map(|i| {
+            let eps = (0..10u32)
+                .map(|e| {
+                    ep(
+                        &format!("10.128.{}.{}", i / 25, (i % 25) * 10 + e + 1),
+                        8080,
+                        true,
+                    )
+                })
+                .collect();
+            svc(
+                "bench",
+                &format!("svc-{i}"),
+                "http",
+                Protocol::Tcp,
+                &format!("10.96.{}.{}", i / 250, i % 250 + 1),
+                80,
+                eps,
+            )
+        })
+        .collect();
+    let desired = state(ports);
+    let sync = |w: &mut World| {
+        let dp = w.dataplane.as_mut().expect("started");
+        w.node
+            .enter(|| dp.sync(&desired, &ChangeSet::default(), true))
+            .unwrap_or_else(|e| panic!("sync: {e}"))
+    };
+    let first = sync(&mut w);
+    assert!(first.objects_written > 12_000, "{first:?}");
+
+    w.dataplane = None;
+    w.start();
+    let again = sync(&mut w);
+    assert_eq!(
+        (again.objects_written, again.objects_deleted),
+        (0, 0),
+        "a restart over unchanged maps rewrote or deleted entries: {again:?}"
+    );
+    w.dataplane.as_mut().unwrap().cleanup().unwrap();
+}
+
 /// A map pinned by a kproxy whose layout differs (here CONFIG with an
 /// older, shorter value) is created anew: start-up succeeds and Services
 /// work, instead of the verifier rejecting the programs.

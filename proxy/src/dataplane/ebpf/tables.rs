@@ -90,8 +90,6 @@ use super::batch::BatchAttr;
 
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
-/// The kernel's ENOTSUPP (not in libc): a map type without batch ops.
-const ENOTSUPP: i32 = 524;
 /// Entries per batch syscall (bounds the kernel's work per call).
 const BATCH: usize = 4096;
 
@@ -129,10 +127,7 @@ fn batch(
     }
 }
 
-/// Errors meaning "this kernel or map type has no batch ops".
-fn batch_unsupported(errno: i32) -> bool {
-    matches!(errno, libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP)
-}
+use super::batch::unsupported as batch_unsupported;
 
 /// A pinned BPF hash map.
 pub struct KernelHash<K: Pod, V: Pod> {
@@ -186,6 +181,20 @@ impl<K: Pod + Send, V: Pod + Send> Table<K, V> for KernelHash<K, V> {
     }
 
     fn dump(&self) -> Result<Vec<(K, V)>, TableError> {
+        if self.batch.load(Ordering::Relaxed) {
+            match super::batch::dump_all(self.fd()) {
+                Ok(entries) => return Ok(entries),
+                Err(e) if e.raw_os_error().is_some_and(batch_unsupported) => {
+                    self.batch.store(false, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    return Err(TableError::Other {
+                        map: self.name,
+                        message: e.to_string(),
+                    })
+                }
+            }
+        }
         self.map
             .iter()
             .map(|r| r.map_err(|e| from_map_error(self.name, e)))

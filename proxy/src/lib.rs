@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod dataplane;
 pub mod forward;
+pub mod hashing;
 pub mod health;
 pub mod metrics;
 pub mod model;

@@ -9,7 +9,8 @@
 //! [`super::build`] over the same objects (property-tested), at a cost
 //! in proportion to what changed, not to the cluster.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use crate::hashing::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::build::{ipv6_parts, service_ports, LABEL_ZONE};
@@ -96,16 +97,16 @@ impl Tracker {
         };
         Tracker {
             config,
-            services: HashMap::new(),
-            slices: HashMap::new(),
+            services: HashMap::default(),
+            slices: HashMap::default(),
             nodes: BTreeMap::new(),
             zone: None,
-            claims: HashMap::new(),
+            claims: HashMap::default(),
             with_rejections: BTreeSet::new(),
             with_derived: BTreeSet::new(),
             problems: Vec::new(),
             state,
-            dirty: HashSet::new(),
+            dirty: HashSet::default(),
             rejections_dirty: false,
             before: BTreeMap::new(),
             synced: false,
@@ -272,8 +273,8 @@ impl Tracker {
     /// last call. The state ([`Tracker::state`]) is then up to date.
     pub fn take_changes(&mut self) -> ChangeSet {
         let dirty: Vec<ServiceKey> = self.dirty.drain().collect();
-        let mut touched: HashSet<Frontend> = HashSet::new();
-        let mut raws: HashMap<ServiceKey, Vec<ServicePort>> = HashMap::new();
+        let mut touched: HashSet<Frontend> = HashSet::default();
+        let mut raws: HashMap<ServiceKey, Vec<ServicePort>> = HashMap::default();
         for key in &dirty {
             if let Some(raw) = self.recompute_raw(key, &mut touched) {
                 raws.insert(key.clone(), raw);

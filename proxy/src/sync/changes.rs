@@ -7,9 +7,9 @@
 //! as kube-proxy measures it. Counted from the source's events as they
 //! arrive.
 
-use std::collections::{HashMap, HashSet};
 use std::time::SystemTime;
 
+use crate::hashing::{HashMap, HashSet};
 use crate::model::{Event, Kind, ObjectKey};
 
 /// Objects changed (deletions included) since the last successful sync.

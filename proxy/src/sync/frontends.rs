@@ -12,12 +12,13 @@
 //! touches, not the table: the counts are kept as it goes, and the ports
 //! not applied have their own index (`kproxy status` lists only those).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::dataplane::{DataplaneError, FrontendRef, ServiceError};
+use crate::hashing::HashMap;
 use crate::model::{ChangeSet, DesiredState, ServicePortName};
 
 /// The first retry of a port in error comes after this; each further one
@@ -320,14 +321,14 @@ impl FrontendTable {
         now: Instant,
     ) -> Outcome {
         let mut outcome = Outcome::default();
-        let mut failed: HashMap<&ServicePortName, &ServiceError> = HashMap::new();
+        let mut failed: HashMap<&ServicePortName, &ServiceError> = HashMap::default();
         if let Ok(errors) = result {
             for e in errors {
                 failed.insert(&e.port, e);
             }
         }
         let in_flight = std::mem::take(&mut self.in_flight);
-        let mut errors_by_reason: HashMap<String, usize> = HashMap::new();
+        let mut errors_by_reason: HashMap<String, usize> = HashMap::default();
         let names = in_flight.keys().chain(
             // A full sync may report a port that was applied (a restart
             // over maps that do not fit, drift).

@@ -10,7 +10,7 @@
 //! the new one, never a mix. Ids are never reused while the process lives,
 //! and a restarted process starts above the highest id in the maps.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use aya::maps::lpm_trie::Key as LpmKey;
@@ -23,6 +23,7 @@ use super::maps::{map_err, Maps, NodeMaps};
 use super::plan::{self, ip_key, PortPlan, Set};
 use super::tables::{PutError, TableError, Tables};
 use crate::dataplane::{DataplaneConfig, DataplaneError, FrontendKind, FrontendRef};
+use crate::hashing::{HashMap, HashSet};
 use crate::model::{ChangeSet, DesiredState, ServicePortName};
 
 /// What the writer needs about the node.
@@ -162,15 +163,15 @@ impl Writer {
         let mut w = Writer {
             maps,
             node_maps,
-            frontends: HashMap::new(),
-            groups: HashMap::new(),
-            group_refs: HashMap::new(),
-            backends: HashMap::new(),
-            backend_ids: HashMap::new(),
-            backend_refs: HashMap::new(),
-            svc_names: HashMap::new(),
-            ranges: HashSet::new(),
-            ports: HashMap::new(),
+            frontends: HashMap::default(),
+            groups: HashMap::default(),
+            group_refs: HashMap::default(),
+            backends: HashMap::default(),
+            backend_ids: HashMap::default(),
+            backend_refs: HashMap::default(),
+            svc_names: HashMap::default(),
+            ranges: HashSet::default(),
+            ports: HashMap::default(),
             next_group: 1,
             next_backend: 1,
             next_svc: 1,
@@ -184,7 +185,7 @@ impl Writer {
     fn reload(&mut self) -> Result<(), DataplaneError> {
         let m = &self.maps;
         self.frontends = m.frontends.dump().map_err(table_err)?.into_iter().collect();
-        let mut slots: HashMap<u32, Vec<(u32, u32)>> = HashMap::new();
+        let mut slots: HashMap<u32, Vec<(u32, u32)>> = HashMap::default();
         for (k, v) in m.slots.dump().map_err(table_err)? {
             slots.entry(k.group).or_default().push((k.slot, v));
         }
@@ -344,7 +345,7 @@ impl Writer {
                 .iter()
                 .map(|(n, sp)| (n, plan::plan(sp, config)))
                 .collect();
-            let mut claimed = HashSet::new();
+            let mut claimed = HashSet::default();
             let mut hints = Vec::with_capacity(plans.len());
             for (_, p) in &plans {
                 let hint = p.frontends.iter().find_map(|f| {
@@ -354,7 +355,7 @@ impl Writer {
                 });
                 hints.push(hint);
             }
-            let mut wanted: HashSet<FrontendKey> = HashSet::new();
+            let mut wanted: HashSet<FrontendKey> = HashSet::default();
             for ((name, p), hint) in plans.iter().zip(hints) {
                 wanted.extend(p.frontends.iter().map(|f| f.key));
                 let id = hint.unwrap_or_else(|| self.alloc_svc(&claimed));
@@ -586,7 +587,7 @@ impl Writer {
         touched: &mut Vec<u32>,
     ) -> Result<(), PortFailure> {
         // 1. Backends and complete slot groups, one per distinct set.
-        let mut group_of: HashMap<Set, (u32, u32)> = HashMap::new();
+        let mut group_of: HashMap<Set, (u32, u32)> = HashMap::default();
         for set in [Set::Cluster, Set::External] {
             if !p.frontends.iter().any(|f| f.set == set) {
                 continue;

@@ -12,7 +12,7 @@ mod watch;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,6 +20,7 @@ use std::sync::Mutex;
 
 use tracing::warn;
 
+use crate::hashing::HashMap;
 use crate::model::{Checked, Event, Kind, ObjectKey, Rejection};
 
 use super::Snapshot;
@@ -177,9 +178,9 @@ impl DirState {
         DirState {
             dir,
             files: BTreeMap::new(),
-            owners: HashMap::new(),
+            owners: HashMap::default(),
             duplicated: BTreeSet::new(),
-            told: HashMap::new(),
+            told: HashMap::default(),
             told_problems: Vec::new(),
             keep_objects: true,
         }
@@ -494,7 +495,7 @@ fn process_file(
     // Within one file, a later document redefining an object wins (keyed so
     // files with thousands of objects stay linear).
     let mut slots: Vec<Option<Effective>> = Vec::new();
-    let mut index: HashMap<ObjectKey, usize> = HashMap::new();
+    let mut index: HashMap<ObjectKey, usize> = HashMap::default();
     for doc in parsed.documents {
         let checked = doc
             .object

@@ -76,10 +76,17 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(kproxy::server::udp_relay::run_standalone(args)),
-        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(run::run(args)),
+        Command::Run(args) => {
+            // Before any thread allocates: glibc gives each new thread an
+            // arena of its own (see one_arena).
+            if args.manifests.is_none() {
+                kproxy::sync::memory::one_arena();
+            }
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(run::run(args))
+        }
         Command::Cleanup(args) => {
             let mode = args.mode;
             let _owner = run::claim_for_cleanup(&mode, args.force)?;

@@ -7,7 +7,7 @@
 
 mod changes;
 pub mod frontends;
-mod memory;
+pub mod memory;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

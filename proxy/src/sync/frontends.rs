@@ -283,7 +283,13 @@ impl FrontendTable {
                     self.in_flight.insert(name.clone(), false);
                 }
             }
-            again.extend(self.unsettled.iter().cloned());
+            // (The ports in flight are skipped below anyway.)
+            again.extend(
+                self.unsettled
+                    .iter()
+                    .filter(|n| !self.in_flight.contains_key(*n))
+                    .cloned(),
+            );
         }
         for name in again {
             if self.in_flight.contains_key(&name) {
@@ -337,7 +343,10 @@ impl FrontendTable {
                 .copied()
                 .filter(|n| !in_flight.contains_key(*n)),
         );
-        let mut transitions: Vec<(Status, Status)> = Vec::new();
+        // What the loop moves between statuses, applied to the counts once
+        // it lets go of the ports (one pass per port, no allocation: a
+        // full sync settles every port).
+        let mut moved = [0isize; 3];
         for name in names {
             let Some(port) = self.ports.get_mut(name) else {
                 continue;
@@ -355,8 +364,10 @@ impl FrontendTable {
                     .map(|e| (e.reason.clone(), e.message.clone(), e.frontends.as_deref())),
             };
             port.attempts += 1;
-            let before: Vec<Status> = port.frontends.iter().map(|(_, s)| *s).collect();
+            let mut failed_here = 0;
+            let mut changed = false;
             for (f, s) in port.frontends.iter_mut() {
+                let before = *s;
                 let fails = match &error {
                     Some((_, _, Some(which))) => which.contains(f),
                     Some((_, _, None)) => true,
@@ -367,19 +378,20 @@ impl FrontendTable {
                 } else if *s == Status::Pending {
                     *s = Status::Applied;
                 }
-            }
-            let mut failed_here = 0;
-            for (b, (_, s)) in before.iter().zip(&port.frontends) {
-                if *b == Status::Pending && retried {
+                if before == Status::Pending && retried {
                     outcome.retried += 1;
                 }
                 if *s == Status::Error {
                     failed_here += 1;
                 }
-                if b != s {
-                    transitions.push((*b, *s));
-                    port.since = now;
+                if before != *s {
+                    moved[before.index()] -= 1;
+                    moved[s.index()] += 1;
+                    changed = true;
                 }
+            }
+            if changed {
+                port.since = now;
             }
             if port.error.is_some() || failed_here > 0 {
                 self.errors_generation += 1;
@@ -401,8 +413,8 @@ impl FrontendTable {
                 self.unsettled.insert(name.clone());
             }
         }
-        for (from, to) in transitions {
-            self.count(Some(from), Some(to));
+        for (count, m) in self.counts.iter_mut().zip(moved) {
+            *count = count.saturating_add_signed(m);
         }
         let mut errors: Vec<(String, usize)> = errors_by_reason.into_iter().collect();
         errors.sort();

@@ -54,6 +54,14 @@ impl ServiceEntry {
     }
 }
 
+/// A Service's ports before conflicts, its IPv6 rejection, its creation
+/// time ([`Tracker::raw_ports`]).
+type RawPorts = (Vec<ServicePort>, Option<Rejection>, Option<jiff::Timestamp>);
+
+/// From this many changed Services on (a first or full sync), their ports
+/// are computed on every core; below it a thread costs more than it saves.
+pub(super) const PARALLEL_RAW_PORTS_MIN: usize = 2048;
+
 /// The model, kept incrementally. Feed it [`Event`]s; take a
 /// [`ChangeSet`] and read the [`DesiredState`] at each sync.
 #[derive(Debug)]
@@ -273,10 +281,11 @@ impl Tracker {
     /// last call. The state ([`Tracker::state`]) is then up to date.
     pub fn take_changes(&mut self) -> ChangeSet {
         let dirty: Vec<ServiceKey> = self.dirty.drain().collect();
+        let computed = self.raw_ports_of(&dirty);
         let mut touched: HashSet<Frontend> = HashSet::default();
         let mut raws: HashMap<ServiceKey, Vec<ServicePort>> = HashMap::default();
-        for key in &dirty {
-            if let Some(raw) = self.recompute_raw(key, &mut touched) {
+        for (key, computed) in dirty.iter().zip(computed) {
+            if let Some(raw) = self.recompute_raw(key, computed, &mut touched) {
                 raws.insert(key.clone(), raw);
             }
         }
@@ -307,12 +316,37 @@ impl Tracker {
         out
     }
 
+    /// [`Self::raw_ports`] of each key, in order. Each Service's ports
+    /// depend only on its own objects, so a large batch (a first or full
+    /// sync) is split over the cores.
+    fn raw_ports_of(&self, keys: &[ServiceKey]) -> Vec<RawPorts> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if threads <= 1 || keys.len() < PARALLEL_RAW_PORTS_MIN {
+            return keys.iter().map(|k| self.raw_ports(k)).collect();
+        }
+        let chunk = keys.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let mut parts = keys.chunks(chunk);
+            let first = parts.next().unwrap_or_default();
+            let handles: Vec<_> = parts
+                .map(|part| {
+                    scope.spawn(move || part.iter().map(|k| self.raw_ports(k)).collect::<Vec<_>>())
+                })
+                .collect();
+            let mut out: Vec<RawPorts> = first.iter().map(|k| self.raw_ports(k)).collect();
+            for h in handles {
+                match h.join() {
+                    Ok(part) => out.extend(part),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+            out
+        })
+    }
+
     /// A Service's ports before conflicts are decided, its IPv6
     /// rejection, its creation time.
-    fn raw_ports(
-        &self,
-        key: &ServiceKey,
-    ) -> (Vec<ServicePort>, Option<Rejection>, Option<jiff::Timestamp>) {
+    fn raw_ports(&self, key: &ServiceKey) -> RawPorts {
         let Some(entry) = self.services.get(key) else {
             return (Vec::new(), None, None);
         };
@@ -335,9 +369,9 @@ impl Tracker {
     fn recompute_raw(
         &mut self,
         key: &ServiceKey,
+        (raw, ipv6, created): RawPorts,
         touched: &mut HashSet<Frontend>,
     ) -> Option<Vec<ServicePort>> {
-        let (raw, ipv6, created) = self.raw_ports(key);
         let entry = self.services.get_mut(key)?;
         if ipv6 != entry.ipv6 {
             entry.ipv6 = ipv6;

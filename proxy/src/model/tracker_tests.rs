@@ -40,6 +40,47 @@ fn assert_matches_build(t: &Tracker) {
     assert_eq!(t.state(), &fresh);
 }
 
+/// A first sync large enough for the Services' ports to be computed on
+/// several threads (`PARALLEL_RAW_PORTS_MIN`) equals a build, conflicts
+/// included (every 500th Service reuses another's ClusterIP).
+#[test]
+fn a_first_sync_of_thousands_of_services_equals_a_build() {
+    let mut t = Tracker::new(cfg());
+    let n = 3000;
+    assert!(n > tracker::PARALLEL_RAW_PORTS_MIN);
+    for i in 0..n {
+        let j = if i % 500 == 499 { i - 1 } else { i };
+        t.apply(upsert_svc(web(
+            i,
+            &format!("10.96.{}.{}", j / 250, j % 250 + 1),
+            "",
+        )));
+        t.apply(upsert_slice(web_slice(
+            i,
+            &format!("10.244.{}.{}", i / 250, i % 250 + 1),
+        )));
+    }
+    let first = t.take_changes();
+    assert_eq!(t.recomputed(), n);
+    assert_eq!(
+        first.added().count(),
+        n - 6,
+        "6 Services lose their ClusterIP"
+    );
+    assert_matches_build(&t);
+    // Each Service's ports stayed with it: deleting some of them removes
+    // theirs, and only theirs.
+    for i in (0..n).step_by(7) {
+        t.apply(Event::Delete(ObjectKey {
+            kind: Kind::Service,
+            namespace: "shop".into(),
+            name: format!("web{i}"),
+        }));
+    }
+    t.take_changes();
+    assert_matches_build(&t);
+}
+
 #[test]
 fn one_changed_slice_recomputes_one_service() {
     let mut t = Tracker::new(cfg());

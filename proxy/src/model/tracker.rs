@@ -9,9 +9,10 @@
 //! [`super::build`] over the same objects (property-tested), at a cost
 //! in proportion to what changed, not to the cluster.
 
-use crate::hashing::{HashMap, HashSet};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+
+use crate::hashing::{HashMap, HashSet};
 
 use super::build::{ipv6_parts, service_ports, LABEL_ZONE};
 use super::conflicts::{self, Claim, Frontend};
@@ -320,9 +321,15 @@ impl Tracker {
     /// depend only on its own objects, so a large batch (a first or full
     /// sync) is split over the cores.
     fn raw_ports_of(&self, keys: &[ServiceKey]) -> Vec<RawPorts> {
+        let serial = || keys.iter().map(|k| self.raw_ports(k)).collect();
+        // The size first: asking for the cores reads the cgroup's CPU
+        // quota, not worth it on every incremental sync.
+        if keys.len() < PARALLEL_RAW_PORTS_MIN {
+            return serial();
+        }
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if threads <= 1 || keys.len() < PARALLEL_RAW_PORTS_MIN {
-            return keys.iter().map(|k| self.raw_ports(k)).collect();
+        if threads <= 1 {
+            return serial();
         }
         let chunk = keys.len().div_ceil(threads);
         std::thread::scope(|scope| {

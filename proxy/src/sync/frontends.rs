@@ -283,7 +283,9 @@ impl FrontendTable {
                     self.in_flight.insert(name.clone(), false);
                 }
             }
-            // (The ports in flight are skipped below anyway.)
+            // Only the unsettled ports not already in flight: the loop
+            // below skips those, and on a first sync that is every port
+            // (no clone of each name).
             again.extend(
                 self.unsettled
                     .iter()

@@ -143,20 +143,13 @@ impl CtStore for PinnedStore {
         let _ = m.remove(key);
     }
     fn backends(&self) -> io::Result<HashSet<(u32, u16)>> {
-        // In batches: this runs after every change to the backends, and a
-        // key-by-key walk of 100,000 backends is 200,000 syscalls.
-        match super::batch::dump_all::<u32, Backend>(raw(aya::maps::IterableMap::map(
+        // In batches, as the sweeps read the conntrack maps: this runs
+        // after every change to the backends, and a key-by-key walk of
+        // 100,000 backends is 200,000 syscalls.
+        let all = super::batch::dump_all::<u32, Backend>(raw(aya::maps::IterableMap::map(
             &self.backends,
-        ))) {
-            Ok(all) => Ok(all.into_iter().map(|(_, b)| (b.ip, b.port)).collect()),
-            Err(e) if e.raw_os_error().is_some_and(super::batch::unsupported) => Ok(self
-                .backends
-                .iter()
-                .filter_map(Result::ok)
-                .map(|(_, b)| (b.ip, b.port))
-                .collect()),
-            Err(e) => Err(e),
-        }
+        )))?;
+        Ok(all.into_iter().map(|(_, b)| (b.ip, b.port)).collect())
     }
 }
 

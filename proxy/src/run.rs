@@ -303,8 +303,15 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     let dataplane: Box<dyn Dataplane> = match mode {
         ProxyMode::Ebpf => {
             let started = std::time::Instant::now();
-            let dp = EbpfDataplane::start(config.clone(), args.mode.ebpf.config_with(&args))
-                .context("setting up ebpf mode")?;
+            // On a blocking thread: the source task spawned just above sits
+            // in this worker's LIFO slot, which other workers do not steal;
+            // loading here would hold the parse back until the programs are in.
+            let (dp_config, ebpf_config) = (config.clone(), args.mode.ebpf.config_with(&args));
+            let dp =
+                tokio::task::spawn_blocking(move || EbpfDataplane::start(dp_config, ebpf_config))
+                    .await
+                    .context("the eBPF setup thread panicked")?
+                    .context("setting up ebpf mode")?;
             tracing::info!(
                 elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
                 "ebpf programs loaded and attached"

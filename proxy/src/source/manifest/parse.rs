@@ -52,15 +52,33 @@ pub(crate) struct ParsedFile {
     pub rejections: Vec<Rejection>,
 }
 
+/// How much a typed conversion records about a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Detail {
+    /// No field paths: tracking them costs an allocation per mapping key
+    /// (a tenth of a clean file's parse). A failure only says so.
+    Fast,
+    /// The field path of every failure, for the rejection.
+    Exact,
+}
+
 /// Parses every YAML document of a file (`rel` is its path relative to the
 /// manifest directory, used in origins).
 pub(crate) fn parse_file(rel: &str, text: &str) -> ParsedFile {
+    // Nearly every file converts cleanly; one that does not is parsed once
+    // more, naming the field of each failure.
+    parse_file_with(rel, text, Detail::Fast)
+        .unwrap_or_else(|| parse_file_with(rel, text, Detail::Exact).unwrap_or_default())
+}
+
+/// `None` when a typed conversion failed in `Detail::Fast`.
+fn parse_file_with(rel: &str, text: &str, detail: Detail) -> Option<ParsedFile> {
     let mut out = ParsedFile::default();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let origin = format!("{rel}, document {}", i + 1);
         match Value::deserialize(doc) {
             Ok(Value::Null) => {} // empty document (`---` twice, comments only)
-            Ok(value) => parse_value(value, &origin, None, &mut out),
+            Ok(value) => parse_value(value, &origin, None, detail, &mut out).ok()?,
             Err(e) => {
                 let origin = match e.location() {
                     Some(l) => format!("{origin}, line {}:{}", l.line(), l.column()),
@@ -80,8 +98,11 @@ pub(crate) fn parse_file(rel: &str, text: &str) -> ParsedFile {
             }
         }
     }
-    out
+    Some(out)
 }
+
+/// A typed conversion failed without its details (`Detail::Fast`).
+struct Inexact;
 
 /// Kind and apiVersion given by a typed list (`ServiceList`) to items that omit them.
 type ListDefault = (&'static str, &'static str);
@@ -90,8 +111,9 @@ fn parse_value(
     mut value: Value,
     origin: &str,
     list_default: Option<ListDefault>,
+    detail: Detail,
     out: &mut ParsedFile,
-) {
+) -> Result<(), Inexact> {
     let Some(map) = value.as_object_mut() else {
         out.rejections.push(rejection(
             "",
@@ -105,7 +127,7 @@ fn parse_value(
             ),
             origin,
         ));
-        return;
+        return Ok(());
     };
     if let Some((kind, api_version)) = list_default {
         map.entry("kind").or_insert_with(|| kind.into());
@@ -119,7 +141,7 @@ fn parse_value(
         None if api_version.is_none() => {
             // Not a Kubernetes manifest at all (a values file, compose file...).
             debug!(%origin, "ignoring document without apiVersion and kind");
-            return;
+            return Ok(());
         }
         other => {
             out.rejections.push(rejection(
@@ -134,17 +156,16 @@ fn parse_value(
                 },
                 origin,
             ));
-            return;
+            return Ok(());
         }
     };
 
     if kind == "List" || kind.ends_with("List") {
-        parse_list(&kind, value, origin, out);
-        return;
+        return parse_list(&kind, value, origin, detail, out);
     }
     let Some(known) = kind_of(&kind) else {
         debug!(%origin, %kind, "ignoring object of a kind kproxy does not use");
-        return;
+        return Ok(());
     };
     if known.namespaced() && namespace.is_empty() {
         namespace = "default".to_string();
@@ -167,7 +188,7 @@ fn parse_value(
             ),
             origin,
         ));
-        return;
+        return Ok(());
     }
 
     // Missing namespace means `default`, as kubectl would apply it.
@@ -184,12 +205,13 @@ fn parse_value(
         name,
     };
     let object = match known {
-        Kind::Service => {
-            typed::<Service>(&key, value, origin, out).map(|o| Object::Service(Arc::new(o)))
-        }
-        Kind::EndpointSlice => typed::<EndpointSlice>(&key, value, origin, out)
+        Kind::Service => typed::<Service>(&key, value, origin, detail, out)?
+            .map(|o| Object::Service(Arc::new(o))),
+        Kind::EndpointSlice => typed::<EndpointSlice>(&key, value, origin, detail, out)?
             .map(|o| Object::EndpointSlice(Arc::new(o))),
-        Kind::Node => typed::<Node>(&key, value, origin, out).map(|o| Object::Node(Arc::new(o))),
+        Kind::Node => {
+            typed::<Node>(&key, value, origin, detail, out)?.map(|o| Object::Node(Arc::new(o)))
+        }
     };
     if let Some(object) = object {
         out.documents.push(Document {
@@ -198,16 +220,23 @@ fn parse_value(
             origin: origin.to_string(),
         });
     }
+    Ok(())
 }
 
-fn parse_list(kind: &str, value: Value, origin: &str, out: &mut ParsedFile) {
+fn parse_list(
+    kind: &str,
+    value: Value,
+    origin: &str,
+    detail: Detail,
+    out: &mut ParsedFile,
+) -> Result<(), Inexact> {
     // `ServiceList` etc. may omit kind/apiVersion on items; `List` may not.
     let item_default = kind
         .strip_suffix("List")
         .and_then(kind_of)
         .map(|k| (k.as_str(), api_version_of(k)));
     let items = match value.get("items") {
-        None | Some(Value::Null) => return,
+        None | Some(Value::Null) => return Ok(()),
         Some(Value::Array(items)) => items.clone(),
         Some(other) => {
             out.rejections.push(rejection(
@@ -222,25 +251,29 @@ fn parse_list(kind: &str, value: Value, origin: &str, out: &mut ParsedFile) {
                 ),
                 origin,
             ));
-            return;
+            return Ok(());
         }
     };
     for (i, item) in items.into_iter().enumerate() {
         if item.is_null() {
             continue;
         }
-        parse_value(item, &format!("{origin}, items[{i}]"), item_default, out);
+        let origin = format!("{origin}, items[{i}]");
+        parse_value(item, &origin, item_default, detail, out)?;
     }
+    Ok(())
 }
 
 /// Deserializes into the typed object, reporting type errors with their
-/// field path and fields the type does not know (strict validation).
+/// field path (`Detail::Exact`; `Err` for any in `Detail::Fast`) and fields
+/// the type does not know (strict validation).
 fn typed<T: DeserializeOwned>(
     key: &ObjectKey,
     value: Value,
     origin: &str,
+    detail: Detail,
     out: &mut ParsedFile,
-) -> Option<T> {
+) -> Result<Option<T>, Inexact> {
     let kind = key.kind.as_str();
     // Serde silently skips fields a type does not know; a typo like
     // `prot: 80` must not go unnoticed. `serde_ignored` names every value
@@ -255,18 +288,19 @@ fn typed<T: DeserializeOwned>(
         // A null value is "not set", whatever its key: look at the value of
         // each skipped field (rare; a borrowed document costs a copy of
         // every string).
-        tracked(&value, |path| {
+        tracked(&value, detail, |path| {
             if value_at(&value, &path).is_some_and(|v| !v.is_null()) {
                 note(&path)
             }
         })
     } else {
         // The strings move into the typed object.
-        tracked(value, |path| note(&path))
+        tracked(value, detail, |path| note(&path))
     };
     let obj: T = match result {
         Ok(obj) => obj,
-        Err(e) => {
+        Err(None) => return Err(Inexact),
+        Err(Some(e)) => {
             let field = e.path().to_string();
             let field = if field == "." { String::new() } else { field };
             out.rejections.push(rejection(
@@ -278,11 +312,11 @@ fn typed<T: DeserializeOwned>(
                 e.into_inner().to_string(),
                 origin,
             ));
-            return None;
+            return Ok(None);
         }
     };
     if unknown.is_empty() {
-        return Some(obj);
+        return Ok(Some(obj));
     }
     for field in unknown {
         let last = field
@@ -300,20 +334,26 @@ fn typed<T: DeserializeOwned>(
             origin,
         ));
     }
-    None
+    Ok(None)
 }
 
-/// Deserializes `de` into `T`, naming the field of an error and calling
-/// `on_ignored` with each value the type skipped.
+/// Deserializes `de` into `T`, calling `on_ignored` with each value the type
+/// skipped. An error names its field in `Detail::Exact`; in `Detail::Fast`
+/// it is `None`.
 fn tracked<'de, D, T>(
     de: D,
+    detail: Detail,
     mut on_ignored: impl FnMut(serde_ignored::Path<'_>),
-) -> Result<T, serde_path_to_error::Error<D::Error>>
+) -> Result<T, Option<serde_path_to_error::Error<D::Error>>>
 where
     D: serde::Deserializer<'de>,
     T: Deserialize<'de>,
 {
-    serde_path_to_error::deserialize(serde_ignored::Deserializer::new(de, &mut on_ignored))
+    let de = serde_ignored::Deserializer::new(de, &mut on_ignored);
+    match detail {
+        Detail::Fast => T::deserialize(de).map_err(|_| None),
+        Detail::Exact => serde_path_to_error::deserialize(de).map_err(Some),
+    }
 }
 
 /// Whether a null appears anywhere in `value`.

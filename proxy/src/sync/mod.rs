@@ -37,6 +37,10 @@ pub enum SyncError {
 /// A trim costs about a millisecond.
 const IDLE_TRIM_AFTER: Duration = Duration::from_secs(1);
 
+/// From this many changed Service ports on, the status table's bookkeeping
+/// runs on a thread of its own beside the dataplane's sync.
+const BEGIN_BESIDE_MIN: usize = 1024;
+
 /// Timing settings of the loop (kube-proxy's `--iptables-sync-period` and
 /// `--iptables-min-sync-period`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -283,14 +287,31 @@ impl SyncLoop {
         self.metrics.add_service_changes(service_changes);
         self.metrics.add_endpoint_changes(endpoint_changes);
 
-        self.metrics
-            .frontend_table()
-            .begin(desired, &changes, &retry, full, Instant::now());
-        self.metrics.observe_frontends(None);
+        // The status table's bookkeeping does not wait for the dataplane's
+        // result until `finish`: for a large change set (a first or full
+        // sync: 25 ms at 10,000 Services) it runs on another core meanwhile.
+        let metrics = &self.metrics;
+        let begin = || {
+            metrics
+                .frontend_table()
+                .begin(desired, &changes, &retry, full, Instant::now());
+            metrics.observe_frontends(None);
+        };
+        let beside = changes.len() >= BEGIN_BESIDE_MIN;
+        if !beside {
+            begin();
+        }
         // iptables-restore blocks; keep the runtime's other tasks (healthz) answering.
         let dataplane = &mut self.dataplane;
         let result = tokio::task::block_in_place(|| {
-            dataplane.sync_retrying(desired, &changes, &retry, full)
+            std::thread::scope(|scope| {
+                let begun = beside.then(|| scope.spawn(begin));
+                let result = dataplane.sync_retrying(desired, &changes, &retry, full);
+                if let Some(Err(panic)) = begun.map(|b| b.join()) {
+                    std::panic::resume_unwind(panic);
+                }
+                result
+            })
         });
         let elapsed = started.elapsed();
         let outcome = self

@@ -416,3 +416,50 @@ async fn a_frontend_that_does_not_fit_is_in_error_alone_and_retried_until_it_fit
     );
     task.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_sync_of_a_thousand_services_settles_the_status_of_each_frontend() {
+    use crate::dataplane::ebpf::tables::memory::MemoryMaps;
+    use frontends::Status;
+
+    // Enough Service ports that the status table's bookkeeping runs on a
+    // thread beside the dataplane's sync; one frontend does not fit.
+    let services = BEGIN_BESIDE_MIN + 100;
+    let fake = MemoryMaps::default();
+    fake.set_capacity(proxy_common::maps::FRONTENDS, services - 1);
+    let writer = crate::dataplane::ebpf::writer::Writer::over(fake.tables(), None).unwrap();
+    let Looping {
+        metrics,
+        events,
+        _stop,
+        task,
+    } = spawn_loop(Box::new(FakeMapsDataplane { writer }));
+    let mut first = Vec::new();
+    for i in 0..services {
+        first.extend(cluster_ip(
+            &format!("s{i:05}"),
+            &format!("10.96.{}.{}", i / 250, i % 250 + 1),
+        ));
+    }
+    first.push(Event::Synced);
+    events.send(first).unwrap();
+    let report = wait_report(&metrics, "the first sync", |r| r.counts.error == 1).await;
+    assert_eq!(report.counts.applied, services - 1, "{:?}", report.counts);
+    assert_eq!(report.counts.pending, 0, "{:?}", report.counts);
+    let failed: Vec<_> = report
+        .frontends
+        .iter()
+        .filter(|f| f.status == Status::Error)
+        .map(|f| f.reason.as_deref())
+        .collect();
+    assert_eq!(failed, [Some("map_full")]);
+    let text = metrics.render();
+    for line in [
+        format!("kproxy_frontends{{status=\"applied\"}} {}\n", services - 1),
+        "kproxy_frontends{status=\"error\"} 1\n".to_string(),
+        "kproxy_frontends{status=\"pending\"} 0\n".to_string(),
+    ] {
+        assert!(text.contains(&line), "{line} missing");
+    }
+    task.abort();
+}

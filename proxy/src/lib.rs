@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod node_addrs;
+pub mod parallel;
 pub mod process;
 pub mod run;
 pub mod server;

@@ -321,34 +321,7 @@ impl Tracker {
     /// depend only on its own objects, so a large batch (a first or full
     /// sync) is split over the cores.
     fn raw_ports_of(&self, keys: &[ServiceKey]) -> Vec<RawPorts> {
-        let serial = || keys.iter().map(|k| self.raw_ports(k)).collect();
-        // The size first: asking for the cores reads the cgroup's CPU
-        // quota, not worth it on every incremental sync.
-        if keys.len() < PARALLEL_RAW_PORTS_MIN {
-            return serial();
-        }
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if threads <= 1 {
-            return serial();
-        }
-        let chunk = keys.len().div_ceil(threads);
-        std::thread::scope(|scope| {
-            let mut parts = keys.chunks(chunk);
-            let first = parts.next().unwrap_or_default();
-            let handles: Vec<_> = parts
-                .map(|part| {
-                    scope.spawn(move || part.iter().map(|k| self.raw_ports(k)).collect::<Vec<_>>())
-                })
-                .collect();
-            let mut out: Vec<RawPorts> = first.iter().map(|k| self.raw_ports(k)).collect();
-            for h in handles {
-                match h.join() {
-                    Ok(part) => out.extend(part),
-                    Err(panic) => std::panic::resume_unwind(panic),
-                }
-            }
-            out
-        })
+        crate::parallel::map(keys, PARALLEL_RAW_PORTS_MIN, |k| self.raw_ports(k))
     }
 
     /// A Service's ports before conflicts are decided, its IPv6

@@ -26,6 +26,10 @@ use crate::dataplane::{DataplaneConfig, DataplaneError, FrontendKind, FrontendRe
 use crate::hashing::{HashMap, HashSet};
 use crate::model::{ChangeSet, DesiredState, ServicePortName};
 
+/// From this many Service ports on (a full sync), their plans are made on
+/// every core.
+const PARALLEL_PLANS_MIN: usize = 2048;
+
 /// What the writer needs about the node.
 #[derive(Debug, Clone, Default)]
 pub struct NodeSettings {
@@ -340,11 +344,11 @@ impl Writer {
             self.reload()?;
             // Claim ids of ports already in the kernel first, so a restart
             // keeps every svc_id (affinity and conntrack stay valid).
-            let plans: Vec<(&ServicePortName, PortPlan)> = desired
-                .services
-                .iter()
-                .map(|(n, sp)| (n, plan::plan(sp, config)))
-                .collect();
+            let ports: Vec<_> = desired.services.iter().collect();
+            let plans: Vec<(&ServicePortName, PortPlan)> =
+                crate::parallel::map(&ports, PARALLEL_PLANS_MIN, |(n, sp)| {
+                    (*n, plan::plan(sp, config))
+                });
             let mut claimed = HashSet::default();
             let mut hints = Vec::with_capacity(plans.len());
             for (_, p) in &plans {

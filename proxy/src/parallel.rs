@@ -20,7 +20,9 @@ pub fn map<T: Sync, R: Send>(items: &[T], min: usize, f: impl Fn(&T) -> R + Sync
         let mut parts = items.chunks(chunk);
         let first = parts.next().unwrap_or_default();
         let serial = &serial;
-        let handles: Vec<_> = parts.map(|part| scope.spawn(move || serial(part))).collect();
+        let handles: Vec<_> = parts
+            .map(|part| scope.spawn(move || serial(part)))
+            .collect();
         let mut out = serial(first);
         for h in handles {
             match h.join() {

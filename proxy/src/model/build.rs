@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use super::validate::{self, ParsedService, ParsedSlice, ServiceType};
 use super::{ClusterObjects, ModelConfig};
@@ -86,6 +87,10 @@ pub(crate) fn build(objects: &ClusterObjects, config: &ModelConfig) -> DesiredSt
     rejected.extend(super::conflicts::resolve(&mut services, &created));
     rejected.sort();
     rejected.dedup();
+    let services = services
+        .into_iter()
+        .map(|(name, sp)| (name, Arc::new(sp)))
+        .collect();
     DesiredState {
         node,
         services,

@@ -89,7 +89,7 @@ pub struct Tracker {
     rejections_dirty: bool,
     /// The version of each changed port before its first change since the
     /// last [`Tracker::take_changes`].
-    before: BTreeMap<ServicePortName, Option<ServicePort>>,
+    before: BTreeMap<ServicePortName, Option<Arc<ServicePort>>>,
     synced: bool,
     /// Services recomputed by the last [`Tracker::take_changes`].
     recomputed: usize,
@@ -418,7 +418,7 @@ impl Tracker {
         }
         for sp in ports {
             let name = sp.name.clone();
-            let old = self.state.services.insert(name.clone(), sp);
+            let old = self.state.services.insert(name.clone(), Arc::new(sp));
             self.before.entry(name).or_insert(old);
         }
         entry.ports = new_names;

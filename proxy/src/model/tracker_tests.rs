@@ -99,7 +99,7 @@ fn one_changed_slice_recomputes_one_service() {
     let (name, change) = changes.iter().next().expect("one change");
     assert_eq!(changes.len(), 1);
     assert_eq!(name.service, ServiceKey::new("shop", "web7"));
-    let ip = |c: &Option<ServicePort>| c.as_ref().unwrap().cluster_endpoints[0].ip.to_string();
+    let ip = |c: &Option<Arc<ServicePort>>| c.as_ref().unwrap().cluster_endpoints[0].ip.to_string();
     assert_eq!(
         (ip(&change.old), ip(&change.new)),
         ("10.244.1.7".into(), "10.244.2.7".into())

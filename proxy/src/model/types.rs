@@ -248,8 +248,9 @@ pub struct DesiredState {
     pub node: NodeInfo,
     /// Serialized as a list of `ServicePort`s (each carries its own name):
     /// JSON maps need string keys.
+    /// Shared: a change set holds the same ports, not copies.
     #[serde(with = "services_as_list")]
-    pub services: BTreeMap<ServicePortName, ServicePort>,
+    pub services: BTreeMap<ServicePortName, Arc<ServicePort>>,
     /// Objects the model refused, with why. Never blocks other Services.
     pub rejected: Vec<Rejection>,
 }
@@ -266,8 +267,8 @@ pub struct ChangeSet {
 /// One Service port's change; `old != new` always.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortChange {
-    pub old: Option<ServicePort>,
-    pub new: Option<ServicePort>,
+    pub old: Option<Arc<ServicePort>>,
+    pub new: Option<Arc<ServicePort>>,
 }
 
 impl PortChange {
@@ -276,12 +277,12 @@ impl PortChange {
         let (Some(a), Some(b)) = (&self.old, &self.new) else {
             return false;
         };
-        let mut a = a.clone();
+        let mut a = ServicePort::clone(a);
         a.all_endpoints.clone_from(&b.all_endpoints);
         a.cluster_endpoints.clone_from(&b.cluster_endpoints);
         a.external_endpoints.clone_from(&b.external_endpoints);
         a.local_endpoint_count = b.local_endpoint_count;
-        &a == b
+        a == **b
     }
 }
 
@@ -308,8 +309,8 @@ impl ChangeSet {
     pub fn insert(
         &mut self,
         name: ServicePortName,
-        old: Option<ServicePort>,
-        new: Option<ServicePort>,
+        old: Option<Arc<ServicePort>>,
+        new: Option<Arc<ServicePort>>,
     ) {
         if old != new {
             self.ports.insert(name, PortChange { old, new });
@@ -361,23 +362,27 @@ impl ChangeSet {
 /// (De)serializes the services map as a list so `DesiredState` is valid JSON.
 mod services_as_list {
     use std::collections::BTreeMap;
+    use std::sync::Arc;
 
     use serde::{Deserialize, Deserializer, Serializer};
 
     use super::{ServicePort, ServicePortName};
 
     pub fn serialize<S: Serializer>(
-        map: &BTreeMap<ServicePortName, ServicePort>,
+        map: &BTreeMap<ServicePortName, Arc<ServicePort>>,
         s: S,
     ) -> Result<S::Ok, S::Error> {
-        s.collect_seq(map.values())
+        s.collect_seq(map.values().map(|p| &**p))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(
         d: D,
-    ) -> Result<BTreeMap<ServicePortName, ServicePort>, D::Error> {
+    ) -> Result<BTreeMap<ServicePortName, Arc<ServicePort>>, D::Error> {
         let list = Vec::<ServicePort>::deserialize(d)?;
-        Ok(list.into_iter().map(|p| (p.name.clone(), p)).collect())
+        Ok(list
+            .into_iter()
+            .map(|p| (p.name.clone(), Arc::new(p)))
+            .collect())
     }
 }
 

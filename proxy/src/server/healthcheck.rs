@@ -133,7 +133,7 @@ impl HealthCheckServers {
     /// that cannot be bound is logged and retried at the next sync. Must be
     /// called within a tokio runtime.
     pub fn sync(&mut self, desired: &DesiredState) {
-        let wanted = wanted_servers(desired.services.values());
+        let wanted = wanted_servers(desired.services.values().map(|sp| &**sp));
         let gone: Vec<ServiceKey> = self
             .services
             .keys()
@@ -177,7 +177,7 @@ impl HealthCheckServers {
                 .services
                 .range(lowest..)
                 .take_while(|(n, _)| n.service == key)
-                .map(|(_, sp)| sp);
+                .map(|(_, sp)| &**sp);
             let wanted = wanted_servers(ports).remove(&key);
             self.reconcile(&key, wanted);
         }

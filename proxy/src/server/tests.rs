@@ -86,7 +86,10 @@ fn service_port(
 
 fn state(ports: Vec<ServicePort>) -> DesiredState {
     DesiredState {
-        services: ports.into_iter().map(|p| (p.name.clone(), p)).collect(),
+        services: ports
+            .into_iter()
+            .map(|p| (p.name.clone(), std::sync::Arc::new(p)))
+            .collect(),
         ..DesiredState::default()
     }
 }

@@ -1,6 +1,7 @@
 //! Builders of desired states for the eBPF dataplane's tests.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::dataplane::DataplaneConfig;
 use crate::model::{
@@ -61,7 +62,7 @@ pub fn state(ports: Vec<ServicePort>) -> DesiredState {
         },
         services: ports
             .into_iter()
-            .map(|p| (p.name.clone(), p))
+            .map(|p| (p.name.clone(), Arc::new(p)))
             .collect::<BTreeMap<_, _>>(),
         rejected: vec![],
     }

@@ -182,7 +182,7 @@ fn udp_view(sp: Option<&ServicePort>) -> Option<UdpView<'_>> {
 fn udp_changed(changes: &ChangeSet) -> bool {
     changes
         .iter()
-        .any(|(_, c)| udp_view(c.old.as_ref()) != udp_view(c.new.as_ref()))
+        .any(|(_, c)| udp_view(c.old.as_deref()) != udp_view(c.new.as_deref()))
 }
 
 impl UdpReconciler {

@@ -70,7 +70,7 @@ pub(super) fn state(ports: Vec<ServicePort>) -> DesiredState {
         },
         services: ports
             .into_iter()
-            .map(|p| (p.name.clone(), p))
+            .map(|p| (p.name.clone(), Arc::new(p)))
             .collect::<BTreeMap<_, _>>(),
         rejected: vec![],
     }
@@ -772,7 +772,7 @@ fn render_10k_services_is_fast() {
         },
     );
     let mut changed = s.clone();
-    let one = changed.services.values_mut().next().unwrap();
+    let one = Arc::make_mut(changed.services.values_mut().next().unwrap());
     one.cluster_endpoints.pop();
     one.external_endpoints.pop();
     let changes = ChangeSet::between(&s, &changed);

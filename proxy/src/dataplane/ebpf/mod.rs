@@ -32,6 +32,7 @@ pub mod owner;
 pub mod plan;
 pub mod readback;
 pub mod render;
+mod staged;
 pub mod tables;
 pub mod writer;
 

@@ -21,7 +21,8 @@ use tracing::debug;
 
 use super::maps::{map_err, Maps, NodeMaps};
 use super::plan::{self, ip_key, PortPlan, Set};
-use super::tables::{PutError, TableError, Tables};
+use super::staged::StagedTables;
+use super::tables::{PutError, Table, TableError, Tables};
 use crate::dataplane::{DataplaneConfig, DataplaneError, FrontendKind, FrontendRef};
 use crate::hashing::{HashMap, HashSet};
 use crate::model::{ChangeSet, DesiredState, ServicePortName};
@@ -73,7 +74,7 @@ pub struct Counts {
 }
 
 pub struct Writer {
-    maps: Tables,
+    maps: StagedTables,
     /// Node-wide maps (absent over fake tables).
     node_maps: Option<NodeMaps>,
     frontends: HashMap<FrontendKey, Frontend>,
@@ -165,7 +166,7 @@ impl Writer {
     /// Over any tables (the fake ones in tests); reads what they hold.
     pub fn over(maps: Tables, node_maps: Option<NodeMaps>) -> Result<Writer, DataplaneError> {
         let mut w = Writer {
-            maps,
+            maps: StagedTables::new(maps),
             node_maps,
             frontends: HashMap::default(),
             groups: HashMap::default(),
@@ -342,70 +343,23 @@ impl Writer {
         let mut errors = Vec::new();
         if full {
             self.reload()?;
-            // Claim ids of ports already in the kernel first, so a restart
-            // keeps every svc_id (affinity and conntrack stay valid).
-            let ports: Vec<_> = desired.services.iter().collect();
-            let plans: Vec<(&ServicePortName, PortPlan)> =
-                crate::parallel::map(&ports, PARALLEL_PLANS_MIN, |(n, sp)| {
-                    (*n, plan::plan(sp, config))
-                });
-            let mut claimed = HashSet::default();
-            let mut hints = Vec::with_capacity(plans.len());
-            for (_, p) in &plans {
-                let hint = p.frontends.iter().find_map(|f| {
-                    let v = self.frontends.get(&f.key)?;
-                    (self.svc_names.get(&v.svc_id) == Some(&p.display) && claimed.insert(v.svc_id))
-                        .then_some(v.svc_id)
-                });
-                hints.push(hint);
+            // Empty maps (a fresh start): every write waits in memory and
+            // each map is then written in large batches, in switch order.
+            let fresh = self.frontends.is_empty()
+                && self.backends.is_empty()
+                && self.groups.is_empty()
+                && self.svc_names.is_empty();
+            if fresh {
+                self.maps.stage();
             }
-            let mut wanted: HashSet<FrontendKey> = HashSet::default();
-            for ((name, p), hint) in plans.iter().zip(hints) {
-                wanted.extend(p.frontends.iter().map(|f| f.key));
-                let id = hint.unwrap_or_else(|| self.alloc_svc(&claimed));
-                claimed.insert(id);
-                if let Err(e) = self.apply_port(name, p, id) {
-                    errors.push(self.port_error(name, p, e));
-                }
+            let result = self.full_sync(desired, config, &mut errors);
+            if fresh {
+                let flushed = self.maps.flush().map_err(table_err);
+                result?;
+                flushed?;
+            } else {
+                result?;
             }
-            // Whatever no desired port claims is stale.
-            let stale: Vec<FrontendKey> = self
-                .frontends
-                .keys()
-                .filter(|k| !wanted.contains(k))
-                .copied()
-                .collect();
-            for k in stale {
-                self.delete_frontend(&k)?;
-            }
-            let live: HashSet<u32> = self.ports.values().map(|p| p.svc_id).collect();
-            let dead_ranges: Vec<(u32, Ipv4Net)> = self
-                .ranges
-                .iter()
-                .filter(|(id, net)| {
-                    !self
-                        .ports
-                        .values()
-                        .any(|p| p.svc_id == *id && p.ranges.contains(net))
-                })
-                .copied()
-                .collect();
-            for (id, net) in dead_ranges {
-                self.delete_range(id, net)?;
-            }
-            let dead_names: Vec<u32> = self
-                .svc_names
-                .keys()
-                .filter(|id| !live.contains(id))
-                .copied()
-                .collect();
-            for id in dead_names {
-                self.delete_name(id)?;
-            }
-            let groups: Vec<u32> = self.groups.keys().copied().collect();
-            self.gc_groups(&groups)?;
-            let backends: Vec<u32> = self.backends.keys().copied().collect();
-            self.gc_backends(&backends)?;
         } else {
             for name in changes.removed() {
                 self.remove_port(name)?;
@@ -435,6 +389,81 @@ impl Writer {
             }
         }
         Ok((self.counts, errors))
+    }
+
+    /// A full sync's port work after the maps were re-read: every desired
+    /// port applied (each keeps its id), then whatever none claims removed.
+    fn full_sync(
+        &mut self,
+        desired: &DesiredState,
+        config: &DataplaneConfig,
+        errors: &mut Vec<PortError>,
+    ) -> Result<(), DataplaneError> {
+        // Claim ids of ports already in the kernel first, so a restart
+        // keeps every svc_id (affinity and conntrack stay valid).
+        let ports: Vec<_> = desired.services.iter().collect();
+        let plans: Vec<(&ServicePortName, PortPlan)> =
+            crate::parallel::map(&ports, PARALLEL_PLANS_MIN, |(n, sp)| {
+                (*n, plan::plan(sp, config))
+            });
+        let mut claimed = HashSet::default();
+        let mut hints = Vec::with_capacity(plans.len());
+        for (_, p) in &plans {
+            let hint = p.frontends.iter().find_map(|f| {
+                let v = self.frontends.get(&f.key)?;
+                (self.svc_names.get(&v.svc_id) == Some(&p.display) && claimed.insert(v.svc_id))
+                    .then_some(v.svc_id)
+            });
+            hints.push(hint);
+        }
+        let mut wanted: HashSet<FrontendKey> = HashSet::default();
+        for ((name, p), hint) in plans.iter().zip(hints) {
+            wanted.extend(p.frontends.iter().map(|f| f.key));
+            let id = hint.unwrap_or_else(|| self.alloc_svc(&claimed));
+            claimed.insert(id);
+            if let Err(e) = self.apply_port(name, p, id) {
+                errors.push(self.port_error(name, p, e));
+            }
+        }
+        // Whatever no desired port claims is stale.
+        let stale: Vec<FrontendKey> = self
+            .frontends
+            .keys()
+            .filter(|k| !wanted.contains(k))
+            .copied()
+            .collect();
+        for k in stale {
+            self.delete_frontend(&k)?;
+        }
+        let live: HashSet<u32> = self.ports.values().map(|p| p.svc_id).collect();
+        let dead_ranges: Vec<(u32, Ipv4Net)> = self
+            .ranges
+            .iter()
+            .filter(|(id, net)| {
+                !self
+                    .ports
+                    .values()
+                    .any(|p| p.svc_id == *id && p.ranges.contains(net))
+            })
+            .copied()
+            .collect();
+        for (id, net) in dead_ranges {
+            self.delete_range(id, net)?;
+        }
+        let dead_names: Vec<u32> = self
+            .svc_names
+            .keys()
+            .filter(|id| !live.contains(id))
+            .copied()
+            .collect();
+        for id in dead_names {
+            self.delete_name(id)?;
+        }
+        let groups: Vec<u32> = self.groups.keys().copied().collect();
+        self.gc_groups(&groups)?;
+        let backends: Vec<u32> = self.backends.keys().copied().collect();
+        self.gc_backends(&backends)?;
+        Ok(())
     }
 
     fn port_error(&self, name: &ServicePortName, p: &PortPlan, e: PortFailure) -> PortError {

@@ -371,3 +371,78 @@ fn a_full_frontend_map_fails_only_the_frontends_that_did_not_fit() {
     assert_eq!(ops(&fake.take_log()), [(names::FRONTENDS, "put")]);
     assert_eq!(fake.lens().0, 5);
 }
+
+/// `n` ClusterIP Services of 10 endpoints each, as the bench has them.
+fn many(n: usize) -> DesiredState {
+    state(
+        (0..n)
+            .map(|i| {
+                svc(
+                    "bench",
+                    &format!("s{i}"),
+                    "http",
+                    Protocol::Tcp,
+                    &format!("10.96.{}.{}", i / 250, i % 250 + 1),
+                    80,
+                    (1..=10)
+                        .map(|e| {
+                            ep(
+                                &format!("10.128.{}.{}", i / 25, (i % 25) * 10 + e),
+                                8080,
+                                false,
+                            )
+                        })
+                        .collect(),
+                )
+            })
+            .collect(),
+    )
+}
+
+#[test]
+fn a_full_sync_into_empty_maps_writes_each_map_once_in_switch_order() {
+    let fake = MemoryMaps::default();
+    let mut w = Writer::over(fake.tables(), None).unwrap();
+    let s = many(3_000);
+    let written = sync(&mut w, &state(vec![]), &s, true);
+    assert_eq!(written, 3_000 * (10 + 10 + 1 + 1));
+    assert_eq!(
+        ops(&fake.take_log()),
+        [
+            (names::BACKENDS, "put"),
+            (names::SLOTS, "put"),
+            (names::SVC_INFO, "put"),
+            (names::FRONTENDS, "put"),
+        ],
+        "one batch per map, every frontend after what it points at"
+    );
+    assert!(fake.violations().is_empty(), "{:?}", fake.violations());
+    let (frontends, slots, backends, svc_names, _) = fake.lens();
+    assert_eq!(
+        (frontends, slots, backends, svc_names),
+        (3_000, 30_000, 30_000, 3_000)
+    );
+
+    // Over maps that hold it all, a full sync goes port by port and writes nothing.
+    let mut again = Writer::over(fake.tables(), None).unwrap();
+    assert_eq!(sync(&mut again, &s, &s, true), 0);
+    assert!(ops(&fake.take_log()).is_empty());
+}
+
+#[test]
+fn a_full_sync_into_empty_maps_that_cannot_hold_it_fails_the_ports_the_kernel_would() {
+    // Room for 2,500 of 3,000 Services' backends: the kernel would refuse
+    // the backends of the last 500 ports, and so does the staged write.
+    let fake = MemoryMaps::default();
+    fake.set_capacity(names::BACKENDS, 25_000);
+    let mut w = Writer::over(fake.tables(), None).unwrap();
+    let s = many(3_000);
+    let (_, errors) = w
+        .sync(&s, &changed(&state(vec![]), &s), &[], true, &config())
+        .unwrap();
+    assert_eq!(errors.len(), 500);
+    assert!(errors.iter().all(|e| e.reason == "map_full"), "{errors:?}");
+    assert!(fake.violations().is_empty(), "{:?}", fake.violations());
+    let (frontends, slots, backends, _, _) = fake.lens();
+    assert_eq!((frontends, slots, backends), (2_500, 25_000, 25_000));
+}

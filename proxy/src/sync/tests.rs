@@ -309,21 +309,30 @@ async fn wait_report(
     }
 }
 
+/// A sync loop over the eBPF writer on in-memory maps with room for
+/// `frontends` frontend records.
+fn loop_over_fake_maps(
+    frontends: usize,
+) -> (crate::dataplane::ebpf::tables::memory::MemoryMaps, Looping) {
+    let fake = crate::dataplane::ebpf::tables::memory::MemoryMaps::default();
+    fake.set_capacity(proxy_common::maps::FRONTENDS, frontends);
+    let writer = crate::dataplane::ebpf::writer::Writer::over(fake.tables(), None).unwrap();
+    let looping = spawn_loop(Box::new(FakeMapsDataplane { writer }));
+    (fake, looping)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frontend_that_does_not_fit_is_in_error_alone_and_retried_until_it_fits() {
-    use crate::dataplane::ebpf::tables::memory::MemoryMaps;
     use frontends::Status;
 
-    let fake = MemoryMaps::default();
     // Room for two frontend records: the third Service does not fit.
-    fake.set_capacity(proxy_common::maps::FRONTENDS, 2);
-    let writer = crate::dataplane::ebpf::writer::Writer::over(fake.tables(), None).unwrap();
+    let (fake, looping) = loop_over_fake_maps(2);
     let Looping {
         metrics,
         events,
         _stop,
         task,
-    } = spawn_loop(Box::new(FakeMapsDataplane { writer }));
+    } = looping;
 
     let mut first = cluster_ip("a", "10.96.0.1");
     first.extend(cluster_ip("b", "10.96.0.2"));
@@ -419,21 +428,18 @@ async fn a_frontend_that_does_not_fit_is_in_error_alone_and_retried_until_it_fit
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_sync_of_a_thousand_services_settles_the_status_of_each_frontend() {
-    use crate::dataplane::ebpf::tables::memory::MemoryMaps;
     use frontends::Status;
 
     // Enough Service ports that the status table's bookkeeping runs on a
     // thread beside the dataplane's sync; one frontend does not fit.
     let services = BEGIN_BESIDE_MIN + 100;
-    let fake = MemoryMaps::default();
-    fake.set_capacity(proxy_common::maps::FRONTENDS, services - 1);
-    let writer = crate::dataplane::ebpf::writer::Writer::over(fake.tables(), None).unwrap();
+    let (_fake, looping) = loop_over_fake_maps(services - 1);
     let Looping {
         metrics,
         events,
         _stop,
         task,
-    } = spawn_loop(Box::new(FakeMapsDataplane { writer }));
+    } = looping;
     let mut first = Vec::new();
     for i in 0..services {
         first.extend(cluster_ip(

@@ -62,6 +62,15 @@ fn ops(log: &[(&'static str, &'static str, usize)]) -> Vec<(&'static str, &'stat
         .collect()
 }
 
+/// A new port's writes: one batch per map, in the order that keeps
+/// lookups atomic.
+const SWITCH_ORDER: [(&str, &str); 4] = [
+    (names::BACKENDS, "put"),
+    (names::SLOTS, "put"),
+    (names::SVC_INFO, "put"),
+    (names::FRONTENDS, "put"),
+];
+
 fn sync(w: &mut Writer, old: &DesiredState, new: &DesiredState, full: bool) -> usize {
     let (counts, errors) = w
         .sync(new, &changed(old, new), &[], full, &config())
@@ -79,12 +88,7 @@ fn a_new_port_writes_backends_then_slots_then_its_name_then_frontends() {
     sync(&mut w, &empty, &one, false);
     assert_eq!(
         ops(&fake.take_log()),
-        [
-            (names::BACKENDS, "put"),
-            (names::SLOTS, "put"),
-            (names::SVC_INFO, "put"),
-            (names::FRONTENDS, "put"),
-        ],
+        SWITCH_ORDER,
         "one batch per map, in the order that keeps lookups atomic"
     );
     let (_, slots, backends, svc_names, _) = fake.lens();
@@ -408,12 +412,7 @@ fn a_full_sync_into_empty_maps_writes_each_map_once_in_switch_order() {
     assert_eq!(written, 3_000 * (10 + 10 + 1 + 1));
     assert_eq!(
         ops(&fake.take_log()),
-        [
-            (names::BACKENDS, "put"),
-            (names::SLOTS, "put"),
-            (names::SVC_INFO, "put"),
-            (names::FRONTENDS, "put"),
-        ],
+        SWITCH_ORDER,
         "one batch per map, every frontend after what it points at"
     );
     assert!(fake.violations().is_empty(), "{:?}", fake.violations());

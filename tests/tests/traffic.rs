@@ -515,6 +515,48 @@ pub fn icmp_port_unreachable_reaches_the_client(mode: Mode) -> Result<()> {
     Ok(())
 }
 
+/// A firewall reload (every table flushed, every chain deleted, with both
+/// iptables backends) is repaired at the next periodic sync: kproxy's
+/// canary chain in mangle is gone, so that sync rewrites every rule. The
+/// full rewrite itself comes only once an hour, as in kube-proxy.
+pub fn a_firewall_reload_is_repaired_at_the_next_periodic_sync(mode: Mode) -> Result<()> {
+    let topo = start(mode, &["--iptables-sync-period=1s"])?;
+    service_on_b(
+        &topo,
+        "fw",
+        "10.96.0.40",
+        m::tcp("http", 80, 8080).node_port(30040),
+    )?;
+    let target = format!("{NODE1}:30040");
+    topo.from_ext(&ClientSpec::tcp(&target, 5))?
+        .expect_all_ok("connections through the NodePort before the reload")?;
+    let ns = &topo.nodes[0].ns;
+    for tool in ["iptables-legacy", "iptables-nft"] {
+        for table in ["mangle", "nat", "filter"] {
+            for op in ["-F", "-X"] {
+                // A backend that holds nothing may refuse; the other one counts.
+                let _ = ns.exec(tool, &["-w", "-t", table, op]);
+            }
+        }
+    }
+    let refused = topo.from_ext(&ClientSpec::tcp(&target, 1).timeout_ms(500))?;
+    ensure!(
+        !refused.all_ok(),
+        "the NodePort still answered with every rule flushed: {}",
+        refused.summary()
+    );
+    kproxy_tests::poll::until(
+        "the rules rewritten after the reload",
+        Duration::from_secs(30),
+        || {
+            topo.from_ext(&ClientSpec::tcp(&target, 3).timeout_ms(500))?
+                .expect_all_ok("connections through the NodePort after the reload")
+                .map(drop)
+        },
+    )?;
+    Ok(())
+}
+
 /// A ClusterIP Service `name` on TCP 80 -> 8080 of pod-b.
 fn cluster_ip_on_b(name: &str, vip: &str) -> Vec<Value> {
     vec![
@@ -631,6 +673,10 @@ macro_rules! shared {
 mod iptables {
     use kproxy_tests::Mode;
     shared!(Mode::Iptables);
+    traffic_tests!(
+        Mode::Iptables;
+        a_firewall_reload_is_repaired_at_the_next_periodic_sync,
+    );
 }
 
 mod ebpf {

@@ -305,6 +305,12 @@ pub trait Dataplane: Send {
     /// Removes everything this dataplane ever programmed.
     fn cleanup(&mut self) -> Result<(), DataplaneError>;
 
+    /// Whether what it programmed was removed behind its back (iptables: a
+    /// firewall reload flushed the tables), so the next sync must be full.
+    fn drifted(&mut self) -> bool {
+        false
+    }
+
     /// What the kernel has programmed now, read back from it.
     fn programmed(&self) -> Result<Vec<ProgrammedFrontend>, DataplaneError>;
 

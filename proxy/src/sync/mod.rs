@@ -41,12 +41,21 @@ const IDLE_TRIM_AFTER: Duration = Duration::from_secs(1);
 /// runs on a thread of its own beside the dataplane's sync.
 const BEGIN_BESIDE_MIN: usize = 1024;
 
+/// iptables mode rewrites every rule this often at least (kube-proxy's
+/// `FullSyncPeriod`): at 10,000 Services a full restore takes 10 s, and a
+/// change that arrives meanwhile waits for it.
+pub const IPTABLES_FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
+
 /// Timing settings of the loop (kube-proxy's `--iptables-sync-period` and
 /// `--iptables-min-sync-period`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SyncTiming {
     pub full_sync_period: Duration,
     pub min_sync_period: Duration,
+    /// How often the dataplane is asked whether its rules were removed
+    /// behind kproxy's back ([`Dataplane::drifted`]); a periodic sync runs
+    /// then too, which repairs them when they were.
+    pub drift_check_period: Option<Duration>,
 }
 
 impl SyncTiming {
@@ -57,16 +66,28 @@ impl SyncTiming {
     /// burst still coalesces, because the changes arriving while one sync
     /// runs are taken together by the next (the loop always reads the latest
     /// snapshot), with no fixed delay added.
+    ///
+    /// `sync_period` (`--iptables-sync-period`) is, as in kube-proxy: in
+    /// iptables mode the period of a sync that writes only what changed
+    /// after checking a canary chain (a firewall reload that flushed the
+    /// tables makes it full), with a full rewrite once an hour; in ebpf
+    /// mode the period of the full sync that repairs drift (it writes only
+    /// what differs from the maps, read back in batches).
     pub fn for_mode(
         mode: ProxyMode,
-        full_sync_period: Duration,
+        sync_period: Duration,
         min_sync_period: Duration,
     ) -> SyncTiming {
-        SyncTiming {
-            full_sync_period,
-            min_sync_period: match mode {
-                ProxyMode::Iptables => min_sync_period,
-                ProxyMode::Ebpf => Duration::ZERO,
+        match mode {
+            ProxyMode::Iptables => SyncTiming {
+                full_sync_period: sync_period.max(IPTABLES_FULL_SYNC_PERIOD),
+                min_sync_period,
+                drift_check_period: Some(sync_period),
+            },
+            ProxyMode::Ebpf => SyncTiming {
+                full_sync_period: sync_period,
+                min_sync_period: Duration::ZERO,
+                drift_check_period: None,
             },
         }
     }
@@ -162,6 +183,7 @@ impl SyncLoop {
         self.mark_queued();
         let mut last_sync: Option<Instant> = None;
         let mut next_full = Instant::now();
+        let mut next_check = self.timing.drift_check_period.map(|p| Instant::now() + p);
         let mut open = true;
         // When freed heap goes back to the kernel after incremental syncs.
         let mut trim_at: Option<Instant> = None;
@@ -224,6 +246,17 @@ impl SyncLoop {
                     queued_at = Some(Instant::now());
                     self.need_full = true;
                     self.mark_queued();
+                }
+                // The periodic sync; full when the rules were removed.
+                _ = sleep_until_some(next_check) => {
+                    next_check = self.timing.drift_check_period.map(|p| Instant::now() + p);
+                    let dataplane = &mut self.dataplane;
+                    if tokio::task::block_in_place(|| dataplane.drifted()) {
+                        tracing::warn!("kproxy's rules were removed behind its back (a firewall reload?): rewriting all of them");
+                        self.need_full = true;
+                        self.mark_queued();
+                    }
+                    queued_at = Some(Instant::now());
                 }
                 // Ports in error, retried on their own (no full sync).
                 _ = sleep_until_some(next_retry) => {

@@ -368,6 +368,7 @@ async fn a_burst_of_1000_slice_updates_is_coalesced_into_few_syncs() {
         SyncTiming {
             full_sync_period: Duration::from_secs(3600),
             min_sync_period: Duration::from_secs(1),
+            drift_check_period: None,
         },
         Arc::new(Metrics::new(ProxyMode::Iptables)),
         health.clone(),

@@ -4,6 +4,7 @@
 //! counts and conntrack reconciles reported by the dataplane).
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -95,6 +96,17 @@ struct Looping {
 /// A sync loop over `dataplane` (changes applied at once, no periodic full
 /// sync).
 fn spawn_loop(dataplane: Box<dyn Dataplane>) -> Looping {
+    spawn_loop_with(
+        dataplane,
+        SyncTiming {
+            full_sync_period: Duration::from_secs(3600),
+            min_sync_period: Duration::ZERO,
+            drift_check_period: None,
+        },
+    )
+}
+
+fn spawn_loop_with(dataplane: Box<dyn Dataplane>, timing: SyncTiming) -> Looping {
     let metrics = Arc::new(Metrics::new(dataplane.mode()));
     let health = Arc::new(HealthState::new(Duration::from_secs(60)));
     let sync = SyncLoop::new(
@@ -102,11 +114,7 @@ fn spawn_loop(dataplane: Box<dyn Dataplane>) -> Looping {
         ModelConfig {
             node_name: "node1".into(),
         },
-        SyncTiming {
-            full_sync_period: Duration::from_secs(3600),
-            min_sync_period: Duration::ZERO,
-            drift_check_period: None,
-        },
+        timing,
         metrics.clone(),
         health.clone(),
         HealthCheckServers::new(vec![], health.clone()),
@@ -475,4 +483,89 @@ async fn a_first_sync_of_a_thousand_services_settles_the_status_of_each_frontend
         wait_for(&metrics, &line).await;
     }
     task.abort();
+}
+
+/// Counts its syncs (full ones apart) and its drift checks; reports drift
+/// once when told to.
+#[derive(Default, Clone)]
+struct DriftProbe {
+    full_syncs: Arc<std::sync::atomic::AtomicUsize>,
+    checks: Arc<std::sync::atomic::AtomicUsize>,
+    drift: Arc<std::sync::atomic::AtomicBool>,
+}
+
+struct DriftingDataplane(DriftProbe);
+
+impl Dataplane for DriftingDataplane {
+    fn mode(&self) -> ProxyMode {
+        ProxyMode::Iptables
+    }
+    fn sync(&mut self, _: &DesiredState, _: &ChangeSet, full: bool) -> Outcome {
+        if full {
+            self.0.full_syncs.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(SyncStats {
+            full,
+            ..SyncStats::default()
+        })
+    }
+    fn cleanup(&mut self) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+    fn programmed(&self) -> Result<Vec<ProgrammedFrontend>, DataplaneError> {
+        Ok(vec![])
+    }
+    fn drifted(&mut self) -> bool {
+        self.0.checks.fetch_add(1, Ordering::SeqCst);
+        self.0.drift.swap(false, Ordering::SeqCst)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iptables_mode_checks_for_drift_each_period_and_rewrites_everything_only_after_drift() {
+    let probe = DriftProbe::default();
+    let Looping {
+        events,
+        _stop,
+        task,
+        ..
+    } = spawn_loop_with(
+        Box::new(DriftingDataplane(probe.clone())),
+        SyncTiming::for_mode(
+            ProxyMode::Iptables,
+            Duration::from_millis(20),
+            Duration::ZERO,
+        ),
+    );
+    let mut first = objects("10.244.1.5", "2026-12-05T00:00:00Z");
+    first.push(Event::Synced);
+    events.send(first).unwrap();
+    let full = || probe.full_syncs.load(Ordering::SeqCst);
+    let checks = || probe.checks.load(Ordering::SeqCst);
+    until("the first sync", || full() == 1).await;
+    // Periodic syncs without drift: checks, no full rewrite.
+    until("five drift checks", || checks() >= 5).await;
+    assert_eq!(
+        full(),
+        1,
+        "a periodic sync without drift rewrote everything"
+    );
+    probe.drift.store(true, Ordering::SeqCst);
+    until("the full sync after the drift", || full() == 2).await;
+    let seen = checks();
+    until("the checks going on", || checks() >= seen + 5).await;
+    assert_eq!(full(), 2, "drift reported once, repaired once");
+    task.abort();
+}
+
+/// Polls `pred` until it holds (bounded).
+async fn until(what: &str, pred: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !pred() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} never happened"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }

@@ -44,7 +44,7 @@ const BEGIN_BESIDE_MIN: usize = 1024;
 /// iptables mode rewrites every rule this often at least (kube-proxy's
 /// `FullSyncPeriod`): at 10,000 Services a full restore takes 10 s, and a
 /// change that arrives meanwhile waits for it.
-pub const IPTABLES_FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
+const IPTABLES_FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
 
 /// Timing settings of the loop (kube-proxy's `--iptables-sync-period` and
 /// `--iptables-min-sync-period`).

@@ -21,9 +21,20 @@ use crate::sync::frontends;
 
 type Outcome = Result<SyncStats, DataplaneError>;
 
-/// Returns queued outcomes in order, then success.
+/// Returns queued outcomes in order, then success; counts its full syncs
+/// and drift checks, and reports drift once when told to.
+#[derive(Default)]
 struct FakeDataplane {
     outcomes: Arc<Mutex<VecDeque<Outcome>>>,
+    probe: DriftProbe,
+}
+
+/// What a test sees of a [`FakeDataplane`]'s syncs and drift checks.
+#[derive(Default, Clone)]
+struct DriftProbe {
+    full_syncs: Arc<std::sync::atomic::AtomicUsize>,
+    checks: Arc<std::sync::atomic::AtomicUsize>,
+    drift: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Dataplane for FakeDataplane {
@@ -31,6 +42,9 @@ impl Dataplane for FakeDataplane {
         ProxyMode::Iptables
     }
     fn sync(&mut self, _: &DesiredState, _: &ChangeSet, full: bool) -> Outcome {
+        if full {
+            self.probe.full_syncs.fetch_add(1, Ordering::SeqCst);
+        }
         let next = self.outcomes.lock().unwrap().pop_front();
         next.unwrap_or(Ok(SyncStats {
             full,
@@ -42,6 +56,10 @@ impl Dataplane for FakeDataplane {
     }
     fn programmed(&self) -> Result<Vec<ProgrammedFrontend>, DataplaneError> {
         Ok(vec![])
+    }
+    fn drifted(&mut self) -> bool {
+        self.probe.checks.fetch_add(1, Ordering::SeqCst);
+        self.probe.drift.swap(false, Ordering::SeqCst)
     }
 }
 
@@ -139,6 +157,7 @@ async fn failure_and_progress_metrics_move_with_their_causes() {
         task,
     } = spawn_loop(Box::new(FakeDataplane {
         outcomes: outcomes.clone(),
+        ..FakeDataplane::default()
     }));
 
     // First sync: the dataplane reports its rules and a conntrack reconcile.
@@ -485,42 +504,6 @@ async fn a_first_sync_of_a_thousand_services_settles_the_status_of_each_frontend
     task.abort();
 }
 
-/// Counts its syncs (full ones apart) and its drift checks; reports drift
-/// once when told to.
-#[derive(Default, Clone)]
-struct DriftProbe {
-    full_syncs: Arc<std::sync::atomic::AtomicUsize>,
-    checks: Arc<std::sync::atomic::AtomicUsize>,
-    drift: Arc<std::sync::atomic::AtomicBool>,
-}
-
-struct DriftingDataplane(DriftProbe);
-
-impl Dataplane for DriftingDataplane {
-    fn mode(&self) -> ProxyMode {
-        ProxyMode::Iptables
-    }
-    fn sync(&mut self, _: &DesiredState, _: &ChangeSet, full: bool) -> Outcome {
-        if full {
-            self.0.full_syncs.fetch_add(1, Ordering::SeqCst);
-        }
-        Ok(SyncStats {
-            full,
-            ..SyncStats::default()
-        })
-    }
-    fn cleanup(&mut self) -> Result<(), DataplaneError> {
-        Ok(())
-    }
-    fn programmed(&self) -> Result<Vec<ProgrammedFrontend>, DataplaneError> {
-        Ok(vec![])
-    }
-    fn drifted(&mut self) -> bool {
-        self.0.checks.fetch_add(1, Ordering::SeqCst);
-        self.0.drift.swap(false, Ordering::SeqCst)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn iptables_mode_checks_for_drift_each_period_and_rewrites_everything_only_after_drift() {
     let probe = DriftProbe::default();
@@ -530,7 +513,10 @@ async fn iptables_mode_checks_for_drift_each_period_and_rewrites_everything_only
         task,
         ..
     } = spawn_loop_with(
-        Box::new(DriftingDataplane(probe.clone())),
+        Box::new(FakeDataplane {
+            probe: probe.clone(),
+            ..FakeDataplane::default()
+        }),
         SyncTiming::for_mode(
             ProxyMode::Iptables,
             Duration::from_millis(20),

@@ -54,14 +54,14 @@ impl<K: Copy + Eq + Hash + Send, V: Copy + Send> Table<K, V> for Staged<K, V> {
     }
 
     fn put(&mut self, entries: &[(K, V)]) -> Result<(), PutError> {
+        let Some(held) = &mut self.held else {
+            return self.inner.put(entries);
+        };
         let capacity = match self.inner.capacity() {
             0 => usize::MAX,
             c => c as usize,
         };
         let name = self.inner.name();
-        let Some(held) = &mut self.held else {
-            return self.inner.put(entries);
-        };
         for (i, (k, v)) in entries.iter().enumerate() {
             if held.len() >= capacity && !held.contains_key(k) {
                 return Err(PutError {
@@ -122,12 +122,13 @@ impl StagedTables {
         self.frontends.stage();
     }
 
-    /// Writes every staged map in the switch order and stops staging. After
+    /// Writes every staged map in the switch order and stops staging (no-op
+    /// when nothing is staged). After
     /// a failure the maps later in the order are not written (no frontend
     /// may point at what is missing): the caller's sync fails, and the next
     /// one re-reads the maps. The count written.
     pub fn flush(&mut self) -> Result<usize, TableError> {
-        let written = self.flush_in_order();
+        let written = self.flush_in_order().map_err(|e| e.error);
         // What a failure left unwritten is dropped.
         self.backends.held = None;
         self.slots.held = None;
@@ -136,17 +137,11 @@ impl StagedTables {
         written
     }
 
-    fn flush_in_order(&mut self) -> Result<usize, TableError> {
-        let mut written = 0;
-        for flush in [
-            &mut |t: &mut Self| t.backends.flush(),
-            &mut |t: &mut Self| t.slots.flush(),
-            &mut |t: &mut Self| t.svc_info.flush(),
-            &mut |t: &mut Self| t.frontends.flush(),
-        ] as [&mut dyn FnMut(&mut Self) -> Result<usize, PutError>; 4]
-        {
-            written += flush(self).map_err(|e| e.error)?;
-        }
+    fn flush_in_order(&mut self) -> Result<usize, PutError> {
+        let written = self.backends.flush()?
+            + self.slots.flush()?
+            + self.svc_info.flush()?
+            + self.frontends.flush()?;
         Ok(written)
     }
 }

@@ -353,13 +353,10 @@ impl Writer {
                 self.maps.stage();
             }
             let result = self.full_sync(desired, config, &mut errors);
-            if fresh {
-                let flushed = self.maps.flush().map_err(table_err);
-                result?;
-                flushed?;
-            } else {
-                result?;
-            }
+            // Ends the staging whatever happened (nothing to do unstaged).
+            let flushed = self.maps.flush().map_err(table_err);
+            result?;
+            flushed?;
         } else {
             for name in changes.removed() {
                 self.remove_port(name)?;

@@ -204,9 +204,10 @@ impl Dataplane for IptablesDataplane {
         }
         match exec::save(self.backend, "mangle") {
             Ok(mangle) => {
-                let gone = !mangle
-                    .lines()
-                    .any(|l| l.strip_prefix(':').and_then(|l| l.split(' ').next()) == Some(CANARY));
+                let gone = !readback::Table::parse(&mangle)
+                    .chains
+                    .iter()
+                    .any(|c| c == CANARY);
                 if gone {
                     self.canary = false;
                 }

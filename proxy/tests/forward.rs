@@ -1610,3 +1610,96 @@ async fn counters_are_printed_on_sigint_and_sigterm(env: Env) {
         assert!(!listening(local));
     }
 }
+
+/// kubectl's kubeconfig selection flags: `--cluster` and `--user` override
+/// the context's, and `--pod-running-timeout` is accepted as kubectl's name
+/// for the pod wait. The context points at another server (without the
+/// pod) and another user (a token the pod's server refuses).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectls_cluster_and_user_flags_pick_the_server_and_credentials() {
+    let env = Env::new().await;
+    let other = TestApiServer::start().await.unwrap();
+    let port = greeter("from-b").await;
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    env.server.require_port_forward_token(Some("token-b"));
+    let kubeconfig = env.dir.path().join("two-clusters");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: a\n  cluster:\n    server: {}\n- name: b\n  cluster:\n    server: {}\ncontexts:\n- name: ctx\n  context:\n    cluster: a\n    user: ua\n    namespace: default\ncurrent-context: ctx\nusers:\n- name: ua\n  user:\n    token: token-a\n- name: ub\n  user:\n    token: token-b\n",
+            other.url(),
+            env.server.url()
+        ),
+    )
+    .unwrap();
+    let target = ["pod/web", &format!(":{port}")];
+    // The controls: the context alone has no such pod; cluster b with the
+    // context's user is refused.
+    let mut kp = Kproxy::start(&kubeconfig, &target, false);
+    assert!(!kp.wait_exit().await.success());
+    assert!(kp.stderr_text().contains("web"), "{}", kp.stderr_text());
+    let mut kp = Kproxy::start(
+        &kubeconfig,
+        &[&target[..], &["--cluster", "b"]].concat(),
+        false,
+    );
+    let local = kp.local_port().await;
+    assert!(greeting(local, 6).await.is_err());
+    kp.wait_stderr("(401): Unauthorized").await;
+    drop(kp);
+
+    let args = [
+        "--cluster",
+        "b",
+        "--user",
+        "ub",
+        "--pod-running-timeout",
+        "1m",
+    ];
+    let mut kp = Kproxy::start(&kubeconfig, &[&target[..], &args].concat(), false);
+    let local = kp.local_port().await;
+    assert_eq!(greeting(local, 6).await.unwrap(), "from-b");
+}
+
+/// A target just applied, its pod not running yet, is waited for at start
+/// (kubectl's `--pod-running-timeout`), not refused: the forward starts
+/// once the pod runs. Past the timeout it is one error line and exit 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_not_running_yet_at_start_is_waited_for() {
+    let env = Env::new().await;
+    let port = echo_server().await;
+    let mut pending = pod("web", json!({"app": "web"}), &[]);
+    pending["status"] = json!({"phase": "Pending"});
+    env.server.apply(pending.clone()).unwrap();
+    env.server.apply(deployment("web")).unwrap();
+
+    let mut kp = env.forward_quiet(&[
+        "pod/web",
+        &format!(":{port}"),
+        "--pod-wait-timeout",
+        "300ms",
+    ]);
+    assert_eq!(kp.wait_exit().await.code(), Some(1));
+    let err = kp.stderr_text();
+    assert!(
+        err.contains(
+            "error: pod web is not running (phase Pending) (waited --pod-wait-timeout 300ms)"
+        ),
+        "{err}"
+    );
+
+    let mut by_pod = env.forward_quiet(&["pod/web", &format!(":{port}")]);
+    let mut by_deploy = env.forward_quiet(&["deploy/web", &format!(":{port}")]);
+    by_pod
+        .wait_stderr("waiting for pod web: pod web is not running (phase Pending)")
+        .await;
+    by_deploy.wait_stderr("waiting for deployment web: ").await;
+    assert!(by_pod.stdout_lines().is_empty());
+    env.server
+        .apply(pod("web", json!({"app": "web"}), &[]))
+        .unwrap();
+    for kp in [&mut by_pod, &mut by_deploy] {
+        let local = kp.local_port().await;
+        assert_eq!(roundtrip(local, b"up").await.unwrap(), b"up");
+    }
+}

@@ -103,14 +103,21 @@ pub struct ForwardArgs {
     /// kubeconfig context to use.
     #[arg(long, value_name = "NAME")]
     pub context: Option<String>,
+    /// kubeconfig cluster to use (instead of the context's), as kubectl's --cluster.
+    #[arg(long, value_name = "NAME")]
+    pub cluster: Option<String>,
+    /// kubeconfig user to use (instead of the context's), as kubectl's --user.
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
     /// kubeconfig file. Default: $KUBECONFIG, ~/.kube/config, else in-cluster.
     #[arg(long, value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,
     /// Local addresses to listen on, comma-separated (localhost: 127.0.0.1 and ::1 when available).
     #[arg(long, value_name = "ADDR", default_value = "localhost")]
     pub address: Vec<String>,
-    /// How long to wait for a pod to come back (or for the API server) before giving up.
-    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    /// How long to wait for a running pod (at start, and when it is replaced) or for the API
+    /// server before giving up. kubectl's --pod-running-timeout is the same flag.
+    #[arg(long, alias = "pod-running-timeout", default_value = "5m", value_parser = parse_duration)]
     pub pod_wait_timeout: Duration,
     /// Where the pod cannot be told that the local client half-closed (WebSocket v4), how long
     /// the pod may send nothing before the connection is closed (the runtime's own grace is 1s).

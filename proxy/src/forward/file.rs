@@ -1,7 +1,8 @@
 //! The file of `kproxy forward -f`: a YAML list of forwards (or a mapping
 //! with a `forwards:` list), each with `target` and `ports` as on the
-//! command line, and optionally `namespace`, `context`, `kubeconfig` and
-//! `address`; what an entry leaves out comes from the command's flags.
+//! command line, and optionally `namespace`, `context`, `cluster`, `user`,
+//! `kubeconfig` and `address`; what an entry leaves out comes from the
+//! command's flags.
 //!
 //! ```yaml
 //! forwards:
@@ -67,6 +68,8 @@ fn parse(text: &str, args: &ForwardArgs) -> Result<Vec<(String, ForwardSpec)>, S
         }
         spec.namespace = spec.namespace.or_else(|| args.namespace.clone());
         spec.context = spec.context.or_else(|| args.context.clone());
+        spec.cluster = spec.cluster.or_else(|| args.cluster.clone());
+        spec.user = spec.user.or_else(|| args.user.clone());
         spec.kubeconfig = spec.kubeconfig.or_else(|| args.kubeconfig.clone());
         if spec.address.is_empty() {
             spec.address = args.address.clone();

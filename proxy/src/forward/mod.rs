@@ -108,8 +108,10 @@ enum SetupError {
 async fn client(spec: &ForwardSpec) -> Result<(Client, ApiConn, String), ForwardError> {
     let opts = KubeConfigOptions {
         context: spec.context.clone(),
-        ..Default::default()
+        cluster: spec.cluster.clone(),
+        user: spec.user.clone(),
     };
+    let chosen = opts.context.is_some() || opts.cluster.is_some() || opts.user.is_some();
     let config = match &spec.kubeconfig {
         Some(path) => {
             let kc = Kubeconfig::read_from(path).map_err(|e| {
@@ -119,7 +121,7 @@ async fn client(spec: &ForwardSpec) -> Result<(Client, ApiConn, String), Forward
                 .await
                 .map_err(|e| ForwardError::Config(format!("kubeconfig {}: {e}", path.display())))?
         }
-        None if spec.context.is_some() => Config::from_kubeconfig(&opts)
+        None if chosen => Config::from_kubeconfig(&opts)
             .await
             .map_err(|e| ForwardError::Config(format!("kubeconfig: {e}")))?,
         None => Config::infer().await.map_err(|e| {
@@ -569,6 +571,11 @@ pub struct ForwardSpec {
     pub namespace: Option<String>,
     #[serde(default)]
     pub context: Option<String>,
+    /// kubeconfig cluster and user, overriding the context's.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
     #[serde(default)]
     pub kubeconfig: Option<std::path::PathBuf>,
     /// Local addresses (default: the command's `--address`).
@@ -650,7 +657,8 @@ async fn prepare(
     let mut resolver = Resolver::new(client, ns, target);
     // Validate before listening: a wrong name, kind, port or permission
     // fails here, with nothing bound.
-    let (pod, ports) = resolver.resolve(&pairs).await?;
+    let (pod, ports) =
+        first_resolve(&resolver, &pairs, common.pod_wait_timeout, status.as_ref()).await?;
     // From now on new connections resolve from a watch cache, and the
     // first one finds an API server connection ready.
     resolver.start_cache();
@@ -688,6 +696,47 @@ async fn prepare(
         listeners,
         lines,
     })
+}
+
+/// The target's pod at start. A target that exists but has no running pod
+/// yet (just applied, still Pending, not Ready) is waited for within
+/// `--pod-wait-timeout`, as kubectl's `--pod-running-timeout` waits for a
+/// pod; every other failure (no such target, a bad port, no permission)
+/// ends at once.
+async fn first_resolve(
+    resolver: &Resolver,
+    pairs: &[PortPair],
+    timeout: Duration,
+    status: Option<&watch::Sender<State>>,
+) -> Result<(Resolved, Vec<u16>), ForwardError> {
+    let started = Instant::now();
+    let mut backoff = BACKOFF_START;
+    loop {
+        match resolver.resolve(pairs).await {
+            Err(ResolveError::NotReady(why)) => {
+                if started.elapsed() >= timeout {
+                    return Err(ForwardError::Fatal(format!(
+                        "{why} (waited --pod-wait-timeout {})",
+                        fmt_duration(timeout)
+                    )));
+                }
+                if backoff == BACKOFF_START {
+                    tracing::warn!(
+                        "waiting for {}: {why} (up to --pod-wait-timeout {})",
+                        resolver.target,
+                        fmt_duration(timeout)
+                    );
+                }
+                if let Some(s) = status {
+                    s.send_replace(State::Waiting(why));
+                }
+            }
+            r => return Ok(r?),
+        }
+        let left = timeout.saturating_sub(started.elapsed());
+        tokio::time::sleep(backoff.min(left)).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
 }
 
 /// Serves a prepared forward until it fails for good; returns why.
@@ -762,6 +811,8 @@ pub async fn run(args: ForwardArgs) -> Result<(), ForwardError> {
         ports: args.ports.clone(),
         namespace: args.namespace.clone(),
         context: args.context.clone(),
+        cluster: args.cluster.clone(),
+        user: args.user.clone(),
         kubeconfig: args.kubeconfig.clone(),
         address: args.address.clone(),
     };

@@ -2,7 +2,9 @@
 //! bulk throughput, connection set-up latency, and many concurrent
 //! connections, over WebSocket and over SPDY; and UDP datagrams per second
 //! and loss through the relay (the agent's relay runs in this process, as
-//! the node agent would). The API server is the in-process test server (its
+//! the node agent would). With `kubectl` among the transports (the default
+//! when `kubectl` is on PATH), `kubectl port-forward` through the same server
+//! is measured too: the peer kproxy replaces, on the same server and pod. The API server is the in-process test server (its
 //! port-forward plays the kubelet); the pod is an echo listener on loopback.
 //!
 //! ```text
@@ -35,7 +37,11 @@ fn opts() -> Opts {
         conns: 1000,
         concurrent: 200,
         each_kib: 1024,
-        transports: vec!["websocket".into(), "spdy".into()],
+        transports: ["websocket", "spdy"]
+            .into_iter()
+            .chain(on_path("kubectl").then_some("kubectl"))
+            .map(str::to_string)
+            .collect(),
         datagrams: 20_000,
         kproxy: std::env::current_exe()
             .unwrap()
@@ -56,11 +62,16 @@ fn opts() -> Opts {
             "--kproxy" => o.kproxy = v.into(),
             "--transports" => o.transports = v.split(',').map(str::to_string).collect(),
             "--datagrams" => o.datagrams = v.parse().unwrap(),
-            other => panic!("unknown argument {other} (--mib N --conns M --concurrent C --each-kib K --transports websocket,spdy --datagrams D --kproxy PATH)"),
+            other => panic!("unknown argument {other} (--mib N --conns M --concurrent C --each-kib K --transports websocket,spdy,kubectl --datagrams D --kproxy PATH)"),
         }
         i += 2;
     }
     o
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
 }
 
 /// CPU seconds (user + system) of a process.
@@ -92,8 +103,11 @@ async fn echo_server() -> u16 {
     port
 }
 
-/// Writes and reads back `total` bytes; returns the elapsed time.
-async fn bulk(port: u16, total: usize) -> std::io::Result<Duration> {
+/// Writes and reads back `total` bytes; returns the elapsed time. With
+/// `half_close` the writer shuts its side down when done, as a request to
+/// the pod would; without it the connection stays open until everything is
+/// back (kubectl ends the whole forward when the local side half-closes).
+async fn bulk(port: u16, total: usize, half_close: bool) -> std::io::Result<Duration> {
     let start = Instant::now();
     let s = TcpStream::connect(("127.0.0.1", port)).await?;
     let (mut r, mut w) = s.into_split();
@@ -105,7 +119,10 @@ async fn bulk(port: u16, total: usize) -> std::io::Result<Duration> {
             w.write_all(&buf[..n]).await?;
             sent += n;
         }
-        w.shutdown().await
+        if half_close {
+            w.shutdown().await?;
+        }
+        Ok::<_, std::io::Error>(w)
     });
     let mut buf = vec![0u8; 256 * 1024];
     let mut got = 0;
@@ -116,7 +133,7 @@ async fn bulk(port: u16, total: usize) -> std::io::Result<Duration> {
         }
         got += n;
     }
-    writer.await.unwrap()?;
+    drop(writer.await.unwrap()?);
     Ok(start.elapsed())
 }
 
@@ -136,11 +153,11 @@ async fn setup_latency(port: u16, n: usize) -> Vec<Duration> {
     v
 }
 
-async fn concurrent(port: u16, n: usize, each: usize) -> (Duration, usize) {
+async fn concurrent(port: u16, n: usize, each: usize, half_close: bool) -> (Duration, usize) {
     let start = Instant::now();
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..n {
-        set.spawn(bulk(port, each));
+        set.spawn(bulk(port, each, half_close));
     }
     let mut failures = 0;
     while let Some(r) = set.join_next().await {
@@ -170,15 +187,20 @@ struct Row {
     self_cpu: [f64; 3],
 }
 
-async fn measure(port: u16, o: &Opts, kproxy_pid: Option<u32>) -> Row {
+async fn measure(port: u16, o: &Opts, forwarder_pid: Option<u32>, half_close: bool) -> Row {
     let me = std::process::id();
-    let cpu = || (kproxy_pid.map(cpu_seconds).unwrap_or(0.0), cpu_seconds(me));
+    let cpu = || {
+        (
+            forwarder_pid.map(cpu_seconds).unwrap_or(0.0),
+            cpu_seconds(me),
+        )
+    };
     let (k0, s0) = cpu();
-    let d = bulk(port, o.mib << 20).await.unwrap();
+    let d = bulk(port, o.mib << 20, half_close).await.unwrap();
     let (k1, s1) = cpu();
     let lat = setup_latency(port, o.conns).await;
     let (k2, s2) = cpu();
-    let (ct, cf) = concurrent(port, o.concurrent, o.each_kib << 10).await;
+    let (ct, cf) = concurrent(port, o.concurrent, o.each_kib << 10, half_close).await;
     let (k3, s3) = cpu();
     Row {
         bulk_mibs: o.mib as f64 / d.as_secs_f64(),
@@ -199,18 +221,24 @@ impl Drop for Guard {
     }
 }
 
-/// Starts `kproxy forward ARGS`; returns it and the local port of its first
-/// `Forwarding from 127.0.0.1:PORT` line.
+/// Starts `kproxy forward ARGS` (or `kubectl port-forward ARGS` with
+/// `program` kubectl); returns it and the local port of its first
+/// `Forwarding from 127.0.0.1:PORT` line (both print the same).
 async fn forward(o: &Opts, kc: &std::path::Path, args: &[&str]) -> (Guard, u16) {
-    let mut child = Command::new(&o.kproxy)
-        .args(["forward", "--kubeconfig"])
+    forward_with(Command::new(&o.kproxy).arg("forward"), kc, args).await
+}
+
+async fn forward_with(cmd: &mut Command, kc: &std::path::Path, args: &[&str]) -> (Guard, u16) {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let mut child = cmd
+        .arg("--kubeconfig")
         .arg(kc)
         .args(args)
         .args(["--address", "127.0.0.1"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .unwrap_or_else(|e| panic!("running {}: {e}", o.kproxy.display()));
+        .unwrap_or_else(|e| panic!("running {program}: {e}"));
     let stdout = child.stdout.take().unwrap();
     let guard = Guard(child);
     let mut lines = BufReader::new(tokio::process::ChildStdout::from_std(stdout).unwrap()).lines();
@@ -220,6 +248,9 @@ async fn forward(o: &Opts, kc: &std::path::Path, args: &[&str]) -> (Guard, u16) 
         .and_then(|r| r.split(' ').next())
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("unexpected output {line:?}"));
+    // Keep reading: kubectl prints a line per connection and, being Go,
+    // dies of SIGPIPE when its stdout is closed.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     (guard, local)
 }
 
@@ -311,17 +342,29 @@ async fn main() {
             "status": {"phase": "Running", "podIP": "127.0.0.1"}}))
         .unwrap();
 
-    let direct = measure(port, &o, None).await;
+    let direct = measure(port, &o, None, true).await;
     let mut rows = vec![("direct (ceiling)".to_string(), direct)];
     for t in &o.transports {
-        let (guard, local) = forward(
-            &o,
-            &kc,
-            &["pod/bench", &format!(":{port}"), "--transport", t],
-        )
-        .await;
-        let row = measure(local, &o, Some(guard.0.id())).await;
-        rows.push((format!("kproxy forward, {t}"), row));
+        let target = ["pod/bench", &format!(":{port}")];
+        let ((guard, local), name) = if t == "kubectl" {
+            // kubectl 1.31+ tries the WebSocket tunnel first; the test
+            // server answers it 400 (as a server before 1.30 does) and
+            // kubectl falls back to SPDY, as on such a cluster.
+            let mut cmd = Command::new("kubectl");
+            cmd.arg("port-forward");
+            (
+                forward_with(&mut cmd, &kc, &target).await,
+                "kubectl port-forward (SPDY)".to_string(),
+            )
+        } else {
+            let args = [target[0], target[1], "--transport", t];
+            (
+                forward(&o, &kc, &args).await,
+                format!("kproxy forward, {t}"),
+            )
+        };
+        let row = measure(local, &o, Some(guard.0.id()), t != "kubectl").await;
+        rows.push((name, row));
     }
 
     // UDP: the node agent's relay, here in this process, reached through a
@@ -373,7 +416,7 @@ async fn main() {
     println!("\nCPU seconds per phase (bulk / set-up / concurrent):");
     for (name, r) in &rows[1..] {
         println!(
-            "- {name}: kproxy {:.2} / {:.2} / {:.2}; bench process (test API server + clients + pod) {:.2} / {:.2} / {:.2}",
+            "- {name}: forwarder {:.2} / {:.2} / {:.2}; bench process (test API server + clients + pod) {:.2} / {:.2} / {:.2}",
             r.cpu[0], r.cpu[1], r.cpu[2], r.self_cpu[0], r.self_cpu[1], r.self_cpu[2]
         );
     }

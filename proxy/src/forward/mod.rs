@@ -9,6 +9,7 @@ pub mod cache;
 pub mod channel;
 pub mod dial;
 pub mod file;
+pub mod recycle;
 pub mod resolve;
 pub mod spdy;
 pub mod spec;

@@ -255,6 +255,16 @@ impl Default for Decoder {
     }
 }
 
+/// How many more bytes the frame at the front of `buf` needs to be whole
+/// (its header first).
+pub fn missing(buf: &[u8]) -> usize {
+    if buf.len() < HEADER_LEN {
+        return HEADER_LEN - buf.len();
+    }
+    let len = u32::from_be_bytes([0, buf[5], buf[6], buf[7]]) as usize;
+    (HEADER_LEN + len).saturating_sub(buf.len())
+}
+
 impl Decoder {
     pub fn new() -> Self {
         Decoder {
@@ -304,17 +314,14 @@ impl Decoder {
         parse_pairs(&plain).map_err(|why| invalid(what, why))
     }
 
-    /// Takes one frame from the front of `buf`, if a whole one is there.
+    /// Takes one frame from the front of `buf`, if a whole one is there
+    /// ([`missing`] says how much more is needed).
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
-        if buf.len() < HEADER_LEN {
+        if missing(buf) > 0 {
             return Ok(None);
         }
         let flags = buf[4];
         let len = u32::from_be_bytes([0, buf[5], buf[6], buf[7]]) as usize;
-        if buf.len() < HEADER_LEN + len {
-            buf.reserve(HEADER_LEN + len - buf.len());
-            return Ok(None);
-        }
         if buf[0] & CONTROL_BIT == 0 {
             let stream_id = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
             buf.advance(HEADER_LEN);

@@ -15,10 +15,11 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::frame::{self, Decoder, Encoder, Frame, Headers, FLAG_FIN};
+use crate::forward::recycle::Recycler;
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum SessionError {
@@ -44,11 +45,13 @@ pub enum StreamEvent {
 
 enum Out {
     Frame(Frame),
-    /// A data frame whose payload is written as is.
+    /// A data frame whose payload is written as is. Its slot is freed
+    /// (dropped) once the payload is written.
     Data {
         stream_id: u32,
         flags: u8,
         payload: Bytes,
+        slot: OwnedSemaphorePermit,
     },
 }
 
@@ -88,9 +91,20 @@ pub struct Session {
 const OUT_QUEUE: usize = 64;
 /// Events queued per stream before the reader waits for its consumer.
 const STREAM_QUEUE: usize = 32;
+/// Data messages of one stream queued and not yet written: a sender that
+/// reads ahead of the connection waits for the writer instead of filling
+/// the queue (and holding its read buffers there).
+const UNWRITTEN_PER_STREAM: usize = 2;
 /// Small frames are copied into the write buffer; larger payloads are
 /// written straight from their own buffer.
 const COPY_LIMIT: usize = 16 * 1024;
+
+/// The session's read buffers: their size, how many wait for their frames
+/// to be written out before one is reused (what a session keeps beyond its
+/// current buffer), and the least room a read is given.
+const RECV_BUF: usize = 512 * 1024;
+const RECV_BUFS_KEPT: usize = 16;
+const MIN_READ: usize = 64 * 1024;
 
 impl Session {
     /// Runs a client session on `io` (an upgraded connection), sending a
@@ -171,6 +185,7 @@ impl Session {
             id,
             events: rx,
             session: self.clone(),
+            unwritten: Arc::new(Semaphore::new(UNWRITTEN_PER_STREAM)),
         };
         self.send(Out::Frame(Frame::SynStream {
             stream_id: id,
@@ -190,6 +205,7 @@ pub struct Stream {
     pub id: u32,
     events: mpsc::Receiver<StreamEvent>,
     session: Session,
+    unwritten: Arc<Semaphore>,
 }
 
 impl Stream {
@@ -203,6 +219,7 @@ impl Stream {
         StreamSender {
             id: self.id,
             session: self.session.clone(),
+            unwritten: self.unwritten.clone(),
         }
     }
 
@@ -222,18 +239,50 @@ impl Drop for Stream {
 pub struct StreamSender {
     pub id: u32,
     session: Session,
+    unwritten: Arc<Semaphore>,
+}
+
+/// A place in the write queue for one data message of a stream.
+pub struct Slot<'a> {
+    sender: &'a StreamSender,
+    permit: OwnedSemaphorePermit,
+}
+
+impl Slot<'_> {
+    /// Sends `data` (empty with `fin`: just the end of our side).
+    pub async fn send(self, data: Bytes, fin: bool) -> Result<(), SessionError> {
+        self.sender
+            .session
+            .send(Out::Data {
+                stream_id: self.sender.id,
+                flags: if fin { FLAG_FIN } else { 0 },
+                payload: data,
+                slot: self.permit,
+            })
+            .await
+    }
 }
 
 impl StreamSender {
+    /// Waits until the stream has fewer than [`UNWRITTEN_PER_STREAM`] data
+    /// messages unwritten. Taken before reading what is to be sent, so
+    /// that a read buffer is not filled while the writer still holds it.
+    pub async fn slot(&self) -> Result<Slot<'_>, SessionError> {
+        let permit = self
+            .unwritten
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| self.session.error())?;
+        Ok(Slot {
+            sender: self,
+            permit,
+        })
+    }
+
     /// Sends `data` (empty with `fin`: just the end of our side).
     pub async fn send(&self, data: Bytes, fin: bool) -> Result<(), SessionError> {
-        self.session
-            .send(Out::Data {
-                stream_id: self.id,
-                flags: if fin { FLAG_FIN } else { 0 },
-                payload: data,
-            })
-            .await
+        self.slot().await?.send(data, fin).await
     }
 
     /// Ends the stream both ways (RST_STREAM CANCEL).
@@ -289,6 +338,7 @@ async fn write_loop<W: AsyncWrite>(
                         stream_id,
                         flags,
                         payload,
+                        slot: _written,
                     } => {
                         let header = frame::data_header(stream_id, flags, payload.len());
                         buf.extend_from_slice(&header);
@@ -332,15 +382,17 @@ async fn read_loop<R: AsyncRead>(
 ) {
     tokio::pin!(r);
     let mut dec = Decoder::new();
-    let mut buf = BytesMut::with_capacity(256 * 1024);
+    // Frames are cut from the read buffers and queued to their streams; a
+    // buffer is reused once its frames are written out.
+    let mut bufs = Recycler::new(RECV_BUF, RECV_BUFS_KEPT);
     let why: String = loop {
-        let frame = match dec.decode(&mut buf) {
+        let frame = match dec.decode(bufs.buf()) {
             Ok(Some(f)) => f,
             Ok(None) => {
-                if buf.capacity() - buf.len() < 64 * 1024 {
-                    buf.reserve(256 * 1024);
-                }
-                match r.read_buf(&mut buf).await {
+                // Room for the rest of the frame at the front, and more.
+                let need = frame::missing(bufs.buf()).max(MIN_READ);
+                let buf = bufs.room(need);
+                match r.read_buf(buf).await {
                     Ok(0) => break "the server closed the connection".into(),
                     Ok(_) => continue,
                     Err(e) => break format!("read: {e}"),
@@ -601,5 +653,36 @@ mod tests {
             read_frame(&mut server, &mut dec, &mut buf).await,
             Frame::Ping(3)
         );
+    }
+
+    /// A stream's sender reads ahead of the connection by at most
+    /// `UNWRITTEN_PER_STREAM` messages: the next slot waits for the writer,
+    /// and is given once the server has taken the bytes.
+    #[tokio::test]
+    async fn a_sender_waits_while_its_stream_has_two_messages_unwritten() {
+        use futures::FutureExt;
+        let (client, mut server) = tokio::io::duplex(4096);
+        let session = Session::client(client, Duration::from_secs(3600));
+        let stream = session.open(vec![]).await.unwrap();
+        let tx = stream.sender();
+        for _ in 0..UNWRITTEN_PER_STREAM {
+            tx.send(Bytes::from(vec![1u8; 100_000]), false)
+                .await
+                .unwrap();
+        }
+        // The server reads nothing: the writer is stuck on the first one.
+        assert!(tx.slot().now_or_never().is_none());
+        let (mut dec, mut buf) = (Decoder::new(), BytesMut::new());
+        let mut data = 0;
+        while data < 100_000 {
+            if let Frame::Data { data: d, .. } = read_frame(&mut server, &mut dec, &mut buf).await {
+                data += d.len();
+            }
+        }
+        let slot = tokio::time::timeout(Duration::from_secs(10), tx.slot())
+            .await
+            .expect("no slot after the first message was written")
+            .unwrap();
+        slot.send(Bytes::from_static(b"next"), false).await.unwrap();
     }
 }

@@ -43,7 +43,8 @@ pub struct TunnelOpts {
 /// Largest payload read from the local connection into one message.
 pub const CHUNK: usize = 128 * 1024;
 
-/// The buffer SPDY messages are read into and cut from: two messages, so
-/// that one can be read while the other is written (a new buffer only when
-/// both are still queued; it bounds what an idle connection keeps).
+/// The buffers a local connection's SPDY messages are read into and cut
+/// from: two messages, as many as a stream may have unwritten, so that one
+/// is read while the other is written; a connection keeps two such buffers
+/// (see [`crate::forward::recycle`]).
 pub const BATCH: usize = 2 * CHUNK;

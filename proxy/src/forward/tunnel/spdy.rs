@@ -6,10 +6,11 @@
 
 use std::sync::atomic::Ordering;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{TunnelError, BATCH, CHUNK};
+use crate::forward::recycle::Recycler;
 use crate::forward::spdy::{Session, StreamEvent};
 use crate::forward::Stats;
 
@@ -80,23 +81,22 @@ pub async fn run<L: AsyncRead + AsyncWrite>(
 
     // Client → pod; EOF becomes our FIN (a half-close the pod sees).
     let up = async {
-        // Each read lands in the free room of one buffer and is cut off as
-        // a message; the room is used again once the session has written
-        // what was cut from it (no allocation per read).
-        let mut buf = BytesMut::new();
+        // Each read lands in the free room of a buffer and is cut off as a
+        // message; a buffer is used again once the session has written what
+        // was cut from it (no allocation per read).
+        let mut bufs = Recycler::new(BATCH, 1);
         loop {
-            if !buf.try_reclaim(CHUNK) {
-                buf = BytesMut::with_capacity(BATCH);
-            }
+            let slot = data_tx.slot().await?;
+            let buf = bufs.room(CHUNK);
             let n = lr
-                .read_buf(&mut (&mut buf).limit(CHUNK))
+                .read_buf(&mut buf.limit(CHUNK))
                 .await
                 .map_err(TunnelError::Local)?;
             if n == 0 {
-                data_tx.send(Bytes::new(), true).await?;
+                slot.send(Bytes::new(), true).await?;
                 return Ok::<(), TunnelError>(());
             }
-            data_tx.send(buf.split().freeze(), false).await?;
+            slot.send(buf.split().freeze(), false).await?;
             stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
         }
     };

@@ -214,6 +214,11 @@ impl Stream {
         self.events.recv().await
     }
 
+    /// The next event if one is queued already.
+    pub fn try_next(&mut self) -> Option<StreamEvent> {
+        self.events.try_recv().ok()
+    }
+
     /// Sends on this stream (usable while events are awaited).
     pub fn sender(&self) -> StreamSender {
         StreamSender {

@@ -4,6 +4,7 @@
 //! data stream carries the bytes both ways and a FIN for a half-close,
 //! which the pod sees as EOF (the real half-close v4 WebSocket lacks).
 
+use std::io::IoSlice;
 use std::sync::atomic::Ordering;
 
 use bytes::{BufMut, Bytes};
@@ -42,13 +43,37 @@ pub async fn run<L: AsyncRead + AsyncWrite>(
     let down = async {
         let mut error_text = Vec::new();
         let (mut data_done, mut errors_done) = (false, false);
+        // An event taken from the data stream while collecting data.
+        let mut held = None;
         while !(data_done && errors_done) {
-            tokio::select! {
-                ev = data.next(), if !data_done => match ev {
+            let (is_data, ev) = match held.take() {
+                Some(ev) => (true, Some(ev)),
+                None => tokio::select! {
+                    ev = data.next(), if !data_done => (true, ev),
+                    ev = errors.next(), if !errors_done => (false, ev),
+                },
+            };
+            if is_data {
+                match ev {
                     Some(StreamEvent::Reply) => {}
                     Some(StreamEvent::Data(b)) => {
-                        lw.write_all(&b).await.map_err(TunnelError::Local)?;
-                        stats.bytes_out.fetch_add(b.len() as u64, Ordering::Relaxed);
+                        // The frames already queued go out in one write: a
+                        // kubelet's are at most 32 KiB (the runtime's
+                        // io.Copy), and a write each cost a TCP push.
+                        let mut batch = vec![b];
+                        while batch.len() < MAX_BATCH {
+                            match data.try_next() {
+                                Some(StreamEvent::Data(b)) => batch.push(b),
+                                other => {
+                                    held = other;
+                                    break;
+                                }
+                            }
+                        }
+                        let n = write_all_vectored(&mut lw, &batch)
+                            .await
+                            .map_err(TunnelError::Local)?;
+                        stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
                     }
                     Some(StreamEvent::Fin) => {
                         data_done = true;
@@ -60,8 +85,9 @@ pub async fn run<L: AsyncRead + AsyncWrite>(
                         )))
                     }
                     None => return Err(closed(session)),
-                },
-                ev = errors.next(), if !errors_done => match ev {
+                }
+            } else {
+                match ev {
                     Some(StreamEvent::Reply) => {}
                     Some(StreamEvent::Data(b)) => error_text.extend_from_slice(&b),
                     Some(StreamEvent::Fin) | Some(StreamEvent::Reset(_)) => {
@@ -73,7 +99,7 @@ pub async fn run<L: AsyncRead + AsyncWrite>(
                         }
                     }
                     None => return Err(closed(session)),
-                },
+                }
             }
         }
         Ok(())
@@ -120,6 +146,27 @@ pub async fn run<L: AsyncRead + AsyncWrite>(
         error_tx.reset().await;
     }
     result
+}
+
+/// Frames of one stream written to the local socket at once, at most.
+const MAX_BATCH: usize = 64;
+
+/// Writes every buffer of `batch`, in order (vectored); returns the bytes.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    batch: &[Bytes],
+) -> std::io::Result<usize> {
+    let mut slices: Vec<IoSlice<'_>> = batch.iter().map(|b| IoSlice::new(b)).collect();
+    let total = batch.iter().map(Bytes::len).sum();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let n = w.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(total)
 }
 
 fn closed(session: &Session) -> TunnelError {

@@ -29,8 +29,11 @@ use tokio::sync::mpsc;
 use super::{header_values, kubelet_error, spawn_stream, Activity, Dialer, Faults};
 
 pub(super) const PROTOCOL: &str = "portforward.k8s.io";
-/// Largest chunk read from a pod connection into one data frame.
-const CHUNK: usize = 128 * 1024;
+/// Largest chunk read from a pod connection into one data frame: 32 KiB, as
+/// a real kubelet's (the container runtime copies a pod connection to the
+/// stream with Go's `io.Copy`, whose buffer is 32 KiB; each write is one
+/// data frame).
+const CHUNK: usize = 32 * 1024;
 /// The buffer frames are cut from (a new one when the frames cut from the
 /// last are still queued).
 const BATCH: usize = 1024 * 1024;

@@ -35,8 +35,11 @@ const V4: &str = "v4.channel.k8s.io";
 const V5: &str = "v5.channel.k8s.io";
 /// v5: a message `[255, channel]` closes that channel (half-close).
 const CLOSE_SIGNAL: u8 = 255;
-/// Largest chunk read from a pod connection into one message.
-const CHUNK: usize = 128 * 1024;
+/// Largest chunk read from a pod connection into one message: 32 KiB, as
+/// a real kubelet's (the container runtime copies a pod connection to the
+/// stream with Go's `io.Copy`, whose buffer is 32 KiB; each write is one
+/// message).
+const CHUNK: usize = 32 * 1024;
 
 pub(super) fn is_websocket(req: &Request) -> bool {
     req.headers()

@@ -1389,6 +1389,8 @@ async fn refused(env: &Env, args: &[&str], cause: &str, local: Option<u16>) {
         lines[0].contains(cause),
         "{args:?}: {stderr:?} lacks {cause:?}"
     );
+    // Said once: an error's text does not repeat its cause's.
+    assert_eq!(lines[0].matches(cause).count(), 1, "{args:?}: {stderr:?}");
     assert!(kp.stdout_lines().is_empty(), "{:?}", kp.stdout_lines());
     if let Some(p) = local {
         assert!(!listening(p), "{args:?}: port {p} is listening");
@@ -1451,6 +1453,14 @@ async fn bad_input_is_one_line_and_exit_code_1() {
         &["pod/web", &pair, "--address", "nowhere"],
         "invalid --address",
         Some(free),
+    )
+    .await;
+    // TEST-NET-1: no interface of this host has it.
+    refused(
+        &env,
+        &["pod/web", &pair, "--address", "192.0.2.1"],
+        &format!("cannot listen on 192.0.2.1:{free}: Cannot assign requested address (os error 99) (no interface has this address"),
+        None,
     )
     .await;
     env.server.deny("pods");

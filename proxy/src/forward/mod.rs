@@ -45,20 +45,34 @@ pub enum ForwardError {
     Spec(#[from] SpecError),
     #[error("{0}")]
     Config(String),
-    #[error("{0}")]
+    #[error(transparent)]
     Resolve(#[from] ResolveError),
     #[error("local port {port} on {ip} is already in use")]
     InUse { port: u16, ip: std::net::IpAddr },
-    #[error("cannot listen on {addr}: {source}")]
+    /// Not a `source`: the text says it once (the chain would repeat it).
+    #[error("cannot listen on {addr}: {error}{}", bind_hint(*addr, error))]
     Bind {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The target is gone for good, or the API unreachable for too long.
     #[error("{0}")]
     Fatal(String),
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
+}
+
+/// What to do about a local port that cannot be bound.
+fn bind_hint(addr: SocketAddr, error: &std::io::Error) -> &'static str {
+    match error.kind() {
+        std::io::ErrorKind::PermissionDenied if addr.port() < 1024 => {
+            " (ports below 1024 need root or CAP_NET_BIND_SERVICE: pick a local port of 1024 or more, as in 8080:80)"
+        }
+        std::io::ErrorKind::AddrNotAvailable => {
+            " (no interface has this address: --address takes addresses of this host, or localhost)"
+        }
+        _ => "",
+    }
 }
 
 /// Counters printed on exit.
@@ -552,7 +566,7 @@ fn bind_all(
                 Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
                     return Err(ForwardError::InUse { port, ip: a.ip })
                 }
-                Err(source) => return Err(ForwardError::Bind { addr, source }),
+                Err(error) => return Err(ForwardError::Bind { addr, error }),
             }
         }
     }

@@ -53,14 +53,16 @@ pub enum ServerError {
         "cannot listen on {addr}: permission denied (ports below 1024 need CAP_NET_BIND_SERVICE): set {flag}"
     )]
     PermissionDenied { addr: SocketAddr, flag: String },
-    #[error("cannot listen on {addr} ({flag}): {source}")]
+    // The io errors below are fields, not `source`s: the text says them
+    // once (an error chain would repeat them).
+    #[error("cannot listen on {addr} ({flag}): {error}")]
     Bind {
         addr: SocketAddr,
         flag: String,
-        source: io::Error,
+        error: io::Error,
     },
-    #[error("server on {addr} failed: {source}")]
-    Serve { addr: SocketAddr, source: io::Error },
+    #[error("server on {addr} failed: {error}")]
+    Serve { addr: SocketAddr, error: io::Error },
 }
 
 impl ServerError {
@@ -74,7 +76,7 @@ impl ServerError {
             _ => ServerError::Bind {
                 addr,
                 flag,
-                source: err,
+                error: err,
             },
         }
     }
@@ -91,9 +93,9 @@ pub async fn bind(addr: SocketAddr, flag: &str) -> Result<TcpListener, ServerErr
 /// Serves `router` on an already bound listener until the task is dropped,
 /// with a header-read timeout and a connection cap ([`serve_connections`]).
 pub async fn serve_on(listener: TcpListener, router: Router) -> Result<(), ServerError> {
-    let addr = listener.local_addr().map_err(|source| ServerError::Serve {
+    let addr = listener.local_addr().map_err(|error| ServerError::Serve {
         addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-        source,
+        error,
     })?;
     tracing::info!(%addr, "serving HTTP");
     serve_connections(listener, router, std::future::pending()).await;

@@ -44,12 +44,14 @@ pub enum SourceError {
     DirNotFound { path: PathBuf },
     #[error("manifest path {path} is not a directory (--manifests takes a directory)")]
     NotADirectory { path: PathBuf },
-    #[error("cannot read manifest directory {path}: {source}")]
-    ReadDir { path: PathBuf, source: io::Error },
-    #[error("cannot watch manifest directory {path} for changes: {source}")]
+    // The causes are fields, not `source`s: the text says them once (an
+    // error chain would repeat them).
+    #[error("cannot read manifest directory {path}: {error}")]
+    ReadDir { path: PathBuf, error: io::Error },
+    #[error("cannot watch manifest directory {path} for changes: {error}")]
     Watch {
         path: PathBuf,
-        source: notify::Error,
+        error: notify::Error,
     },
     #[error("the file watcher for manifest directory {path} stopped unexpectedly")]
     WatcherStopped { path: PathBuf },
@@ -585,17 +587,17 @@ fn list_files(dir: &Path) -> Result<Vec<PathBuf>, SourceError> {
                 path: dir.to_path_buf(),
             })
         }
-        Err(source) => {
+        Err(error) => {
             return Err(SourceError::ReadDir {
                 path: dir.to_path_buf(),
-                source,
+                error,
             })
         }
     }
     let mut out = Vec::new();
-    walk(dir, Path::new(""), 0, &mut out).map_err(|source| SourceError::ReadDir {
+    walk(dir, Path::new(""), 0, &mut out).map_err(|error| SourceError::ReadDir {
         path: dir.to_path_buf(),
-        source,
+        error,
     })?;
     out.sort();
     Ok(out)

@@ -298,10 +298,10 @@ impl Writing {
     }
 }
 
-fn watch_error(dir: &Path, source: notify::Error) -> SourceError {
+fn watch_error(dir: &Path, error: notify::Error) -> SourceError {
     SourceError::Watch {
         path: dir.to_path_buf(),
-        source,
+        error,
     }
 }
 

@@ -1713,3 +1713,87 @@ async fn a_pod_not_running_yet_at_start_is_waited_for() {
         assert_eq!(roundtrip(local, b"up").await.unwrap(), b"up");
     }
 }
+
+/// kubectl's `-s/--server` and `--token`: the server and credentials
+/// override the kubeconfig's, and work without any kubeconfig.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectls_server_and_token_flags_override_the_kubeconfig() {
+    let env = Env::new().await;
+    let other = TestApiServer::start().await.unwrap();
+    let port = greeter("from-other").await;
+    other.apply(pod("web", json!({}), &[])).unwrap();
+    other.require_port_forward_token(Some("the-token"));
+    let target = ["pod/web".to_string(), format!(":{port}")];
+
+    // The kubeconfig names env's server, which has no such pod.
+    let args = [
+        &target[..],
+        &[
+            "--server".into(),
+            other.url(),
+            "--token".into(),
+            "the-token".into(),
+        ],
+    ]
+    .concat();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut kp = Kproxy::start(&env.kubeconfig, &args, false);
+    let local = kp.local_port().await;
+    assert_eq!(greeting(local, 10).await.unwrap(), "from-other");
+    drop(kp);
+
+    // No kubeconfig at all ($HOME without .kube, no $KUBECONFIG, not in a
+    // cluster): -s and --token are enough, as with kubectl.
+    let home = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kproxy"));
+    child
+        .arg("forward")
+        .args(&target)
+        .args([
+            "-s",
+            &other.url(),
+            "--token",
+            "the-token",
+            "--address",
+            "127.0.0.1",
+        ])
+        .env("HOME", home.path())
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = child.spawn().unwrap();
+    let mut kp = Kproxy {
+        stdout: collect(child.stdout.take().unwrap()),
+        stderr: collect(child.stderr.take().unwrap()),
+        child,
+    };
+    let local = kp.local_port().await;
+    assert_eq!(greeting(local, 10).await.unwrap(), "from-other");
+    drop(kp);
+
+    // A wrong token is the server's 401; a server that is no URL, one line.
+    let mut kp = Kproxy::start(
+        &env.kubeconfig,
+        &[
+            &target[0],
+            &target[1],
+            "-s",
+            &other.url(),
+            "--token",
+            "wrong",
+        ],
+        false,
+    );
+    let local = kp.local_port().await;
+    assert!(greeting(local, 10).await.is_err());
+    kp.wait_stderr("(401): Unauthorized").await;
+    refused(
+        &env,
+        &[&target[0], &target[1], "-s", "ftp://x"],
+        "invalid --server \"ftp://x\"",
+        None,
+    )
+    .await;
+}

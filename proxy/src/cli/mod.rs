@@ -109,6 +109,17 @@ pub struct ForwardArgs {
     /// kubeconfig user to use (instead of the context's), as kubectl's --user.
     #[arg(long, value_name = "NAME")]
     pub user: Option<String>,
+    /// The API server's URL, overriding the kubeconfig's (as kubectl's -s; works without a
+    /// kubeconfig). Without a scheme, https.
+    #[arg(short = 's', long, value_name = "URL")]
+    pub server: Option<String>,
+    /// Bearer token for the API server, instead of the kubeconfig user's credentials (as
+    /// kubectl's --token).
+    #[arg(long, value_name = "TOKEN")]
+    pub token: Option<String>,
+    /// Do not check the API server's certificate (as kubectl's flag; insecure).
+    #[arg(long)]
+    pub insecure_skip_tls_verify: bool,
     /// kubeconfig file. Default: $KUBECONFIG, ~/.kube/config, else in-cluster.
     #[arg(long, value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,

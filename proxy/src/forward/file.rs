@@ -70,6 +70,9 @@ fn parse(text: &str, args: &ForwardArgs) -> Result<Vec<(String, ForwardSpec)>, S
         spec.context = spec.context.or_else(|| args.context.clone());
         spec.cluster = spec.cluster.or_else(|| args.cluster.clone());
         spec.user = spec.user.or_else(|| args.user.clone());
+        spec.server = args.server.clone();
+        spec.token = args.token.clone();
+        spec.insecure_skip_tls_verify = args.insecure_skip_tls_verify;
         spec.kubeconfig = spec.kubeconfig.or_else(|| args.kubeconfig.clone());
         if spec.address.is_empty() {
             spec.address = args.address.clone();

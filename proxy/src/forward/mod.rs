@@ -127,24 +127,43 @@ async fn client(spec: &ForwardSpec) -> Result<(Client, ApiConn, String), Forward
         user: spec.user.clone(),
     };
     let chosen = opts.context.is_some() || opts.cluster.is_some() || opts.user.is_some();
-    let config = match &spec.kubeconfig {
+    let server = spec.server.as_deref().map(server_url).transpose()?;
+    let loaded = match &spec.kubeconfig {
         Some(path) => {
             let kc = Kubeconfig::read_from(path).map_err(|e| {
                 ForwardError::Config(format!("cannot read kubeconfig {}: {e}", path.display()))
             })?;
             Config::from_custom_kubeconfig(kc, &opts)
                 .await
-                .map_err(|e| ForwardError::Config(format!("kubeconfig {}: {e}", path.display())))?
+                .map_err(|e| ForwardError::Config(format!("kubeconfig {}: {e}", path.display())))
         }
         None if chosen => Config::from_kubeconfig(&opts)
             .await
-            .map_err(|e| ForwardError::Config(format!("kubeconfig: {e}")))?,
+            .map_err(|e| ForwardError::Config(format!("kubeconfig: {e}"))),
         None => Config::infer().await.map_err(|e| {
             ForwardError::Config(format!(
-                "no Kubernetes client configuration (pass --kubeconfig): {e}"
+                "no Kubernetes client configuration (pass --kubeconfig, or --server): {e}"
             ))
-        })?,
+        }),
     };
+    let mut config = match (loaded, &server) {
+        (Ok(config), _) => config,
+        // As kubectl: --server alone needs no kubeconfig.
+        (Err(_), Some(url)) if spec.kubeconfig.is_none() && !chosen => Config::new(url.clone()),
+        (Err(e), _) => return Err(e),
+    };
+    if let Some(url) = server {
+        config.cluster_url = url;
+    }
+    if let Some(token) = &spec.token {
+        config.auth_info = kube::config::AuthInfo {
+            token: Some(secrecy::SecretString::from(token.clone())),
+            ..Default::default()
+        };
+    }
+    if spec.insecure_skip_tls_verify {
+        config.accept_invalid_certs = true;
+    }
     let ns = spec
         .namespace
         .clone()
@@ -154,6 +173,23 @@ async fn client(spec: &ForwardSpec) -> Result<(Client, ApiConn, String), Forward
     let client = Client::try_from(config.clone()).map_err(building)?;
     let api = ApiConn::new(&config, client.clone()).map_err(building)?;
     Ok((client, api, ns))
+}
+
+/// `--server` as a URL (https when it names no scheme, as kubectl).
+fn server_url(server: &str) -> Result<axum::http::Uri, ForwardError> {
+    let with_scheme = if server.contains("://") {
+        server.to_string()
+    } else {
+        format!("https://{server}")
+    };
+    match with_scheme.parse::<axum::http::Uri>() {
+        Ok(uri) if uri.host().is_some() && matches!(uri.scheme_str(), Some("http" | "https")) => {
+            Ok(uri)
+        }
+        _ => Err(ForwardError::Config(format!(
+            "invalid --server {server:?}: expected a URL such as https://10.0.0.1:6443"
+        ))),
+    }
 }
 
 /// State shared by the connections and the target monitor.
@@ -591,6 +627,14 @@ pub struct ForwardSpec {
     pub cluster: Option<String>,
     #[serde(default)]
     pub user: Option<String>,
+    /// kubectl's -s, --token and --insecure-skip-tls-verify: the command's
+    /// flags, for every forward.
+    #[serde(skip)]
+    pub server: Option<String>,
+    #[serde(skip)]
+    pub token: Option<String>,
+    #[serde(skip)]
+    pub insecure_skip_tls_verify: bool,
     #[serde(default)]
     pub kubeconfig: Option<std::path::PathBuf>,
     /// Local addresses (default: the command's `--address`).
@@ -828,6 +872,9 @@ pub async fn run(args: ForwardArgs) -> Result<(), ForwardError> {
         context: args.context.clone(),
         cluster: args.cluster.clone(),
         user: args.user.clone(),
+        server: args.server.clone(),
+        token: args.token.clone(),
+        insecure_skip_tls_verify: args.insecure_skip_tls_verify,
         kubeconfig: args.kubeconfig.clone(),
         address: args.address.clone(),
     };

@@ -49,10 +49,7 @@ pub enum SourceError {
     #[error("cannot read manifest directory {path}: {error}")]
     ReadDir { path: PathBuf, error: io::Error },
     #[error("cannot watch manifest directory {path} for changes: {error}")]
-    Watch {
-        path: PathBuf,
-        error: notify::Error,
-    },
+    Watch { path: PathBuf, error: notify::Error },
     #[error("the file watcher for manifest directory {path} stopped unexpectedly")]
     WatcherStopped { path: PathBuf },
 }

@@ -5,7 +5,10 @@
 pub mod spdy;
 pub mod websocket;
 
+use std::io::IoSlice;
 use std::time::Duration;
+
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::channel::ChannelError;
 use super::spdy::SessionError;
@@ -48,3 +51,21 @@ pub const CHUNK: usize = 128 * 1024;
 /// is read while the other is written; a connection keeps two such buffers
 /// (see [`crate::forward::recycle`]).
 pub const BATCH: usize = 2 * CHUNK;
+
+/// Writes every slice, in order, in as few (vectored) writes as the socket
+/// takes them; returns the bytes written.
+pub async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    slices: &mut [IoSlice<'_>],
+) -> std::io::Result<usize> {
+    let total = slices.iter().map(|s| s.len()).sum();
+    let mut rest = slices;
+    while !rest.is_empty() {
+        let n = w.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(total)
+}

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use bytes::{BufMut, Bytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{TunnelError, BATCH, CHUNK};
+use super::{write_all_vectored, TunnelError, BATCH, CHUNK};
 use crate::forward::recycle::Recycler;
 use crate::forward::spdy::{Session, StreamEvent};
 use crate::forward::Stats;
@@ -70,7 +70,9 @@ pub async fn run<L: AsyncRead + AsyncWrite>(
                                 }
                             }
                         }
-                        let n = write_all_vectored(&mut lw, &batch)
+                        let mut slices: Vec<IoSlice<'_>> =
+                            batch.iter().map(|b| IoSlice::new(b)).collect();
+                        let n = write_all_vectored(&mut lw, &mut slices)
                             .await
                             .map_err(TunnelError::Local)?;
                         stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
@@ -150,24 +152,6 @@ pub async fn run<L: AsyncRead + AsyncWrite>(
 
 /// Frames of one stream written to the local socket at once, at most.
 const MAX_BATCH: usize = 64;
-
-/// Writes every buffer of `batch`, in order (vectored); returns the bytes.
-async fn write_all_vectored<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    batch: &[Bytes],
-) -> std::io::Result<usize> {
-    let mut slices: Vec<IoSlice<'_>> = batch.iter().map(|b| IoSlice::new(b)).collect();
-    let total = batch.iter().map(Bytes::len).sum();
-    let mut rest = &mut slices[..];
-    while !rest.is_empty() {
-        let n = w.write_vectored(rest).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        IoSlice::advance_slices(&mut rest, n);
-    }
-    Ok(total)
-}
 
 fn closed(session: &Session) -> TunnelError {
     TunnelError::Remote(format!(

@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::{TunnelError, TunnelOpts, CHUNK};
+use super::{write_all_vectored, TunnelError, TunnelOpts, CHUNK};
 use crate::forward::channel::{self, Demux, Event};
 use crate::forward::wsframe::{self, MAX_HEADER};
 use crate::forward::Stats;
@@ -91,17 +91,10 @@ impl Unwritten {
             .iter()
             .map(|&(o, l)| IoSlice::new(&buf[o..o + l]))
             .collect();
-        let total = self.0.iter().map(|&(_, l)| l).sum();
         self.0.clear();
-        let mut rest = &mut slices[..];
-        while !rest.is_empty() {
-            let n = w.write_vectored(rest).await.map_err(TunnelError::Local)?;
-            if n == 0 {
-                return Err(TunnelError::Local(std::io::ErrorKind::WriteZero.into()));
-            }
-            IoSlice::advance_slices(&mut rest, n);
-        }
-        Ok(total)
+        write_all_vectored(w, &mut slices)
+            .await
+            .map_err(TunnelError::Local)
     }
 }
 

@@ -1797,3 +1797,39 @@ async fn kubectls_server_and_token_flags_override_the_kubeconfig() {
     )
     .await;
 }
+
+/// A workload whose selector has `matchExpressions` as well as
+/// `matchLabels`: only pods that meet both are forwarded to (here the one
+/// sorted second by name; the first matches the labels only).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workloads_match_expressions_are_honoured() {
+    let env = Env::new().await;
+    let (db, fe) = (greeter("db").await, greeter("fe").await);
+    env.server
+        .apply(pod(
+            "a-db",
+            json!({"app": "web", "tier": "db"}),
+            &[("http", db)],
+        ))
+        .unwrap();
+    env.server
+        .apply(pod(
+            "b-fe",
+            json!({"app": "web", "tier": "fe"}),
+            &[("http", fe)],
+        ))
+        .unwrap();
+    let mut d = deployment("web");
+    d["spec"]["selector"]["matchExpressions"] =
+        json!([{"key": "tier", "operator": "In", "values": ["fe", "edge"]}]);
+    env.server.apply(d).unwrap();
+    for transport in ["websocket", "spdy"] {
+        let mut kp = env.forward(&["deploy/web", ":http", "--transport", transport]);
+        let local = kp.local_port().await;
+        // The first connection resolves through the API, the next ones from
+        // the watch cache: both honour the expression.
+        for _ in 0..3 {
+            assert_eq!(greeting(local, 2).await.unwrap(), "fe", "{transport}");
+        }
+    }
+}

@@ -5,7 +5,6 @@
 //! refused it (no `list`/`watch` permission), resolution falls back to
 //! GET/LIST per connection.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -16,7 +15,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
 
-use super::resolve::label_selector;
+use super::resolve::{label_selector, workload_selector};
 use super::spec::{Kind, Target};
 
 /// A reflector running in a task, and whether its first list is in.
@@ -130,22 +129,21 @@ pub enum Cached {
     Gone,
     /// `pod/`: the pod (its checks are the caller's).
     Pod(Arc<Pod>),
-    /// A Service or workload: its selector, the Service (for port mapping),
-    /// and the pods the selector matches.
+    /// A Service or workload: its selector (a label selector query), the
+    /// Service (for port mapping), and the pods the selector matches.
     Selected {
-        selector: Labels,
+        selector: String,
         service: Option<Box<Service>>,
         pods: Vec<Arc<Pod>>,
     },
 }
 
-type Labels = BTreeMap<String, String>;
-
 /// The target object in the cache.
 enum Object {
     NotYet,
     Missing,
-    Found(Labels, Option<Box<Service>>),
+    /// Its selector as a label selector query, and the Service.
+    Found(String, Option<Box<Service>>),
 }
 
 pub struct Cache {
@@ -213,7 +211,7 @@ impl Cache {
         fn sel<K: kube::Resource + Clone>(
             w: &Watch<K>,
             key: ObjectRef<K>,
-            f: impl Fn(&K) -> (Labels, Option<Box<Service>>),
+            f: impl Fn(&K) -> (String, Option<Box<Service>>),
         ) -> Object
         where
             K::DynamicType: Eq + std::hash::Hash + Clone,
@@ -229,25 +227,25 @@ impl Cache {
                 None => Object::Missing,
             }
         }
-        let labels = |m: &Option<Labels>| m.clone().unwrap_or_default();
         match &self.object {
             None => Object::NotYet,
             Some(TargetWatch::Service(w)) => sel(w, self.key(), |s: &Service| {
                 let l = s
                     .spec
                     .as_ref()
-                    .map(|s| labels(&s.selector))
+                    .and_then(|s| s.selector.as_ref())
+                    .map(label_selector)
                     .unwrap_or_default();
                 (l, Some(Box::new(s.clone())))
             }),
             Some(TargetWatch::Deployment(w)) => sel(w, self.key(), |d: &Deployment| {
-                (labels(&d.spec.selector.match_labels), None)
+                (workload_selector(&d.spec.selector), None)
             }),
             Some(TargetWatch::StatefulSet(w)) => sel(w, self.key(), |d: &StatefulSet| {
-                (labels(&d.spec.selector.match_labels), None)
+                (workload_selector(&d.spec.selector), None)
             }),
             Some(TargetWatch::ReplicaSet(w)) => sel(w, self.key(), |d: &ReplicaSet| {
-                (labels(&d.spec.selector.match_labels), None)
+                (workload_selector(&d.spec.selector), None)
             }),
         }
     }
@@ -287,7 +285,7 @@ impl Cache {
             // The resolver says why there is nothing to forward to.
             return Cached::Unknown;
         }
-        let wanted = label_selector(&selector);
+        let wanted = selector.clone();
         // A new selector (or none watched yet): watch the pods it matches.
         if pods.as_ref().is_none_or(|(s, _)| *s != wanted) {
             let cfg = watcher::Config::default().labels(&wanted);

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::ListParams;
 use kube::{Api, Client};
@@ -111,6 +112,31 @@ pub(super) fn label_selector(labels: &BTreeMap<String, String>) -> String {
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// A workload's selector as a label selector query: its `matchLabels` and
+/// its `matchExpressions` (`key in (a,b)`, `key notin (a,b)`, `key`,
+/// `!key`), which the API server evaluates as it does for the workload's
+/// own controller. Empty when it selects nothing in particular.
+pub(super) fn workload_selector(sel: &LabelSelector) -> String {
+    let mut parts = Vec::new();
+    if let Some(m) = &sel.match_labels {
+        parts.push(label_selector(m));
+    }
+    for e in sel.match_expressions.iter().flatten() {
+        let values = || e.values.clone().unwrap_or_default().join(",");
+        parts.push(match e.operator.as_str() {
+            "In" => format!("{} in ({})", e.key, values()),
+            "NotIn" => format!("{} notin ({})", e.key, values()),
+            "Exists" => e.key.clone(),
+            "DoesNotExist" => format!("!{}", e.key),
+            // The API server refuses such a workload; should one exist,
+            // the query is refused with the operator named.
+            other => format!("{} {other} ({})", e.key, values()),
+        });
+    }
+    parts.retain(|p| !p.is_empty());
+    parts.join(",")
 }
 
 impl Resolver {
@@ -255,30 +281,30 @@ impl Resolver {
                         "service {name} has no selector: there is no pod to forward to"
                     )));
                 }
-                (sel, Some(svc))
+                (label_selector(&sel), Some(svc))
             }
             Kind::Deployment => {
                 let d = self.api::<Deployment>().get(name).await.map_err(err)?;
-                (d.spec.selector.match_labels.unwrap_or_default(), None)
+                (workload_selector(&d.spec.selector), None)
             }
             Kind::StatefulSet => {
                 let d = self.api::<StatefulSet>().get(name).await.map_err(err)?;
-                (d.spec.selector.match_labels.unwrap_or_default(), None)
+                (workload_selector(&d.spec.selector), None)
             }
             Kind::ReplicaSet => {
                 let d = self.api::<ReplicaSet>().get(name).await.map_err(err)?;
-                (d.spec.selector.match_labels.unwrap_or_default(), None)
+                (workload_selector(&d.spec.selector), None)
             }
         };
         if selector.is_empty() {
             return Err(ResolveError::Port(format!(
-                "{} has no selector.matchLabels: there is no pod to forward to",
+                "{} has an empty selector: there is no pod to forward to",
                 self.what()
             )));
         }
         let pods = self
             .api::<Pod>()
-            .list(&ListParams::default().labels(&label_selector(&selector)))
+            .list(&ListParams::default().labels(&selector))
             .await
             .map_err(|e| ResolveError::from_kube("pods", e))?;
         self.choose(pods.items.iter()).map(|r| (r, service))
@@ -519,5 +545,29 @@ mod tests {
         m.insert("app".to_string(), "web".to_string());
         m.insert("tier".to_string(), "fe".to_string());
         assert_eq!(label_selector(&m), "app=web,tier=fe");
+    }
+
+    #[test]
+    fn workload_selectors_keep_their_expressions() {
+        let sel: LabelSelector = serde_json::from_value(json!({
+            "matchLabels": {"app": "web"},
+            "matchExpressions": [
+                {"key": "tier", "operator": "In", "values": ["fe", "edge"]},
+                {"key": "track", "operator": "NotIn", "values": ["canary"]},
+                {"key": "owner", "operator": "Exists"},
+                {"key": "legacy", "operator": "DoesNotExist"}
+            ]
+        }))
+        .unwrap();
+        assert_eq!(
+            workload_selector(&sel),
+            "app=web,tier in (fe,edge),track notin (canary),owner,!legacy"
+        );
+        let only: LabelSelector = serde_json::from_value(json!({
+            "matchExpressions": [{"key": "app", "operator": "In", "values": ["web"]}]
+        }))
+        .unwrap();
+        assert_eq!(workload_selector(&only), "app in (web)");
+        assert_eq!(workload_selector(&LabelSelector::default()), "");
     }
 }

@@ -1833,3 +1833,60 @@ async fn a_workloads_match_expressions_are_honoured() {
         }
     }
 }
+
+/// kubectl's other targets with a pod selector: `ds/` (a node agent's
+/// metrics, say), `job/` and `rc/` forward to the pod their selector picks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemonset_job_and_replicationcontroller_targets() {
+    let env = Env::new().await;
+    let (agent, batch, legacy) = (
+        greeter("ds").await,
+        greeter("jb").await,
+        greeter("rc").await,
+    );
+    env.server
+        .apply(pod(
+            "agent-x1",
+            json!({"app": "agent"}),
+            &[("metrics", agent)],
+        ))
+        .unwrap();
+    env.server
+        .apply(pod(
+            "migrate-x1",
+            json!({"batch.kubernetes.io/controller-uid": "u1"}),
+            &[("http", batch)],
+        ))
+        .unwrap();
+    env.server
+        .apply(pod("old-x1", json!({"app": "old"}), &[("http", legacy)]))
+        .unwrap();
+    let template =
+        json!({"metadata": {"labels": {}}, "spec": {"containers": [{"name": "c", "image": "x"}]}});
+    env.server
+        .apply(json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+            "metadata": {"name": "agent", "namespace": "default"},
+            "spec": {"selector": {"matchLabels": {"app": "agent"}}, "template": template}}))
+        .unwrap();
+    env.server
+        .apply(json!({"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": "migrate", "namespace": "default"},
+            "spec": {"selector": {"matchLabels": {"batch.kubernetes.io/controller-uid": "u1"}}, "template": template}}))
+        .unwrap();
+    env.server
+        .apply(json!({"apiVersion": "v1", "kind": "ReplicationController",
+            "metadata": {"name": "old", "namespace": "default"},
+            "spec": {"selector": {"app": "old"}, "template": template}}))
+        .unwrap();
+    for (target, port, greets) in [
+        ("ds/agent", ":metrics", "ds"),
+        ("job/migrate", ":http", "jb"),
+        ("rc/old", ":http", "rc"),
+    ] {
+        let mut kp = env.forward(&[target, port]);
+        let local = kp.local_port().await;
+        for _ in 0..2 {
+            assert_eq!(greeting(local, 2).await.unwrap(), greets, "{target}");
+        }
+    }
+}

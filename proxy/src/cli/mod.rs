@@ -84,8 +84,8 @@ pub struct UdpRelayArgs {
 /// `kproxy forward TYPE/NAME [LOCAL:]REMOTE...`
 #[derive(Debug, Args)]
 pub struct ForwardArgs {
-    /// What to forward to: pod/NAME, svc/NAME, deploy/NAME, statefulset/NAME or rs/NAME
-    /// (kubectl's aliases work too; a bare NAME is a pod).
+    /// What to forward to: pod/NAME, svc/NAME, deploy/NAME, statefulset/NAME, rs/NAME, ds/NAME,
+    /// job/NAME or rc/NAME (kubectl's aliases work too; a bare NAME is a pod).
     #[arg(value_name = "TYPE/NAME", required_unless_present = "file")]
     pub target: Option<String>,
     /// Port pairs: LOCAL:REMOTE, :REMOTE (a free local port, printed) or PORT (the same both

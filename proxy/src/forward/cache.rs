@@ -9,13 +9,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Pod, ReplicationController, Service};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
 
-use super::resolve::{label_selector, workload_selector};
+use super::resolve::{job_selector, label_selector, rc_selector, workload_selector};
 use super::spec::{Kind, Target};
 
 /// A reflector running in a task, and whether its first list is in.
@@ -117,6 +118,9 @@ enum TargetWatch {
     Deployment(Watch<Deployment>),
     StatefulSet(Watch<StatefulSet>),
     ReplicaSet(Watch<ReplicaSet>),
+    DaemonSet(Watch<DaemonSet>),
+    Job(Watch<Job>),
+    ReplicationController(Watch<ReplicationController>),
 }
 
 /// What the cache knows of the target.
@@ -177,6 +181,11 @@ impl Cache {
             Kind::Deployment => Some(TargetWatch::Deployment(Watch::start(c, ns, cfg, r, d))),
             Kind::StatefulSet => Some(TargetWatch::StatefulSet(Watch::start(c, ns, cfg, r, d))),
             Kind::ReplicaSet => Some(TargetWatch::ReplicaSet(Watch::start(c, ns, cfg, r, d))),
+            Kind::DaemonSet => Some(TargetWatch::DaemonSet(Watch::start(c, ns, cfg, r, d))),
+            Kind::Job => Some(TargetWatch::Job(Watch::start(c, ns, cfg, r, d))),
+            Kind::ReplicationController => Some(TargetWatch::ReplicationController(Watch::start(
+                c, ns, cfg, r, d,
+            ))),
         };
         let pods = (target.kind == Kind::Pod).then(|| {
             let w = Watch::start(
@@ -247,6 +256,15 @@ impl Cache {
             Some(TargetWatch::ReplicaSet(w)) => sel(w, self.key(), |d: &ReplicaSet| {
                 (workload_selector(&d.spec.selector), None)
             }),
+            Some(TargetWatch::DaemonSet(w)) => sel(w, self.key(), |d: &DaemonSet| {
+                (workload_selector(&d.spec.selector), None)
+            }),
+            Some(TargetWatch::Job(w)) => sel(w, self.key(), |j: &Job| (job_selector(j), None)),
+            Some(TargetWatch::ReplicationController(w)) => {
+                sel(w, self.key(), |rc: &ReplicationController| {
+                    (rc_selector(rc), None)
+                })
+            }
         }
     }
 

@@ -4,8 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Pod, ReplicationController, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::ListParams;
@@ -112,6 +113,25 @@ pub(super) fn label_selector(labels: &BTreeMap<String, String>) -> String {
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// A Job's selector (set by the API server when the Job is created).
+pub(super) fn job_selector(j: &Job) -> String {
+    j.spec
+        .as_ref()
+        .and_then(|s| s.selector.as_ref())
+        .map(workload_selector)
+        .unwrap_or_default()
+}
+
+/// A ReplicationController's selector (a plain map; defaulted from its
+/// template's labels by the API server).
+pub(super) fn rc_selector(rc: &ReplicationController) -> String {
+    rc.spec
+        .as_ref()
+        .and_then(|s| s.selector.as_ref())
+        .map(label_selector)
+        .unwrap_or_default()
 }
 
 /// A workload's selector as a label selector query: its `matchLabels` and
@@ -294,6 +314,22 @@ impl Resolver {
             Kind::ReplicaSet => {
                 let d = self.api::<ReplicaSet>().get(name).await.map_err(err)?;
                 (workload_selector(&d.spec.selector), None)
+            }
+            Kind::DaemonSet => {
+                let d = self.api::<DaemonSet>().get(name).await.map_err(err)?;
+                (workload_selector(&d.spec.selector), None)
+            }
+            Kind::Job => {
+                let j = self.api::<Job>().get(name).await.map_err(err)?;
+                (job_selector(&j), None)
+            }
+            Kind::ReplicationController => {
+                let rc = self
+                    .api::<ReplicationController>()
+                    .get(name)
+                    .await
+                    .map_err(err)?;
+                (rc_selector(&rc), None)
             }
         };
         if selector.is_empty() {

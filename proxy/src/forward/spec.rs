@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
-    #[error("unknown target kind {kind:?} in {target:?} (expected pod/, svc/, deploy/, statefulset/ or rs/)")]
+    #[error("unknown target kind {kind:?} in {target:?} (expected pod/, svc/, deploy/, statefulset/, rs/, ds/, job/ or rc/)")]
     UnknownKind { kind: String, target: String },
     #[error("target {0:?} has no name (expected KIND/NAME, e.g. pod/web)")]
     EmptyName(String),
@@ -31,15 +31,18 @@ pub enum Kind {
     Deployment,
     StatefulSet,
     ReplicaSet,
+    DaemonSet,
+    Job,
+    ReplicationController,
 }
 
 impl Kind {
     pub fn parse(s: &str) -> Option<Kind> {
         // kubectl accepts the short name, singular, plural and `.group` forms.
         let s = s.to_ascii_lowercase();
-        let base = s
-            .strip_suffix(".apps")
-            .or_else(|| s.strip_suffix(".v1.apps"))
+        let base = [".v1.apps", ".apps", ".v1.batch", ".batch"]
+            .iter()
+            .find_map(|g| s.strip_suffix(g))
             .unwrap_or(&s);
         Some(match base {
             "po" | "pod" | "pods" => Kind::Pod,
@@ -47,6 +50,11 @@ impl Kind {
             "deploy" | "deployment" | "deployments" => Kind::Deployment,
             "sts" | "statefulset" | "statefulsets" => Kind::StatefulSet,
             "rs" | "replicaset" | "replicasets" => Kind::ReplicaSet,
+            "ds" | "daemonset" | "daemonsets" => Kind::DaemonSet,
+            "job" | "jobs" => Kind::Job,
+            "rc" | "replicationcontroller" | "replicationcontrollers" => {
+                Kind::ReplicationController
+            }
             _ => return None,
         })
     }
@@ -59,6 +67,9 @@ impl Kind {
             Kind::Deployment => "deployment",
             Kind::StatefulSet => "statefulset",
             Kind::ReplicaSet => "replicaset",
+            Kind::DaemonSet => "daemonset",
+            Kind::Job => "job",
+            Kind::ReplicationController => "replicationcontroller",
         }
     }
 }
@@ -321,6 +332,12 @@ mod tests {
             ("rs/x", Kind::ReplicaSet),
             ("replicaset/x", Kind::ReplicaSet),
             ("replicasets.apps/x", Kind::ReplicaSet),
+            ("ds/x", Kind::DaemonSet),
+            ("daemonsets.apps/x", Kind::DaemonSet),
+            ("job/x", Kind::Job),
+            ("jobs.batch/x", Kind::Job),
+            ("rc/x", Kind::ReplicationController),
+            ("replicationcontrollers/x", Kind::ReplicationController),
         ] {
             assert_eq!(
                 parse_target(s).unwrap(),
@@ -339,7 +356,7 @@ mod tests {
         assert!(matches!(&e, SpecError::UnknownKind { kind, .. } if kind == "foo"));
         assert!(e.to_string().contains("unknown target kind \"foo\""), "{e}");
         assert!(matches!(
-            parse_target("daemonset/x"),
+            parse_target("configmap/x"),
             Err(SpecError::UnknownKind { .. })
         ));
         assert!(matches!(parse_target("pod/"), Err(SpecError::EmptyName(_))));

@@ -192,6 +192,28 @@ pub static RESOURCES: &[Resource] = &[
         true
     ),
     res!(
+        "",
+        "v1",
+        "replicationcontrollers",
+        "replicationcontroller",
+        "ReplicationController",
+        true,
+        ["rc"],
+        ["status", "scale"],
+        true
+    ),
+    res!(
+        "batch",
+        "v1",
+        "jobs",
+        "job",
+        "Job",
+        true,
+        [],
+        ["status"],
+        true
+    ),
+    res!(
         "apps",
         "v1",
         "statefulsets",

@@ -16,7 +16,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
 
-use super::resolve::{job_selector, label_selector, rc_selector, workload_selector};
+use super::resolve::PodSelector;
 use super::spec::{Kind, Target};
 
 /// A reflector running in a task, and whether its first list is in.
@@ -217,10 +217,11 @@ impl Cache {
 
     /// The target object's selector (and Service), as far as known.
     fn object(&self) -> Object {
-        fn sel<K: kube::Resource + Clone>(
+        /// The object's selector, and `service(object)`.
+        fn sel<K: kube::Resource + Clone + PodSelector>(
             w: &Watch<K>,
             key: ObjectRef<K>,
-            f: impl Fn(&K) -> (String, Option<Box<Service>>),
+            service: impl Fn(&K) -> Option<Box<Service>>,
         ) -> Object
         where
             K::DynamicType: Eq + std::hash::Hash + Clone,
@@ -229,42 +230,24 @@ impl Cache {
                 return Object::NotYet;
             }
             match w.store.get(&key) {
-                Some(o) => {
-                    let (labels, service) = f(&o);
-                    Object::Found(labels, service)
-                }
+                Some(o) => Object::Found(o.pod_selector(), service(&o)),
                 None => Object::Missing,
             }
         }
+        fn none<K>(_: &K) -> Option<Box<Service>> {
+            None
+        }
         match &self.object {
             None => Object::NotYet,
-            Some(TargetWatch::Service(w)) => sel(w, self.key(), |s: &Service| {
-                let l = s
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.selector.as_ref())
-                    .map(label_selector)
-                    .unwrap_or_default();
-                (l, Some(Box::new(s.clone())))
-            }),
-            Some(TargetWatch::Deployment(w)) => sel(w, self.key(), |d: &Deployment| {
-                (workload_selector(&d.spec.selector), None)
-            }),
-            Some(TargetWatch::StatefulSet(w)) => sel(w, self.key(), |d: &StatefulSet| {
-                (workload_selector(&d.spec.selector), None)
-            }),
-            Some(TargetWatch::ReplicaSet(w)) => sel(w, self.key(), |d: &ReplicaSet| {
-                (workload_selector(&d.spec.selector), None)
-            }),
-            Some(TargetWatch::DaemonSet(w)) => sel(w, self.key(), |d: &DaemonSet| {
-                (workload_selector(&d.spec.selector), None)
-            }),
-            Some(TargetWatch::Job(w)) => sel(w, self.key(), |j: &Job| (job_selector(j), None)),
-            Some(TargetWatch::ReplicationController(w)) => {
-                sel(w, self.key(), |rc: &ReplicationController| {
-                    (rc_selector(rc), None)
-                })
+            Some(TargetWatch::Service(w)) => {
+                sel(w, self.key(), |s: &Service| Some(Box::new(s.clone())))
             }
+            Some(TargetWatch::Deployment(w)) => sel(w, self.key(), none),
+            Some(TargetWatch::StatefulSet(w)) => sel(w, self.key(), none),
+            Some(TargetWatch::ReplicaSet(w)) => sel(w, self.key(), none),
+            Some(TargetWatch::DaemonSet(w)) => sel(w, self.key(), none),
+            Some(TargetWatch::Job(w)) => sel(w, self.key(), none),
+            Some(TargetWatch::ReplicationController(w)) => sel(w, self.key(), none),
         }
     }
 

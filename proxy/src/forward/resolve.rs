@@ -115,23 +115,45 @@ pub(super) fn label_selector(labels: &BTreeMap<String, String>) -> String {
         .join(",")
 }
 
-/// A Job's selector (set by the API server when the Job is created).
-pub(super) fn job_selector(j: &Job) -> String {
-    j.spec
-        .as_ref()
-        .and_then(|s| s.selector.as_ref())
-        .map(workload_selector)
-        .unwrap_or_default()
+/// A target object that picks pods: its selector as a label selector query
+/// (empty when it has none). The API path and the watch cache both ask it.
+pub(super) trait PodSelector {
+    fn pod_selector(&self) -> String;
 }
 
-/// A ReplicationController's selector (a plain map; defaulted from its
+impl PodSelector for Service {
+    fn pod_selector(&self) -> String {
+        let sel = self.spec.as_ref().and_then(|s| s.selector.as_ref());
+        sel.map(label_selector).unwrap_or_default()
+    }
+}
+
+macro_rules! workload_pod_selector {
+    ($($kind:ty),*) => {$(
+        impl PodSelector for $kind {
+            fn pod_selector(&self) -> String {
+                workload_selector(&self.spec.selector)
+            }
+        }
+    )*};
+}
+workload_pod_selector!(Deployment, StatefulSet, ReplicaSet, DaemonSet);
+
+/// A Job's selector is set by the API server when the Job is created.
+impl PodSelector for Job {
+    fn pod_selector(&self) -> String {
+        let sel = self.spec.as_ref().and_then(|s| s.selector.as_ref());
+        sel.map(workload_selector).unwrap_or_default()
+    }
+}
+
+/// A ReplicationController's selector is a plain map (defaulted from its
 /// template's labels by the API server).
-pub(super) fn rc_selector(rc: &ReplicationController) -> String {
-    rc.spec
-        .as_ref()
-        .and_then(|s| s.selector.as_ref())
-        .map(label_selector)
-        .unwrap_or_default()
+impl PodSelector for ReplicationController {
+    fn pod_selector(&self) -> String {
+        let sel = self.spec.as_ref().and_then(|s| s.selector.as_ref());
+        sel.map(label_selector).unwrap_or_default()
+    }
 }
 
 /// A workload's selector as a label selector query: its `matchLabels` and
@@ -180,6 +202,21 @@ impl Resolver {
         <K as kube::Resource>::DynamicType: Default,
     {
         Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// The pod selector of the target, a workload of kind `K`, from a GET.
+    async fn selector_of<K>(&self) -> Result<String, ResolveError>
+    where
+        K: PodSelector
+            + kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        let object = self.api::<K>().get(&self.target.name).await;
+        let object = object.map_err(|e| ResolveError::from_kube(&self.what(), e))?;
+        Ok(object.pod_selector())
     }
 
     fn what(&self) -> String {
@@ -291,45 +328,21 @@ impl Resolver {
             }
             Kind::Service => {
                 let svc = self.api::<Service>().get(name).await.map_err(err)?;
-                let sel = svc
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.selector.clone())
-                    .unwrap_or_default();
+                let sel = svc.pod_selector();
                 if sel.is_empty() {
                     return Err(ResolveError::Port(format!(
                         "service {name} has no selector: there is no pod to forward to"
                     )));
                 }
-                (label_selector(&sel), Some(svc))
+                (sel, Some(svc))
             }
-            Kind::Deployment => {
-                let d = self.api::<Deployment>().get(name).await.map_err(err)?;
-                (workload_selector(&d.spec.selector), None)
-            }
-            Kind::StatefulSet => {
-                let d = self.api::<StatefulSet>().get(name).await.map_err(err)?;
-                (workload_selector(&d.spec.selector), None)
-            }
-            Kind::ReplicaSet => {
-                let d = self.api::<ReplicaSet>().get(name).await.map_err(err)?;
-                (workload_selector(&d.spec.selector), None)
-            }
-            Kind::DaemonSet => {
-                let d = self.api::<DaemonSet>().get(name).await.map_err(err)?;
-                (workload_selector(&d.spec.selector), None)
-            }
-            Kind::Job => {
-                let j = self.api::<Job>().get(name).await.map_err(err)?;
-                (job_selector(&j), None)
-            }
+            Kind::Deployment => (self.selector_of::<Deployment>().await?, None),
+            Kind::StatefulSet => (self.selector_of::<StatefulSet>().await?, None),
+            Kind::ReplicaSet => (self.selector_of::<ReplicaSet>().await?, None),
+            Kind::DaemonSet => (self.selector_of::<DaemonSet>().await?, None),
+            Kind::Job => (self.selector_of::<Job>().await?, None),
             Kind::ReplicationController => {
-                let rc = self
-                    .api::<ReplicationController>()
-                    .get(name)
-                    .await
-                    .map_err(err)?;
-                (rc_selector(&rc), None)
+                (self.selector_of::<ReplicationController>().await?, None)
             }
         };
         if selector.is_empty() {

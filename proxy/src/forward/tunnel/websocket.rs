@@ -80,21 +80,27 @@ impl Unwritten {
     }
 
     /// Writes what is pending (in one vectored write when the socket takes
-    /// it); returns how many bytes.
+    /// it) and tells `written` how many bytes.
     async fn write<W: AsyncWrite + Unpin>(
         &mut self,
         w: &mut W,
         buf: &[u8],
-    ) -> Result<usize, TunnelError> {
+        written: impl Fn(usize),
+    ) -> Result<(), TunnelError> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
         let mut slices: Vec<IoSlice<'_>> = self
             .0
             .iter()
             .map(|&(o, l)| IoSlice::new(&buf[o..o + l]))
             .collect();
         self.0.clear();
-        write_all_vectored(w, &mut slices)
+        let n = write_all_vectored(w, &mut slices)
             .await
-            .map_err(TunnelError::Local)
+            .map_err(TunnelError::Local)?;
+        written(n);
+        Ok(())
     }
 }
 
@@ -137,16 +143,14 @@ where
         let mut unwritten = Unwritten::default();
         // Writes the data parsed so far, before the buffer is refilled (or
         // the local side is shut).
+        let written = |n: usize| {
+            stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+            last_down.store(base.elapsed().as_millis() as u64, Ordering::Relaxed);
+        };
         macro_rules! write_out {
             () => {
-                if !unwritten.0.is_empty() {
-                    match unwritten.write(&mut lw, &buf).await {
-                        Ok(n) => {
-                            stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-                            last_down.store(base.elapsed().as_millis() as u64, Ordering::Relaxed);
-                        }
-                        Err(e) => return finish(&mut lw, Err(e)).await,
-                    }
+                if let Err(e) = unwritten.write(&mut lw, &buf, written).await {
+                    return finish(&mut lw, Err(e)).await;
                 }
             };
         }
@@ -261,13 +265,9 @@ where
         };
         // What the server sent before it closed (or failed) still reaches
         // the client.
-        let result = match (unwritten.write(&mut lw, &buf).await, result) {
-            (Ok(n), r) => {
-                stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-                r
-            }
+        let result = match (unwritten.write(&mut lw, &buf, written).await, result) {
             (Err(e), Ok(())) => Err(e),
-            (Err(_), r) => r,
+            (_, r) => r,
         };
         finish(&mut lw, result).await
     };

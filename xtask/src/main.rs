@@ -3,6 +3,7 @@
 //! Plain Rust with no dependencies beyond the workspace ones, so it builds on
 //! a fresh machine before `setup` has installed anything.
 
+mod disk;
 mod run;
 mod setup;
 

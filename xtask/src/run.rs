@@ -60,7 +60,11 @@ fn command(program: &str) -> Command {
 
 /// Runs `cargo ARGS` in the workspace root, failing when it fails.
 pub fn cargo(args: &[&str]) -> Result<()> {
-    status(&cargo_bin(), args)
+    crate::disk::warn_if_short(&target_dir());
+    status(&cargo_bin(), args).map_err(|err| match crate::disk::blame(&target_dir()) {
+        Some(why) => err.context(why),
+        None => err,
+    })
 }
 
 /// A child process that exited non-zero.

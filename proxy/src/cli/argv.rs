@@ -52,6 +52,20 @@ pub fn normalize(argv: Vec<OsString>) -> Vec<OsString> {
     } else {
         first_is_flag && !has_subcommand
     };
+    // kube-proxy's `--version[=true|raw]` prints the version and exits
+    // (`--version=false` is a no-op): version scripts run it on the image.
+    let mut rest = rest;
+    if implied_run {
+        let version = |a: &OsString| match a.to_str() {
+            Some("--version") => Some(true),
+            Some(s) => s.strip_prefix("--version=").map(|v| v != "false"),
+            None => None,
+        };
+        if rest.iter().any(|a| version(a) == Some(true)) {
+            return vec![argv0, OsString::from("--version")];
+        }
+        rest.retain(|a| version(a).is_none());
+    }
     let mut out = Vec::with_capacity(rest.len() + 2);
     out.push(argv0);
     if implied_run {
@@ -124,6 +138,21 @@ mod tests {
         // Help and version stay kproxy's own.
         assert_eq!(norm(&["kproxy", "--help"]), ["kproxy", "--help"]);
         assert_eq!(norm(&["kproxy"]), ["kproxy"]);
+    }
+
+    #[test]
+    fn kube_proxys_version_flag_prints_the_version() {
+        for flag in ["--version", "--version=true", "--version=raw"] {
+            assert_eq!(
+                norm(&["kube-proxy", "--v=2", flag]),
+                ["kube-proxy", "--version"]
+            );
+        }
+        assert_eq!(
+            norm(&["kube-proxy", "--version=false", "--v=2"]),
+            ["kube-proxy", "run", "--v=2"]
+        );
+        assert_eq!(norm(&["kproxy", "--version"]), ["kproxy", "--version"]);
     }
 
     #[test]

@@ -28,6 +28,10 @@ use values::{parse_proxy_mode, ProxyModeArg};
 #[command(
     name = "kproxy",
     version,
+    // pflag's rule, which kube-proxy's and kubectl's users rely on: a flag
+    // given twice takes its last value (a DaemonSet patch that appends
+    // `--v=4` to args holding `--v=2` must not crash-loop).
+    args_override_self = true,
     about = "Kubernetes service proxy and port-forwarder"
 )]
 pub struct Cli {
@@ -394,6 +398,18 @@ fn given_ids(m: &clap::ArgMatches) -> std::collections::BTreeSet<String> {
 /// log at start (fields and flags without effect, a substituted mode).
 pub fn resolve_run(args: &mut RunArgs) -> anyhow::Result<Vec<String>> {
     let mut warnings = Vec::new();
+    // kube-proxy ignores empty arguments on purpose (templated args such as
+    // "$(EXTRA_ARGS)" with an empty value) and refuses any other.
+    if let Some(arg) = args.positional.iter().find(|a| !a.is_empty()) {
+        anyhow::bail!(
+            "kproxy run takes no arguments, got {arg:?} (a flag's value needs `=`, as in --masquerade-all=true)"
+        );
+    }
+    if let Some(name) = &args.hostname_override {
+        if !name.is_empty() && name.trim().is_empty() {
+            anyhow::bail!("--hostname-override {name:?} is blank: give the node's name, or leave the flag out to use the hostname");
+        }
+    }
     if let Some(path) = args.config.clone() {
         let applied = config::apply_file(&path, args)?;
         warnings.extend(applied.warnings);
@@ -519,6 +535,55 @@ mod tests {
         let run = run_args(&["kproxy", "--conntrack-tcp-be-liberal=1"]).unwrap();
         assert!(run.conntrack_tcp_be_liberal);
         assert!(run_args(&["kproxy", "--masquerade-all=yes"]).is_err());
+    }
+
+    #[test]
+    fn a_flag_given_twice_takes_its_last_value_as_pflag() {
+        let run = run_args(&[
+            "kube-proxy",
+            "--hostname-override=a",
+            "--masquerade-all",
+            "--proxy-mode=ipvs",
+            "--hostname-override=b",
+            "--masquerade-all=false",
+            "--proxy-mode=iptables",
+        ])
+        .unwrap();
+        assert_eq!(run.hostname_override.as_deref(), Some("b"));
+        assert!(!run.masquerade_all);
+        let cli = parse_from(["kube-proxy", "--v=2", "--v=4"].map(OsString::from).into()).unwrap();
+        assert_eq!(cli.verbosity, 4);
+        // List flags still add up.
+        let run = run_args(&[
+            "kproxy",
+            "--nodeport-addresses=10.0.0.0/8",
+            "--nodeport-addresses=primary",
+        ])
+        .unwrap();
+        assert_eq!(run.nodeport_address_list().len(), 2);
+    }
+
+    #[test]
+    fn empty_arguments_are_ignored_and_others_refused() {
+        let mut run = run_args(&["kube-proxy", "", "--hostname-override=n", ""]).unwrap();
+        assert!(resolve_run(&mut run).is_ok());
+        assert_eq!(run.hostname_override.as_deref(), Some("n"));
+        let mut run = run_args(&["kube-proxy", "--masquerade-all", "true"]).unwrap();
+        let err = resolve_run(&mut run).unwrap_err().to_string();
+        assert!(
+            err.contains("\"true\"") && err.contains("--masquerade-all=true"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_blank_hostname_override_is_refused() {
+        let mut run = run_args(&["kube-proxy", "--hostname-override= "]).unwrap();
+        let err = resolve_run(&mut run).unwrap_err().to_string();
+        assert!(err.contains("--hostname-override"), "{err}");
+        // Empty means "not given", as kube-proxy.
+        let mut run = run_args(&["kube-proxy", "--hostname-override="]).unwrap();
+        assert!(resolve_run(&mut run).is_ok());
     }
 
     /// Every flag of kube-proxy's `options.go` (and the logging flags it

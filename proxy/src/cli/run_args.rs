@@ -206,6 +206,10 @@ pub struct RunArgs {
     pub udp_timeout: Option<String>,
     #[arg(long, hide = true)]
     pub proxy_port_range: Option<String>,
+    /// Arguments that are not flags: only empty ones are allowed (checked
+    /// in `resolve_run`), as kube-proxy allows them.
+    #[arg(hide = true, value_name = "ARGS")]
+    pub positional: Vec<String>,
 
     /// Clap ids of the flags given on the command line (filled by [`super::parse`]).
     #[arg(skip)]

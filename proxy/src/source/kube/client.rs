@@ -19,6 +19,19 @@ pub enum ClientError {
     Client(String),
 }
 
+/// `--master` as client-go reads it: `host:port` without a scheme means
+/// http, or https when a kubeconfig brings TLS settings (client-go's
+/// `DefaultServerURL`; old hand-made set-ups write `--master=10.0.0.1:8080`).
+fn with_scheme(url: &str, tls: bool) -> String {
+    if url.contains("://") {
+        url.to_string()
+    } else if tls {
+        format!("https://{url}")
+    } else {
+        format!("http://{url}")
+    }
+}
+
 /// The client configuration for the flags.
 pub async fn client_config(
     kubeconfig: Option<&Path>,
@@ -26,7 +39,8 @@ pub async fn client_config(
 ) -> Result<Config, ClientError> {
     let master_uri = match master.filter(|m| !m.is_empty()) {
         Some(url) => Some(
-            url.parse::<axum::http::Uri>()
+            with_scheme(url, kubeconfig.is_some())
+                .parse::<axum::http::Uri>()
                 .map_err(|e| ClientError::Master {
                     url: url.to_string(),
                     message: e.to_string(),
@@ -91,6 +105,13 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(c.cluster_url.authority().unwrap().as_str(), "10.0.0.1:6443");
+        // No scheme: http alone, https beside a kubeconfig (as client-go).
+        let c = client_config(None, Some("10.0.0.1:8080")).await.unwrap();
+        assert_eq!(c.cluster_url.to_string(), "http://10.0.0.1:8080/");
+        let c = client_config(Some(&path), Some("10.0.0.1:6443"))
+            .await
+            .unwrap();
+        assert_eq!(c.cluster_url.to_string(), "https://10.0.0.1:6443/");
     }
 
     #[tokio::test]

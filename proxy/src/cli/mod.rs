@@ -577,6 +577,37 @@ mod tests {
     }
 
     #[test]
+    fn nftables_mode_keeps_its_node_port_defaults() {
+        let mut run = run_args(&["kube-proxy", "--proxy-mode=nftables"]).unwrap();
+        let warnings = resolve_run(&mut run).unwrap();
+        assert_eq!(
+            run.nodeport_address_list(),
+            vec![values::NodePortAddress::Primary]
+        );
+        assert!(!run.iptables_localhost_nodeports);
+        assert!(
+            warnings.iter().any(|w| w.contains("primary")),
+            "{warnings:?}"
+        );
+        // Set explicitly, the addresses are kept.
+        let mut run = run_args(&[
+            "kube-proxy",
+            "--proxy-mode=nftables",
+            "--nodeport-addresses=10.0.0.0/8",
+        ])
+        .unwrap();
+        resolve_run(&mut run).unwrap();
+        assert_ne!(
+            run.nodeport_address_list(),
+            vec![values::NodePortAddress::Primary]
+        );
+        // iptables mode keeps kube-proxy's iptables defaults.
+        let mut run = run_args(&["kube-proxy", "--proxy-mode=ipvs"]).unwrap();
+        resolve_run(&mut run).unwrap();
+        assert!(run.nodeport_address_list().is_empty() && run.iptables_localhost_nodeports);
+    }
+
+    #[test]
     fn a_blank_hostname_override_is_refused() {
         let mut run = run_args(&["kube-proxy", "--hostname-override= "]).unwrap();
         let err = resolve_run(&mut run).unwrap_err().to_string();

@@ -293,5 +293,16 @@ impl RunArgs {
                 }
             }
         }
+        // kube-proxy's nftables mode (run here as iptables mode) serves node
+        // ports on the primary IPs by default and never on localhost: a
+        // cluster that swaps the image keeps its node ports where they were.
+        if self.mode.proxy_mode == ProxyModeArg::Nftables {
+            if !(self.given("nodeport_addresses")
+                || self.from_config.contains("nodeport_addresses"))
+            {
+                self.nodeport_addresses = vec![vec![NodePortAddress::Primary]];
+            }
+            self.iptables_localhost_nodeports = false;
+        }
     }
 }

@@ -205,8 +205,13 @@ impl ProxyModeArg {
     /// Why the requested mode is not the one that runs, if it is not.
     pub fn substitution(self) -> Option<String> {
         match self {
-            ProxyModeArg::Ipvs | ProxyModeArg::Nftables => Some(format!(
+            ProxyModeArg::Ipvs => Some(format!(
                 "proxy mode {self} is not implemented by kproxy: running iptables mode, which serves Services the same way \
+                 (remove kube-proxy's {self} leftovers with `kube-proxy --cleanup` from the old image; set --proxy-mode iptables or ebpf to silence this)"
+            )),
+            ProxyModeArg::Nftables => Some(format!(
+                "proxy mode {self} is not implemented by kproxy: running iptables mode with nftables mode's node-port defaults \
+                 (--nodeport-addresses primary unless set, no localhost node ports), which serves Services the same way \
                  (remove kube-proxy's {self} leftovers with `kube-proxy --cleanup` from the old image; set --proxy-mode iptables or ebpf to silence this)"
             )),
             _ => None,

@@ -225,6 +225,7 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         .detect_local_mode
         .with_interfaces(&args.pod_bridge_interface, &args.pod_interface_name_prefix)
         .map_err(anyhow::Error::msg)?;
+    let node_cidr_mode = matches!(detect_local, crate::dataplane::DetectLocalMode::NodeCidr);
     if let Some(ip @ IpAddr::V6(_)) = args.bind_address {
         tracing::warn!(%ip, "--bind-address is IPv6: kproxy programs IPv4 Services only (IPv6 ones are reported, not served)");
     }
@@ -382,7 +383,8 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         metrics,
         health.clone(),
         HealthCheckServers::new(nodeport_ips, health.clone()),
-    );
+    )
+    .with_node_cidr_detection(node_cidr_mode);
     let mut sync_task = tokio::spawn(sync.run(events_rx, stop_rx));
 
     // Once the node is programmed: settings whose sysctl appeared with

@@ -109,6 +109,40 @@ pub struct SyncLoop {
     /// Objects changed since the last successful sync (the pending-change
     /// gauges and the network programming latency).
     pending: changes::Pending,
+    /// `--detect-local-mode NodeCIDR`: whether the Node's pod CIDRs were
+    /// missing at the last sync (`None` before the first, or in other modes).
+    pod_cidrs_missing: Option<bool>,
+    node_cidr_mode: bool,
+}
+
+/// What to log when the Node's pod CIDRs appear or go missing in NodeCIDR
+/// mode (kube-proxy waits for them and exits; kproxy runs on, treating no
+/// traffic as local, and says so once per change).
+fn pod_cidr_notice(was_missing: Option<bool>, node: &model::NodeInfo) -> Option<(bool, String)> {
+    let missing = node.pod_cidrs.is_empty();
+    if was_missing == Some(missing) || (was_missing.is_none() && !missing) {
+        return None;
+    }
+    Some(if missing {
+        (
+            true,
+            format!(
+                "--detect-local-mode NodeCIDR: Node {:?} has no spec.podCIDRs (or no such Node was seen): \
+                 no traffic is treated as local until it has; check --hostname-override, and that the \
+                 cluster allocates node CIDRs (kube-controller-manager --allocate-node-cidrs), or use ClusterCIDR",
+                node.name
+            ),
+        )
+    } else {
+        (
+            false,
+            format!(
+                "--detect-local-mode NodeCIDR: Node {:?} has pod CIDRs {:?}: traffic from them is local",
+                node.name,
+                node.pod_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>()
+            ),
+        )
+    })
 }
 
 impl SyncLoop {
@@ -130,7 +164,16 @@ impl SyncLoop {
             need_full: true,
             reported: BTreeSet::new(),
             pending: changes::Pending::default(),
+            pod_cidrs_missing: None,
+            node_cidr_mode: false,
         }
+    }
+
+    /// Local traffic is told by the Node's pod CIDRs (`--detect-local-mode
+    /// NodeCIDR`): their absence is logged.
+    pub fn with_node_cidr_detection(mut self, yes: bool) -> Self {
+        self.node_cidr_mode = yes;
+        self
     }
 
     fn apply(&mut self, batch: Vec<model::Event>) {
@@ -295,6 +338,14 @@ impl SyncLoop {
             );
         }
         self.health.set_node_eligible(desired.node.eligible);
+        if self.node_cidr_mode {
+            match pod_cidr_notice(self.pod_cidrs_missing, &desired.node) {
+                Some((true, notice)) => tracing::warn!("{notice}"),
+                Some((false, notice)) => tracing::info!("{notice}"),
+                None => {}
+            }
+            self.pod_cidrs_missing = Some(desired.node.pod_cidrs.is_empty());
+        }
 
         // Ports in error whose backoff is over; all of them when Service
         // ports go away (their map entries may have made room). A full sync

@@ -555,3 +555,23 @@ async fn until(what: &str, pred: impl Fn() -> bool) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+#[test]
+fn missing_pod_cidrs_in_node_cidr_mode_are_said_once_per_change() {
+    let mut node = model::NodeInfo {
+        name: "node1".into(),
+        ..Default::default()
+    };
+    let (missing, warn) = pod_cidr_notice(None, &node).expect("said at the first sync");
+    assert!(
+        missing && warn.contains("\"node1\"") && warn.contains("--hostname-override"),
+        "{warn}"
+    );
+    assert_eq!(pod_cidr_notice(Some(true), &node), None, "said once");
+    node.pod_cidrs = vec!["10.244.1.0/24".parse().unwrap()];
+    let (missing, info) = pod_cidr_notice(Some(true), &node).expect("said when they come");
+    assert!(!missing && info.contains("10.244.1.0/24"), "{info}");
+    assert_eq!(pod_cidr_notice(Some(false), &node), None);
+    // Present from the start: nothing to say.
+    assert_eq!(pod_cidr_notice(None, &node), None);
+}

@@ -209,6 +209,12 @@ async fn primary_ips(
 }
 
 pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
+    // The bytes applied (read before resolve_run applies them: a change in
+    // between is then a change, and restarts kproxy as it should).
+    let config_applied = args
+        .config
+        .clone()
+        .and_then(|p| std::fs::read(&p).ok().map(|bytes| (p, bytes)));
     for warning in crate::cli::resolve_run(&mut args)? {
         tracing::warn!("{warning}");
     }
@@ -418,8 +424,14 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         })
     };
 
+    let config_changed = watch_config(config_applied);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let outcome = tokio::select! {
+        path = config_changed => Err(anyhow::anyhow!(
+            "the --config file {} changed: exiting so that its new settings apply, as kube-proxy does \
+             (a DaemonSet's pod restarts; programmed rules stay in place meanwhile)",
+            path.display()
+        )),
         _ = term.recv() => { tracing::info!("SIGTERM: stopping; programmed rules stay in place"); Ok(()) }
         _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted: stopping; programmed rules stay in place"); Ok(()) }
         res = &mut sync_task => match res {
@@ -449,6 +461,21 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         let _ = sync_task.await;
     }
     outcome
+}
+
+/// Resolves when the `--config` file's content changes; never without one,
+/// nor when it cannot be watched (said once: kproxy runs on).
+async fn watch_config(applied: Option<(std::path::PathBuf, Vec<u8>)>) -> std::path::PathBuf {
+    let Some((path, bytes)) = applied else {
+        return std::future::pending().await;
+    };
+    match crate::cli::config_watch::changed(path.clone(), bytes).await {
+        Ok(_) => path,
+        Err(err) => {
+            tracing::warn!(file = %path.display(), %err, "cannot watch the --config file: a change of it needs a restart to apply");
+            std::future::pending().await
+        }
+    }
 }
 
 fn flatten(res: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Result<()> {

@@ -6,6 +6,7 @@
 pub mod argv;
 pub mod compat;
 pub mod config;
+pub mod config_watch;
 mod duration;
 pub mod go_runner;
 pub mod logging;

@@ -89,9 +89,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Cleanup(args) => {
             let mode = args.mode;
-            let _owner = run::claim_for_cleanup(&mode, args.force)?;
-            let config = run::dataplane_config(&[], &[], false)?;
-            run::open_dataplane(&mode, config)?.cleanup()?;
+            run::cleanup(&mode, args.force)?;
             eprintln!(
                 "removed everything kproxy programmed ({} mode)",
                 mode.mode()

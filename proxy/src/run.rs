@@ -55,13 +55,10 @@ pub fn open_dataplane(
 
 /// ebpf mode: the lock that makes this process the only kproxy on its
 /// `--bpf-pin-path` (see `dataplane::ebpf::owner`), taken before anything
-/// is touched. `kproxy run --cleanup` takes it as `kproxy cleanup` does.
+/// is touched.
 fn claim_for_run(args: &RunArgs) -> anyhow::Result<Option<owner::PinLock>> {
     if args.mode.mode() != ProxyMode::Ebpf || args.init_only {
         return Ok(None);
-    }
-    if args.cleanup {
-        return claim_for_cleanup(&args.mode, false);
     }
     let pin = &args.mode.ebpf.bpf_pin_path;
     crate::dataplane::ebpf::checks::check_bpffs(pin)?;
@@ -89,6 +86,39 @@ pub fn claim_for_cleanup(
         }
         Some(Err(busy)) => Err(busy.for_cleanup().into()),
     }
+}
+
+/// `kproxy cleanup`: removes everything kproxy programmed in `mode` (both
+/// iptables backends; ebpf: programs and pins). Needs no cluster and
+/// writes no sysctl.
+pub fn cleanup(mode: &crate::cli::ModeArgs, force: bool) -> anyhow::Result<()> {
+    let _owner = claim_for_cleanup(mode, force)?;
+    let config = dataplane_config(&[], &[], false)?;
+    open_dataplane(mode, config)?.cleanup()?;
+    Ok(())
+}
+
+/// `kube-proxy --cleanup` (`kproxy run --cleanup`): as kube-proxy, before
+/// any client or sysctl, so it works on a bare node. It removes kproxy's
+/// state (as `kproxy cleanup`) and kube-proxy's own chains (as `kproxy
+/// cleanup-kube-proxy`), since runbooks run it to remove kube-proxy's rules.
+/// Both are tried; either failing fails the command.
+fn cleanup_and_exit(args: &RunArgs) -> anyhow::Result<()> {
+    let mode = args.mode.mode();
+    let ours = cleanup(&args.mode, false)
+        .with_context(|| format!("removing kproxy's state ({mode} mode)"));
+    if ours.is_ok() {
+        tracing::info!(%mode, "removed everything kproxy programmed");
+    }
+    let theirs =
+        crate::dataplane::iptables::kube_proxy::cleanup_kube_proxy(args.mode.iptables_backend)
+            .context("removing kube-proxy's iptables chains");
+    if let Ok(n) = &theirs {
+        tracing::info!(chains = n, "removed kube-proxy's iptables chains");
+    }
+    ours?;
+    theirs?;
+    Ok(())
 }
 
 /// The process settings kube-proxy applies to itself.
@@ -223,6 +253,9 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         tracing::info!(file = %path.display(), "wrote the configuration");
         return Ok(());
     }
+    if args.cleanup {
+        return cleanup_and_exit(&args);
+    }
     // One kproxy per pin path, checked before anything is touched.
     let _owner = claim_for_run(&args)?;
     set_up_process(&args);
@@ -272,13 +305,6 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         return Ok(());
     }
 
-    if args.cleanup {
-        open_dataplane(&args.mode, config.clone())?
-            .cleanup()
-            .context("cleaning up")?;
-        tracing::info!("removed everything kproxy programmed");
-        return Ok(());
-    }
     // kube-proxy's healthz allows two full sync periods before it calls a sync stalled.
     let health = Arc::new(HealthState::new(args.iptables_sync_period * 2));
 

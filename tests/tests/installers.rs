@@ -545,3 +545,114 @@ fn nodeport_addresses_primary() -> Result<()> {
     let _ = child.wait();
     result
 }
+
+/// `kube-proxy --cleanup` on a bare node, as runbooks use it (moving to
+/// another CNI): no kubeconfig, no API server, no Pod environment. Like
+/// kube-proxy it removes the rules and exits without touching sysctls; with
+/// the kproxy image it removes kproxy's chains and kube-proxy's.
+#[test]
+fn kube_proxy_cleanup_needs_no_cluster_and_leaves_sysctls() -> Result<()> {
+    const ESTABLISHED: &str = "net/netfilter/nf_conntrack_tcp_timeout_established";
+    let id = unique_id();
+    let ns = NetNs::new(format!("{id}-clean"))?;
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{id}-clean"))
+        .tempdir()?;
+    let rules = dir.path().join("rules");
+    std::fs::write(
+        &rules,
+        "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KPROXY-SERVICES - [0:0]\n:OTHER - [0:0]\n\
+         -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\n\
+         -A PREROUTING -j KPROXY-SERVICES\n-A OUTPUT -j KPROXY-SERVICES\n\
+         -A POSTROUTING -j OTHER\nCOMMIT\n\
+         *filter\n:KPROXY-FIREWALL - [0:0]\n-A INPUT -j KPROXY-FIREWALL\n\
+         -A KPROXY-FIREWALL -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP\n\
+         COMMIT\n",
+    )?;
+    let rules = rules.display().to_string();
+    let read = |name: &str| -> Result<Option<String>> {
+        let out = ns.exec(
+            "sh",
+            &["-c", &format!("cat /proc/sys/{name} 2>/dev/null || true")],
+        )?;
+        Ok(Some(out.trim().to_string()).filter(|v| !v.is_empty()))
+    };
+    ns.sysctls(&[("net/ipv4/conf/all/route_localnet", "0")])?;
+    // Per namespace once nf_conntrack is loaded; not every host has it.
+    let conntrack = read(ESTABLISHED)?.is_some();
+    if conntrack {
+        ns.sysctls(&[(ESTABLISHED, "1000")])?;
+    }
+
+    let bin = dir.path().join("kube-proxy");
+    std::os::unix::fs::symlink(kproxy_tests::kproxy::binary()?, &bin)?;
+    // Bare, then with an API server named (that is not there): neither
+    // builds a client nor writes a sysctl.
+    for extra in [None, Some("--master=http://127.0.0.1:1")] {
+        ns.exec("iptables-restore", &["--noflush", &rules])?;
+        let stderr = cleanup_in(&ns, &bin, dir.path(), extra)?;
+        let saved = ns.exec("iptables-save", &[])?;
+        for gone in ["KUBE-SERVICES", "KUBE-MARK-MASQ", "KPROXY-"] {
+            ensure!(
+                !saved.contains(gone),
+                "{extra:?}: {gone} left:\n{saved}\n{stderr}"
+            );
+        }
+        ensure!(
+            saved.contains("-A POSTROUTING -j OTHER"),
+            "{extra:?}: a foreign rule was removed:\n{saved}"
+        );
+        ensure!(
+            read("net/ipv4/conf/all/route_localnet")?.as_deref() == Some("0"),
+            "{extra:?}: route_localnet was changed: {stderr}"
+        );
+        if conntrack {
+            ensure!(
+                read(ESTABLISHED)?.as_deref() == Some("1000"),
+                "{extra:?}: a conntrack timeout was changed: {stderr}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Runs `BIN --cleanup [EXTRA]` in `ns` as on a bare node (no kubeconfig
+/// anywhere, not in a Pod), bounded; its stderr, or an error when it fails.
+fn cleanup_in(ns: &NetNs, bin: &Path, home: &Path, extra: Option<&str>) -> Result<String> {
+    let err = home.join("err");
+    let mut child = ns
+        .command(bin.to_str().context("temp path is not UTF-8")?, None)
+        .arg("--cleanup")
+        .args(extra)
+        .env("HOME", home)
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .env_remove("NODE_NAME")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err)?)
+        .spawn()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            // Our own child, by handle.
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("kube-proxy --cleanup {extra:?} still running after 30s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = std::fs::read_to_string(&err)?;
+    ensure!(
+        status.success(),
+        "kube-proxy --cleanup {extra:?}: {status}: {stderr}"
+    );
+    Ok(stderr)
+}

@@ -9,8 +9,15 @@
 //! line (flags win, see docs/kube-proxy-comparison.md). Fields kproxy cannot
 //! honour are named in one warning when they differ from kube-proxy's
 //! default; fields removed from kube-proxy (still in older ConfigMaps, such
-//! as `udpIdleTimeout`) are named in a warning too. A field kube-proxy never
-//! had is an error naming it, as kube-proxy's strict decoding makes it.
+//! as `udpIdleTimeout`) are named in a warning too.
+//!
+//! kube-proxy decodes the file strictly and, when that fails on an unknown
+//! field or a key given twice, decodes it again leniently and runs (its
+//! `loadConfig` logs "Using lenient decoding as strict decoding failed").
+//! kproxy does the same: a field kube-proxy never had is named in a warning
+//! and ignored, and a repeated key is named in a warning with its last value
+//! used. What lenient decoding refuses (apiVersion, kind, types, values)
+//! stays an error naming the field.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -66,10 +73,7 @@ fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, Value)>) {
     match v {
         Value::Mapping(m) if !m.is_empty() => {
             for (k, v) in m {
-                let key = k
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| format!("{k:?}"));
+                let key = lenient::key_name(k);
                 let path = if prefix.is_empty() {
                     key
                 } else {
@@ -151,28 +155,31 @@ fn show(v: &Value) -> String {
 
 /// Applies the YAML text (see [`apply_file`]).
 pub fn apply_str(text: &str, args: &mut RunArgs) -> Result<Applied, String> {
-    let doc: Value = serde_yaml::from_str(text).map_err(|e| format!("not YAML: {e}"))?;
+    // Some Windows editors start a UTF-8 file with a byte order mark, which
+    // the YAML parser would read as content before the document.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let (doc, duplicates) = lenient::parse(text).map_err(|e| format!("not YAML: {e}"))?;
     let Value::Mapping(_) = &doc else {
         return Err(format!("expected a {KIND} object"));
     };
     let mut fields = Vec::new();
     flatten("", &doc, &mut fields);
 
-    let mut file = FileSettings::default();
-    let mut unknown = Vec::new();
+    let mut file = FileSettings {
+        duplicates,
+        ..FileSettings::default()
+    };
     for (path, value) in &fields {
-        if let Err(e) = file.read(path, value) {
-            match e {
-                FieldError::Unknown => unknown.push(path.clone()),
-                FieldError::Invalid(msg) => return Err(msg),
+        match file.read(path, value) {
+            Ok(()) => {}
+            Err(FieldError::Unknown) => {
+                if let Some(msg) = not_a_mapping(path) {
+                    return Err(msg);
+                }
+                file.unknown.push(path.clone());
             }
+            Err(FieldError::Invalid(msg)) => return Err(msg),
         }
-    }
-    if !unknown.is_empty() {
-        return Err(format!(
-            "unknown field(s) {} (not in {KIND} {API_VERSION}; check the spelling)",
-            unknown.join(", ")
-        ));
     }
     if file.api_version.as_deref() != Some(API_VERSION) {
         return Err(format!(
@@ -188,6 +195,31 @@ pub fn apply_str(text: &str, args: &mut RunArgs) -> Result<Applied, String> {
     }
     file.apply(args)
 }
+
+/// When `path` is unknown because a known field that holds a value was
+/// given a mapping (`mode: {a: 1}` reads as `mode.a`): a type error, which
+/// kube-proxy's lenient decoding refuses too.
+fn not_a_mapping(path: &str) -> Option<String> {
+    let mut probe = FileSettings::default();
+    path.match_indices('.')
+        .map(|(i, _)| &path[..i])
+        .filter(|prefix| !SECTIONS.contains(prefix))
+        .find(|prefix| !matches!(probe.read(prefix, &Value::Null), Err(FieldError::Unknown)))
+        .map(|field| format!("{field}: expected a single value, got a mapping"))
+}
+
+/// kube-proxy's sections (objects in KubeProxyConfiguration).
+const SECTIONS: &[&str] = &[
+    "clientConnection",
+    "logging",
+    "logging.options",
+    "iptables",
+    "ipvs",
+    "nftables",
+    "winkernel",
+    "conntrack",
+    "detectLocal",
+];
 
 enum FieldError {
     Unknown,
@@ -236,6 +268,10 @@ struct FileSettings {
     /// Fields set away from kube-proxy's default that kproxy does not honour.
     no_effect: Vec<String>,
     removed: Vec<String>,
+    /// Fields kube-proxy does not have (ignored, as its lenient decoding does).
+    unknown: Vec<String>,
+    /// Keys given more than once (the last value is used).
+    duplicates: Vec<String>,
 }
 
 impl FileSettings {
@@ -472,6 +508,18 @@ impl FileSettings {
             "conntrack.tcpBeLiberal" => self.ct_tcp_be_liberal = boolean(p, v)?,
             "conntrack.udpTimeout" => self.ct_udp_timeout = duration(p, v)?,
             "conntrack.udpStreamTimeout" => self.ct_udp_stream_timeout = duration(p, v)?,
+            // A section given as null or `{}` (an empty mapping is a leaf):
+            // kube-proxy's defaults; anything else is the wrong type.
+            _ if SECTIONS.contains(&p) => match v {
+                Value::Null => {}
+                Value::Mapping(m) if m.is_empty() => {}
+                other => {
+                    return Err(FieldError::Invalid(format!(
+                        "{p}: expected a mapping, got {}",
+                        show(other)
+                    )))
+                }
+            },
             _ => return Err(FieldError::Unknown),
         }
         Ok(())
@@ -611,6 +659,18 @@ impl FileSettings {
                 self.removed.join(", ")
             ));
         }
+        if !self.unknown.is_empty() {
+            applied.warnings.push(format!(
+                "--config fields not in {KIND} {API_VERSION}, ignored (a typo, or a field of a newer kube-proxy; kube-proxy's lenient decoding ignores them too): {}",
+                self.unknown.join(", ")
+            ));
+        }
+        if !self.duplicates.is_empty() {
+            applied.warnings.push(format!(
+                "--config keys given more than once, the last value used (as kube-proxy's lenient decoding does): {}",
+                self.duplicates.join(", ")
+            ));
+        }
         Ok(applied)
     }
 }
@@ -692,6 +752,8 @@ fn null_or_duration(path: &str, v: &Value) -> Result<Option<Duration>, String> {
         _ => duration(path, v),
     }
 }
+
+mod lenient;
 
 #[cfg(test)]
 mod tests;

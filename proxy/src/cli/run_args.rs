@@ -122,7 +122,8 @@ pub struct RunArgs {
     /// Apply the settings that need privileges (sysctls), then exit.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = ArgAction::Set, value_parser = go_bool!())]
     pub init_only: bool,
-    /// Remove everything kproxy programmed, then exit (as `kproxy cleanup`).
+    /// Remove everything kproxy programmed (as `kproxy cleanup`) and kube-proxy's chains
+    /// (as `kproxy cleanup-kube-proxy`), then exit; needs no cluster, sets no sysctl.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = ArgAction::Set, value_parser = go_bool!())]
     pub cleanup: bool,
     /// Loopback port of the UDP relay that `kproxy forward ... PORT/udp` reaches through the

@@ -99,20 +99,69 @@ fn flags_override_the_file() {
     assert_eq!(args.iptables_sync_period, Duration::from_secs(45));
 }
 
+/// kube-proxy falls back to lenient decoding on unknown fields and runs.
 #[test]
-fn unknown_fields_and_bad_values_are_errors_naming_them() {
-    let err = run_with(
+fn unknown_fields_are_named_in_one_warning_and_ignored() {
+    let (args, applied) = run_with(
         &[],
         &format!(
-            "{}\nbogusField: 1\n",
+            "{}\nbogusField: 1\nfuture:\n  a: 1\n",
             FULL.replace("  masqueradeAll: true", "  masqueradeAll: true\n  nope: 2")
         ),
     )
-    .unwrap_err();
-    assert!(
-        err.contains("bogusField") && err.contains("iptables.nope"),
-        "{err}"
-    );
+    .unwrap();
+    let unknown: Vec<_> = applied
+        .warnings
+        .iter()
+        .filter(|w| w.contains("bogusField"))
+        .collect();
+    assert_eq!(unknown.len(), 1, "{:?}", applied.warnings);
+    for field in ["iptables.nope", "future.a", "ignored", "newer kube-proxy"] {
+        assert!(unknown[0].contains(field), "{field}: {}", unknown[0]);
+    }
+    // The rest of the file applies.
+    assert!(args.masquerade_all);
+    assert_eq!(args.iptables_sync_period, Duration::from_secs(45));
+}
+
+/// Go's lenient YAML decoding keeps the last of a repeated key.
+#[test]
+fn a_repeated_key_warns_and_the_last_value_wins() {
+    let (args, applied) = run_with(
+        &[],
+        &format!(
+            "{HEAD}mode: ebpf\nmode: iptables\niptables:\n  syncPeriod: 10s\n  syncPeriod: 20s\n\
+             conntrack:\n  min: 5\nconntrack:\n  maxPerCore: 7\n"
+        ),
+    )
+    .unwrap();
+    assert_eq!(args.mode.mode(), ProxyMode::Iptables);
+    assert_eq!(args.iptables_sync_period, Duration::from_secs(20));
+    // The whole second `conntrack` replaces the first, as in Go.
+    assert_eq!(args.conntrack_max_per_core, 7);
+    assert_eq!(args.conntrack_min, 131072);
+    assert_eq!(applied.warnings.len(), 1, "{:?}", applied.warnings);
+    let w = &applied.warnings[0];
+    for key in ["mode", "iptables.syncPeriod", "conntrack", "last value"] {
+        assert!(w.contains(key), "{key}: {w}");
+    }
+}
+
+#[test]
+fn a_byte_order_mark_is_skipped() {
+    let (args, applied) = run_with(&[], &format!("\u{feff}{HEAD}mode: ipvs\n")).unwrap();
+    assert!(applied.warnings.is_empty(), "{:?}", applied.warnings);
+    assert_eq!(args.mode.mode(), ProxyMode::Iptables);
+}
+
+#[test]
+fn bad_values_and_types_are_errors_naming_them() {
+    let err = run_with(&[], &format!("{HEAD}mode:\n  a: 1\n")).unwrap_err();
+    assert!(err.contains("mode") && err.contains("mapping"), "{err}");
+    let err = run_with(&[], &format!("{HEAD}iptables: 5\n")).unwrap_err();
+    assert!(err.contains("iptables") && err.contains("mapping"), "{err}");
+    let err = run_with(&[], &format!("{HEAD}mode: [a]\nmode: [b]\n")).unwrap_err();
+    assert!(err.contains("mode"), "{err}");
     let err = run_with(&[], "apiVersion: v1\nkind: KubeProxyConfiguration\n").unwrap_err();
     assert!(err.contains("apiVersion"), "{err}");
     let err = run_with(&[], &format!("{HEAD}iptables:\n  syncPeriod: 30\n")).unwrap_err();

@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode};
@@ -19,6 +19,7 @@ use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
+use super::BIND_RETRY;
 use crate::health::HealthState;
 use crate::model::{
     ChangeSet, DesiredState, Protocol, ServiceKey, ServicePort, ServicePortName, TrafficPolicy,
@@ -96,42 +97,110 @@ impl Drop for Running {
     }
 }
 
+/// One address a Service's port could not be bound on: retried with
+/// backoff, and at every sync.
+#[derive(Debug)]
+struct BindFailure {
+    /// The last error, as logged: a retry failing the same way logs nothing.
+    error: String,
+    /// Failed attempts so far (the backoff's exponent).
+    attempts: u32,
+    retry_at: Instant,
+}
+
 #[derive(Debug)]
 struct Instance {
     port: u16,
     state: Arc<ServiceHealth>,
-    running: Vec<Running>,
+    running: BTreeMap<IpAddr, Running>,
+    /// Addresses not bound yet. They do not hold back the others: a load
+    /// balancer reaching the node on a bound address gets its answer.
+    failed: BTreeMap<IpAddr, BindFailure>,
+}
+
+/// Opens listening sockets: the operating system's, or a fake in tests
+/// (which makes an address fail a set number of times).
+pub(crate) trait Binder: Send + std::fmt::Debug {
+    fn bind(&self, addr: SocketAddr) -> std::io::Result<std::net::TcpListener>;
+}
+
+#[derive(Debug)]
+struct OsBinder;
+
+impl Binder for OsBinder {
+    fn bind(&self, addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+        std::net::TcpListener::bind(addr)
+    }
+}
+
+/// The first retry of an address that failed to bind comes after this;
+/// each failure doubles it up to [`BIND_RETRY`] (the healthz and metrics
+/// servers' retry period), so a tentative IPv6 address is served about
+/// a second after DAD ends, and a port that stays taken costs one bind
+/// attempt per 5 s.
+const FIRST_BIND_RETRY: Duration = Duration::from_secs(1);
+
+fn backoff(attempts: u32) -> Duration {
+    let doublings = attempts.saturating_sub(1).min(16);
+    (FIRST_BIND_RETRY * (1 << doublings)).min(BIND_RETRY)
 }
 
 /// The healthCheckNodePort servers of all Services, kept in step with the
 /// desired state by [`HealthCheckServers::sync`].
 #[derive(Debug)]
 pub struct HealthCheckServers {
-    /// Where to listen; `0.0.0.0` when empty.
-    addresses: Vec<IpAddr>,
+    /// Where to listen: every address (`0.0.0.0`) when `None`.
+    addresses: Option<Vec<IpAddr>>,
     health: Arc<HealthState>,
     services: BTreeMap<ServiceKey, Instance>,
-    /// Services whose port could not be bound: tried again at each sync.
-    unbound: BTreeSet<ServiceKey>,
+    binder: Box<dyn Binder>,
 }
 
 impl HealthCheckServers {
     /// `addresses`: the node IPs matching `--nodeport-addresses`, or empty to
     /// listen on every address (`0.0.0.0`). `health` feeds
     /// `serviceProxyHealthy`.
+    ///
+    /// IPv6 link-local addresses (`fe80::/10`) are left out: they cannot be
+    /// bound without naming their interface, and kube-proxy never serves
+    /// them on their own either (its listen has no zone and fails; only its
+    /// wildcard listen for `0.0.0.0/0` or `::/0` reaches them).
     pub fn new(addresses: Vec<IpAddr>, health: Arc<HealthState>) -> Self {
+        Self::with_binder(addresses, health, Box::new(OsBinder))
+    }
+
+    pub(crate) fn with_binder(
+        addresses: Vec<IpAddr>,
+        health: Arc<HealthState>,
+        binder: Box<dyn Binder>,
+    ) -> Self {
+        let addresses = (!addresses.is_empty()).then(|| {
+            let (link_local, usable): (Vec<IpAddr>, Vec<IpAddr>) =
+                addresses.into_iter().partition(is_ipv6_link_local);
+            if !link_local.is_empty() {
+                tracing::info!(
+                    addresses = ?link_local,
+                    "healthCheckNodePorts are not served on IPv6 link-local addresses (as kube-proxy)"
+                );
+            }
+            if usable.is_empty() {
+                tracing::warn!("no address to serve healthCheckNodePorts on: --nodeport-addresses matches only link-local ones");
+            }
+            usable
+        });
         HealthCheckServers {
             addresses,
             health,
             services: BTreeMap::new(),
-            unbound: BTreeSet::new(),
+            binder,
         }
     }
 
     /// Starts servers for new Services, stops them for removed ones (or when
-    /// the port changed) and updates local endpoint counts in place. A port
-    /// that cannot be bound is logged and retried at the next sync. Must be
-    /// called within a tokio runtime.
+    /// the port changed) and updates local endpoint counts in place. An
+    /// address that cannot be bound is logged and retried: at each sync, and
+    /// on its own schedule ([`Self::retry_due`]). Must be called within a
+    /// tokio runtime.
     pub fn sync(&mut self, desired: &DesiredState) {
         let wanted = wanted_servers(desired.services.values().map(|sp| &**sp));
         let gone: Vec<ServiceKey> = self
@@ -140,21 +209,21 @@ impl HealthCheckServers {
             .filter(|k| !wanted.contains_key(*k))
             .cloned()
             .collect();
-        self.unbound.clear();
         for key in gone {
             self.reconcile(&key, None);
         }
         for (key, w) in wanted {
             self.reconcile(&key, Some(w));
         }
+        self.retry(Instant::now(), true);
     }
 
     /// As [`Self::sync`] after a sync that applied `changes`: only the
-    /// Services of changed ports that have or had a healthCheckNodePort
-    /// (and those whose port could not be bound yet) are looked at, so a
+    /// Services of changed ports that have or had a healthCheckNodePort are
+    /// looked at (and every address not bound yet is tried again), so a
     /// sync costs its changes, not a walk over every Service.
     pub fn sync_changes(&mut self, desired: &DesiredState, changes: &ChangeSet) {
-        let mut keys: BTreeSet<ServiceKey> = changes
+        let keys: BTreeSet<ServiceKey> = changes
             .iter()
             .filter(|(_, c)| {
                 c.old
@@ -164,7 +233,6 @@ impl HealthCheckServers {
             })
             .map(|(n, _)| n.service.clone())
             .collect();
-        keys.extend(self.unbound.iter().cloned());
         for key in keys {
             let lowest = ServicePortName {
                 service: key.clone(),
@@ -181,12 +249,45 @@ impl HealthCheckServers {
             let wanted = wanted_servers(ports).remove(&key);
             self.reconcile(&key, wanted);
         }
+        self.retry(Instant::now(), true);
+    }
+
+    /// When the next address not bound yet is due to be tried again, if any:
+    /// the sync loop calls [`Self::retry_due`] then, so binding does not
+    /// wait for a Service change (a periodic sync with nothing to write
+    /// does not call `sync`).
+    pub fn next_retry(&self) -> Option<Instant> {
+        self.services
+            .values()
+            .flat_map(|inst| inst.failed.values().map(|f| f.retry_at))
+            .min()
+    }
+
+    /// Tries again the addresses whose backoff is over at `now`.
+    pub fn retry_due(&mut self, now: Instant) {
+        self.retry(now, false);
+    }
+
+    /// Addresses a healthCheckNodePort is wanted on but not bound, with the
+    /// last error, by Service.
+    pub fn not_bound(&self) -> BTreeMap<ServiceKey, Vec<(SocketAddr, String)>> {
+        self.services
+            .iter()
+            .filter(|(_, inst)| !inst.failed.is_empty())
+            .map(|(k, inst)| {
+                let failed = inst
+                    .failed
+                    .iter()
+                    .map(|(ip, f)| (SocketAddr::new(*ip, inst.port), f.error.clone()))
+                    .collect();
+                (k.clone(), failed)
+            })
+            .collect()
     }
 
     /// One Service's server to what it should be: `wanted` (port, local
     /// endpoints), or none.
     fn reconcile(&mut self, key: &ServiceKey, wanted: Option<(u16, usize)>) {
-        self.unbound.remove(key);
         if let Some(inst) = self.services.get(key) {
             match wanted {
                 Some((port, count)) if port == inst.port => {
@@ -207,26 +308,38 @@ impl HealthCheckServers {
             local_endpoints: AtomicUsize::new(count),
             proxy: self.health.clone(),
         });
-        match self.start(port, &state) {
-            Ok(running) => {
-                tracing::info!(service = %key, port, "serving healthCheckNodePort");
-                self.services.insert(
-                    key.clone(),
-                    Instance {
-                        port,
-                        state,
-                        running,
-                    },
-                );
-            }
-            Err((addr, err)) => {
-                tracing::error!(
-                    service = %key,
-                    %addr,
-                    %err,
-                    "cannot serve healthCheckNodePort {port} for Service {key}; retrying at the next sync"
-                );
-                self.unbound.insert(key.clone());
+        let addresses = match &self.addresses {
+            None => vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)],
+            Some(addresses) => addresses.clone(),
+        };
+        let now = Instant::now();
+        // Bound by the `retry` that ends every sync.
+        let inst = Instance {
+            port,
+            state,
+            running: BTreeMap::new(),
+            // Not tried yet: due now.
+            failed: addresses
+                .into_iter()
+                .map(|ip| {
+                    let pending = BindFailure {
+                        error: String::new(),
+                        attempts: 0,
+                        retry_at: now,
+                    };
+                    (ip, pending)
+                })
+                .collect(),
+        };
+        self.services.insert(key.clone(), inst);
+    }
+
+    /// Tries to bind the addresses not bound yet: all of them, or those
+    /// whose backoff is over at `now`.
+    fn retry(&mut self, now: Instant, all: bool) {
+        for (key, inst) in &mut self.services {
+            if !inst.failed.is_empty() {
+                bind_failed(&*self.binder, key, inst, now, all);
             }
         }
     }
@@ -236,35 +349,73 @@ impl HealthCheckServers {
     pub fn serving(&self) -> BTreeMap<ServiceKey, Vec<SocketAddr>> {
         self.services
             .iter()
-            .map(|(k, inst)| (k.clone(), inst.running.iter().map(|r| r.addr).collect()))
+            .filter(|(_, inst)| !inst.running.is_empty())
+            .map(|(k, inst)| (k.clone(), inst.running.values().map(|r| r.addr).collect()))
             .collect()
-    }
-
-    /// Binds `port` on every address; all or nothing.
-    fn start(
-        &self,
-        port: u16,
-        state: &Arc<ServiceHealth>,
-    ) -> Result<Vec<Running>, (SocketAddr, std::io::Error)> {
-        let addresses = if self.addresses.is_empty() {
-            vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)]
-        } else {
-            self.addresses.clone()
-        };
-        let mut running = Vec::with_capacity(addresses.len());
-        for ip in addresses {
-            let addr = SocketAddr::new(ip, port);
-            // Bound synchronously so the outcome is known in this sync;
-            // on error `running` drops and closes what was opened.
-            let listener = bind_now(addr).map_err(|e| (addr, e))?;
-            running.push(serve(addr, listener, state.clone()));
-        }
-        Ok(running)
     }
 }
 
-fn bind_now(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let std_listener = std::net::TcpListener::bind(addr)?;
+/// `fe80::/10`: usable only with a scope id (the interface), which a node
+/// IP does not carry.
+fn is_ipv6_link_local(ip: &IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
+}
+
+/// Binds `inst`'s failed addresses (all, or those due at `now`) one by one,
+/// so one that fails does not keep the others from serving. A failure is
+/// logged when it is new or its error changed; a later success is logged
+/// too.
+fn bind_failed(
+    binder: &dyn Binder,
+    key: &ServiceKey,
+    inst: &mut Instance,
+    now: Instant,
+    all: bool,
+) {
+    let port = inst.port;
+    let due: Vec<IpAddr> = inst
+        .failed
+        .iter()
+        .filter(|(_, f)| all || f.retry_at <= now)
+        .map(|(ip, _)| *ip)
+        .collect();
+    for ip in due {
+        let addr = SocketAddr::new(ip, port);
+        // Bound synchronously so the outcome is known in this sync.
+        match bind_now(binder, addr) {
+            Ok(listener) => {
+                let failure = inst.failed.remove(&ip);
+                let attempts = failure.map_or(0, |f| f.attempts);
+                tracing::info!(service = %key, %addr, failed_attempts = attempts, "serving healthCheckNodePort");
+                inst.running
+                    .insert(ip, serve(addr, listener, inst.state.clone()));
+            }
+            Err(err) => {
+                let Some(f) = inst.failed.get_mut(&ip) else {
+                    continue;
+                };
+                let error = err.to_string();
+                if error != f.error {
+                    tracing::error!(
+                        service = %key,
+                        %addr,
+                        %err,
+                        "cannot serve healthCheckNodePort {port} for Service {key} on {addr}; retrying every {}s at most (other addresses are served)",
+                        BIND_RETRY.as_secs()
+                    );
+                } else {
+                    tracing::debug!(service = %key, %addr, %err, "healthCheckNodePort still cannot be bound");
+                }
+                f.error = error;
+                f.attempts += 1;
+                f.retry_at = now + backoff(f.attempts);
+            }
+        }
+    }
+}
+
+fn bind_now(binder: &dyn Binder, addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let std_listener = binder.bind(addr)?;
     std_listener.set_nonblocking(true)?;
     TcpListener::from_std(std_listener)
 }
@@ -365,4 +516,42 @@ fn wanted_servers<'a>(
             (key.clone(), (port, count))
         })
         .collect()
+}
+
+/// A [`Binder`] for tests: binds for real, but fails an address its first
+/// `n` times with `EADDRNOTAVAIL` (as a tentative IPv6 address does), and
+/// counts every attempt.
+#[cfg(test)]
+#[derive(Debug, Default, Clone)]
+pub(crate) struct FlakyBinder {
+    failures: Arc<Mutex<BTreeMap<IpAddr, u32>>>,
+    attempts: Arc<Mutex<BTreeMap<IpAddr, u32>>>,
+}
+
+#[cfg(test)]
+impl FlakyBinder {
+    /// `ip` fails its next `n` binds.
+    pub(crate) fn failing(self, ip: IpAddr, n: u32) -> Self {
+        self.failures.lock().unwrap().insert(ip, n);
+        self
+    }
+
+    /// Binds of `ip` tried so far.
+    pub(crate) fn attempts(&self, ip: IpAddr) -> u32 {
+        self.attempts.lock().unwrap().get(&ip).copied().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+impl Binder for FlakyBinder {
+    fn bind(&self, addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+        *self.attempts.lock().unwrap().entry(addr.ip()).or_default() += 1;
+        if let Some(left) = self.failures.lock().unwrap().get_mut(&addr.ip()) {
+            if *left > 0 {
+                *left -= 1;
+                return Err(std::io::Error::from_raw_os_error(libc::EADDRNOTAVAIL));
+            }
+        }
+        std::net::TcpListener::bind(addr)
+    }
 }

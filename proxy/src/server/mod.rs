@@ -17,12 +17,15 @@
 //! //   ok, partial: health.updated(now); metrics.observe_changes(&desired, &changes);
 //! //                hc.sync_changes(&desired, &changes);
 //! //   err: health.sync_failed(&err);
+//! // when hc.next_retry() is due: hc.retry_due(now) (addresses not bound yet)
 //! ```
 
 mod healthcheck;
 mod http;
 pub mod udp_relay;
 
+#[cfg(test)]
+pub(crate) use healthcheck::FlakyBinder;
 pub use healthcheck::HealthCheckServers;
 pub use http::{serve_connections, HEADER_READ_TIMEOUT, MAX_CONNECTIONS};
 

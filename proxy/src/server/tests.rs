@@ -477,6 +477,127 @@ async fn busy_port_is_retried_at_next_sync() {
     assert_eq!(r.status, 200);
 }
 
+/// One address that cannot be bound (192.0.2.1 is on no interface here:
+/// EADDRNOTAVAIL, as for an IPv6 address still in DAD) leaves the others
+/// serving, and is reported with its error.
+#[tokio::test]
+async fn an_address_that_cannot_be_bound_leaves_the_others_serving() {
+    let health = synced_health();
+    let absent = IpAddr::from([192, 0, 2, 1]);
+    let mut servers = HealthCheckServers::new(vec![absent, LOCALHOST], health);
+    let port = free_port();
+    servers.sync(&state(vec![service_port(
+        "shop",
+        "web",
+        "",
+        Some(port),
+        vec![endpoint([10, 244, 1, 5], 8080, true, true)],
+    )]));
+
+    let web = ServiceKey::new("shop", "web");
+    let served = SocketAddr::new(LOCALHOST, port);
+    assert_eq!(servers.serving().get(&web), Some(&vec![served]));
+    let r = get(served, "/healthz").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let not_bound = servers.not_bound();
+    let failed = &not_bound[&web];
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].0, SocketAddr::new(absent, port));
+    assert!(failed[0].1.contains("os error 99"), "{}", failed[0].1);
+    assert!(servers.next_retry().is_some());
+}
+
+/// An address that failed is tried again on a growing (capped) backoff,
+/// with no Service change, until it binds; then it serves.
+#[tokio::test]
+async fn a_failed_address_is_retried_on_its_own_until_it_binds() {
+    let health = synced_health();
+    let late = IpAddr::from([127, 0, 0, 2]);
+    let binder = FlakyBinder::default().failing(late, 2);
+    let mut servers =
+        HealthCheckServers::with_binder(vec![LOCALHOST, late], health, Box::new(binder.clone()));
+    let port = free_port();
+    let web = ServiceKey::new("shop", "web");
+    servers.sync(&state(vec![service_port(
+        "shop",
+        "web",
+        "",
+        Some(port),
+        vec![endpoint([10, 244, 1, 5], 8080, true, true)],
+    )]));
+    assert_eq!(
+        servers.serving().get(&web),
+        Some(&vec![SocketAddr::new(LOCALHOST, port)])
+    );
+    assert_eq!(binder.attempts(late), 1);
+
+    // Not due yet: nothing is tried.
+    let first = servers.next_retry().expect("a retry is scheduled");
+    servers.retry_due(first - Duration::from_millis(1));
+    assert_eq!(binder.attempts(late), 1);
+
+    // Due: tried, fails again, and waits longer before the next try.
+    servers.retry_due(first);
+    assert_eq!(binder.attempts(late), 2);
+    let second = servers.next_retry().expect("still scheduled");
+    assert!(
+        second - first > Duration::from_millis(1500),
+        "{:?}",
+        second - first
+    );
+    assert!(second - first <= BIND_RETRY);
+
+    servers.retry_due(second);
+    assert_eq!(binder.attempts(late), 3);
+    assert_eq!(servers.next_retry(), None);
+    assert!(servers.not_bound().is_empty());
+    assert_eq!(servers.serving()[&web].len(), 2);
+    let r = get(SocketAddr::new(late, port), "/").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// IPv6 link-local addresses need a scope id to be bound: they are left
+/// out (kube-proxy never serves them on their own), and an address list of
+/// only such addresses serves nothing rather than every address.
+#[tokio::test]
+async fn link_local_addresses_are_left_out() {
+    let link_local = IpAddr::from("fe80::1".parse::<std::net::Ipv6Addr>().unwrap());
+    let port = free_port();
+    let desired = state(vec![service_port(
+        "shop",
+        "web",
+        "",
+        Some(port),
+        vec![endpoint([10, 244, 1, 5], 8080, true, true)],
+    )]);
+
+    let binder = FlakyBinder::default();
+    let mut servers = HealthCheckServers::with_binder(
+        vec![link_local, LOCALHOST],
+        synced_health(),
+        Box::new(binder.clone()),
+    );
+    servers.sync(&desired);
+    assert_eq!(binder.attempts(link_local), 0);
+    assert!(servers.not_bound().is_empty());
+    assert_eq!(
+        servers.serving()[&ServiceKey::new("shop", "web")],
+        vec![SocketAddr::new(LOCALHOST, port)]
+    );
+    drop(servers);
+
+    let binder = FlakyBinder::default();
+    let mut servers = HealthCheckServers::with_binder(
+        vec![link_local],
+        synced_health(),
+        Box::new(binder.clone()),
+    );
+    servers.sync(&desired);
+    assert!(servers.serving().is_empty());
+    assert!(servers.not_bound().is_empty());
+    assert_eq!(binder.attempts(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), 0);
+}
+
 #[tokio::test]
 async fn changed_port_moves_the_server() {
     let health = synced_health();

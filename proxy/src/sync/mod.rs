@@ -273,6 +273,7 @@ impl SyncLoop {
                 return Ok(());
             }
             let next_retry = self.metrics.frontend_table().next_retry();
+            let next_bind = self.health_checks.next_retry();
             tokio::select! {
                 batch = events.recv() => {
                     let Some(batch) = batch else {
@@ -304,6 +305,12 @@ impl SyncLoop {
                 // Ports in error, retried on their own (no full sync).
                 _ = sleep_until_some(next_retry) => {
                     queued_at = Some(Instant::now());
+                }
+                // healthCheckNodePort addresses not bound yet (a tentative
+                // IPv6 address, a port taken): a sync with nothing to write
+                // does not reach the servers, so they are retried here.
+                _ = sleep_until_some(next_bind) => {
+                    self.health_checks.retry_due(Instant::now());
                 }
                 _ = sleep_until_some(trim_at) => {
                     trim_at = None;

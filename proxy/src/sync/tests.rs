@@ -125,6 +125,18 @@ fn spawn_loop(dataplane: Box<dyn Dataplane>) -> Looping {
 }
 
 fn spawn_loop_with(dataplane: Box<dyn Dataplane>, timing: SyncTiming) -> Looping {
+    spawn_loop_serving(dataplane, timing, |health| {
+        HealthCheckServers::new(vec![], health)
+    })
+}
+
+/// As [`spawn_loop_with`], with the healthCheckNodePort servers `servers`
+/// makes.
+fn spawn_loop_serving(
+    dataplane: Box<dyn Dataplane>,
+    timing: SyncTiming,
+    servers: impl FnOnce(Arc<HealthState>) -> HealthCheckServers,
+) -> Looping {
     let metrics = Arc::new(Metrics::new(dataplane.mode()));
     let health = Arc::new(HealthState::new(Duration::from_secs(60)));
     let sync = SyncLoop::new(
@@ -135,7 +147,7 @@ fn spawn_loop_with(dataplane: Box<dyn Dataplane>, timing: SyncTiming) -> Looping
         timing,
         metrics.clone(),
         health.clone(),
-        HealthCheckServers::new(vec![], health.clone()),
+        servers(health.clone()),
     );
     let (events, events_rx) = mpsc::unbounded_channel();
     let (stop, stop_rx) = watch::channel(false);
@@ -574,4 +586,53 @@ fn missing_pod_cidrs_in_node_cidr_mode_are_said_once_per_change() {
     assert_eq!(pod_cidr_notice(Some(false), &node), None);
     // Present from the start: nothing to say.
     assert_eq!(pod_cidr_notice(None, &node), None);
+}
+
+/// A healthCheckNodePort address that failed to bind (a tentative IPv6
+/// address) is bound by the sync loop on its own backoff: no Service
+/// change, no periodic sync needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_check_node_port_that_failed_to_bind_is_retried_without_a_change() {
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let localhost = std::net::IpAddr::from([127, 0, 0, 1]);
+    let binder = crate::server::FlakyBinder::default().failing(localhost, 1);
+    let Looping {
+        events,
+        _stop,
+        task,
+        ..
+    } = spawn_loop_serving(
+        Box::new(FakeDataplane::default()),
+        SyncTiming {
+            full_sync_period: Duration::from_secs(3600),
+            min_sync_period: Duration::ZERO,
+            drift_check_period: None,
+        },
+        {
+            let binder = binder.clone();
+            move |health| HealthCheckServers::with_binder(vec![localhost], health, Box::new(binder))
+        },
+    );
+    let svc: Service = serde_yaml::from_str(&format!(
+        "metadata: {{name: web, namespace: default}}\nspec: {{type: LoadBalancer, clusterIP: 10.96.0.10, externalTrafficPolicy: Local, healthCheckNodePort: {port}, ports: [{{name: http, port: 80, nodePort: 30080, protocol: TCP}}]}}",
+    ))
+    .unwrap();
+    events
+        .send(vec![
+            Event::upsert(Object::Service(Arc::new(svc))),
+            Event::Synced,
+        ])
+        .unwrap();
+
+    until("the first bind attempt", || binder.attempts(localhost) >= 1).await;
+    until("the retry", || binder.attempts(localhost) >= 2).await;
+    let addr = std::net::SocketAddr::new(localhost, port);
+    crate::server::testclient::get(addr, "/")
+        .await
+        .expect("the retried address serves");
+    task.abort();
 }

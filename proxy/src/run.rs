@@ -392,16 +392,20 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     // For `kproxy forward .../udp`; dropped (stopped) when run returns.
     let _udp_relay = server::udp_relay::start(args.udp_relay_port, &args.cluster_cidrs()).await;
 
-    // healthCheckNodePorts listen on the addresses --nodeport-addresses allows (all when empty).
-    let nodeport_ips: Vec<std::net::IpAddr> = if config.nodeport_addresses.is_empty() {
-        Vec::new()
+    // healthCheckNodePorts listen on the addresses --nodeport-addresses
+    // allows: everywhere without it, nowhere when it matches none.
+    let health_checks = if config.nodeport_addresses.is_empty() {
+        HealthCheckServers::new(Vec::new(), health.clone())
     } else {
-        config
-            .node_ips
-            .iter()
-            .copied()
-            .filter(|ip| config.nodeport_addresses.iter().any(|net| net.contains(ip)))
-            .collect()
+        HealthCheckServers::only_on(
+            config
+                .node_ips
+                .iter()
+                .copied()
+                .filter(|ip| config.nodeport_addresses.iter().any(|net| net.contains(ip)))
+                .collect(),
+            health.clone(),
+        )
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let sync = SyncLoop::new(
@@ -414,7 +418,7 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         ),
         metrics,
         health.clone(),
-        HealthCheckServers::new(nodeport_ips, health.clone()),
+        health_checks,
     )
     .with_node_cidr_detection(node_cidr_mode);
     let mut sync_task = tokio::spawn(sync.run(events_rx, stop_rx));

@@ -169,12 +169,30 @@ impl HealthCheckServers {
         Self::with_binder(addresses, health, Box::new(OsBinder))
     }
 
+    /// Only on `addresses` (those of the node that `--nodeport-addresses`
+    /// lets through), none when it is empty: a list that matches no node
+    /// address serves nowhere, as kube-proxy, instead of everywhere.
+    pub fn only_on(addresses: Vec<IpAddr>, health: Arc<HealthState>) -> Self {
+        if addresses.is_empty() {
+            tracing::warn!("--nodeport-addresses matches no address of this node: healthCheckNodePorts are not served");
+        }
+        Self::build(Some(addresses), health, Box::new(OsBinder))
+    }
+
     pub(crate) fn with_binder(
         addresses: Vec<IpAddr>,
         health: Arc<HealthState>,
         binder: Box<dyn Binder>,
     ) -> Self {
-        let addresses = (!addresses.is_empty()).then(|| {
+        Self::build((!addresses.is_empty()).then_some(addresses), health, binder)
+    }
+
+    fn build(
+        addresses: Option<Vec<IpAddr>>,
+        health: Arc<HealthState>,
+        binder: Box<dyn Binder>,
+    ) -> Self {
+        let addresses = addresses.map(|addresses| {
             let (link_local, usable): (Vec<IpAddr>, Vec<IpAddr>) =
                 addresses.into_iter().partition(is_ipv6_link_local);
             if !link_local.is_empty() {
@@ -183,7 +201,7 @@ impl HealthCheckServers {
                     "healthCheckNodePorts are not served on IPv6 link-local addresses (as kube-proxy)"
                 );
             }
-            if usable.is_empty() {
+            if usable.is_empty() && !link_local.is_empty() {
                 tracing::warn!("no address to serve healthCheckNodePorts on: --nodeport-addresses matches only link-local ones");
             }
             usable

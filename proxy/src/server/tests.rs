@@ -598,6 +598,24 @@ async fn link_local_addresses_are_left_out() {
     assert_eq!(binder.attempts(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), 0);
 }
 
+/// `--nodeport-addresses` that matches none of the node's addresses
+/// serves healthCheckNodePorts nowhere (it used to mean everywhere).
+#[tokio::test]
+async fn a_nodeport_address_list_matching_nothing_serves_nowhere() {
+    let port = free_port();
+    let desired = state(vec![service_port(
+        "shop",
+        "web",
+        "",
+        Some(port),
+        vec![endpoint([10, 244, 1, 5], 8080, true, true)],
+    )]);
+    let mut servers = HealthCheckServers::only_on(Vec::new(), synced_health());
+    servers.sync(&desired);
+    assert!(servers.serving().is_empty(), "{:?}", servers.serving());
+    assert!(std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).is_ok());
+}
+
 #[tokio::test]
 async fn changed_port_moves_the_server() {
     let health = synced_health();

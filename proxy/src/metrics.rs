@@ -63,6 +63,8 @@ pub struct Metrics {
     exported_errors: std::sync::Mutex<Option<u64>>,
     /// The programmed counts, kept up to date change by change.
     desired_counts: std::sync::Mutex<DesiredCounts>,
+    /// client-go's `rest_client_*`, fed by the API client's layer.
+    rest_client: crate::source::kube::rest_metrics::RestClientMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -154,6 +156,14 @@ fn unix_seconds(t: SystemTime) -> f64 {
 }
 
 impl Metrics {
+    /// The API client's layer that counts its requests (`rest_client_*`).
+    pub fn rest_client_layer(
+        &self,
+        host: &str,
+    ) -> crate::source::kube::rest_metrics::RestClientLayer {
+        self.rest_client.layer(host)
+    }
+
     pub fn new(mode: ProxyMode) -> Self {
         let r = Registry::new();
         let m = Metrics {
@@ -311,6 +321,7 @@ impl Metrics {
             frontend_table: std::sync::Mutex::new(FrontendTable::default()),
             exported_errors: std::sync::Mutex::new(None),
             desired_counts: std::sync::Mutex::new(DesiredCounts::default()),
+            rest_client: crate::source::kube::rest_metrics::RestClientMetrics::register(&r),
             registry: r,
         };
         for status in Status::ALL {

@@ -269,6 +269,7 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         tracing::warn!(%ip, "--bind-address is IPv6: kproxy programs IPv4 Services only (IPv6 ones are reported, not served)");
     }
     let node_name = crate::cli::node_name(args.hostname_override.as_deref());
+    let metrics = Arc::new(Metrics::new(mode));
     // Without --manifests: cluster mode. A bad kubeconfig is fatal; an
     // unreachable API server is not (the source retries, /healthz says why).
     let kube_client = match &args.manifests {
@@ -280,7 +281,17 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
             )
             .await?;
             tracing::info!(server = %cfg.cluster_url, "watching the Kubernetes API server");
-            Some(::kube::Client::try_from(cfg).context("building the Kubernetes client")?)
+            let host = cfg
+                .cluster_url
+                .authority()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            Some(
+                ::kube::client::ClientBuilder::try_from(cfg)
+                    .context("building the Kubernetes client")?
+                    .with_layer(&metrics.rest_client_layer(&host))
+                    .build(),
+            )
         }
     };
     let nodeport_addresses = nodeport_cidrs(&args, &node_name, kube_client.as_ref()).await?;
@@ -355,7 +366,6 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     };
     tracing::info!(node = %node_name, mode = %mode, manifests = ?args.manifests, "starting kproxy");
 
-    let metrics = Arc::new(Metrics::new(mode));
     for c in dataplane.collectors() {
         if let Err(e) = metrics.registry().register(c) {
             tracing::warn!(error = %e, "registering a dataplane metric");

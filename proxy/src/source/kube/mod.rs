@@ -11,6 +11,7 @@
 //! never flushed by a reconnect.
 
 mod client;
+pub mod rest_metrics;
 
 #[cfg(test)]
 mod tests;

@@ -302,7 +302,7 @@ impl Shared {
                     target.name
                 ),
                 _ => tracing::warn!(
-                    "waiting for a ready pod of {target} ({why}); new connections wait"
+                    "waiting for a running pod of {target} ({why}); new connections wait"
                 ),
             }
             Instant::now()
@@ -758,7 +758,7 @@ async fn prepare(
 }
 
 /// The target's pod at start. A target that exists but has no running pod
-/// yet (just applied, still Pending, not Ready) is waited for within
+/// yet (just applied, still Pending) is waited for within
 /// `--pod-wait-timeout`, as kubectl's `--pod-running-timeout` waits for a
 /// pod; every other failure (no such target, a bad port, no permission)
 /// ends at once.

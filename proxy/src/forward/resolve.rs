@@ -1,6 +1,7 @@
 //! Target → pod and remote port. Pods of a Service or workload are chosen
-//! among the Running, Ready, not-deleting pods its selector matches, and
-//! re-chosen on every new connection, so a replaced pod is followed.
+//! among the Running, not-deleting pods its selector matches (Ready ones
+//! first), and re-chosen on every new connection, so a replaced pod is
+//! followed.
 
 use std::collections::BTreeMap;
 
@@ -89,8 +90,9 @@ pub struct Resolver {
     cache: Option<Cache>,
     pub namespace: String,
     pub target: Target,
-    /// The last pod chosen for a workload (kept while it stays ready).
-    last: std::sync::Mutex<Option<String>>,
+    /// The last pod chosen for a Service or workload (kept while it stays
+    /// as good a choice), and whether it was ready.
+    last: std::sync::Mutex<Option<(String, bool)>>,
 }
 
 fn pod_running(p: &Pod) -> bool {
@@ -104,6 +106,29 @@ fn pod_ready(p: &Pod) -> bool {
             .as_ref()
             .and_then(|s| s.conditions.as_ref())
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// The pod to forward to among `pods`, and whether it is ready: a Running,
+/// Ready one (`last`, the one chosen before, while it stays among them,
+/// else the first by name); when none is ready, a Running one that is not
+/// (the same way). kubectl only requires Running and merely sorts ready
+/// pods first, and a pod failing its readiness probe is what one
+/// port-forwards to in order to debug it. Terminating pods are never
+/// chosen: their replacement is waited for instead.
+fn pick<'a>(pods: impl Iterator<Item = &'a Pod>, last: Option<&str>) -> Option<(&'a Pod, bool)> {
+    let (mut ready, mut unready): (Vec<&Pod>, Vec<&Pod>) =
+        pods.filter(|p| pod_running(p)).partition(|p| pod_ready(p));
+    let is_ready = !ready.is_empty();
+    let candidates = if is_ready { &mut ready } else { &mut unready };
+    candidates.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    let i = last
+        .and_then(|l| {
+            candidates
+                .iter()
+                .position(|p| p.metadata.name.as_deref() == Some(l))
+        })
+        .unwrap_or(0);
+    candidates.get(i).map(|p| (*p, is_ready))
 }
 
 /// `k=v,k2=v2`, as a label selector query says it.
@@ -291,30 +316,29 @@ impl Resolver {
         })
     }
 
-    /// A Running, Ready pod among `pods`: the last one chosen while it
-    /// stays ready, else the first by name.
+    /// The pod to forward to among `pods` (see [`pick`]), with a warning
+    /// when it is not ready.
     fn choose<'a>(&self, pods: impl Iterator<Item = &'a Pod>) -> Result<Resolved, ResolveError> {
-        let mut ready: Vec<&Pod> = pods.filter(|p| pod_ready(p)).collect();
-        if ready.is_empty() {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((pod, is_ready)) = pick(pods, last.as_ref().map(|(l, _)| l.as_str())) else {
             return Err(ResolveError::NotReady(format!(
-                "{} has no running and ready pod",
+                "{} has no running pod",
                 self.what()
             )));
-        }
-        ready.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        let i = last
-            .as_ref()
-            .and_then(|l| {
-                ready
-                    .iter()
-                    .position(|p| p.metadata.name.as_ref() == Some(l))
-            })
-            .unwrap_or(0);
-        let pod = ready[i].clone();
+        };
         let name = pod.metadata.name.clone().unwrap_or_default();
-        *last = Some(name.clone());
-        Ok(Resolved { pod, name })
+        // Once per pod chosen while not ready (not on every connection).
+        if !is_ready && last.as_ref() != Some(&(name.clone(), false)) {
+            tracing::warn!(
+                "pod {name} of {} is not ready: forwarding to it anyway, as kubectl does (no pod is ready)",
+                self.target
+            );
+        }
+        *last = Some((name.clone(), is_ready));
+        Ok(Resolved {
+            pod: pod.clone(),
+            name,
+        })
     }
 
     async fn pod_from_api(&self) -> Result<(Resolved, Option<Service>), ResolveError> {
@@ -586,6 +610,55 @@ mod tests {
         assert!(!pod_ready(&p("Pending", "True", false)));
         assert!(!pod_ready(&p("Running", "True", true)));
         assert!(pod_running(&p("Running", "False", false)));
+    }
+
+    #[test]
+    fn ready_pods_first_then_running_ones() {
+        let p = |name: &str, phase: &str, ready: &str, deleting: bool| -> Pod {
+            let mut v = json!({"metadata": {"name": name},
+                "status": {"phase": phase, "conditions": [{"type": "Ready", "status": ready}]}});
+            if deleting {
+                v["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+            }
+            serde_json::from_value(v).unwrap()
+        };
+        let name =
+            |r: Option<(&Pod, bool)>| r.map(|(p, ready)| (p.metadata.name.clone().unwrap(), ready));
+        let pods = [
+            p("c-unready", "Running", "False", false),
+            p("b-ready", "Running", "True", false),
+            p("a-ready", "Running", "True", false),
+        ];
+        assert_eq!(
+            name(pick(pods.iter(), None)),
+            Some(("a-ready".into(), true))
+        );
+        assert_eq!(
+            name(pick(pods.iter(), Some("b-ready"))),
+            Some(("b-ready".into(), true))
+        );
+        // The last pod, not ready any more, gives way to a ready one.
+        assert_eq!(
+            name(pick(pods.iter(), Some("c-unready"))),
+            Some(("a-ready".into(), true))
+        );
+        // None ready: a running one, by name, and kept while it stays the best.
+        let pods = [
+            p("z-unready", "Running", "False", false),
+            p("a-deleting", "Running", "True", true),
+            p("b-pending", "Pending", "False", false),
+            p("y-unready", "Running", "False", false),
+        ];
+        assert_eq!(
+            name(pick(pods.iter(), None)),
+            Some(("y-unready".into(), false))
+        );
+        assert_eq!(
+            name(pick(pods.iter(), Some("z-unready"))),
+            Some(("z-unready".into(), false))
+        );
+        // Nothing running (or only terminating): none.
+        assert_eq!(name(pick(pods[1..3].iter(), None)), None);
     }
 
     #[test]

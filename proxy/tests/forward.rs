@@ -774,6 +774,57 @@ async fn deploy_follows_a_replaced_pod() {
     assert_eq!(greeting(local, 5).await.unwrap(), "pod-b");
 }
 
+/// A greeter at 127.0.0.2 on a port that is free on 127.0.0.1 too (for a
+/// pod whose container port kproxy listens on locally); returns its port.
+async fn greeter_at_127_0_0_2(greeting: &'static str) -> u16 {
+    loop {
+        let l = TcpListener::bind("127.0.0.2:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let _ = s.write_all(greeting.as_bytes()).await;
+                });
+            }
+        });
+        return port;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bare_port_name_listens_on_the_resolved_number() {
+    let env = Env::new().await;
+    // pod/web http: the container port on both sides, as kubectl.
+    let http = greeter_at_127_0_0_2("hello").await;
+    let mut web = pod("web", json!({"app": "web"}), &[("http", http)]);
+    web["status"]["podIP"] = json!("127.0.0.2");
+    env.server.apply(web).unwrap();
+    let mut kp = env.forward(&["pod/web", "http", "--address", "127.0.0.1"]);
+    assert_eq!(kp.local_port().await, http);
+    assert_eq!(
+        kp.stdout_lines(),
+        [format!("Forwarding from 127.0.0.1:{http} -> {http}")]
+    );
+    assert_eq!(greeting(http, 5).await.unwrap(), "hello");
+    drop(kp);
+    // svc/web web: the Service port's number locally, its targetPort on
+    // the pod.
+    let svc_port = closed_port();
+    env.server
+        .apply(service("web", svc_port, json!("http")))
+        .unwrap();
+    let mut kp = env.forward(&["svc/web", "web", "--address", "127.0.0.1"]);
+    assert_eq!(kp.local_port().await, svc_port);
+    assert_eq!(
+        kp.stdout_lines(),
+        [format!("Forwarding from 127.0.0.1:{svc_port} -> {http}")]
+    );
+    assert_eq!(greeting(svc_port, 5).await.unwrap(), "hello");
+}
+
 /// A Running pod whose Ready condition is False.
 fn unready_pod(name: &str, labels: Value, ports: &[(&str, u16)]) -> Value {
     let mut p = pod(name, labels, ports);

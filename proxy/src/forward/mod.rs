@@ -718,6 +718,13 @@ async fn prepare(
     // fails here, with nothing bound.
     let (pod, ports) =
         first_resolve(&resolver, &pairs, common.pod_wait_timeout, status.as_ref()).await?;
+    // A bare port name's local port is its number as resolved now; it stays
+    // (the listener is bound once), as kubectl's.
+    let mut pairs = pairs;
+    for (pair, (local, _)) in pairs.iter_mut().zip(&ports) {
+        pair.local = *local;
+    }
+    let ports: Vec<u16> = ports.into_iter().map(|(_, remote)| remote).collect();
     // From now on new connections resolve from a watch cache, and the
     // first one finds an API server connection ready.
     resolver.start_cache();
@@ -767,11 +774,11 @@ async fn first_resolve(
     pairs: &[PortPair],
     timeout: Duration,
     status: Option<&watch::Sender<State>>,
-) -> Result<(Resolved, Vec<u16>), ForwardError> {
+) -> Result<(Resolved, Vec<(u16, u16)>), ForwardError> {
     let started = Instant::now();
     let mut backoff = BACKOFF_START;
     loop {
-        match resolver.resolve(pairs).await {
+        match resolver.resolve_local(pairs).await {
             Err(ResolveError::NotReady(why)) => {
                 if started.elapsed() >= timeout {
                     return Err(ForwardError::Fatal(format!(

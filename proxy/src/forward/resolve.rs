@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Pod, ReplicationController, Service};
+use k8s_openapi::api::core::v1::{Pod, ReplicationController, Service, ServicePort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::ListParams;
@@ -384,13 +384,57 @@ impl Resolver {
     }
 }
 
-/// The pod's port for `remote` (a Service port maps to its targetPort).
+/// The Service port `pair` names (its number or name) of the pair's
+/// protocol. One of the other protocol only is named as such, with the
+/// pair that forwards it (kubectl: "UDP protocol is not supported").
+fn service_port<'a>(svc: &'a Service, pair: &PortPair) -> Result<&'a ServicePort, ResolveError> {
+    let svc_name = svc.metadata.name.as_deref().unwrap_or_default();
+    let named = |p: &&ServicePort| match &pair.remote {
+        RemotePort::Number(n) => p.port == i32::from(*n),
+        RemotePort::Name(n) => p.name.as_deref() == Some(n.as_str()),
+    };
+    let ports = svc.spec.as_ref().and_then(|s| s.ports.as_ref());
+    let proto = |p: &ServicePort| p.protocol.clone().unwrap_or_else(|| "TCP".into());
+    let (same, other): (Vec<_>, Vec<_>) = ports
+        .into_iter()
+        .flatten()
+        .filter(named)
+        .partition(|p| proto(p) == pair.protocol.k8s());
+    if let Some(p) = same.first() {
+        return Ok(p);
+    }
+    let remote = &pair.remote;
+    let udp = if pair.protocol == Protocol::Udp {
+        "UDP "
+    } else {
+        ""
+    };
+    Err(ResolveError::Port(match other.first() {
+        Some(p) if proto(p) == "UDP" => {
+            format!("service {svc_name} port {remote} is UDP: forward it as {pair}/udp")
+        }
+        Some(p) if proto(p) == "TCP" => {
+            let tcp = PortPair {
+                protocol: Protocol::Tcp,
+                ..pair.clone()
+            };
+            format!("service {svc_name} port {remote} is TCP, not UDP: forward it as {tcp}")
+        }
+        Some(p) => format!(
+            "service {svc_name} port {remote} is {}: kproxy forwards TCP and UDP only",
+            proto(p)
+        ),
+        None => format!("service {svc_name} has no {udp}port {remote}"),
+    }))
+}
+
+/// The pod's port for `pair` (a Service port maps to its targetPort).
 pub fn pod_port(
     pod: &Resolved,
     service: Option<&Service>,
-    remote: &RemotePort,
-    protocol: Protocol,
+    pair: &PortPair,
 ) -> Result<u16, ResolveError> {
+    let protocol = pair.protocol;
     let udp = if protocol == Protocol::Udp {
         "UDP "
     } else {
@@ -405,29 +449,12 @@ pub fn pod_port(
         })
     };
     let Some(svc) = service else {
-        return match remote {
+        return match &pair.remote {
             RemotePort::Number(n) => Ok(*n),
             RemotePort::Name(n) => by_name(n),
         };
     };
-    let svc_name = svc.metadata.name.clone().unwrap_or_default();
-    let ports = svc
-        .spec
-        .as_ref()
-        .and_then(|s| s.ports.clone())
-        .unwrap_or_default();
-    let sp = ports
-        .iter()
-        .find(|p| {
-            p.protocol.as_deref().unwrap_or("TCP") == protocol.k8s()
-                && match remote {
-                    RemotePort::Number(n) => p.port == i32::from(*n),
-                    RemotePort::Name(n) => p.name.as_deref() == Some(n.as_str()),
-                }
-        })
-        .ok_or_else(|| {
-            ResolveError::Port(format!("service {svc_name} has no {udp}port {remote}"))
-        })?;
+    let sp = service_port(svc, pair)?;
     match &sp.target_port {
         None => u16::try_from(sp.port)
             .map_err(|_| ResolveError::Port(format!("service port {} is invalid", sp.port))),
@@ -439,13 +466,46 @@ pub fn pod_port(
     }
 }
 
+/// The local port of `pair`, given its pod port `pod_port`: the pair's,
+/// or for the bare `PORT` form what kubectl makes of it: for a Service the
+/// Service port's number (`svc/web http` with port http 80 -> targetPort
+/// 8080 listens on 80), else the pod port (`pod/web http` -> 8080:8080).
+pub fn local_port(
+    service: Option<&Service>,
+    pair: &PortPair,
+    pod_port: u16,
+) -> Result<u16, ResolveError> {
+    if !pair.same {
+        return Ok(pair.local);
+    }
+    let Some(svc) = service else {
+        return Ok(pod_port);
+    };
+    let sp = service_port(svc, pair)?;
+    u16::try_from(sp.port)
+        .map_err(|_| ResolveError::Port(format!("service port {} is invalid", sp.port)))
+}
+
 impl Resolver {
     /// The pod and pod port of each pair.
     pub async fn resolve(&self, pairs: &[PortPair]) -> Result<(Resolved, Vec<u16>), ResolveError> {
+        let (pod, ports) = self.resolve_local(pairs).await?;
+        Ok((pod, ports.into_iter().map(|(_, remote)| remote).collect()))
+    }
+
+    /// The pod, and the local and pod port of each pair (at start: a bare
+    /// port name's local port is decided then, once).
+    pub async fn resolve_local(
+        &self,
+        pairs: &[PortPair],
+    ) -> Result<(Resolved, Vec<(u16, u16)>), ResolveError> {
         let (pod, svc) = self.pod().await?;
         let ports = pairs
             .iter()
-            .map(|p| pod_port(&pod, svc.as_ref(), &p.remote, p.protocol))
+            .map(|p| {
+                let remote = pod_port(&pod, svc.as_ref(), p)?;
+                Ok((local_port(svc.as_ref(), p, remote)?, remote))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok((pod, ports))
     }
@@ -476,6 +536,22 @@ mod tests {
             .unwrap()
     }
 
+    /// The pod port of `local:remote` (24080:REMOTE).
+    fn port(
+        p: &Resolved,
+        s: Option<&Service>,
+        remote: RemotePort,
+        protocol: Protocol,
+    ) -> Result<u16, ResolveError> {
+        let pair = PortPair {
+            local: 24080,
+            remote,
+            protocol,
+            same: false,
+        };
+        pod_port(p, s, &pair)
+    }
+
     fn num(n: u16) -> RemotePort {
         RemotePort::Number(n)
     }
@@ -487,16 +563,13 @@ mod tests {
     #[test]
     fn pod_ports_by_number_and_name() {
         let p = pod();
-        assert_eq!(pod_port(&p, None, &num(1234), Protocol::Tcp).unwrap(), 1234);
+        assert_eq!(port(&p, None, num(1234), Protocol::Tcp).unwrap(), 1234);
+        assert_eq!(port(&p, None, name("http"), Protocol::Tcp).unwrap(), 8080);
         assert_eq!(
-            pod_port(&p, None, &name("http"), Protocol::Tcp).unwrap(),
-            8080
-        );
-        assert_eq!(
-            pod_port(&p, None, &name("metrics"), Protocol::Tcp).unwrap(),
+            port(&p, None, name("metrics"), Protocol::Tcp).unwrap(),
             9090
         );
-        let e = pod_port(&p, None, &name("grpc"), Protocol::Tcp).unwrap_err();
+        let e = port(&p, None, name("grpc"), Protocol::Tcp).unwrap_err();
         assert_eq!(
             e.to_string(),
             "pod web-1 has no container port named \"grpc\""
@@ -512,41 +585,32 @@ mod tests {
             {"name": "same", "port": 7000},
             {"name": "bad", "port": 81, "targetPort": "nope"}
         ]));
+        assert_eq!(port(&p, Some(&s), num(80), Protocol::Tcp).unwrap(), 8080);
         assert_eq!(
-            pod_port(&p, Some(&s), &num(80), Protocol::Tcp).unwrap(),
+            port(&p, Some(&s), name("web"), Protocol::Tcp).unwrap(),
             8080
         );
+        assert_eq!(port(&p, Some(&s), num(9000), Protocol::Tcp).unwrap(), 9090);
         assert_eq!(
-            pod_port(&p, Some(&s), &name("web"), Protocol::Tcp).unwrap(),
-            8080
-        );
-        assert_eq!(
-            pod_port(&p, Some(&s), &num(9000), Protocol::Tcp).unwrap(),
+            port(&p, Some(&s), name("mon"), Protocol::Tcp).unwrap(),
             9090
         );
-        assert_eq!(
-            pod_port(&p, Some(&s), &name("mon"), Protocol::Tcp).unwrap(),
-            9090
-        );
-        assert_eq!(
-            pod_port(&p, Some(&s), &num(7000), Protocol::Tcp).unwrap(),
-            7000
-        );
+        assert_eq!(port(&p, Some(&s), num(7000), Protocol::Tcp).unwrap(), 7000);
         // A container port number is not a Service port.
         assert_eq!(
-            pod_port(&p, Some(&s), &num(8080), Protocol::Tcp)
+            port(&p, Some(&s), num(8080), Protocol::Tcp)
                 .unwrap_err()
                 .to_string(),
             "service web has no port 8080"
         );
         assert_eq!(
-            pod_port(&p, Some(&s), &name("http"), Protocol::Tcp)
+            port(&p, Some(&s), name("http"), Protocol::Tcp)
                 .unwrap_err()
                 .to_string(),
             "service web has no port http"
         );
         assert!(matches!(
-            pod_port(&p, Some(&s), &num(81), Protocol::Tcp),
+            port(&p, Some(&s), num(81), Protocol::Tcp),
             Err(ResolveError::Port(m)) if m.contains("no container port named \"nope\"")
         ));
     }
@@ -569,30 +633,86 @@ mod tests {
             {"name": "dns-tcp", "port": 53, "targetPort": "dns-tcp"},
             {"name": "tcp-only", "port": 80}
         ]));
+        assert_eq!(port(&p, Some(&s), num(53), Protocol::Udp).unwrap(), 5353);
+        assert_eq!(port(&p, Some(&s), num(53), Protocol::Tcp).unwrap(), 5353);
         assert_eq!(
-            pod_port(&p, Some(&s), &num(53), Protocol::Udp).unwrap(),
-            5353
-        );
-        assert_eq!(
-            pod_port(&p, Some(&s), &num(53), Protocol::Tcp).unwrap(),
-            5353
-        );
-        assert_eq!(
-            pod_port(&p, Some(&s), &num(80), Protocol::Udp)
+            port(&p, Some(&s), num(80), Protocol::Udp)
                 .unwrap_err()
                 .to_string(),
-            "service web has no UDP port 80"
+            "service web port 80 is TCP, not UDP: forward it as 24080:80"
         );
         assert_eq!(
-            pod_port(&p, None, &name("dns"), Protocol::Udp).unwrap(),
-            5353
+            port(&p, Some(&s), num(81), Protocol::Udp)
+                .unwrap_err()
+                .to_string(),
+            "service web has no UDP port 81"
         );
+        assert_eq!(port(&p, None, name("dns"), Protocol::Udp).unwrap(), 5353);
         assert_eq!(
-            pod_port(&p, None, &name("dns-tcp"), Protocol::Udp)
+            port(&p, None, name("dns-tcp"), Protocol::Udp)
                 .unwrap_err()
                 .to_string(),
             "pod dns-1 has no UDP container port named \"dns-tcp\""
         );
+    }
+
+    #[test]
+    fn a_port_of_the_other_protocol_is_named_with_the_pair_to_use() {
+        let p = pod();
+        let s = svc(json!([
+            {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353},
+            {"name": "web", "port": 80, "targetPort": "http"},
+            {"name": "sctp", "port": 9, "protocol": "SCTP"}
+        ]));
+        let err = |spec: &str| {
+            let pair = crate::forward::spec::parse_port_pair(spec).unwrap();
+            pod_port(&p, Some(&s), &pair).unwrap_err().to_string()
+        };
+        assert_eq!(
+            err("24080:53"),
+            "service web port 53 is UDP: forward it as 24080:53/udp"
+        );
+        assert_eq!(
+            err("24080:dns"),
+            "service web port dns is UDP: forward it as 24080:dns/udp"
+        );
+        assert_eq!(
+            err("dns"),
+            "service web port dns is UDP: forward it as dns/udp"
+        );
+        assert_eq!(
+            err(":80/udp"),
+            "service web port 80 is TCP, not UDP: forward it as :80"
+        );
+        assert_eq!(
+            err("24080:9"),
+            "service web port 9 is SCTP: kproxy forwards TCP and UDP only"
+        );
+        assert_eq!(err("24080:54"), "service web has no port 54");
+    }
+
+    #[test]
+    fn a_bare_port_listens_on_its_resolved_number() {
+        let p = pod();
+        let s = svc(json!([
+            {"name": "web", "port": 80, "targetPort": "http"},
+            {"name": "mon", "port": 9000, "targetPort": 9090}
+        ]));
+        let ports = |svc: Option<&Service>, spec: &str| {
+            let pair = crate::forward::spec::parse_port_pair(spec).unwrap();
+            let remote = pod_port(&p, svc, &pair).unwrap();
+            (local_port(svc, &pair, remote).unwrap(), remote)
+        };
+        // As kubectl: a pod's container port on both sides; a Service's
+        // port locally, its targetPort on the pod.
+        assert_eq!(ports(None, "http"), (8080, 8080));
+        assert_eq!(ports(None, "metrics"), (9090, 9090));
+        assert_eq!(ports(Some(&s), "web"), (80, 8080));
+        assert_eq!(ports(Some(&s), "mon"), (9000, 9090));
+        assert_eq!(ports(Some(&s), "9000"), (9000, 9090));
+        // Given local ports stay.
+        assert_eq!(ports(Some(&s), "7000:web"), (7000, 8080));
+        assert_eq!(ports(None, ":http"), (0, 8080));
     }
 
     #[test]

@@ -878,6 +878,16 @@ async fn svc_and_deploy_over_a_running_unready_pod_forward_at_once() {
         }
         assert_eq!(greeting(port, 7).await.unwrap(), "ready-1");
     }
+    // The ready pod goes away: back to the not-ready one, at once.
+    env.server.delete(&pod("nr-1", json!({}), &[])).unwrap();
+    for port in [svc_port, deploy_port] {
+        let end = Instant::now() + DEADLINE;
+        while greeting(port, 7).await.ok().as_deref() != Some("unready") {
+            assert!(Instant::now() < end, "never went back to the not-ready pod");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    svc.wait_stderr("now forwarding to pod nr-0").await;
     assert!(svc.child.try_wait().unwrap().is_none(), "kproxy exited");
     assert!(deploy.child.try_wait().unwrap().is_none(), "kproxy exited");
 }

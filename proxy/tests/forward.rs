@@ -754,23 +754,142 @@ async fn deploy_follows_a_replaced_pod() {
     env.server
         .apply(pod("web-a", json!({"app": "web"}), &[("http", a)]))
         .unwrap();
-    // Not ready: never chosen.
-    let mut unready = pod("web-0", json!({"app": "web"}), &[("http", closed_port())]);
-    unready["status"]["conditions"][0]["status"] = json!("False");
-    env.server.apply(unready).unwrap();
+    // Not running: never chosen.
+    let mut pending = pod("web-0", json!({"app": "web"}), &[("http", closed_port())]);
+    pending["status"]["phase"] = json!("Pending");
+    pending["status"]["conditions"][0]["status"] = json!("False");
+    env.server.apply(pending).unwrap();
     let mut kp = env.forward(&["deployment/web", "0:http"]);
     let local = kp.local_port().await;
     assert_eq!(greeting(local, 5).await.unwrap(), "pod-a");
     env.server.delete(&pod("web-a", json!({}), &[])).unwrap();
-    // No ready pod for a moment: new connections wait for one.
+    // No running pod for a moment: new connections wait for one.
     let waiting = tokio::spawn(greeting(local, 5));
-    kp.wait_stderr("waiting for a ready pod of deployment web")
+    kp.wait_stderr("waiting for a running pod of deployment web")
         .await;
     env.server
         .apply(pod("web-b", json!({"app": "web"}), &[("http", b)]))
         .unwrap();
     assert_eq!(waiting.await.unwrap().unwrap(), "pod-b");
     assert_eq!(greeting(local, 5).await.unwrap(), "pod-b");
+}
+
+/// A greeter at 127.0.0.2 on a port that is free on 127.0.0.1 too (for a
+/// pod whose container port kproxy listens on locally); returns its port.
+async fn greeter_at_127_0_0_2(greeting: &'static str) -> u16 {
+    loop {
+        let l = TcpListener::bind("127.0.0.2:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let _ = s.write_all(greeting.as_bytes()).await;
+                });
+            }
+        });
+        return port;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bare_port_name_listens_on_the_resolved_number() {
+    let env = Env::new().await;
+    // pod/web http: the container port on both sides, as kubectl.
+    let http = greeter_at_127_0_0_2("hello").await;
+    let mut web = pod("web", json!({"app": "web"}), &[("http", http)]);
+    web["status"]["podIP"] = json!("127.0.0.2");
+    env.server.apply(web).unwrap();
+    let mut kp = env.forward(&["pod/web", "http", "--address", "127.0.0.1"]);
+    assert_eq!(kp.local_port().await, http);
+    assert_eq!(
+        kp.stdout_lines(),
+        [format!("Forwarding from 127.0.0.1:{http} -> {http}")]
+    );
+    assert_eq!(greeting(http, 5).await.unwrap(), "hello");
+    drop(kp);
+    // svc/web web: the Service port's number locally, its targetPort on
+    // the pod.
+    let svc_port = closed_port();
+    env.server
+        .apply(service("web", svc_port, json!("http")))
+        .unwrap();
+    let mut kp = env.forward(&["svc/web", "web", "--address", "127.0.0.1"]);
+    assert_eq!(kp.local_port().await, svc_port);
+    assert_eq!(
+        kp.stdout_lines(),
+        [format!("Forwarding from 127.0.0.1:{svc_port} -> {http}")]
+    );
+    assert_eq!(greeting(svc_port, 5).await.unwrap(), "hello");
+}
+
+/// A Running pod whose Ready condition is False.
+fn unready_pod(name: &str, labels: Value, ports: &[(&str, u16)]) -> Value {
+    let mut p = pod(name, labels, ports);
+    p["status"]["conditions"][0]["status"] = json!("False");
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn svc_and_deploy_over_a_running_unready_pod_forward_at_once() {
+    let env = Env::new().await;
+    let unready = greeter("unready").await;
+    let ready = greeter("ready-1").await;
+    env.server.apply(service("nr", 80, json!("http"))).unwrap();
+    env.server.apply(deployment("nr")).unwrap();
+    env.server
+        .apply(unready_pod(
+            "nr-0",
+            json!({"app": "nr"}),
+            &[("http", unready)],
+        ))
+        .unwrap();
+    // As kubectl: forwarded to at once (a short wait makes a regression
+    // fail fast instead of waiting for a ready pod).
+    let args = ["--pod-wait-timeout", "2s", "--check-interval", "100ms"];
+    let mut svc = env.forward(&[&["svc/nr", ":80"][..], &args].concat());
+    let mut deploy = env.forward(&[&["deploy/nr", ":http"][..], &args].concat());
+    let (svc_port, deploy_port) = (svc.local_port().await, deploy.local_port().await);
+    for _ in 0..3 {
+        assert_eq!(greeting(svc_port, 7).await.unwrap(), "unready");
+        assert_eq!(greeting(deploy_port, 7).await.unwrap(), "unready");
+    }
+    for (kp, what) in [(&svc, "service nr"), (&deploy, "deployment nr")] {
+        let warn = format!("pod nr-0 of {what} is not ready: forwarding to it anyway");
+        // Once, not per connection or target check.
+        assert_eq!(
+            kp.stderr_text().matches(&warn).count(),
+            1,
+            "{}",
+            kp.stderr_text()
+        );
+    }
+    // A ready pod appears: new connections go to it.
+    env.server
+        .apply(pod("nr-1", json!({"app": "nr"}), &[("http", ready)]))
+        .unwrap();
+    for port in [svc_port, deploy_port] {
+        let end = Instant::now() + DEADLINE;
+        while greeting(port, 7).await.ok().as_deref() != Some("ready-1") {
+            assert!(Instant::now() < end, "never reached the ready pod");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(greeting(port, 7).await.unwrap(), "ready-1");
+    }
+    // The ready pod goes away: back to the not-ready one, at once.
+    env.server.delete(&pod("nr-1", json!({}), &[])).unwrap();
+    for port in [svc_port, deploy_port] {
+        let end = Instant::now() + DEADLINE;
+        while greeting(port, 7).await.ok().as_deref() != Some("unready") {
+            assert!(Instant::now() < end, "never went back to the not-ready pod");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    svc.wait_stderr("now forwarding to pod nr-0").await;
+    assert!(svc.child.try_wait().unwrap().is_none(), "kproxy exited");
+    assert!(deploy.child.try_wait().unwrap().is_none(), "kproxy exited");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -302,7 +302,7 @@ impl Shared {
                     target.name
                 ),
                 _ => tracing::warn!(
-                    "waiting for a ready pod of {target} ({why}); new connections wait"
+                    "waiting for a running pod of {target} ({why}); new connections wait"
                 ),
             }
             Instant::now()
@@ -718,6 +718,13 @@ async fn prepare(
     // fails here, with nothing bound.
     let (pod, ports) =
         first_resolve(&resolver, &pairs, common.pod_wait_timeout, status.as_ref()).await?;
+    // A bare port name's local port is its number as resolved now; it stays
+    // (the listener is bound once), as kubectl's.
+    let mut pairs = pairs;
+    for (pair, (local, _)) in pairs.iter_mut().zip(&ports) {
+        pair.local = *local;
+    }
+    let ports: Vec<u16> = ports.into_iter().map(|(_, remote)| remote).collect();
     // From now on new connections resolve from a watch cache, and the
     // first one finds an API server connection ready.
     resolver.start_cache();
@@ -758,7 +765,7 @@ async fn prepare(
 }
 
 /// The target's pod at start. A target that exists but has no running pod
-/// yet (just applied, still Pending, not Ready) is waited for within
+/// yet (just applied, still Pending) is waited for within
 /// `--pod-wait-timeout`, as kubectl's `--pod-running-timeout` waits for a
 /// pod; every other failure (no such target, a bad port, no permission)
 /// ends at once.
@@ -767,11 +774,11 @@ async fn first_resolve(
     pairs: &[PortPair],
     timeout: Duration,
     status: Option<&watch::Sender<State>>,
-) -> Result<(Resolved, Vec<u16>), ForwardError> {
+) -> Result<(Resolved, Vec<(u16, u16)>), ForwardError> {
     let started = Instant::now();
     let mut backoff = BACKOFF_START;
     loop {
-        match resolver.resolve(pairs).await {
+        match resolver.resolve_local(pairs).await {
             Err(ResolveError::NotReady(why)) => {
                 if started.elapsed() >= timeout {
                     return Err(ForwardError::Fatal(format!(

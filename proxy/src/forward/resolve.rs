@@ -1,12 +1,13 @@
 //! Target → pod and remote port. Pods of a Service or workload are chosen
-//! among the Running, Ready, not-deleting pods its selector matches, and
-//! re-chosen on every new connection, so a replaced pod is followed.
+//! among the Running, not-deleting pods its selector matches (Ready ones
+//! first), and re-chosen on every new connection, so a replaced pod is
+//! followed.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Pod, ReplicationController, Service};
+use k8s_openapi::api::core::v1::{Pod, ReplicationController, Service, ServicePort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::ListParams;
@@ -89,8 +90,9 @@ pub struct Resolver {
     cache: Option<Cache>,
     pub namespace: String,
     pub target: Target,
-    /// The last pod chosen for a workload (kept while it stays ready).
-    last: std::sync::Mutex<Option<String>>,
+    /// The last pod chosen for a Service or workload (kept while it stays
+    /// as good a choice), and whether it was ready.
+    last: std::sync::Mutex<Option<(String, bool)>>,
 }
 
 fn pod_running(p: &Pod) -> bool {
@@ -104,6 +106,29 @@ fn pod_ready(p: &Pod) -> bool {
             .as_ref()
             .and_then(|s| s.conditions.as_ref())
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// The pod to forward to among `pods`, and whether it is ready: a Running,
+/// Ready one (`last`, the one chosen before, while it stays among them,
+/// else the first by name); when none is ready, a Running one that is not
+/// (the same way). kubectl only requires Running and merely sorts ready
+/// pods first, and a pod failing its readiness probe is what one
+/// port-forwards to in order to debug it. Terminating pods are never
+/// chosen: their replacement is waited for instead.
+fn pick<'a>(pods: impl Iterator<Item = &'a Pod>, last: Option<&str>) -> Option<(&'a Pod, bool)> {
+    let (mut ready, mut unready): (Vec<&Pod>, Vec<&Pod>) =
+        pods.filter(|p| pod_running(p)).partition(|p| pod_ready(p));
+    let is_ready = !ready.is_empty();
+    let candidates = if is_ready { &mut ready } else { &mut unready };
+    candidates.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    let i = last
+        .and_then(|l| {
+            candidates
+                .iter()
+                .position(|p| p.metadata.name.as_deref() == Some(l))
+        })
+        .unwrap_or(0);
+    candidates.get(i).map(|p| (*p, is_ready))
 }
 
 /// `k=v,k2=v2`, as a label selector query says it.
@@ -291,30 +316,29 @@ impl Resolver {
         })
     }
 
-    /// A Running, Ready pod among `pods`: the last one chosen while it
-    /// stays ready, else the first by name.
+    /// The pod to forward to among `pods` (see [`pick`]), with a warning
+    /// when it is not ready.
     fn choose<'a>(&self, pods: impl Iterator<Item = &'a Pod>) -> Result<Resolved, ResolveError> {
-        let mut ready: Vec<&Pod> = pods.filter(|p| pod_ready(p)).collect();
-        if ready.is_empty() {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((pod, is_ready)) = pick(pods, last.as_ref().map(|(l, _)| l.as_str())) else {
             return Err(ResolveError::NotReady(format!(
-                "{} has no running and ready pod",
+                "{} has no running pod",
                 self.what()
             )));
-        }
-        ready.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        let i = last
-            .as_ref()
-            .and_then(|l| {
-                ready
-                    .iter()
-                    .position(|p| p.metadata.name.as_ref() == Some(l))
-            })
-            .unwrap_or(0);
-        let pod = ready[i].clone();
+        };
         let name = pod.metadata.name.clone().unwrap_or_default();
-        *last = Some(name.clone());
-        Ok(Resolved { pod, name })
+        // Once per pod chosen while not ready (not on every connection).
+        if !is_ready && last.as_ref() != Some(&(name.clone(), false)) {
+            tracing::warn!(
+                "pod {name} of {} is not ready: forwarding to it anyway, as kubectl does (no pod is ready)",
+                self.target
+            );
+        }
+        *last = Some((name.clone(), is_ready));
+        Ok(Resolved {
+            pod: pod.clone(),
+            name,
+        })
     }
 
     async fn pod_from_api(&self) -> Result<(Resolved, Option<Service>), ResolveError> {
@@ -360,13 +384,57 @@ impl Resolver {
     }
 }
 
-/// The pod's port for `remote` (a Service port maps to its targetPort).
+/// The Service port `pair` names (its number or name) of the pair's
+/// protocol. One of the other protocol only is named as such, with the
+/// pair that forwards it (kubectl: "UDP protocol is not supported").
+fn service_port<'a>(svc: &'a Service, pair: &PortPair) -> Result<&'a ServicePort, ResolveError> {
+    let svc_name = svc.metadata.name.as_deref().unwrap_or_default();
+    let named = |p: &&ServicePort| match &pair.remote {
+        RemotePort::Number(n) => p.port == i32::from(*n),
+        RemotePort::Name(n) => p.name.as_deref() == Some(n.as_str()),
+    };
+    let ports = svc.spec.as_ref().and_then(|s| s.ports.as_ref());
+    let proto = |p: &ServicePort| p.protocol.clone().unwrap_or_else(|| "TCP".into());
+    let (same, other): (Vec<_>, Vec<_>) = ports
+        .into_iter()
+        .flatten()
+        .filter(named)
+        .partition(|p| proto(p) == pair.protocol.k8s());
+    if let Some(p) = same.first() {
+        return Ok(p);
+    }
+    let remote = &pair.remote;
+    let udp = if pair.protocol == Protocol::Udp {
+        "UDP "
+    } else {
+        ""
+    };
+    Err(ResolveError::Port(match other.first() {
+        Some(p) if proto(p) == "UDP" => {
+            format!("service {svc_name} port {remote} is UDP: forward it as {pair}/udp")
+        }
+        Some(p) if proto(p) == "TCP" => {
+            let tcp = PortPair {
+                protocol: Protocol::Tcp,
+                ..pair.clone()
+            };
+            format!("service {svc_name} port {remote} is TCP, not UDP: forward it as {tcp}")
+        }
+        Some(p) => format!(
+            "service {svc_name} port {remote} is {}: kproxy forwards TCP and UDP only",
+            proto(p)
+        ),
+        None => format!("service {svc_name} has no {udp}port {remote}"),
+    }))
+}
+
+/// The pod's port for `pair` (a Service port maps to its targetPort).
 pub fn pod_port(
     pod: &Resolved,
     service: Option<&Service>,
-    remote: &RemotePort,
-    protocol: Protocol,
+    pair: &PortPair,
 ) -> Result<u16, ResolveError> {
+    let protocol = pair.protocol;
     let udp = if protocol == Protocol::Udp {
         "UDP "
     } else {
@@ -381,29 +449,12 @@ pub fn pod_port(
         })
     };
     let Some(svc) = service else {
-        return match remote {
+        return match &pair.remote {
             RemotePort::Number(n) => Ok(*n),
             RemotePort::Name(n) => by_name(n),
         };
     };
-    let svc_name = svc.metadata.name.clone().unwrap_or_default();
-    let ports = svc
-        .spec
-        .as_ref()
-        .and_then(|s| s.ports.clone())
-        .unwrap_or_default();
-    let sp = ports
-        .iter()
-        .find(|p| {
-            p.protocol.as_deref().unwrap_or("TCP") == protocol.k8s()
-                && match remote {
-                    RemotePort::Number(n) => p.port == i32::from(*n),
-                    RemotePort::Name(n) => p.name.as_deref() == Some(n.as_str()),
-                }
-        })
-        .ok_or_else(|| {
-            ResolveError::Port(format!("service {svc_name} has no {udp}port {remote}"))
-        })?;
+    let sp = service_port(svc, pair)?;
     match &sp.target_port {
         None => u16::try_from(sp.port)
             .map_err(|_| ResolveError::Port(format!("service port {} is invalid", sp.port))),
@@ -415,13 +466,46 @@ pub fn pod_port(
     }
 }
 
+/// The local port of `pair`, given its pod port `pod_port`: the pair's,
+/// or for the bare `PORT` form what kubectl makes of it: for a Service the
+/// Service port's number (`svc/web http` with port http 80 -> targetPort
+/// 8080 listens on 80), else the pod port (`pod/web http` -> 8080:8080).
+pub fn local_port(
+    service: Option<&Service>,
+    pair: &PortPair,
+    pod_port: u16,
+) -> Result<u16, ResolveError> {
+    if !pair.same {
+        return Ok(pair.local);
+    }
+    let Some(svc) = service else {
+        return Ok(pod_port);
+    };
+    let sp = service_port(svc, pair)?;
+    u16::try_from(sp.port)
+        .map_err(|_| ResolveError::Port(format!("service port {} is invalid", sp.port)))
+}
+
 impl Resolver {
     /// The pod and pod port of each pair.
     pub async fn resolve(&self, pairs: &[PortPair]) -> Result<(Resolved, Vec<u16>), ResolveError> {
+        let (pod, ports) = self.resolve_local(pairs).await?;
+        Ok((pod, ports.into_iter().map(|(_, remote)| remote).collect()))
+    }
+
+    /// The pod, and the local and pod port of each pair (at start: a bare
+    /// port name's local port is decided then, once).
+    pub async fn resolve_local(
+        &self,
+        pairs: &[PortPair],
+    ) -> Result<(Resolved, Vec<(u16, u16)>), ResolveError> {
         let (pod, svc) = self.pod().await?;
         let ports = pairs
             .iter()
-            .map(|p| pod_port(&pod, svc.as_ref(), &p.remote, p.protocol))
+            .map(|p| {
+                let remote = pod_port(&pod, svc.as_ref(), p)?;
+                Ok((local_port(svc.as_ref(), p, remote)?, remote))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok((pod, ports))
     }
@@ -452,6 +536,22 @@ mod tests {
             .unwrap()
     }
 
+    /// The pod port of `local:remote` (24080:REMOTE).
+    fn port(
+        p: &Resolved,
+        s: Option<&Service>,
+        remote: RemotePort,
+        protocol: Protocol,
+    ) -> Result<u16, ResolveError> {
+        let pair = PortPair {
+            local: 24080,
+            remote,
+            protocol,
+            same: false,
+        };
+        pod_port(p, s, &pair)
+    }
+
     fn num(n: u16) -> RemotePort {
         RemotePort::Number(n)
     }
@@ -463,16 +563,13 @@ mod tests {
     #[test]
     fn pod_ports_by_number_and_name() {
         let p = pod();
-        assert_eq!(pod_port(&p, None, &num(1234), Protocol::Tcp).unwrap(), 1234);
+        assert_eq!(port(&p, None, num(1234), Protocol::Tcp).unwrap(), 1234);
+        assert_eq!(port(&p, None, name("http"), Protocol::Tcp).unwrap(), 8080);
         assert_eq!(
-            pod_port(&p, None, &name("http"), Protocol::Tcp).unwrap(),
-            8080
-        );
-        assert_eq!(
-            pod_port(&p, None, &name("metrics"), Protocol::Tcp).unwrap(),
+            port(&p, None, name("metrics"), Protocol::Tcp).unwrap(),
             9090
         );
-        let e = pod_port(&p, None, &name("grpc"), Protocol::Tcp).unwrap_err();
+        let e = port(&p, None, name("grpc"), Protocol::Tcp).unwrap_err();
         assert_eq!(
             e.to_string(),
             "pod web-1 has no container port named \"grpc\""
@@ -488,41 +585,32 @@ mod tests {
             {"name": "same", "port": 7000},
             {"name": "bad", "port": 81, "targetPort": "nope"}
         ]));
+        assert_eq!(port(&p, Some(&s), num(80), Protocol::Tcp).unwrap(), 8080);
         assert_eq!(
-            pod_port(&p, Some(&s), &num(80), Protocol::Tcp).unwrap(),
+            port(&p, Some(&s), name("web"), Protocol::Tcp).unwrap(),
             8080
         );
+        assert_eq!(port(&p, Some(&s), num(9000), Protocol::Tcp).unwrap(), 9090);
         assert_eq!(
-            pod_port(&p, Some(&s), &name("web"), Protocol::Tcp).unwrap(),
-            8080
-        );
-        assert_eq!(
-            pod_port(&p, Some(&s), &num(9000), Protocol::Tcp).unwrap(),
+            port(&p, Some(&s), name("mon"), Protocol::Tcp).unwrap(),
             9090
         );
-        assert_eq!(
-            pod_port(&p, Some(&s), &name("mon"), Protocol::Tcp).unwrap(),
-            9090
-        );
-        assert_eq!(
-            pod_port(&p, Some(&s), &num(7000), Protocol::Tcp).unwrap(),
-            7000
-        );
+        assert_eq!(port(&p, Some(&s), num(7000), Protocol::Tcp).unwrap(), 7000);
         // A container port number is not a Service port.
         assert_eq!(
-            pod_port(&p, Some(&s), &num(8080), Protocol::Tcp)
+            port(&p, Some(&s), num(8080), Protocol::Tcp)
                 .unwrap_err()
                 .to_string(),
             "service web has no port 8080"
         );
         assert_eq!(
-            pod_port(&p, Some(&s), &name("http"), Protocol::Tcp)
+            port(&p, Some(&s), name("http"), Protocol::Tcp)
                 .unwrap_err()
                 .to_string(),
             "service web has no port http"
         );
         assert!(matches!(
-            pod_port(&p, Some(&s), &num(81), Protocol::Tcp),
+            port(&p, Some(&s), num(81), Protocol::Tcp),
             Err(ResolveError::Port(m)) if m.contains("no container port named \"nope\"")
         ));
     }
@@ -545,30 +633,86 @@ mod tests {
             {"name": "dns-tcp", "port": 53, "targetPort": "dns-tcp"},
             {"name": "tcp-only", "port": 80}
         ]));
+        assert_eq!(port(&p, Some(&s), num(53), Protocol::Udp).unwrap(), 5353);
+        assert_eq!(port(&p, Some(&s), num(53), Protocol::Tcp).unwrap(), 5353);
         assert_eq!(
-            pod_port(&p, Some(&s), &num(53), Protocol::Udp).unwrap(),
-            5353
-        );
-        assert_eq!(
-            pod_port(&p, Some(&s), &num(53), Protocol::Tcp).unwrap(),
-            5353
-        );
-        assert_eq!(
-            pod_port(&p, Some(&s), &num(80), Protocol::Udp)
+            port(&p, Some(&s), num(80), Protocol::Udp)
                 .unwrap_err()
                 .to_string(),
-            "service web has no UDP port 80"
+            "service web port 80 is TCP, not UDP: forward it as 24080:80"
         );
         assert_eq!(
-            pod_port(&p, None, &name("dns"), Protocol::Udp).unwrap(),
-            5353
+            port(&p, Some(&s), num(81), Protocol::Udp)
+                .unwrap_err()
+                .to_string(),
+            "service web has no UDP port 81"
         );
+        assert_eq!(port(&p, None, name("dns"), Protocol::Udp).unwrap(), 5353);
         assert_eq!(
-            pod_port(&p, None, &name("dns-tcp"), Protocol::Udp)
+            port(&p, None, name("dns-tcp"), Protocol::Udp)
                 .unwrap_err()
                 .to_string(),
             "pod dns-1 has no UDP container port named \"dns-tcp\""
         );
+    }
+
+    #[test]
+    fn a_port_of_the_other_protocol_is_named_with_the_pair_to_use() {
+        let p = pod();
+        let s = svc(json!([
+            {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353},
+            {"name": "web", "port": 80, "targetPort": "http"},
+            {"name": "sctp", "port": 9, "protocol": "SCTP"}
+        ]));
+        let err = |spec: &str| {
+            let pair = crate::forward::spec::parse_port_pair(spec).unwrap();
+            pod_port(&p, Some(&s), &pair).unwrap_err().to_string()
+        };
+        assert_eq!(
+            err("24080:53"),
+            "service web port 53 is UDP: forward it as 24080:53/udp"
+        );
+        assert_eq!(
+            err("24080:dns"),
+            "service web port dns is UDP: forward it as 24080:dns/udp"
+        );
+        assert_eq!(
+            err("dns"),
+            "service web port dns is UDP: forward it as dns/udp"
+        );
+        assert_eq!(
+            err(":80/udp"),
+            "service web port 80 is TCP, not UDP: forward it as :80"
+        );
+        assert_eq!(
+            err("24080:9"),
+            "service web port 9 is SCTP: kproxy forwards TCP and UDP only"
+        );
+        assert_eq!(err("24080:54"), "service web has no port 54");
+    }
+
+    #[test]
+    fn a_bare_port_listens_on_its_resolved_number() {
+        let p = pod();
+        let s = svc(json!([
+            {"name": "web", "port": 80, "targetPort": "http"},
+            {"name": "mon", "port": 9000, "targetPort": 9090}
+        ]));
+        let ports = |svc: Option<&Service>, spec: &str| {
+            let pair = crate::forward::spec::parse_port_pair(spec).unwrap();
+            let remote = pod_port(&p, svc, &pair).unwrap();
+            (local_port(svc, &pair, remote).unwrap(), remote)
+        };
+        // As kubectl: a pod's container port on both sides; a Service's
+        // port locally, its targetPort on the pod.
+        assert_eq!(ports(None, "http"), (8080, 8080));
+        assert_eq!(ports(None, "metrics"), (9090, 9090));
+        assert_eq!(ports(Some(&s), "web"), (80, 8080));
+        assert_eq!(ports(Some(&s), "mon"), (9000, 9090));
+        assert_eq!(ports(Some(&s), "9000"), (9000, 9090));
+        // Given local ports stay.
+        assert_eq!(ports(Some(&s), "7000:web"), (7000, 8080));
+        assert_eq!(ports(None, ":http"), (0, 8080));
     }
 
     #[test]
@@ -586,6 +730,55 @@ mod tests {
         assert!(!pod_ready(&p("Pending", "True", false)));
         assert!(!pod_ready(&p("Running", "True", true)));
         assert!(pod_running(&p("Running", "False", false)));
+    }
+
+    #[test]
+    fn ready_pods_first_then_running_ones() {
+        let p = |name: &str, phase: &str, ready: &str, deleting: bool| -> Pod {
+            let mut v = json!({"metadata": {"name": name},
+                "status": {"phase": phase, "conditions": [{"type": "Ready", "status": ready}]}});
+            if deleting {
+                v["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+            }
+            serde_json::from_value(v).unwrap()
+        };
+        let name =
+            |r: Option<(&Pod, bool)>| r.map(|(p, ready)| (p.metadata.name.clone().unwrap(), ready));
+        let pods = [
+            p("c-unready", "Running", "False", false),
+            p("b-ready", "Running", "True", false),
+            p("a-ready", "Running", "True", false),
+        ];
+        assert_eq!(
+            name(pick(pods.iter(), None)),
+            Some(("a-ready".into(), true))
+        );
+        assert_eq!(
+            name(pick(pods.iter(), Some("b-ready"))),
+            Some(("b-ready".into(), true))
+        );
+        // The last pod, not ready any more, gives way to a ready one.
+        assert_eq!(
+            name(pick(pods.iter(), Some("c-unready"))),
+            Some(("a-ready".into(), true))
+        );
+        // None ready: a running one, by name, and kept while it stays the best.
+        let pods = [
+            p("z-unready", "Running", "False", false),
+            p("a-deleting", "Running", "True", true),
+            p("b-pending", "Pending", "False", false),
+            p("y-unready", "Running", "False", false),
+        ];
+        assert_eq!(
+            name(pick(pods.iter(), None)),
+            Some(("y-unready".into(), false))
+        );
+        assert_eq!(
+            name(pick(pods.iter(), Some("z-unready"))),
+            Some(("z-unready".into(), false))
+        );
+        // Nothing running (or only terminating): none.
+        assert_eq!(name(pick(pods[1..3].iter(), None)), None);
     }
 
     #[test]

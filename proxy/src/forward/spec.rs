@@ -15,8 +15,6 @@ pub enum SpecError {
     OutOfRange { port: String, spec: String },
     #[error("invalid port {port:?} in {spec:?}: expected a number or a port name")]
     InvalidPort { port: String, spec: String },
-    #[error("{spec:?} names a remote port: give a local port too (e.g. 8080:{spec})")]
-    NamedNeedsLocal { spec: String },
     #[error("invalid --address {0:?}: expected localhost or an IP address")]
     InvalidAddress(String),
     #[error("unsupported protocol {protocol:?} in {spec:?} (expected tcp or udp)")]
@@ -148,6 +146,25 @@ pub struct PortPair {
     pub local: u16,
     pub remote: RemotePort,
     pub protocol: Protocol,
+    /// The bare `PORT` form: the local port is the remote port's number,
+    /// which for a name is only known once resolved (kubectl: the container
+    /// port, or for a Service the Service port); `local` is 0 until then.
+    pub same: bool,
+}
+
+/// As given (`8080:80`, `:http`, `http`, `53/udp`).
+impl fmt::Display for PortPair {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.same, self.local) {
+            (true, _) => write!(f, "{}", self.remote)?,
+            (false, 0) => write!(f, ":{}", self.remote)?,
+            (false, l) => write!(f, "{l}:{}", self.remote)?,
+        }
+        if self.protocol == Protocol::Udp {
+            write!(f, "/udp")?;
+        }
+        Ok(())
+    }
 }
 
 fn parse_number(p: &str, spec: &str) -> Option<Result<u16, SpecError>> {
@@ -193,7 +210,7 @@ fn parse_remote(p: &str, spec: &str) -> Result<RemotePort, SpecError> {
 }
 
 /// `LOCAL:REMOTE`, `:REMOTE` (a free local port), or `PORT` (the same on
-/// both sides), optionally followed by `/udp` or `/tcp`. REMOTE may be a
+/// both sides; for a name, its number once resolved), optionally followed by `/udp` or `/tcp`. REMOTE may be a
 /// port name; LOCAL 0 picks a free port.
 pub fn parse_port_pair(full: &str) -> Result<PortPair, SpecError> {
     let (spec, protocol) = match full.rsplit_once('/') {
@@ -233,18 +250,21 @@ fn parse_ports(spec: &str) -> Result<PortPair, SpecError> {
                 local,
                 remote: parse_remote(remote, spec)?,
                 protocol: Protocol::Tcp,
+                same: false,
             })
         }
-        None => match parse_remote(spec, spec)? {
-            RemotePort::Number(n) => Ok(PortPair {
-                local: n,
-                remote: RemotePort::Number(n),
+        None => {
+            let remote = parse_remote(spec, spec)?;
+            Ok(PortPair {
+                local: match remote {
+                    RemotePort::Number(n) => n,
+                    RemotePort::Name(_) => 0,
+                },
+                remote,
                 protocol: Protocol::Tcp,
-            }),
-            RemotePort::Name(_) => Err(SpecError::NamedNeedsLocal {
-                spec: spec.to_string(),
-            }),
-        },
+                same: true,
+            })
+        }
     }
 }
 
@@ -309,6 +329,13 @@ mod tests {
             local,
             remote: RemotePort::Number(remote),
             protocol: Protocol::Tcp,
+            same: false,
+        }
+    }
+    fn same(n: u16) -> PortPair {
+        PortPair {
+            same: true,
+            ..num(n, n)
         }
     }
 
@@ -372,14 +399,15 @@ mod tests {
         assert_eq!(pair("8080:80").unwrap(), num(8080, 80));
         assert_eq!(pair(":80").unwrap(), num(0, 80));
         assert_eq!(pair("0:80").unwrap(), num(0, 80));
-        assert_eq!(pair("80").unwrap(), num(80, 80));
-        assert_eq!(pair("65535").unwrap(), num(65535, 65535));
+        assert_eq!(pair("80").unwrap(), same(80));
+        assert_eq!(pair("65535").unwrap(), same(65535));
         assert_eq!(
             pair("8080:http").unwrap(),
             PortPair {
                 local: 8080,
                 remote: RemotePort::Name("http".into()),
                 protocol: Protocol::Tcp,
+                same: false,
             }
         );
         assert_eq!(
@@ -388,8 +416,23 @@ mod tests {
                 local: 0,
                 remote: RemotePort::Name("web-2".into()),
                 protocol: Protocol::Tcp,
+                same: false,
             }
         );
+        // As kubectl: a bare name is the same port on both sides, its
+        // number decided once resolved.
+        assert_eq!(
+            pair("http").unwrap(),
+            PortPair {
+                local: 0,
+                remote: RemotePort::Name("http".into()),
+                protocol: Protocol::Tcp,
+                same: true,
+            }
+        );
+        for s in ["8080:80", ":http", "http", "53/udp", ":dns/udp", "8080"] {
+            assert_eq!(pair(s).unwrap().to_string(), s);
+        }
     }
 
     #[test]
@@ -399,7 +442,13 @@ mod tests {
             ..num(local, remote)
         };
         assert_eq!(pair("5353:53/udp").unwrap(), udp(5353, 53));
-        assert_eq!(pair("53/UDP").unwrap(), udp(53, 53));
+        assert_eq!(
+            pair("53/UDP").unwrap(),
+            PortPair {
+                same: true,
+                ..udp(53, 53)
+            }
+        );
         assert_eq!(pair(":53/udp").unwrap(), udp(0, 53));
         assert_eq!(pair("8080:80/tcp").unwrap(), num(8080, 80));
         assert_eq!(
@@ -455,10 +504,6 @@ mod tests {
                 pair(s)
             );
         }
-        assert!(matches!(
-            pair("http"),
-            Err(SpecError::NamedNeedsLocal { .. })
-        ));
     }
 
     #[test]

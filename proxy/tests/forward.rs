@@ -1714,6 +1714,59 @@ async fn a_pod_not_running_yet_at_start_is_waited_for() {
     }
 }
 
+/// SIGINT and SIGTERM while the start waits for a pod that is not running
+/// yet end it with exit 0 at once, as once it forwards; also SIGINT from a
+/// shell's background job, which starts with SIGINT ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_end_the_start_up_wait_with_exit_0() {
+    use std::os::unix::process::CommandExt;
+    let env = Env::new().await;
+    let mut pending = pod("web", json!({}), &[]);
+    pending["status"] = json!({"phase": "Pending"});
+    env.server.apply(pending).unwrap();
+    for (sig, ignored) in [
+        (libc::SIGINT, false),
+        (libc::SIGTERM, false),
+        (libc::SIGINT, true),
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kproxy"));
+        cmd.arg("forward")
+            .arg("--kubeconfig")
+            .arg(&env.kubeconfig)
+            .args(["pod/web", ":8080", "--pod-wait-timeout", "5m"])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if ignored {
+            // SAFETY: signal(2) only, between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::signal(libc::SIGINT, libc::SIG_IGN);
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut kp = Kproxy {
+            stdout: collect(child.stdout.take().unwrap()),
+            stderr: collect(child.stderr.take().unwrap()),
+            child,
+        };
+        kp.wait_stderr("waiting for pod web").await;
+        let sent = Instant::now();
+        kp.signal(sig);
+        let status = kp.wait_exit().await;
+        let what = format!("signal {sig} (SIGINT ignored: {ignored})");
+        assert_eq!(status.code(), Some(0), "{what}: {}", kp.stderr_text());
+        assert!(
+            sent.elapsed() < Duration::from_secs(3),
+            "{what}: took {:?}",
+            sent.elapsed()
+        );
+        assert!(kp.stdout_lines().is_empty(), "{:?}", kp.stdout_lines());
+    }
+}
+
 /// kubectl's `-s/--server` and `--token`: the server and credentials
 /// override the kubeconfig's, and work without any kubeconfig.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

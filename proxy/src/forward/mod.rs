@@ -879,18 +879,40 @@ pub async fn run(args: ForwardArgs) -> Result<(), ForwardError> {
         address: args.address.clone(),
     };
     let stats = Arc::new(Stats::default());
-    let prepared = prepare(&spec, &common, stats.clone(), None).await?;
-    for line in &prepared.lines {
-        println!("Forwarding from {line}");
-    }
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let result = tokio::select! {
-        _ = tokio::signal::ctrl_c() => Ok(()),
-        _ = sigterm.recv() => Ok(()),
-        msg = serve(prepared, common.check_interval) => Err(ForwardError::Fatal(msg)),
+    // Before the target is resolved: the start-up wait (a Pending pod) can
+    // be long, and must end on a signal as a running forward does. Tokio's
+    // handlers also replace an inherited SIG_IGN (a background job of a
+    // non-interactive shell ignores SIGINT), as `kill -INT` expects.
+    let (mut sigint, mut sigterm) = signals()?;
+    let prepared = tokio::select! {
+        p = prepare(&spec, &common, stats.clone(), None) => Some(p?),
+        _ = sigint.recv() => None,
+        _ = sigterm.recv() => None,
+    };
+    let result = match prepared {
+        None => Ok(()),
+        Some(prepared) => {
+            for line in &prepared.lines {
+                println!("Forwarding from {line}");
+            }
+            tokio::select! {
+                _ = sigint.recv() => Ok(()),
+                _ = sigterm.recv() => Ok(()),
+                msg = serve(prepared, common.check_interval) => Err(ForwardError::Fatal(msg)),
+            }
+        }
     };
     eprintln!("kproxy forward: {}", stats.summary());
     result
+}
+
+/// SIGINT and SIGTERM, which end a forward with exit 0.
+fn signals() -> std::io::Result<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)> {
+    use tokio::signal::unix::{signal, SignalKind};
+    Ok((
+        signal(SignalKind::interrupt())?,
+        signal(SignalKind::terminate())?,
+    ))
 }
 
 /// Pause before a failed forward of `-f` is tried again: 1s doubling to 30s.
@@ -935,6 +957,8 @@ async fn supervise(
 /// change otherwise). One failing forward never stops the others.
 async fn run_file(specs: Vec<(String, ForwardSpec)>, common: Common) -> Result<(), ForwardError> {
     use std::io::{IsTerminal, Write};
+    // Before any forward starts (see run).
+    let (mut sigint, mut sigterm) = signals()?;
     let mut tasks = JoinSet::new();
     let mut forwards = Vec::new();
     for (name, spec) in specs {
@@ -946,11 +970,10 @@ async fn run_file(specs: Vec<(String, ForwardSpec)>, common: Common) -> Result<(
     let terminal = std::io::stdout().is_terminal();
     let mut drawn = 0;
     let mut printed: Vec<Option<State>> = vec![None; forwards.len()];
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
+            _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = tick.tick() => {}
         }

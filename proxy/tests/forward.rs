@@ -1767,6 +1767,35 @@ async fn signals_end_the_start_up_wait_with_exit_0() {
     }
 }
 
+/// A `$KUBECONFIG` list with a file that does not exist, in either
+/// position, works as with kubectl (client-go skips missing files).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubeconfig_env_skips_missing_files() {
+    let env = Env::new().await;
+    let port = echo_server().await;
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    let missing = env.dir.path().join("missing");
+    for paths in [[&missing, &env.kubeconfig], [&env.kubeconfig, &missing]] {
+        let value = std::env::join_paths(paths).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kproxy"))
+            .args(["forward", "pod/web", &format!(":{port}")])
+            .env("KUBECONFIG", &value)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut kp = Kproxy {
+            stdout: collect(child.stdout.take().unwrap()),
+            stderr: collect(child.stderr.take().unwrap()),
+            child,
+        };
+        let local = kp.local_port().await;
+        assert_eq!(roundtrip(local, b"hi").await.unwrap(), b"hi", "{value:?}");
+    }
+}
+
 /// kubectl's `-s/--server` and `--token`: the server and credentials
 /// override the kubeconfig's, and work without any kubeconfig.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,6 +32,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::cli::ForwardArgs;
+use crate::source::kube::{env_kubeconfig, EnvKubeconfig};
 use apiconn::ApiConn;
 use dial::{Dialer, Opened};
 use resolve::{ResolveError, Resolved, Resolver};
@@ -137,14 +138,28 @@ async fn client(spec: &ForwardSpec) -> Result<(Client, ApiConn, String), Forward
                 .await
                 .map_err(|e| ForwardError::Config(format!("kubeconfig {}: {e}", path.display())))
         }
-        None if chosen => Config::from_kubeconfig(&opts)
-            .await
-            .map_err(|e| ForwardError::Config(format!("kubeconfig: {e}"))),
-        None => Config::infer().await.map_err(|e| {
-            ForwardError::Config(format!(
-                "no Kubernetes client configuration (pass --kubeconfig, or --server): {e}"
-            ))
-        }),
+        None => match env_kubeconfig(std::env::var_os("KUBECONFIG").as_deref()) {
+            Err(e) => Err(ForwardError::Config(format!("kubeconfig ($KUBECONFIG): {e}"))),
+            Ok(EnvKubeconfig::Merged(kc)) => Config::from_custom_kubeconfig(*kc, &opts)
+                .await
+                .map_err(|e| ForwardError::Config(format!("kubeconfig ($KUBECONFIG): {e}"))),
+            Ok(EnvKubeconfig::NoFile) if chosen => Err(ForwardError::Config(
+                "kubeconfig: none of the files of $KUBECONFIG exist".into(),
+            )),
+            Ok(EnvKubeconfig::NoFile) => Config::incluster().map_err(|e| {
+                ForwardError::Config(format!(
+                    "no Kubernetes client configuration (pass --kubeconfig, or --server): none of the files of $KUBECONFIG exist; in-cluster: {e}"
+                ))
+            }),
+            Ok(EnvKubeconfig::Unset) if chosen => Config::from_kubeconfig(&opts)
+                .await
+                .map_err(|e| ForwardError::Config(format!("kubeconfig: {e}"))),
+            Ok(EnvKubeconfig::Unset) => Config::infer().await.map_err(|e| {
+                ForwardError::Config(format!(
+                    "no Kubernetes client configuration (pass --kubeconfig, or --server): {e}"
+                ))
+            }),
+        },
     };
     let mut config = match (loaded, &server) {
         (Ok(config), _) => config,

@@ -1588,6 +1588,61 @@ async fn svc_maps_the_service_port_to_the_target_port() {
     kp.wait_stderr("error: service api has no port 81").await;
 }
 
+/// IPv6 listeners are IPv6 only, as Go's (kubectl's): `--address 0.0.0.0,::`
+/// binds both (it was "already in use"), and `--address ::` does not take
+/// IPv4 connections. Needs ::1 (the test fails if the host has none).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_listeners_are_ipv6_only() {
+    let env = Env::new().await;
+    let port = echo_server().await;
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    let mut kp = env.forward_quiet(&["pod/web", &format!(":{port}"), "--address", "0.0.0.0,::"]);
+    let lines = eventually(DEADLINE, "two Forwarding lines", || {
+        if let Ok(Some(status)) = kp.child.try_wait() {
+            panic!("kproxy exited ({status}): {}", kp.stderr_text());
+        }
+        let lines = kp.stdout_lines();
+        (lines.len() == 2).then_some(lines)
+    })
+    .await;
+    let local: u16 = lines[0]
+        .strip_prefix("Forwarding from 0.0.0.0:")
+        .and_then(|r| r.split(' ').next())
+        .unwrap_or_else(|| panic!("{lines:?}"))
+        .parse()
+        .unwrap();
+    assert_eq!(lines[1], format!("Forwarding from [::]:{local} -> {port}"));
+    assert_eq!(roundtrip(local, b"v4").await.unwrap(), b"v4");
+    let mut s = TcpStream::connect(("::1", local)).await.unwrap();
+    s.write_all(b"v6").await.unwrap();
+    let mut b = [0u8; 2];
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"v6");
+    drop((s, kp));
+
+    let mut kp = env.forward_quiet(&["pod/web", &format!(":{port}"), "--address", "::"]);
+    let line = eventually(DEADLINE, "a Forwarding line", || {
+        if let Ok(Some(status)) = kp.child.try_wait() {
+            panic!("kproxy exited ({status}): {}", kp.stderr_text());
+        }
+        kp.stdout_lines().first().cloned()
+    })
+    .await;
+    let local: u16 = line
+        .strip_prefix("Forwarding from [::]:")
+        .and_then(|r| r.split(' ').next())
+        .unwrap_or_else(|| panic!("{line}"))
+        .parse()
+        .unwrap();
+    let mut s = TcpStream::connect(("::1", local)).await.unwrap();
+    s.write_all(b"v6").await.unwrap();
+    let mut b = [0u8; 2];
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"v6");
+    let v4 = TcpStream::connect(("127.0.0.1", local)).await;
+    assert!(v4.is_err(), "--address :: took an IPv4 connection");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_are_printed_on_sigint_and_sigterm_over_websocket() {
     counters_are_printed_on_sigint_and_sigterm(Env::with("websocket").await).await;

@@ -573,17 +573,38 @@ impl Listener {
     }
 }
 
+/// Listen backlog, as Go's (kubectl's) listeners: the kernel caps it at
+/// `net.core.somaxconn`. std's 128 drops connections of a burst before
+/// they are accepted.
+const BACKLOG: i32 = 4096;
+
+/// Binds as Go does: an IPv6 socket is IPv6 only (`IPV6_V6ONLY`), so
+/// `--address ::` does not listen on IPv4 too, and `0.0.0.0,::` can bind
+/// both; TCP with `SO_REUSEADDR` (as std and Go), a port in TIME_WAIT can be
+/// listened on again.
 fn bind_one(addr: SocketAddr, protocol: spec::Protocol) -> std::io::Result<Listener> {
+    use socket2::{Domain, Socket, Type};
+    let domain = Domain::for_address(addr);
     Ok(match protocol {
         spec::Protocol::Tcp => {
-            let l = std::net::TcpListener::bind(addr)?;
-            l.set_nonblocking(true)?;
-            Listener::Tcp(TcpListener::from_std(l)?)
+            let s = Socket::new(domain, Type::STREAM, None)?;
+            if addr.is_ipv6() {
+                s.set_only_v6(true)?;
+            }
+            s.set_reuse_address(true)?;
+            s.bind(&addr.into())?;
+            s.listen(BACKLOG)?;
+            s.set_nonblocking(true)?;
+            Listener::Tcp(TcpListener::from_std(s.into())?)
         }
         spec::Protocol::Udp => {
-            let s = std::net::UdpSocket::bind(addr)?;
+            let s = Socket::new(domain, Type::DGRAM, None)?;
+            if addr.is_ipv6() {
+                s.set_only_v6(true)?;
+            }
+            s.bind(&addr.into())?;
             s.set_nonblocking(true)?;
-            Listener::Udp(UdpSocket::from_std(s)?)
+            Listener::Udp(UdpSocket::from_std(s.into())?)
         }
     })
 }

@@ -1463,6 +1463,14 @@ async fn bad_input_is_one_line_and_exit_code_1() {
         None,
     )
     .await;
+    // As kubectl: an empty --address is no address, not the default.
+    refused(
+        &env,
+        &["pod/web", &pair, "--address="],
+        "you must specify at least 1 address",
+        Some(free),
+    )
+    .await;
     env.server.deny("pods");
     refused(
         &env,
@@ -1848,6 +1856,34 @@ async fn kubeconfig_env_skips_missing_files() {
         };
         let local = kp.local_port().await;
         assert_eq!(roundtrip(local, b"hi").await.unwrap(), b"hi", "{value:?}");
+    }
+}
+
+/// kubectl's `--request-timeout` (seconds, a duration, or 0) and the
+/// impersonation flags `--as`, `--as-group`, `--as-uid` are accepted (they
+/// were a usage error) and the forward works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectls_request_timeout_and_impersonation_flags_are_accepted() {
+    let env = Env::new().await;
+    let port = echo_server().await;
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    for timeout in ["0", "5", "5s"] {
+        let mut kp = env.forward_quiet(&[
+            "pod/web",
+            &format!(":{port}"),
+            "--request-timeout",
+            timeout,
+            "--as",
+            "jane",
+            "--as-group",
+            "devs",
+            "--as-group",
+            "ops",
+            "--as-uid",
+            "1234",
+        ]);
+        let local = kp.local_port().await;
+        assert_eq!(roundtrip(local, b"ok").await.unwrap(), b"ok", "{timeout}");
     }
 }
 

@@ -176,6 +176,7 @@ async fn client(spec: &ForwardSpec) -> Result<(Client, ApiConn, String), Forward
             ..Default::default()
         };
     }
+    spec.impersonate.apply(&mut config.auth_info);
     if spec.insecure_skip_tls_verify {
         config.accept_invalid_certs = true;
     }
@@ -671,11 +672,45 @@ pub struct ForwardSpec {
     pub token: Option<String>,
     #[serde(skip)]
     pub insecure_skip_tls_verify: bool,
+    /// kubectl's --as, --as-group and --as-uid.
+    #[serde(skip)]
+    pub impersonate: Impersonate,
     #[serde(default)]
     pub kubeconfig: Option<std::path::PathBuf>,
     /// Local addresses (default: the command's `--address`).
     #[serde(default)]
     pub address: Vec<String>,
+}
+
+/// Impersonation (kubectl's --as, --as-group, --as-uid), sent by kube's
+/// auth layers on every request, the port-forward upgrades included.
+#[derive(Debug, Clone, Default)]
+pub struct Impersonate {
+    pub user: Option<String>,
+    pub groups: Vec<String>,
+    pub uid: Option<String>,
+}
+
+impl Impersonate {
+    pub fn from_args(args: &ForwardArgs) -> Impersonate {
+        Impersonate {
+            user: args.as_user.clone(),
+            groups: args.as_group.clone(),
+            uid: args.as_uid.clone(),
+        }
+    }
+
+    fn apply(&self, auth: &mut kube::config::AuthInfo) {
+        if self.user.is_some() {
+            auth.impersonate = self.user.clone();
+        }
+        if !self.groups.is_empty() {
+            auth.impersonate_groups = Some(self.groups.clone());
+        }
+        if self.uid.is_some() {
+            auth.impersonate_uid = self.uid.clone();
+        }
+    }
 }
 
 /// What every forward of a command shares: its flags.
@@ -896,6 +931,22 @@ async fn serve(p: Prepared, check_interval: Duration) -> String {
 }
 
 pub async fn run(args: ForwardArgs) -> Result<(), ForwardError> {
+    // As kubectl (an empty --address= is not the default).
+    if args
+        .address
+        .iter()
+        .flat_map(|a| a.split(','))
+        .all(|a| a.trim().is_empty())
+    {
+        return Err(ForwardError::Config(
+            "--address: you must specify at least 1 address".into(),
+        ));
+    }
+    if args.request_timeout.is_some_and(|t| !t.is_zero()) {
+        tracing::warn!(
+            "--request-timeout is accepted as kubectl's and not applied (kproxy's API requests have their own timeouts and retries)"
+        );
+    }
     let common = Common::from_args(&args);
     if let Some(path) = &args.file {
         let specs = file::load(path, &args)?;
@@ -911,6 +962,7 @@ pub async fn run(args: ForwardArgs) -> Result<(), ForwardError> {
         server: args.server.clone(),
         token: args.token.clone(),
         insecure_skip_tls_verify: args.insecure_skip_tls_verify,
+        impersonate: Impersonate::from_args(&args),
         kubeconfig: args.kubeconfig.clone(),
         address: args.address.clone(),
     };

@@ -1463,6 +1463,16 @@ async fn bad_input_is_one_line_and_exit_code_1() {
         None,
     )
     .await;
+    // An API server that is not there: one line (no log line of kube's),
+    // naming the server and the cause.
+    let dead = closed_port();
+    let server = format!("http://127.0.0.1:{dead}");
+    for cause in [
+        format!("cannot reach the API server {server}/: "),
+        "Connection refused".to_string(),
+    ] {
+        refused(&env, &["pod/web", &pair, "-s", &server], &cause, Some(free)).await;
+    }
     // As kubectl: an empty --address is no address, not the default.
     refused(
         &env,

@@ -121,7 +121,7 @@ enum SetupError {
 
 /// The kube client, the port-forward connections (on the same config),
 /// and the namespace to use.
-async fn client(spec: &ForwardSpec) -> Result<(Client, ApiConn, String), ForwardError> {
+async fn client(spec: &ForwardSpec) -> Result<(Client, ApiConn, String, String), ForwardError> {
     let opts = KubeConfigOptions {
         context: spec.context.clone(),
         cluster: spec.cluster.clone(),
@@ -188,7 +188,29 @@ async fn client(spec: &ForwardSpec) -> Result<(Client, ApiConn, String), Forward
         |e: kube::Error| ForwardError::Config(format!("building the Kubernetes client: {e}"));
     let client = Client::try_from(config.clone()).map_err(building)?;
     let api = ApiConn::new(&config, client.clone()).map_err(building)?;
-    Ok((client, api, ns))
+    Ok((client, api, ns, config.cluster_url.to_string()))
+}
+
+/// What a kube error that is no API answer says, with its causes: kube's
+/// and hyper's own texts name only a kind ("ServiceError: client error
+/// (Connect)"); what the user can act on (connection refused, a TLS
+/// failure) is further down the source chain. Each text is said once.
+pub(crate) fn kube_cause(e: &kube::Error) -> String {
+    let top: &(dyn std::error::Error + 'static) = match e {
+        kube::Error::Service(inner) => inner.as_ref(),
+        e => e,
+    };
+    let mut out = top.to_string();
+    let mut source = top.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 /// `--server` as a URL (https when it names no scheme, as kubectl).
@@ -772,7 +794,7 @@ async fn prepare(
         .map(|p| spec::parse_port_pair(p))
         .collect::<Result<Vec<_>, _>>()?;
     let addrs = spec::parse_addresses(&spec.address)?;
-    let (client, api, ns) = client(spec).await?;
+    let (client, api, ns, server) = client(spec).await?;
     let keepalive = common.opts.keepalive_interval;
     let dialer = Dialer::new(api.clone(), ns.clone(), common.transport, keepalive);
     let udp = pairs.iter().any(|p| p.protocol == spec::Protocol::Udp);
@@ -788,7 +810,15 @@ async fn prepare(
     // Validate before listening: a wrong name, kind, port or permission
     // fails here, with nothing bound.
     let (pod, ports) =
-        first_resolve(&resolver, &pairs, common.pod_wait_timeout, status.as_ref()).await?;
+        match first_resolve(&resolver, &pairs, common.pod_wait_timeout, status.as_ref()).await {
+            // Which server: the kubeconfig's may not be the one meant.
+            Err(ForwardError::Resolve(ResolveError::Unreachable(why))) => {
+                return Err(ForwardError::Fatal(format!(
+                    "cannot reach the API server {server}: {why}"
+                )))
+            }
+            r => r?,
+        };
     // From now on new connections resolve from a watch cache, and the
     // first one finds an API server connection ready.
     resolver.start_cache();

@@ -17,7 +17,8 @@ fn main() -> ExitCode {
     // `kproxy forward -f` on a terminal: its status lines say what logs would.
     let status_lines = matches!(&cli.command, Command::Forward(f) if f.file.is_some())
         && std::io::IsTerminal::is_terminal(&std::io::stdout());
-    kproxy::cli::logging::init(cli.verbosity, status_lines);
+    let forward = matches!(&cli.command, Command::Forward(_));
+    kproxy::cli::logging::init(cli.verbosity, status_lines, forward);
     let kernel = !matches!(
         cli.command,
         Command::Forward(_) | Command::Render(_) | Command::UdpRelay(_)

@@ -1582,6 +1582,24 @@ async fn bad_input_is_one_line_and_exit_code_1() {
         None,
     )
     .await;
+    // An API server that is not there: one line (no log line of kube's),
+    // naming the server and the cause.
+    let dead = closed_port();
+    let server = format!("http://127.0.0.1:{dead}");
+    for cause in [
+        format!("cannot reach the API server {server}/: "),
+        "Connection refused".to_string(),
+    ] {
+        refused(&env, &["pod/web", &pair, "-s", &server], &cause, Some(free)).await;
+    }
+    // As kubectl: an empty --address is no address, not the default.
+    refused(
+        &env,
+        &["pod/web", &pair, "--address="],
+        "you must specify at least 1 address",
+        Some(free),
+    )
+    .await;
     env.server.deny("pods");
     refused(
         &env,
@@ -1707,6 +1725,61 @@ async fn svc_maps_the_service_port_to_the_target_port() {
     kp.wait_stderr("error: service api has no port 81").await;
 }
 
+/// IPv6 listeners are IPv6 only, as Go's (kubectl's): `--address 0.0.0.0,::`
+/// binds both (it was "already in use"), and `--address ::` does not take
+/// IPv4 connections. Needs ::1 (the test fails if the host has none).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_listeners_are_ipv6_only() {
+    let env = Env::new().await;
+    let port = echo_server().await;
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    let mut kp = env.forward_quiet(&["pod/web", &format!(":{port}"), "--address", "0.0.0.0,::"]);
+    let lines = eventually(DEADLINE, "two Forwarding lines", || {
+        if let Ok(Some(status)) = kp.child.try_wait() {
+            panic!("kproxy exited ({status}): {}", kp.stderr_text());
+        }
+        let lines = kp.stdout_lines();
+        (lines.len() == 2).then_some(lines)
+    })
+    .await;
+    let local: u16 = lines[0]
+        .strip_prefix("Forwarding from 0.0.0.0:")
+        .and_then(|r| r.split(' ').next())
+        .unwrap_or_else(|| panic!("{lines:?}"))
+        .parse()
+        .unwrap();
+    assert_eq!(lines[1], format!("Forwarding from [::]:{local} -> {port}"));
+    assert_eq!(roundtrip(local, b"v4").await.unwrap(), b"v4");
+    let mut s = TcpStream::connect(("::1", local)).await.unwrap();
+    s.write_all(b"v6").await.unwrap();
+    let mut b = [0u8; 2];
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"v6");
+    drop((s, kp));
+
+    let mut kp = env.forward_quiet(&["pod/web", &format!(":{port}"), "--address", "::"]);
+    let line = eventually(DEADLINE, "a Forwarding line", || {
+        if let Ok(Some(status)) = kp.child.try_wait() {
+            panic!("kproxy exited ({status}): {}", kp.stderr_text());
+        }
+        kp.stdout_lines().first().cloned()
+    })
+    .await;
+    let local: u16 = line
+        .strip_prefix("Forwarding from [::]:")
+        .and_then(|r| r.split(' ').next())
+        .unwrap_or_else(|| panic!("{line}"))
+        .parse()
+        .unwrap();
+    let mut s = TcpStream::connect(("::1", local)).await.unwrap();
+    s.write_all(b"v6").await.unwrap();
+    let mut b = [0u8; 2];
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"v6");
+    let v4 = TcpStream::connect(("127.0.0.1", local)).await;
+    assert!(v4.is_err(), "--address :: took an IPv4 connection");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_are_printed_on_sigint_and_sigterm_over_websocket() {
     counters_are_printed_on_sigint_and_sigterm(Env::with("websocket").await).await;
@@ -1830,6 +1903,116 @@ async fn a_pod_not_running_yet_at_start_is_waited_for() {
     for kp in [&mut by_pod, &mut by_deploy] {
         let local = kp.local_port().await;
         assert_eq!(roundtrip(local, b"up").await.unwrap(), b"up");
+    }
+}
+
+/// SIGINT and SIGTERM while the start waits for a pod that is not running
+/// yet end it with exit 0 at once, as once it forwards; also SIGINT from a
+/// shell's background job, which starts with SIGINT ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_end_the_start_up_wait_with_exit_0() {
+    use std::os::unix::process::CommandExt;
+    let env = Env::new().await;
+    let mut pending = pod("web", json!({}), &[]);
+    pending["status"] = json!({"phase": "Pending"});
+    env.server.apply(pending).unwrap();
+    for (sig, ignored) in [
+        (libc::SIGINT, false),
+        (libc::SIGTERM, false),
+        (libc::SIGINT, true),
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kproxy"));
+        cmd.arg("forward")
+            .arg("--kubeconfig")
+            .arg(&env.kubeconfig)
+            .args(["pod/web", ":8080", "--pod-wait-timeout", "5m"])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if ignored {
+            // SAFETY: signal(2) only, between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::signal(libc::SIGINT, libc::SIG_IGN);
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut kp = Kproxy {
+            stdout: collect(child.stdout.take().unwrap()),
+            stderr: collect(child.stderr.take().unwrap()),
+            child,
+        };
+        kp.wait_stderr("waiting for pod web").await;
+        let sent = Instant::now();
+        kp.signal(sig);
+        let status = kp.wait_exit().await;
+        let what = format!("signal {sig} (SIGINT ignored: {ignored})");
+        assert_eq!(status.code(), Some(0), "{what}: {}", kp.stderr_text());
+        assert!(
+            sent.elapsed() < Duration::from_secs(3),
+            "{what}: took {:?}",
+            sent.elapsed()
+        );
+        assert!(kp.stdout_lines().is_empty(), "{:?}", kp.stdout_lines());
+    }
+}
+
+/// A `$KUBECONFIG` list with a file that does not exist, in either
+/// position, works as with kubectl (client-go skips missing files).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubeconfig_env_skips_missing_files() {
+    let env = Env::new().await;
+    let port = echo_server().await;
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    let missing = env.dir.path().join("missing");
+    for paths in [[&missing, &env.kubeconfig], [&env.kubeconfig, &missing]] {
+        let value = std::env::join_paths(paths).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kproxy"))
+            .args(["forward", "pod/web", &format!(":{port}")])
+            .env("KUBECONFIG", &value)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut kp = Kproxy {
+            stdout: collect(child.stdout.take().unwrap()),
+            stderr: collect(child.stderr.take().unwrap()),
+            child,
+        };
+        let local = kp.local_port().await;
+        assert_eq!(roundtrip(local, b"hi").await.unwrap(), b"hi", "{value:?}");
+    }
+}
+
+/// kubectl's `--request-timeout` (seconds, a duration, or 0) and the
+/// impersonation flags `--as`, `--as-group`, `--as-uid` are accepted (they
+/// were a usage error) and the forward works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectls_request_timeout_and_impersonation_flags_are_accepted() {
+    let env = Env::new().await;
+    let port = echo_server().await;
+    env.server.apply(pod("web", json!({}), &[])).unwrap();
+    for timeout in ["0", "5", "5s"] {
+        let mut kp = env.forward_quiet(&[
+            "pod/web",
+            &format!(":{port}"),
+            "--request-timeout",
+            timeout,
+            "--as",
+            "jane",
+            "--as-group",
+            "devs",
+            "--as-group",
+            "ops",
+            "--as-uid",
+            "1234",
+        ]);
+        let local = kp.local_port().await;
+        assert_eq!(roundtrip(local, b"ok").await.unwrap(), b"ok", "{timeout}");
     }
 }
 

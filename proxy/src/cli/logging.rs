@@ -26,8 +26,17 @@ fn filter_for(verbosity: u8, quiet: bool) -> Option<EnvFilter> {
 /// Installs the global subscriber (stderr; colour only for a terminal, so
 /// log files and journald get plain text). `quiet`: errors only at
 /// verbosity 0 (for commands whose own output says what logs would).
-pub fn init(verbosity: u8, quiet: bool) {
-    let filter = filter_for(verbosity, quiet).unwrap_or_else(|| EnvFilter::new("info"));
+///
+/// `client_errors_reported`: the command reports the kube client's errors
+/// itself, so kube's own ERROR line for a failed request (which names no
+/// cause) is left out below debug.
+pub fn init(verbosity: u8, quiet: bool, client_errors_reported: bool) {
+    let mut filter = filter_for(verbosity, quiet).unwrap_or_else(|| EnvFilter::new("info"));
+    if client_errors_reported && verbosity < 2 && std::env::var_os("RUST_LOG").is_none() {
+        if let Ok(directive) = "kube_client::client::builder=off".parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let (filter, handle) = reload::Layer::new(filter);
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)

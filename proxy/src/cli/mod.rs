@@ -86,6 +86,15 @@ pub struct UdpRelayArgs {
     pub exit_after_idle: Duration,
 }
 
+/// `--request-timeout` as client-go reads it: seconds without a unit, else
+/// a duration.
+fn parse_request_timeout(s: &str) -> Result<Duration, String> {
+    match s.trim().parse::<u64>() {
+        Ok(secs) => Ok(Duration::from_secs(secs)),
+        Err(_) => parse_duration(s),
+    }
+}
+
 /// `kproxy forward TYPE/NAME [LOCAL:]REMOTE...`
 #[derive(Debug, Args)]
 pub struct ForwardArgs {
@@ -125,6 +134,20 @@ pub struct ForwardArgs {
     /// Do not check the API server's certificate (as kubectl's flag; insecure).
     #[arg(long)]
     pub insecure_skip_tls_verify: bool,
+    /// User to impersonate (as kubectl's --as).
+    #[arg(long = "as", value_name = "USER")]
+    pub as_user: Option<String>,
+    /// Group to impersonate, repeatable (as kubectl's --as-group).
+    #[arg(long = "as-group", value_name = "GROUP")]
+    pub as_group: Vec<String>,
+    /// UID to impersonate (as kubectl's --as-uid).
+    #[arg(long = "as-uid", value_name = "UID")]
+    pub as_uid: Option<String>,
+    /// kubectl's global --request-timeout (a duration, seconds without a unit, 0 for none):
+    /// accepted so kubectl command lines work, not applied (kproxy's API requests have their
+    /// own timeouts and retries; a forward's streams have none).
+    #[arg(long, value_name = "DURATION", value_parser = parse_request_timeout)]
+    pub request_timeout: Option<Duration>,
     /// kubeconfig file. Default: $KUBECONFIG, ~/.kube/config, else in-cluster.
     #[arg(long, value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,

@@ -19,7 +19,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::{ForwardError, ForwardSpec};
+use super::{ForwardError, ForwardSpec, Impersonate};
 use crate::cli::ForwardArgs;
 
 #[derive(Deserialize)]
@@ -73,6 +73,7 @@ fn parse(text: &str, args: &ForwardArgs) -> Result<Vec<(String, ForwardSpec)>, S
         spec.server = args.server.clone();
         spec.token = args.token.clone();
         spec.insecure_skip_tls_verify = args.insecure_skip_tls_verify;
+        spec.impersonate = Impersonate::from_args(args);
         spec.kubeconfig = spec.kubeconfig.or_else(|| args.kubeconfig.clone());
         if spec.address.is_empty() {
             spec.address = args.address.clone();

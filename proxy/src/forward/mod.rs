@@ -32,6 +32,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::cli::ForwardArgs;
+use crate::source::kube::{env_kubeconfig, EnvKubeconfig};
 use apiconn::ApiConn;
 use dial::{Dialer, Opened};
 use resolve::{ResolveError, Resolved, Resolver};
@@ -120,7 +121,7 @@ enum SetupError {
 
 /// The kube client, the port-forward connections (on the same config),
 /// and the namespace to use.
-async fn client(spec: &ForwardSpec) -> Result<(Client, ApiConn, String), ForwardError> {
+async fn client(spec: &ForwardSpec) -> Result<(Client, ApiConn, String, String), ForwardError> {
     let opts = KubeConfigOptions {
         context: spec.context.clone(),
         cluster: spec.cluster.clone(),
@@ -137,14 +138,28 @@ async fn client(spec: &ForwardSpec) -> Result<(Client, ApiConn, String), Forward
                 .await
                 .map_err(|e| ForwardError::Config(format!("kubeconfig {}: {e}", path.display())))
         }
-        None if chosen => Config::from_kubeconfig(&opts)
-            .await
-            .map_err(|e| ForwardError::Config(format!("kubeconfig: {e}"))),
-        None => Config::infer().await.map_err(|e| {
-            ForwardError::Config(format!(
-                "no Kubernetes client configuration (pass --kubeconfig, or --server): {e}"
-            ))
-        }),
+        None => match env_kubeconfig(std::env::var_os("KUBECONFIG").as_deref()) {
+            Err(e) => Err(ForwardError::Config(format!("kubeconfig ($KUBECONFIG): {e}"))),
+            Ok(EnvKubeconfig::Merged(kc)) => Config::from_custom_kubeconfig(*kc, &opts)
+                .await
+                .map_err(|e| ForwardError::Config(format!("kubeconfig ($KUBECONFIG): {e}"))),
+            Ok(EnvKubeconfig::NoFile) if chosen => Err(ForwardError::Config(
+                "kubeconfig: none of the files of $KUBECONFIG exist".into(),
+            )),
+            Ok(EnvKubeconfig::NoFile) => Config::incluster().map_err(|e| {
+                ForwardError::Config(format!(
+                    "no Kubernetes client configuration (pass --kubeconfig, or --server): none of the files of $KUBECONFIG exist; in-cluster: {e}"
+                ))
+            }),
+            Ok(EnvKubeconfig::Unset) if chosen => Config::from_kubeconfig(&opts)
+                .await
+                .map_err(|e| ForwardError::Config(format!("kubeconfig: {e}"))),
+            Ok(EnvKubeconfig::Unset) => Config::infer().await.map_err(|e| {
+                ForwardError::Config(format!(
+                    "no Kubernetes client configuration (pass --kubeconfig, or --server): {e}"
+                ))
+            }),
+        },
     };
     let mut config = match (loaded, &server) {
         (Ok(config), _) => config,
@@ -161,6 +176,7 @@ async fn client(spec: &ForwardSpec) -> Result<(Client, ApiConn, String), Forward
             ..Default::default()
         };
     }
+    spec.impersonate.apply(&mut config.auth_info);
     if spec.insecure_skip_tls_verify {
         config.accept_invalid_certs = true;
     }
@@ -172,7 +188,29 @@ async fn client(spec: &ForwardSpec) -> Result<(Client, ApiConn, String), Forward
         |e: kube::Error| ForwardError::Config(format!("building the Kubernetes client: {e}"));
     let client = Client::try_from(config.clone()).map_err(building)?;
     let api = ApiConn::new(&config, client.clone()).map_err(building)?;
-    Ok((client, api, ns))
+    Ok((client, api, ns, config.cluster_url.to_string()))
+}
+
+/// What a kube error that is no API answer says, with its causes: kube's
+/// and hyper's own texts name only a kind ("ServiceError: client error
+/// (Connect)"); what the user can act on (connection refused, a TLS
+/// failure) is further down the source chain. Each text is said once.
+pub(crate) fn kube_cause(e: &kube::Error) -> String {
+    let top: &(dyn std::error::Error + 'static) = match e {
+        kube::Error::Service(inner) => inner.as_ref(),
+        e => e,
+    };
+    let mut out = top.to_string();
+    let mut source = top.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 /// `--server` as a URL (https when it names no scheme, as kubectl).
@@ -558,17 +596,38 @@ impl Listener {
     }
 }
 
+/// Listen backlog, as Go's (kubectl's) listeners: the kernel caps it at
+/// `net.core.somaxconn`. std's 128 drops connections of a burst before
+/// they are accepted.
+const BACKLOG: i32 = 4096;
+
+/// Binds as Go does: an IPv6 socket is IPv6 only (`IPV6_V6ONLY`), so
+/// `--address ::` does not listen on IPv4 too, and `0.0.0.0,::` can bind
+/// both; TCP with `SO_REUSEADDR` (as std and Go), a port in TIME_WAIT can be
+/// listened on again.
 fn bind_one(addr: SocketAddr, protocol: spec::Protocol) -> std::io::Result<Listener> {
+    use socket2::{Domain, Socket, Type};
+    let domain = Domain::for_address(addr);
     Ok(match protocol {
         spec::Protocol::Tcp => {
-            let l = std::net::TcpListener::bind(addr)?;
-            l.set_nonblocking(true)?;
-            Listener::Tcp(TcpListener::from_std(l)?)
+            let s = Socket::new(domain, Type::STREAM, None)?;
+            if addr.is_ipv6() {
+                s.set_only_v6(true)?;
+            }
+            s.set_reuse_address(true)?;
+            s.bind(&addr.into())?;
+            s.listen(BACKLOG)?;
+            s.set_nonblocking(true)?;
+            Listener::Tcp(TcpListener::from_std(s.into())?)
         }
         spec::Protocol::Udp => {
-            let s = std::net::UdpSocket::bind(addr)?;
+            let s = Socket::new(domain, Type::DGRAM, None)?;
+            if addr.is_ipv6() {
+                s.set_only_v6(true)?;
+            }
+            s.bind(&addr.into())?;
             s.set_nonblocking(true)?;
-            Listener::Udp(UdpSocket::from_std(s)?)
+            Listener::Udp(UdpSocket::from_std(s.into())?)
         }
     })
 }
@@ -635,11 +694,45 @@ pub struct ForwardSpec {
     pub token: Option<String>,
     #[serde(skip)]
     pub insecure_skip_tls_verify: bool,
+    /// kubectl's --as, --as-group and --as-uid.
+    #[serde(skip)]
+    pub impersonate: Impersonate,
     #[serde(default)]
     pub kubeconfig: Option<std::path::PathBuf>,
     /// Local addresses (default: the command's `--address`).
     #[serde(default)]
     pub address: Vec<String>,
+}
+
+/// Impersonation (kubectl's --as, --as-group, --as-uid), sent by kube's
+/// auth layers on every request, the port-forward upgrades included.
+#[derive(Debug, Clone, Default)]
+pub struct Impersonate {
+    pub user: Option<String>,
+    pub groups: Vec<String>,
+    pub uid: Option<String>,
+}
+
+impl Impersonate {
+    pub fn from_args(args: &ForwardArgs) -> Impersonate {
+        Impersonate {
+            user: args.as_user.clone(),
+            groups: args.as_group.clone(),
+            uid: args.as_uid.clone(),
+        }
+    }
+
+    fn apply(&self, auth: &mut kube::config::AuthInfo) {
+        if self.user.is_some() {
+            auth.impersonate = self.user.clone();
+        }
+        if !self.groups.is_empty() {
+            auth.impersonate_groups = Some(self.groups.clone());
+        }
+        if self.uid.is_some() {
+            auth.impersonate_uid = self.uid.clone();
+        }
+    }
 }
 
 /// What every forward of a command shares: its flags.
@@ -701,7 +794,7 @@ async fn prepare(
         .map(|p| spec::parse_port_pair(p))
         .collect::<Result<Vec<_>, _>>()?;
     let addrs = spec::parse_addresses(&spec.address)?;
-    let (client, api, ns) = client(spec).await?;
+    let (client, api, ns, server) = client(spec).await?;
     let keepalive = common.opts.keepalive_interval;
     let dialer = Dialer::new(api.clone(), ns.clone(), common.transport, keepalive);
     let udp = pairs.iter().any(|p| p.protocol == spec::Protocol::Udp);
@@ -717,7 +810,15 @@ async fn prepare(
     // Validate before listening: a wrong name, kind, port or permission
     // fails here, with nothing bound.
     let (pod, ports) =
-        first_resolve(&resolver, &pairs, common.pod_wait_timeout, status.as_ref()).await?;
+        match first_resolve(&resolver, &pairs, common.pod_wait_timeout, status.as_ref()).await {
+            // Which server: the kubeconfig's may not be the one meant.
+            Err(ForwardError::Resolve(ResolveError::Unreachable(why))) => {
+                return Err(ForwardError::Fatal(format!(
+                    "cannot reach the API server {server}: {why}"
+                )))
+            }
+            r => r?,
+        };
     // A bare port name's local port is its number as resolved now; it stays
     // (the listener is bound once), as kubectl's.
     let mut pairs = pairs;
@@ -867,6 +968,22 @@ async fn serve(p: Prepared, check_interval: Duration) -> String {
 }
 
 pub async fn run(args: ForwardArgs) -> Result<(), ForwardError> {
+    // As kubectl (an empty --address= is not the default).
+    if args
+        .address
+        .iter()
+        .flat_map(|a| a.split(','))
+        .all(|a| a.trim().is_empty())
+    {
+        return Err(ForwardError::Config(
+            "--address: you must specify at least 1 address".into(),
+        ));
+    }
+    if args.request_timeout.is_some_and(|t| !t.is_zero()) {
+        tracing::warn!(
+            "--request-timeout is accepted as kubectl's and not applied (kproxy's API requests have their own timeouts and retries)"
+        );
+    }
     let common = Common::from_args(&args);
     if let Some(path) = &args.file {
         let specs = file::load(path, &args)?;
@@ -882,22 +999,45 @@ pub async fn run(args: ForwardArgs) -> Result<(), ForwardError> {
         server: args.server.clone(),
         token: args.token.clone(),
         insecure_skip_tls_verify: args.insecure_skip_tls_verify,
+        impersonate: Impersonate::from_args(&args),
         kubeconfig: args.kubeconfig.clone(),
         address: args.address.clone(),
     };
     let stats = Arc::new(Stats::default());
-    let prepared = prepare(&spec, &common, stats.clone(), None).await?;
-    for line in &prepared.lines {
-        println!("Forwarding from {line}");
-    }
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let result = tokio::select! {
-        _ = tokio::signal::ctrl_c() => Ok(()),
-        _ = sigterm.recv() => Ok(()),
-        msg = serve(prepared, common.check_interval) => Err(ForwardError::Fatal(msg)),
+    // Before the target is resolved: the start-up wait (a Pending pod) can
+    // be long, and must end on a signal as a running forward does. Tokio's
+    // handlers also replace an inherited SIG_IGN (a background job of a
+    // non-interactive shell ignores SIGINT), as `kill -INT` expects.
+    let (mut sigint, mut sigterm) = signals()?;
+    let prepared = tokio::select! {
+        p = prepare(&spec, &common, stats.clone(), None) => Some(p?),
+        _ = sigint.recv() => None,
+        _ = sigterm.recv() => None,
+    };
+    let result = match prepared {
+        None => Ok(()),
+        Some(prepared) => {
+            for line in &prepared.lines {
+                println!("Forwarding from {line}");
+            }
+            tokio::select! {
+                _ = sigint.recv() => Ok(()),
+                _ = sigterm.recv() => Ok(()),
+                msg = serve(prepared, common.check_interval) => Err(ForwardError::Fatal(msg)),
+            }
+        }
     };
     eprintln!("kproxy forward: {}", stats.summary());
     result
+}
+
+/// SIGINT and SIGTERM, which end a forward with exit 0.
+fn signals() -> std::io::Result<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)> {
+    use tokio::signal::unix::{signal, SignalKind};
+    Ok((
+        signal(SignalKind::interrupt())?,
+        signal(SignalKind::terminate())?,
+    ))
 }
 
 /// Pause before a failed forward of `-f` is tried again: 1s doubling to 30s.
@@ -942,6 +1082,8 @@ async fn supervise(
 /// change otherwise). One failing forward never stops the others.
 async fn run_file(specs: Vec<(String, ForwardSpec)>, common: Common) -> Result<(), ForwardError> {
     use std::io::{IsTerminal, Write};
+    // Before any forward starts (see run).
+    let (mut sigint, mut sigterm) = signals()?;
     let mut tasks = JoinSet::new();
     let mut forwards = Vec::new();
     for (name, spec) in specs {
@@ -953,11 +1095,10 @@ async fn run_file(specs: Vec<(String, ForwardSpec)>, common: Common) -> Result<(
     let terminal = std::io::stdout().is_terminal();
     let mut drawn = 0;
     let mut printed: Vec<Option<State>> = vec![None; forwards.len()];
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
+            _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = tick.tick() => {}
         }

@@ -46,7 +46,7 @@ impl ResolveError {
                 "the API server refused ({} {}): {}",
                 s.code, s.reason, s.message
             )),
-            e => ResolveError::Unreachable(e.to_string()),
+            e => ResolveError::Unreachable(super::kube_cause(&e)),
         }
     }
 }

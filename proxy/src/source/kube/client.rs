@@ -32,6 +32,47 @@ fn with_scheme(url: &str, tls: bool) -> String {
     }
 }
 
+/// What `$KUBECONFIG` gives.
+#[derive(Debug)]
+pub enum EnvKubeconfig {
+    /// Unset or empty: the default file (~/.kube/config), else in-cluster.
+    Unset,
+    /// Set, but none of its files exist: as client-go, as if there were
+    /// no kubeconfig (in-cluster), ~/.kube/config not read.
+    NoFile,
+    /// The files that exist, merged in order (first wins).
+    Merged(Box<Kubeconfig>),
+}
+
+/// `$KUBECONFIG` (`value`) as client-go's loading rules read it: files that
+/// do not exist are skipped, not an error (kube's `Kubeconfig::from_env`
+/// fails on them), since a shared `~/.kube/config:~/.kube/kind` with one
+/// file missing is common and works with kubectl.
+pub fn env_kubeconfig(
+    value: Option<&std::ffi::OsStr>,
+) -> Result<EnvKubeconfig, ::kube::config::KubeconfigError> {
+    let Some(value) = value else {
+        return Ok(EnvKubeconfig::Unset);
+    };
+    let paths: Vec<PathBuf> = std::env::split_paths(value)
+        .filter(|p| !p.as_os_str().is_empty())
+        .collect();
+    if paths.is_empty() {
+        return Ok(EnvKubeconfig::Unset);
+    }
+    let mut merged: Option<Kubeconfig> = None;
+    for path in paths.iter().filter(|p| p.exists()) {
+        let kc = Kubeconfig::read_from(path)?;
+        merged = Some(match merged {
+            Some(m) => m.merge(kc)?,
+            None => kc,
+        });
+    }
+    Ok(merged.map_or(EnvKubeconfig::NoFile, |kc| {
+        EnvKubeconfig::Merged(Box::new(kc))
+    }))
+}
+
 /// The client configuration for the flags.
 pub async fn client_config(
     kubeconfig: Option<&Path>,
@@ -72,9 +113,24 @@ pub async fn client_config(
                 })?
         }
         (None, Some(uri)) => Config::new(uri.clone()),
-        (None, None) => Config::infer()
-            .await
-            .map_err(|e| ClientError::Infer(e.to_string()))?,
+        (None, None) => {
+            let infer = |e: String| ClientError::Infer(e);
+            match env_kubeconfig(std::env::var_os("KUBECONFIG").as_deref())
+                .map_err(|e| infer(format!("$KUBECONFIG: {e}")))?
+            {
+                EnvKubeconfig::Merged(kc) => {
+                    Config::from_custom_kubeconfig(*kc, &KubeConfigOptions::default())
+                        .await
+                        .map_err(|e| infer(format!("$KUBECONFIG: {e}")))?
+                }
+                EnvKubeconfig::NoFile => Config::incluster().map_err(|e| {
+                    infer(format!(
+                        "none of the files of $KUBECONFIG exist; in-cluster: {e}"
+                    ))
+                })?,
+                EnvKubeconfig::Unset => Config::infer().await.map_err(|e| infer(e.to_string()))?,
+            }
+        }
     };
     if let Some(uri) = master_uri {
         config.cluster_url = uri;
@@ -112,6 +168,38 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(c.cluster_url.to_string(), "https://10.0.0.1:6443/");
+    }
+
+    /// client-go's loading rules: missing files of $KUBECONFIG are skipped,
+    /// in either position; the files that exist are merged.
+    #[test]
+    fn kubeconfig_env_skips_missing_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("kc");
+        std::fs::write(
+            &real,
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://127.0.0.1:1\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\nusers:\n- name: u\n  user: {}\n",
+        )
+        .unwrap();
+        let missing = dir.path().join("missing");
+        for paths in [[&missing, &real], [&real, &missing]] {
+            let value = std::env::join_paths(paths).unwrap();
+            match env_kubeconfig(Some(&value)).unwrap() {
+                EnvKubeconfig::Merged(kc) => {
+                    assert_eq!(kc.current_context.as_deref(), Some("c"))
+                }
+                other => panic!("{value:?}: {other:?}"),
+            }
+        }
+        let value = std::env::join_paths([&missing]).unwrap();
+        assert!(matches!(
+            env_kubeconfig(Some(&value)).unwrap(),
+            EnvKubeconfig::NoFile
+        ));
+        assert!(matches!(
+            env_kubeconfig(Some(std::ffi::OsStr::new(""))).unwrap(),
+            EnvKubeconfig::Unset
+        ));
     }
 
     #[tokio::test]

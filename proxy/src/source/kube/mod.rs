@@ -31,7 +31,7 @@ use super::EventSender;
 use crate::health::HealthState;
 use crate::model::{Checked, Event, Object, ObjectKey};
 
-pub use client::{client_config, ClientError};
+pub use client::{client_config, env_kubeconfig, ClientError, EnvKubeconfig};
 
 /// The label every EndpointSlice of a Service carries (kube-proxy watches only those).
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";

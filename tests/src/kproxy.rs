@@ -225,18 +225,29 @@ pub fn run_bounded(
         let _ = pipe.read_to_string(&mut text);
         text
     });
+    let status = wait_bounded(&mut child, timeout, &format!("kproxy {}", args.join(" ")))?;
+    let stderr = reader.join().unwrap_or_default();
+    Ok((status, stderr))
+}
+
+/// Waits for our own `child` to end; past `timeout` it is killed (by its
+/// handle) and the wait is an error naming `what`, so a test fails
+/// instead of hanging.
+pub fn wait_bounded(
+    child: &mut std::process::Child,
+    timeout: std::time::Duration,
+    what: &str,
+) -> Result<std::process::ExitStatus> {
     let deadline = std::time::Instant::now() + timeout;
-    let status = loop {
+    loop {
         if let Some(status) = child.try_wait()? {
-            break status;
+            return Ok(status);
         }
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("kproxy {} still running after {timeout:?}", args.join(" "));
+            bail!("{what} still running after {timeout:?}");
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    let stderr = reader.join().unwrap_or_default();
-    Ok((status, stderr))
+    }
 }

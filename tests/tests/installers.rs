@@ -636,19 +636,11 @@ fn cleanup_in(ns: &NetNs, bin: &Path, home: &Path, extra: Option<&str>) -> Resul
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&err)?)
         .spawn()?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            // Our own child, by handle.
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("kube-proxy --cleanup {extra:?} still running after 30s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = kproxy_tests::kproxy::wait_bounded(
+        &mut child,
+        Duration::from_secs(30),
+        &format!("kube-proxy --cleanup {extra:?}"),
+    )?;
     let stderr = std::fs::read_to_string(&err)?;
     ensure!(
         status.success(),
